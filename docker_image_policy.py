@@ -1,0 +1,1321 @@
+#!/usr/bin/env python3
+"""docker-image-policy: a Docker Engine authorization plugin that decides which
+images a Docker host may pull, load, build and run.
+
+Run it (as root, before dockerd starts):
+
+    python3 docker_image_policy.py --config /etc/docker/docker-image-policy.json
+
+and enable it in /etc/docker/daemon.json:
+
+    {"authorization-plugins": ["docker-image-policy"]}
+
+The configuration is the original plugin's: regular expressions in
+"whitelist" and "blacklist" and a "defaultAllow" fallback, matched against
+both the canonical (docker.io/library/nginx:1.25) and the familiar
+(nginx:1.25) form of every image reference. A whitelist match allows, then a
+blacklist match denies, then defaultAllow decides.
+
+Security note: the plugin sees every Docker API call before dockerd acts on
+it and reads each one the way dockerd does. Pulls, container and service
+creation, plugin installs and retags are checked by image name; loads,
+imports, builds, commits and plugin creation, whose content it cannot see,
+are allowed or denied as a whole. Anything on those routes that it cannot
+fully understand is denied. It cannot protect against users who bypass
+dockerd (the containerd socket), swarm workers pulling for a service created
+elsewhere, or users who can already run privileged containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import bisect
+import dataclasses
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from re import _parser as regex_parser  # the stdlib's own parser: exact literal prefixes
+from types import MappingProxyType
+from typing import Any, Callable, Iterable
+from urllib.parse import unquote_to_bytes
+
+__version__ = "1.0.0"
+
+PLUGIN_NAME = "docker-image-policy"
+DEFAULT_CONFIG = "/etc/docker/docker-image-policy.json"
+DEFAULT_SOCKET = "/run/docker/plugins/docker-image-policy.sock"
+DEFAULT_ADDR = "127.0.0.1:5006"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+# dockerd forwards request bodies up to 4 MiB, base64-encoded in the JSON
+# (about 5.5 MB), and AuthZRes adds the response it captured. 16 MiB holds
+# both with room to spare; an AuthZRes beyond it is discarded unread.
+MAX_BODY = 16 * 1024 * 1024
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_LINE = 8192
+MAX_HEADERS = 100
+# dockerd keeps idle plugin connections open and retries a closed one, so a
+# long idle timeout only frees threads held by stalled or vanished clients.
+IDLE_TIMEOUT = 60.0
+# Image inspection runs while dockerd waits for our answer: keep it short.
+DOCKER_API_TIMEOUT = 3.0
+
+CONFIG_DEFAULTS = MappingProxyType({
+    "whitelist": [],
+    "blacklist": [],
+    "defaultAllow": False,
+    "mode": "enforce",
+    "checkRun": True,
+    "allowBuild": None,      # None: follows defaultAllow
+    "allowCommit": None,
+    "allowImport": None,
+    "allowLoad": None,
+    "allowPluginCreate": None,
+    "message": "",
+})
+MODES = frozenset({"enforce", "audit"})
+
+# Operations whose content the plugin cannot see, and the key deciding each.
+OPAQUE_OPERATIONS = MappingProxyType({
+    "build": ("allowBuild", "the plugin cannot see the Dockerfile or the base images dockerd will pull for it"),
+    "commit": ("allowCommit", "the plugin cannot see what the container holds"),
+    "import": ("allowImport", "the plugin cannot see what the archive or URL holds"),
+    "load": ("allowLoad", "the plugin cannot see which images the archive holds"),
+    "plugin-create": ("allowPluginCreate", "the plugin cannot see what the archive holds"),
+})
+
+
+class ImagePolicyError(Exception):
+    """Base of every error this module reports to a user."""
+
+
+class ConfigError(ImagePolicyError):
+    """A configuration file that cannot be used; the message says where."""
+
+    def __init__(self, path: str, where: str, problem: str) -> None:
+        self.path, self.where, self.problem = path, where, problem
+        super().__init__(f"{path}: {where}: {problem}" if where else f"{path}: {problem}")
+
+
+class InvalidReference(ImagePolicyError):
+    """An image reference that dockerd would reject or that is ambiguous."""
+
+
+# --------------------------------------------------------------------------
+# Image references (github.com/distribution/reference, ParseNormalizedNamed)
+# --------------------------------------------------------------------------
+
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REFERENCE_RE = re.compile(rf"""
+    (?P<name>
+        (?:(?P<domain>
+            (?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})* | \[[a-fA-F0-9:]+\])
+            (?::[0-9]+)?
+        )/)?
+        (?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)
+    )
+    (?::(?P<tag>[0-9A-Za-z_][0-9A-Za-z_.-]{{0,127}}))?
+    (?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}}))?
+    """, re.VERBOSE | re.ASCII)
+TAG_RE = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]{0,127}", re.ASCII)
+# go-digest's registered algorithms: anything else is "unsupported digest".
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
+IMAGE_ID_RE = re.compile(r"[a-f0-9]{64}")
+# dockerd looks any hex string up as a short image ID when no image has that
+# name, so such names are resolved through the Docker API, never trusted.
+IMAGE_ID_LIKE_RE = re.compile(r"(?:sha256:)?[a-f0-9]+")
+MAX_PATH = 255
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A normalized image reference: docker.io/library/nginx:1.25@sha256:…"""
+
+    domain: str
+    path: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def repository(self) -> str:
+        return f"{self.domain}/{self.path}"
+
+    @property
+    def familiar_repository(self) -> str:
+        if self.domain != "docker.io":
+            return self.repository
+        if self.path.startswith("library/") and self.path.count("/") == 1:
+            return self.path[len("library/"):]
+        return self.path
+
+    def _suffix(self) -> str:
+        tag = self.tag if self.tag is not None or self.digest else "latest"
+        return (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
+
+    @property
+    def canonical(self) -> str:
+        return self.repository + self._suffix()
+
+    @property
+    def familiar(self) -> str:
+        return self.familiar_repository + self._suffix()
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse a reference the way dockerd does (ParseNormalizedNamed)."""
+    if IMAGE_ID_RE.fullmatch(text):
+        raise InvalidReference(f"{text!r} is an image ID, not a repository name")
+    slash = text.find("/")
+    first = text[:slash]
+    if slash == -1 or (not any(c in first for c in ".:") and first != "localhost" and first.lower() == first):
+        domain, remainder = "docker.io", text
+    else:
+        domain, remainder = first, text[slash + 1:]
+    if domain == "index.docker.io":
+        domain = "docker.io"
+    if domain == "docker.io" and "/" not in remainder.split("@")[0].split(":")[0]:
+        remainder = "library/" + remainder
+    repository = remainder.split(":", 1)[0].split("@", 1)[0]
+    if repository.lower() != repository:
+        raise InvalidReference(f"invalid reference {text!r}: repository name must be lowercase")
+    match = REFERENCE_RE.fullmatch(f"{domain}/{remainder}")
+    if not match:
+        raise InvalidReference(f"invalid reference format: {text!r}")
+    if len(match["path"]) > MAX_PATH:
+        raise InvalidReference(f"invalid reference {text!r}: repository name longer than {MAX_PATH} characters")
+    if match["digest"] and not DIGEST_RE.fullmatch(match["digest"]):
+        raise InvalidReference(f"invalid reference {text!r}: unsupported or malformed digest")
+    # Registry host names are case-insensitive; lower-case them unless that
+    # would turn the host into something that reads as a Docker Hub user.
+    domain = match["domain"]
+    lowered = domain.lower()
+    if any(c in lowered for c in ".:") or lowered == "localhost":
+        domain = lowered
+    return Reference(domain, match["path"], match["tag"], match["digest"])
+
+
+def pull_reference(from_image: str, tag: str) -> Reference | None:
+    """The reference dockerd pulls for fromImage and tag; None means all tags."""
+    # dockerd drops one trailing ":" ("pull -a" clients send "name:").
+    reference = parse_reference(from_image[:-1] if from_image.endswith(":") else from_image)
+    if tag:
+        if DIGEST_RE.fullmatch(tag):
+            return Reference(reference.domain, reference.path, None, tag)
+        if not TAG_RE.fullmatch(tag):
+            raise InvalidReference(f"invalid tag {tag!r}")
+        return dataclasses.replace(reference, tag=tag)
+    if reference.tag is None and reference.digest is None:
+        return None
+    return reference
+
+
+# --------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One regular expression of the whitelist or the blacklist."""
+
+    kind: str
+    index: int
+    pattern: str
+    regex: re.Pattern[str]
+    prefix: str | None   # literal text every match starts with; None when unanchored
+    only_prefix: bool    # the pattern is exactly ^prefix: it matches what starts with it
+
+    def __str__(self) -> str:
+        return f"{self.kind}[{self.index}] {json.dumps(self.pattern)}"
+
+    def matches(self, texts: Iterable[str]) -> bool:
+        return any(self.regex.search(text) for text in texts)
+
+
+def literal_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
+    """The literal text that starts every match of an anchored pattern."""
+    parsed = regex_parser.parse(regex.pattern, regex.flags)
+    items = list(parsed)
+    if parsed.state.flags & (re.IGNORECASE | re.MULTILINE) or not items:
+        return None, False
+    if items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                        (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
+        return None, False
+    prefix = []
+    for op, value in items[1:]:
+        if op is not regex_parser.LITERAL:
+            return "".join(prefix), False
+        prefix.append(chr(value))
+    return "".join(prefix), True
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Rules indexed by literal prefix, so a lookup is flat in their number.
+
+    first_match() returns exactly what a loop over the rules in order would:
+    a rule whose prefix does not start the text cannot match it, and the
+    rules that remain are tried in order.
+    """
+
+    rules: tuple[Rule, ...]
+    by_prefix: MappingProxyType[str, tuple[Rule, ...]]
+    prefix_lengths: tuple[int, ...]
+    unanchored: tuple[Rule, ...]
+
+    def candidates(self, texts: tuple[str, ...]) -> list[Rule]:
+        found = set(self.unanchored)
+        for text in texts:
+            for length in self.prefix_lengths:
+                if length > len(text):
+                    break
+                found.update(self.by_prefix.get(text[:length], ()))
+        return sorted(found, key=lambda rule: rule.index)
+
+    def first_match(self, texts: tuple[str, ...]) -> Rule | None:
+        for rule in self.candidates(texts):
+            if rule.matches(texts):
+                return rule
+        return None
+
+
+def build_rule_set(rules: list[Rule]) -> RuleSet:
+    by_prefix: dict[str, list[Rule]] = {}
+    for rule in rules:
+        if rule.prefix is not None:
+            by_prefix.setdefault(rule.prefix, []).append(rule)
+    return RuleSet(
+        rules=tuple(rules),
+        by_prefix=MappingProxyType({k: tuple(v) for k, v in by_prefix.items()}),
+        prefix_lengths=tuple(sorted({len(k) for k in by_prefix})),
+        unanchored=tuple(rule for rule in rules if rule.prefix is None),
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the rules say about one reference."""
+
+    allow: bool
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The compiled configuration. Immutable: a reload builds a new one."""
+
+    path: str
+    settings: MappingProxyType[str, Any]
+    whitelist: RuleSet
+    blacklist: RuleSet
+
+    @property
+    def default_allow(self) -> bool:
+        return self.settings["defaultAllow"]
+
+    @property
+    def audit(self) -> bool:
+        return self.settings["mode"] == "audit"
+
+    def evaluate(self, reference: Reference) -> Verdict:
+        forms = (reference.canonical, reference.familiar)
+        rule = self.whitelist.first_match(forms)
+        if rule:
+            return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches")
+        rule = self.blacklist.first_match(forms)
+        if rule:
+            return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches")
+        if self.default_allow:
+            return Verdict(True, "defaultAllow", "no rule matches and defaultAllow is true")
+        return Verdict(False, "defaultAllow", "no whitelist rule matches and defaultAllow is false")
+
+    def evaluate_all_tags(self, reference: Reference) -> Verdict:
+        """A pull without a tag fetches every tag: allow only if every tag is."""
+        forms = (reference.repository + ":", reference.familiar_repository + ":")
+        for rule in self.whitelist.rules:
+            if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):
+                return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches every tag")
+        if self.default_allow and not self.blacklist.rules:
+            return Verdict(True, "defaultAllow", "defaultAllow is true and the blacklist is empty")
+        return Verdict(False, "all-tags", "a pull of all tags is allowed only when a whitelist rule of the"
+                       " form ^prefix covers every tag; pull a tag or digest instead")
+
+    def allows_operation(self, operation: str) -> Verdict:
+        key, why = OPAQUE_OPERATIONS[operation]
+        value = self.settings[key]
+        allowed = self.default_allow if value is None else value
+        origin = f"{key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
+            else f"{key!r} is {str(allowed).lower()}"
+        return Verdict(allowed, key, f"{origin}; {why}")
+
+    def effective_settings(self) -> dict[str, Any]:
+        settings = dict(self.settings)
+        for key, _ in OPAQUE_OPERATIONS.values():
+            if settings[key] is None:
+                settings[key] = self.default_allow
+        return settings
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"duplicate key {key!r}")
+    return dict(pairs)
+
+
+def compile_policy(text: str, path: str) -> Policy:
+    """Build a Policy from a configuration file's text; ConfigError says why not."""
+    try:
+        document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as error:
+        raise ConfigError(path, f"line {error.lineno} column {error.colno}", f"invalid JSON: {error.msg}") from None
+    except ValueError as error:
+        raise ConfigError(path, "", str(error)) from None
+    if not isinstance(document, dict):
+        raise ConfigError(path, "", "the configuration must be a JSON object")
+    unknown = sorted(set(document) - set(CONFIG_DEFAULTS))
+    if unknown:
+        raise ConfigError(path, json.dumps(unknown[0]), "unknown key (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
+    settings = {**CONFIG_DEFAULTS, **document}
+    for key, value in settings.items():
+        default = CONFIG_DEFAULTS[key]
+        if isinstance(default, list):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ConfigError(path, json.dumps(key), f"must be a list of strings, not {json.dumps(value)}")
+        elif key.startswith("allow") or isinstance(default, bool):
+            if not isinstance(value, bool) and not (value is None and default is None):
+                raise ConfigError(path, json.dumps(key), f"must be true or false, not {json.dumps(value)}")
+        elif not isinstance(value, str):
+            raise ConfigError(path, json.dumps(key), f"must be a string, not {json.dumps(value)}")
+    if settings["mode"] not in MODES:
+        raise ConfigError(path, '"mode"', f'must be "enforce" or "audit", not {json.dumps(settings["mode"])}')
+    lists = {}
+    for kind in ("whitelist", "blacklist"):
+        rules = []
+        for index, pattern in enumerate(settings[kind]):
+            try:
+                regex = re.compile(pattern)
+            except re.error as error:
+                raise ConfigError(path, f"{json.dumps(kind)}[{index}]",
+                                  f"invalid regular expression {json.dumps(pattern)}: {error.msg}"
+                                  f" at position {error.pos}") from None
+            rules.append(Rule(kind, index, pattern, regex, *literal_prefix(regex)))
+        lists[kind] = build_rule_set(rules)
+        settings[kind] = list(settings[kind])
+    return Policy(path, MappingProxyType(settings), lists["whitelist"], lists["blacklist"])
+
+
+def load_policy(path: str) -> Policy:
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, "", f"cannot read the configuration: {error}") from None
+    return compile_policy(text, path)
+
+
+# Suffixes that complete a literal prefix into a reference, to see whether a
+# pattern can match any image at all.
+_COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
+
+
+def policy_warnings(policy: Policy) -> list[str]:
+    """Likely mistakes in a valid configuration, for --validate."""
+    warnings = []
+    for rule in policy.whitelist.rules + policy.blacklist.rules:
+        if rule.prefix is None:
+            warnings.append(f"{rule}: not anchored with ^, so it matches anywhere in an image name")
+            continue
+        forms = set()
+        for completion in _COMPLETIONS:
+            try:
+                reference = parse_reference(rule.prefix + completion)
+            except InvalidReference:
+                continue
+            forms.update((reference.canonical, reference.familiar))
+        if not any(form.startswith(rule.prefix) for form in forms):
+            warnings.append(f"{rule}: no image reference can match it (references are matched as"
+                            " docker.io/library/nginx:1.25 and nginx:1.25)")
+    for blocked in policy.blacklist.rules:
+        for allowed in policy.whitelist.rules:
+            if allowed.only_prefix and blocked.prefix is not None and blocked.prefix.startswith(allowed.prefix):
+                warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
+                break
+    return warnings
+
+
+# --------------------------------------------------------------------------
+# Request classification (reading a request the way dockerd does)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    """One authorization decision: answered, logged and counted the same way."""
+
+    allow: bool
+    operation: str
+    image: str = ""      # canonical form, when the operation names an image
+    familiar: str = ""
+    rule: str = ""
+    reason: str = ""
+
+    def message(self, policy: Policy | None) -> str:
+        what = f"{self.operation} of {self.familiar}" if self.familiar else self.operation
+        text = f"{what} {'allowed' if self.allow else 'denied'}: {self.reason}"
+        if not self.allow and policy is not None and policy.settings["message"]:
+            text += f". {policy.settings['message']}"
+        return text
+
+
+BENIGN = Decision(True, "other", reason="not an image operation")
+
+
+class Unreadable(ImagePolicyError):
+    """A request the plugin cannot read as dockerd would: always a deny."""
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_VERSION_PREFIX_RE = re.compile(r"/v[0-9.]+(?=/)")
+# Image routes (after the optional /vN.NN prefix), as registered in dockerd.
+# Matched case-insensitively: a route dockerd would answer 404 may be denied.
+IMAGE_ROUTES = (
+    (re.compile(r"/images/create", re.I), "images-create"),
+    (re.compile(r"/images/load", re.I), "load"),
+    (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), "tag"),
+    (re.compile(r"/build|/session|/grpc", re.I), "build"),
+    (re.compile(r"/commit", re.I), "commit"),
+    (re.compile(r"/containers/create", re.I), "run"),
+    (re.compile(r"/services/create|/services/[^/]+/update", re.I), "service"),
+    (re.compile(r"/plugins/pull|/plugins/.+/upgrade", re.I | re.S), "plugin-pull"),
+    (re.compile(r"/plugins/create", re.I), "plugin-create"),
+)
+OPERATION_NAMES = MappingProxyType({"images-create": "pull or import", "plugin-pull": "plugin install"})
+
+
+def _unescape(text: str, plus_is_space: bool) -> str:
+    """Go's url unescaping: a bad %-escape or invalid UTF-8 is an error."""
+    if plus_is_space:
+        text = text.replace("+", " ")
+    if "%" in text and re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise Unreadable(f"invalid %-escape in {text!r}")
+    try:
+        return unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise Unreadable(f"invalid UTF-8 after unescaping {text!r}") from None
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Path (decoded, cleaned, version prefix removed) and raw query of a target."""
+    if not target.startswith("/"):
+        scheme = _SCHEME_RE.match(target)
+        if not scheme:
+            raise Unreadable(f"request target {target!r} is neither a path nor an absolute URL")
+        target = target[scheme.end():]
+    raw_path, _, query = target.partition("?")  # '#' is not a fragment in a request target
+    if raw_path.startswith("//"):
+        slash = raw_path.find("/", 2)
+        raw_path = raw_path[slash:] if slash != -1 else ""
+    if not raw_path.startswith("/"):
+        raise Unreadable(f"request target {target!r} has no absolute path")
+    # dockerd redirects unclean paths instead of serving them; judging the
+    # cleaned path is at least as strict.
+    parts: list[str] = []
+    for part in _unescape(raw_path, plus_is_space=False).split("/"):
+        if part == "..":
+            parts = parts[:-1]
+        elif part not in ("", "."):
+            parts.append(part)
+    path = "/" + "/".join(parts)
+    version = _VERSION_PREFIX_RE.match(path)
+    return (path[version.end():] if version else path), query
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """Go's r.Form for a query: '&' separates, '+' is space, first value wins."""
+    values: dict[str, str] = {}
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        if ";" in pair.partition("=")[0]:
+            raise Unreadable("';' in a query key (dockerd rejects such requests)")
+        key, _, value = pair.partition("=")
+        values.setdefault(_unescape(key, True), _unescape(value, True))
+    return values
+
+
+def _go_fold(text: str) -> str:
+    """Go's encoding/json key folding: each rune to the least of its case orbit."""
+    if text.isascii():
+        return text.upper()
+    folded = []
+    for char in text:
+        orbit = {char, char.upper(), char.lower(), char.upper().lower(), char.lower().upper()}
+        folded.append(min(c for c in orbit if len(c) == 1))
+    return "".join(folded).upper()
+
+
+def json_field(obj: Any, *names: str) -> Any:
+    """Follow struct fields the way Go's encoding/json fills them.
+
+    Keys match case-insensitively with Unicode folding and the last matching
+    key wins; obj is a list of (key, value) pairs from object_pairs_hook.
+    """
+    for name in names:
+        if not isinstance(obj, list):
+            return None
+        wanted, found = _go_fold(name), None
+        for key, value in obj:
+            if _go_fold(key) == wanted:
+                found = value
+        obj = found
+    return obj
+
+
+def _json_pairs(body: bytes) -> list:
+    try:
+        document = json.loads(body, object_pairs_hook=lambda pairs: pairs)
+    except (ValueError, RecursionError) as error:
+        raise Unreadable(f"the request body is not valid JSON ({error})") from None
+    if not isinstance(document, list):
+        raise Unreadable("the request body is not a JSON object")
+    return document
+
+
+class Request:
+    """The parts of an AuthZReq that decisions need, read like dockerd."""
+
+    def __init__(self, authz: dict[str, Any]) -> None:
+        self.authz = authz
+        method, target = authz.get("RequestMethod"), authz.get("RequestUri")
+        if not isinstance(method, str) or not isinstance(target, str):
+            raise Unreadable("the AuthZ request has no RequestMethod or RequestUri string")
+        self.method, self.target = method, target
+        self.path, self.raw_query = split_target(target)
+        self._query: dict[str, str] | None = None
+
+    @property
+    def query(self) -> dict[str, str]:
+        if self._query is None:
+            self._query = parse_query(self.raw_query)
+        return self._query
+
+    def header(self, name: str) -> str | None:
+        headers = self.authz.get("RequestHeaders") or {}
+        if not isinstance(headers, dict):
+            raise Unreadable("RequestHeaders is not an object")
+        for key, value in headers.items():
+            if key.lower() == name.lower():
+                if not isinstance(value, str):
+                    raise Unreadable(f"header {key} is not a string")
+                return value
+        return None
+
+    def body(self) -> bytes | None:
+        encoded = self.authz.get("RequestBody")
+        if encoded is None:
+            return None
+        if not isinstance(encoded, str):
+            raise Unreadable("RequestBody is not a base64 string")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise Unreadable("RequestBody is not valid base64") from None
+
+    def json_body(self) -> list:
+        """The JSON body dockerd will decode; no visible body means deny."""
+        body = self.body()
+        if not body:
+            # CVE-2024-41110, CVE-2026-34040: dockerd withholds bodies that
+            # are not application/json, too large, chunked or of unknown size.
+            raise Unreadable("dockerd did not forward the request body (it forwards only application/json"
+                             " bodies under its size limit), so the image cannot be checked")
+        return _json_pairs(body)
+
+    def check_query_is_whole(self) -> None:
+        """Deny when dockerd may take form values from a body the plugin cannot see."""
+        content_type = self.header("Content-Type")
+        if content_type is None:
+            return  # no Content-Type at all: dockerd does not parse the body as a form
+        if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+            raise Unreadable("a form-encoded body may override the query, and dockerd does not forward it")
+        if self.header("Content-Length") == "0" or self.authz.get("RequestBody") is not None:
+            return
+        # Only the last of repeated Content-Type headers reaches the plugin,
+        # while dockerd parses the form by the first: a hidden body is unsafe.
+        raise Unreadable("the request carries a body the plugin cannot see, and dockerd may read"
+                         " form values from it")
+
+
+Resolver = Callable[[str], list[str]]
+
+
+def decide(policy: Policy, authz: dict[str, Any], resolve: Resolver) -> Decision:
+    """The decision for one AuthZReq; the error boundary for reading it."""
+    method = authz.get("RequestMethod")
+    if isinstance(method, str) and method.upper() != "POST":
+        return BENIGN  # every route that brings in or runs an image is a POST
+    operation = "request"
+    try:
+        request = Request(authz)
+        for route, operation in IMAGE_ROUTES:
+            match = route.fullmatch(request.path)
+            if match:
+                return decide_image_route(policy, request, operation, match, resolve)
+        return BENIGN
+    except (Unreadable, InvalidReference) as error:
+        return Decision(False, OPERATION_NAMES.get(operation, operation), rule="unreadable", reason=str(error))
+
+
+def decide_image_route(policy: Policy, request: Request, operation: str, match: re.Match[str],
+                       resolve: Resolver) -> Decision:
+    if operation == "images-create":
+        query = request.query
+        if not query.get("fromImage"):
+            return decide_opaque(policy, "import")
+        request.check_query_is_whole()
+        reference = pull_reference(query["fromImage"], query.get("tag", ""))
+        if reference is None:
+            reference = parse_reference(query["fromImage"].rstrip(":"))
+            return decision_for("pull (all tags)", reference, policy.evaluate_all_tags(reference))
+        return decision_for("pull", reference, policy.evaluate(reference))
+    if operation in OPAQUE_OPERATIONS:
+        return decide_opaque(policy, operation)
+    if operation == "plugin-pull":
+        request.check_query_is_whole()
+        remote = request.query.get("remote", "")
+        if not remote:
+            raise Unreadable("a plugin pull without a 'remote' image")
+        return decision_for("plugin install", parse_reference(remote), policy.evaluate(parse_reference(remote)))
+    if operation == "service":
+        spec = request.json_body()
+        image = json_field(spec, "TaskTemplate", "ContainerSpec", "Image")
+        remote = json_field(spec, "TaskTemplate", "PluginSpec", "Remote")
+        if not image and not remote:
+            raise Unreadable("the service spec names no image (TaskTemplate.ContainerSpec.Image)")
+        decisions = [decide_image_name(policy, "service", name, resolve=None)
+                     for name in (image, remote) if name]
+        return next((d for d in decisions if not d.allow), decisions[0])
+    if not policy.settings["checkRun"]:
+        return Decision(True, operation, rule="checkRun", reason="checkRun is false")
+    if operation == "run":
+        image = json_field(request.json_body(), "Image")
+        return decide_image_name(policy, "run", image, resolve)
+    # operation == "tag": the source must be allowed, and so must its new name.
+    request.check_query_is_whole()
+    source = decide_image_name(policy, "tag", match["name"], resolve)
+    if not source.allow:
+        return source
+    target = parse_reference(request.query.get("repo", ""))
+    tag = request.query.get("tag", "")
+    if target.digest:
+        raise InvalidReference("cannot tag with a digest reference")
+    if tag:
+        if not TAG_RE.fullmatch(tag):
+            raise InvalidReference(f"invalid tag {tag!r}")
+        target = dataclasses.replace(target, tag=tag)
+    return decision_for("tag as", target, policy.evaluate(target))
+
+
+def decide_opaque(policy: Policy, operation: str) -> Decision:
+    verdict = policy.allows_operation(operation)
+    return Decision(verdict.allow, operation, rule=verdict.rule, reason=verdict.reason)
+
+
+def decision_for(operation: str, reference: Reference, verdict: Verdict) -> Decision:
+    return Decision(verdict.allow, operation, reference.canonical, reference.familiar, verdict.rule, verdict.reason)
+
+
+def decide_image_name(policy: Policy, operation: str, image: Any, resolve: Resolver | None) -> Decision:
+    """Decide on an image given by name, digest, ID or short ID."""
+    if not isinstance(image, str) or not image:
+        raise Unreadable(f"the {operation} request names no image")
+    if resolve is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
+        reference = parse_reference(image)
+        return decision_for(operation, reference, policy.evaluate(reference))
+    # An ID, or a name that dockerd may take as a short ID: ask dockerd
+    # which image it is and allow it when one of its names is allowed.
+    try:
+        names = resolve(image)
+    except ImagePolicyError as error:
+        return Decision(False, operation, image, image, "image-id", f"cannot resolve the image: {error}")
+    denial = None
+    for name in names:
+        reference = parse_reference(name)
+        verdict = policy.evaluate(reference)
+        if verdict.allow:
+            return Decision(True, operation, reference.canonical, image, verdict.rule,
+                            f"{verdict.reason} for its name {reference.familiar}")
+        denial = denial or Decision(False, operation, reference.canonical, image, verdict.rule,
+                                    f"{verdict.reason} for {reference.familiar}")
+    if denial is None:
+        return Decision(False, operation, image, image, "image-id",
+                        "the image has no repository name or digest the policy could allow")
+    return dataclasses.replace(denial, reason=f"none of its names is allowed ({denial.reason})")
+
+
+# --------------------------------------------------------------------------
+# Docker API (read-only image inspection)
+# --------------------------------------------------------------------------
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+@dataclass(frozen=True)
+class DockerAPI:
+    """Inspects images on the daemon, to learn the names of an image ID."""
+
+    host: str
+    timeout: float = DOCKER_API_TIMEOUT
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.host.startswith("unix://"):
+            return _UnixHTTPConnection(self.host[len("unix://"):], self.timeout)
+        if self.host.startswith("tcp://"):
+            return http.client.HTTPConnection(self.host[len("tcp://"):], timeout=self.timeout)
+        raise ImagePolicyError(f"unsupported --docker-host {self.host!r} (use unix:// or tcp://)")
+
+    def image_names(self, image: str) -> list[str]:
+        connection = self.connection()
+        try:
+            connection.request("GET", "/images/" + re.sub(r"[^A-Za-z0-9:._-]", "", image) + "/json")
+            response = connection.getresponse()
+            body = response.read(MAX_BODY)
+        except (OSError, http.client.HTTPException) as error:
+            raise ImagePolicyError(f"Docker API at {self.host}: {error}") from None
+        finally:
+            connection.close()
+        if response.status == HTTPStatus.NOT_FOUND:
+            raise ImagePolicyError(f"no such image {image!r}")
+        try:
+            inspect = json.loads(body)
+            names = (inspect.get("RepoTags") or []) + (inspect.get("RepoDigests") or [])
+        except (ValueError, AttributeError, TypeError):
+            names = None
+        if response.status != HTTPStatus.OK or not all(isinstance(name, str) for name in names or [None]):
+            raise ImagePolicyError(f"Docker API at {self.host} answered {response.status} to image inspect")
+        return [name for name in names if name != "<none>:<none>" and name != "<none>@<none>"]
+
+
+# --------------------------------------------------------------------------
+# Decision log and metrics
+# --------------------------------------------------------------------------
+
+LOG_LEVELS = MappingProxyType({"debug": 10, "info": 20, "warning": 30, "error": 40})
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
+
+
+class Log:
+    """One line per event on stderr, for journald; decisions as JSON objects."""
+
+    def __init__(self, level: str = "info", stream: Any = None) -> None:
+        self.level = LOG_LEVELS[level]
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        stream = self.stream or sys.stderr
+        with self.lock:
+            stream.write(line + "\n")
+            stream.flush()
+
+    def event(self, level: str, text: str) -> None:
+        if LOG_LEVELS[level] >= self.level:
+            self.write(f"{PLUGIN_NAME}: {level}: {text}")
+
+    def decision(self, decision: Decision, outcome: str, policy: Policy, user: Any) -> None:
+        if decision is BENIGN and self.level > LOG_LEVELS["debug"]:
+            return
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "operation": decision.operation, "image": decision.image, "decision": outcome,
+            "rule": decision.rule, "reason": decision.reason, "mode": policy.settings["mode"],
+        }
+        if isinstance(user, str) and user:
+            record["user"] = user
+        self.write(json.dumps(record))
+
+
+class Metrics:
+    """Counters and a latency histogram, served in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def count(self, operation: str, outcome: str, seconds: float) -> None:
+        key = (operation, outcome)
+        with self.lock:
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+
+    def reloaded(self, success: bool) -> None:
+        with self.lock:
+            self.reloads["success" if success else "failure"] += 1
+            if success:
+                self.last_reload = time.time()
+
+    def render(self, policy: Policy) -> str:
+        name = "docker_image_policy"
+        lines = [f"# HELP {name}_decisions_total AuthZReq decisions by operation and result.",
+                 f"# TYPE {name}_decisions_total counter"]
+        with self.lock:
+            for (operation, outcome), value in sorted(self.decisions.items()):
+                lines.append(f'{name}_decisions_total{{operation="{operation}",decision="{outcome}"}} {value}')
+            lines += [f"# HELP {name}_reloads_total Configuration reloads by outcome.",
+                      f"# TYPE {name}_reloads_total counter"]
+            lines += [f'{name}_reloads_total{{outcome="{k}"}} {v}' for k, v in self.reloads.items()]
+            lines += [f"# HELP {name}_last_reload_success_timestamp_seconds When the configuration was last loaded.",
+                      f"# TYPE {name}_last_reload_success_timestamp_seconds gauge",
+                      f"{name}_last_reload_success_timestamp_seconds {self.last_reload:.3f}",
+                      f"# HELP {name}_rules Rules in the running policy.",
+                      f"# TYPE {name}_rules gauge",
+                      f'{name}_rules{{list="whitelist"}} {len(policy.whitelist.rules)}',
+                      f'{name}_rules{{list="blacklist"}} {len(policy.blacklist.rules)}',
+                      f"# HELP {name}_authz_request_seconds Time to decide an AuthZReq.",
+                      f"# TYPE {name}_authz_request_seconds histogram"]
+            total = 0
+            for bound, value in zip(LATENCY_BUCKETS + (float("inf"),), self.buckets):
+                total += value
+                label = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'{name}_authz_request_seconds_bucket{{le="{label}"}} {total}')
+            lines += [f"{name}_authz_request_seconds_sum {self.latency_sum:.6f}",
+                      f"{name}_authz_request_seconds_count {total}"]
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# The plugin: policy reference, reloads, AuthZ answers
+# --------------------------------------------------------------------------
+
+def _plugin_response(payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.plugins.v1+json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+ACTIVATE_RESPONSE = _plugin_response({"Implements": ["authz"]})
+ALLOW_RESPONSE = _plugin_response({"Allow": True, "Msg": "", "Err": ""})
+
+
+class Plugin:
+    """State shared by both listeners. Requests read self.policy once."""
+
+    def __init__(self, config_path: str, log: Log, docker: DockerAPI) -> None:
+        self.config_path, self.log, self.docker = config_path, log, docker
+        self.metrics = Metrics()
+        self.policy = load_policy(config_path)
+        self.metrics.reloaded(True)
+        self.reload_status: dict[str, Any] = {"time": _now(), "ok": True, "error": None}
+        self.reload_lock = threading.Lock()
+
+    def reload(self) -> bool:
+        """Replace the policy from the file; a bad file keeps the running one."""
+        with self.reload_lock:
+            try:
+                policy = load_policy(self.config_path)
+            except ConfigError as error:
+                self.reload_status = {"time": _now(), "ok": False, "error": str(error)}
+                self.metrics.reloaded(False)
+                self.log.event("error", f"reload failed, the running policy stays in force: {error}")
+                return False
+            self.policy = policy
+            self.reload_status = {"time": _now(), "ok": True, "error": None}
+            self.metrics.reloaded(True)
+            self.log.event("info", f"reloaded {self.config_path}: {len(policy.whitelist.rules)} whitelist and"
+                           f" {len(policy.blacklist.rules)} blacklist rules, mode {policy.settings['mode']}")
+            return True
+
+    def authorize(self, body: bytes) -> bytes:
+        """Answer one AuthZReq body with a complete HTTP response."""
+        started = time.perf_counter()
+        policy = self.policy
+        try:
+            authz = json.loads(body)
+        except (ValueError, RecursionError):
+            authz = None
+        if isinstance(authz, dict):
+            decision = decide(policy, authz, self.docker.image_names)
+        else:
+            authz = {}
+            decision = Decision(False, "request", rule="unreadable", reason="the AuthZ request is not a JSON object")
+        if decision.allow:
+            outcome = "allow"
+        else:
+            outcome = "would-deny" if policy.audit else "deny"
+        if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
+            self.log.decision(decision, outcome, policy, authz.get("User"))
+        self.metrics.count(decision.operation, outcome, time.perf_counter() - started)
+        if outcome == "deny":
+            return _plugin_response({"Allow": False, "Msg": decision.message(policy), "Err": ""})
+        return ALLOW_RESPONSE
+
+    def config_document(self) -> dict[str, Any]:
+        policy = self.policy
+        return {"file": policy.path, "lastReload": self.reload_status, "config": policy.effective_settings()}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------
+# HTTP handlers
+# --------------------------------------------------------------------------
+
+class BadRequest(ImagePolicyError):
+    def __init__(self, status: HTTPStatus, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+class PluginHandler(BaseHTTPRequestHandler):
+    """dockerd's side of the plugin socket: Plugin.Activate, AuthZReq, AuthZRes.
+
+    Requests are read with a small parser of our own instead of
+    parse_request(): dockerd sends a request line, a handful of headers and a
+    Content-Length body, and every AuthZ call is on the path of a Docker API
+    call. Each answer goes out in one write.
+    """
+
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT
+    server: PluginServer
+
+    def address_string(self) -> str:
+        return "plugin-socket"  # unix-socket peers have no address to print
+
+    def handle_one_request(self) -> None:
+        self.close_connection = True
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                return
+            self.answer(line)
+        except BadRequest as error:
+            body = json.dumps({"Err": str(error)}).encode()
+            self.wfile.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (error.status, error.status.phrase.encode(), len(body), body))
+        except (TimeoutError, ConnectionError):
+            return  # an idle, stalled or vanished client: close the connection
+
+    def answer(self, line: bytes) -> None:
+        if len(line) > MAX_REQUEST_LINE or not line.endswith(b"\n"):
+            raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+        parts = line.split()
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed request line")
+        method, target, version = parts
+        keep_alive = version == b"HTTP/1.1"
+        length = 0
+        for _ in range(MAX_HEADERS + 1):
+            header = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if header in (b"\r\n", b"\n"):
+                break
+            if not header:
+                raise ConnectionError("client closed the connection mid-request")
+            if len(header) > MAX_HEADER_LINE or not header.endswith(b"\n"):
+                raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
+            name, colon, value = header.partition(b":")
+            name = name.lower()
+            if not colon:
+                raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
+            if name == b"content-length":
+                if not value.strip().isdigit():
+                    raise BadRequest(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+                length = int(value)
+            elif name == b"connection":
+                option = value.strip().lower()
+                keep_alive = option == b"keep-alive" or (keep_alive and option != b"close")
+            elif name == b"transfer-encoding":
+                raise BadRequest(HTTPStatus.NOT_IMPLEMENTED, "chunked requests are not supported; send Content-Length")
+        else:
+            raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
+        if method != b"POST":
+            raise BadRequest(HTTPStatus.METHOD_NOT_ALLOWED, "plugin endpoints accept POST only")
+        if target == b"/AuthZPlugin.AuthZRes":
+            # Decisions are made in AuthZReq; the response is not even decoded.
+            self.discard(length)
+            response = ALLOW_RESPONSE
+        elif length > MAX_BODY:
+            self.discard(length)
+            response = _plugin_response({"Allow": False, "Err": "",
+                                         "Msg": f"request denied: AuthZ request larger than {MAX_BODY} bytes"})
+        else:
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise ConnectionError("client closed the connection mid-body")
+            if target == b"/AuthZPlugin.AuthZReq":
+                response = self.server.plugin.authorize(body)
+            elif target == b"/Plugin.Activate":
+                response = ACTIVATE_RESPONSE
+            else:
+                raise BadRequest(HTTPStatus.NOT_FOUND, f"no such plugin endpoint {target[:100]!r}")
+        self.wfile.write(response)
+        self.close_connection = not keep_alive
+
+    def discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 20))
+            if not chunk:
+                raise ConnectionError("client closed the connection mid-body")
+            length -= len(chunk)
+
+
+class AdminHandler(BaseHTTPRequestHandler):
+    """Read-only status endpoints: /health, /config, /version, /metrics."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 10.0
+    server: AdminServer
+
+    def do_GET(self) -> None:
+        plugin = self.server.plugin
+        if self.path == "/health":
+            self.reply(b"HEALTHY", "text/plain; charset=utf-8")
+        elif self.path == "/config":
+            self.reply(json.dumps(plugin.config_document(), indent=2).encode() + b"\n", "application/json")
+        elif self.path == "/version":
+            self.reply(json.dumps({"name": PLUGIN_NAME, "version": __version__}).encode(), "application/json")
+        elif self.path == "/metrics":
+            self.reply(plugin.metrics.render(plugin.policy).encode(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            self.send_error(HTTPStatus.NOT_FOUND, f"no such endpoint (try /health, /config, /version, /metrics)")
+
+    def not_allowed(self) -> None:
+        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "the admin listener is read-only: GET only")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = not_allowed
+
+    def reply(self, body: bytes, content_type: str) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.plugin.log.event("debug", "admin: " + format % args)
+
+
+# --------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------
+
+def claim_socket_path(path: str) -> None:
+    """Remove a stale socket at path; refuse if something live or not a socket is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ImagePolicyError(f"{path} exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left behind by a process that is gone
+            return
+        except OSError as error:
+            raise ImagePolicyError(f"cannot tell whether {path} is in use ({error}); refusing to start") from None
+    raise ImagePolicyError(f"another process is already serving {path}; stop it first")
+
+
+class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):
+    """The plugin socket, readable and writable by root only."""
+
+    request_queue_size = 64
+
+    def __init__(self, path: str, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.inode = None
+        super().__init__(path, PluginHandler)
+
+    def server_bind(self) -> None:
+        path = self.server_address
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+        claim_socket_path(path)
+        previous = os.umask(0o177)  # no moment where the socket is open to others
+        try:
+            self.socket.bind(path)
+        finally:
+            os.umask(previous)
+        self.inode = os.stat(path).st_ino
+
+    def server_close(self) -> None:
+        super().server_close()
+        try:
+            if self.inode is not None and os.stat(self.server_address).st_ino == self.inode:
+                os.unlink(self.server_address)
+        except FileNotFoundError:
+            pass
+
+
+class AdminServer(ThreadingHTTPServer):
+    def __init__(self, address: tuple[str, int], plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, AdminHandler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup of the address
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.connect(address)
+        notify.sendall(state.encode())
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_images(policy: Policy, images: list[str]) -> int:
+    denied = False
+    for image in images:
+        print(image)
+        try:
+            reference = parse_reference(image)
+        except InvalidReference as error:
+            print(f"  decision:  deny\n  reason:    {error}")
+            denied = True
+            continue
+        verdict = policy.evaluate(reference)
+        denied |= not verdict.allow
+        decision = "allow" if verdict.allow else "deny"
+        if policy.audit and not verdict.allow:
+            decision += " (audit mode: logged as would-deny and allowed)"
+        print(f"  canonical: {reference.canonical}\n  familiar:  {reference.familiar}\n"
+              f"  decision:  {decision}\n  rule:      {verdict.rule}\n  reason:    {verdict.reason}")
+    return 1 if denied else 0
+
+
+def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
+    log = Log(args.log_level)
+    try:
+        plugin = Plugin(args.config, log, DockerAPI(args.docker_host))
+    except ConfigError as error:
+        log.event("error", str(error))
+        return 2
+    # Signals are taken by sigwait() in the main thread only.
+    handled = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        plugin_server = PluginServer(args.socket, plugin)
+    except (ImagePolicyError, OSError) as error:
+        log.event("error", f"cannot serve the plugin socket {args.socket}: {error}")
+        return 1
+    try:
+        admin_server = AdminServer(address, plugin)
+    except OSError as error:
+        plugin_server.server_close()
+        log.event("error", f"cannot listen on {args.addr}: {error}")
+        return 1
+    for server in (plugin_server, admin_server):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    policy = plugin.policy
+    log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {args.addr}, policy"
+              f" {args.config} ({len(policy.whitelist.rules)} whitelist, {len(policy.blacklist.rules)} blacklist"
+              f" rules, mode {policy.settings['mode']})")
+    notify_systemd("READY=1")
+    while True:
+        signum = signal.sigwait(handled)
+        if signum != signal.SIGHUP:
+            break
+        notify_systemd("RELOADING=1")
+        plugin.reload()
+        notify_systemd("READY=1")
+    notify_systemd("STOPPING=1")
+    for server in (plugin_server, admin_server):
+        server.shutdown()
+        server.server_close()
+    log.event("info", f"stopped on {signal.Signals(signum).name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PLUGIN_NAME, description="Docker authorization plugin that allows only approved images.")
+    parser.add_argument("--config", metavar="PATH", default=DEFAULT_CONFIG,
+                        help="policy file (default: %(default)s)")
+    parser.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
+                        help="plugin socket; its name is the plugin's name for dockerd (default: %(default)s)")
+    parser.add_argument("--addr", metavar="HOST:PORT", default=DEFAULT_ADDR,
+                        help="admin listener for /health, /config, /version, /metrics (default: %(default)s)")
+    parser.add_argument("--docker-host", metavar="URL", default=DEFAULT_DOCKER_HOST,
+                        help="Docker API used to look up image IDs (default: %(default)s)")
+    parser.add_argument("--log-level", metavar="LEVEL", default="info", choices=list(LOG_LEVELS),
+                        help="debug, info, warning or error (default: %(default)s)")
+    parser.add_argument("--check", metavar="IMAGE", nargs="+",
+                        help="print the decision for each image and exit: 0 all allowed, 1 any denied, 2 bad config")
+    parser.add_argument("--validate", action="store_true",
+                        help="check the configuration, print warnings, exit 0 (valid) or 2 (invalid)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = parser.parse_args(argv)
+    if args.check and args.validate:
+        parser.error("--check and --validate cannot be combined")
+    try:
+        address = parse_addr(args.addr)
+    except ValueError as error:
+        parser.error(f"--addr: {error}")
+    if not args.check and not args.validate:
+        return serve(args, address)
+    try:
+        policy = load_policy(args.config)
+    except ConfigError as error:
+        print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        return check_images(policy, args.check)
+    for warning in policy_warnings(policy):
+        print(f"warning: {warning}")
+    print(f"{args.config}: valid, {len(policy.whitelist.rules)} whitelist and {len(policy.blacklist.rules)}"
+          f" blacklist rules, mode {policy.settings['mode']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
