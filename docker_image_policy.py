@@ -33,8 +33,10 @@ import base64
 import binascii
 import bisect
 import dataclasses
+import functools
 import http.client
 import json
+import operator
 import os
 import re
 import signal
@@ -70,6 +72,10 @@ MAX_HEADERS = 100
 # dockerd keeps idle plugin connections open and retries a closed one, so a
 # long idle timeout only frees threads held by stalled or vanished clients.
 IDLE_TIMEOUT = 60.0
+# Allowed decisions are remembered per request body (docker ps, health
+# checks and CI steps repeat the same calls); bounded in size and count.
+CACHE_BODY_MAX = 4096
+CACHE_ENTRIES = 4096
 # Image inspection runs while dockerd waits for our answer: keep it short.
 DOCKER_API_TIMEOUT = 3.0
 
@@ -166,15 +172,16 @@ class Reference:
         tag = self.tag if self.tag is not None or self.digest else "latest"
         return (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
 
-    @property
+    @functools.cached_property
     def canonical(self) -> str:
         return self.repository + self._suffix()
 
-    @property
+    @functools.cached_property
     def familiar(self) -> str:
         return self.familiar_repository + self._suffix()
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_reference(text: str) -> Reference:
     """Parse a reference the way dockerd does (ParseNormalizedNamed)."""
     if IMAGE_ID_RE.fullmatch(text):
@@ -227,7 +234,7 @@ def pull_reference(from_image: str, tag: str) -> Reference | None:
 # Policy
 # --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rule:
     """One regular expression of the whitelist or the blacklist."""
 
@@ -262,6 +269,9 @@ def literal_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
     return "".join(prefix), True
 
 
+_rule_index = operator.attrgetter("index")
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """Rules indexed by literal prefix, so a lookup is flat in their number.
@@ -277,18 +287,22 @@ class RuleSet:
     unanchored: tuple[Rule, ...]
 
     def candidates(self, texts: tuple[str, ...]) -> list[Rule]:
-        found = set(self.unanchored)
+        found = list(self.unanchored)
         for text in texts:
             for length in self.prefix_lengths:
                 if length > len(text):
                     break
-                found.update(self.by_prefix.get(text[:length], ()))
-        return sorted(found, key=lambda rule: rule.index)
+                found += self.by_prefix.get(text[:length], ())
+        if len(found) > 1:
+            found = sorted(set(found), key=_rule_index)
+        return found
 
     def first_match(self, texts: tuple[str, ...]) -> Rule | None:
         for rule in self.candidates(texts):
-            if rule.matches(texts):
-                return rule
+            search = rule.regex.search
+            for text in texts:
+                if search(text):
+                    return rule
         return None
 
 
@@ -473,6 +487,15 @@ class Decision:
     familiar: str = ""
     rule: str = ""
     reason: str = ""
+    user: str = ""       # the TLS client user dockerd reports, if any
+
+    @functools.cached_property
+    def log_fields(self) -> str:
+        """The decision log's fields that do not change between requests."""
+        fields = {"operation": self.operation, "image": self.image, "rule": self.rule, "reason": self.reason}
+        if self.user:
+            fields["user"] = self.user
+        return json.dumps(fields)[1:]
 
     def message(self, policy: Policy | None) -> str:
         what = f"{self.operation} of {self.familiar}" if self.familiar else self.operation
@@ -493,16 +516,22 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _VERSION_PREFIX_RE = re.compile(r"/v[0-9.]+(?=/)")
 # Image routes (after the optional /vN.NN prefix), as registered in dockerd.
 # Matched case-insensitively: a route dockerd would answer 404 may be denied.
-IMAGE_ROUTES = (
-    (re.compile(r"/images/create", re.I), "images-create"),
-    (re.compile(r"/images/load", re.I), "load"),
+IMAGE_ROUTES = MappingProxyType({
+    "/images/create": "images-create",
+    "/images/load": "load",
+    "/build": "build",
+    "/session": "build",   # BuildKit, over a hijacked connection
+    "/grpc": "build",
+    "/commit": "commit",
+    "/containers/create": "run",
+    "/services/create": "service",
+    "/plugins/pull": "plugin-pull",
+    "/plugins/create": "plugin-create",
+})
+IMAGE_ROUTE_PATTERNS = (
     (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), "tag"),
-    (re.compile(r"/build|/session|/grpc", re.I), "build"),
-    (re.compile(r"/commit", re.I), "commit"),
-    (re.compile(r"/containers/create", re.I), "run"),
-    (re.compile(r"/services/create|/services/[^/]+/update", re.I), "service"),
-    (re.compile(r"/plugins/pull|/plugins/.+/upgrade", re.I | re.S), "plugin-pull"),
-    (re.compile(r"/plugins/create", re.I), "plugin-create"),
+    (re.compile(r"/services/[^/]+/update", re.I), "service"),
+    (re.compile(r"/plugins/.+/upgrade", re.I | re.S), "plugin-pull"),
 )
 OPERATION_NAMES = MappingProxyType({"images-create": "pull or import", "plugin-pull": "plugin install"})
 
@@ -532,15 +561,17 @@ def split_target(target: str) -> tuple[str, str]:
         raw_path = raw_path[slash:] if slash != -1 else ""
     if not raw_path.startswith("/"):
         raise Unreadable(f"request target {target!r} has no absolute path")
-    # dockerd redirects unclean paths instead of serving them; judging the
-    # cleaned path is at least as strict.
-    parts: list[str] = []
-    for part in _unescape(raw_path, plus_is_space=False).split("/"):
-        if part == "..":
-            parts = parts[:-1]
-        elif part not in ("", "."):
-            parts.append(part)
-    path = "/" + "/".join(parts)
+    path = _unescape(raw_path, plus_is_space=False) if "%" in raw_path else raw_path
+    if "//" in path or "/." in path:
+        # dockerd redirects unclean paths instead of serving them; judging
+        # the cleaned path is at least as strict.
+        parts: list[str] = []
+        for part in path.split("/"):
+            if part == "..":
+                parts = parts[:-1]
+            elif part not in ("", "."):
+                parts.append(part)
+        path = "/" + "/".join(parts)
     version = _VERSION_PREFIX_RE.match(path)
     return (path[version.end():] if version else path), query
 
@@ -588,8 +619,8 @@ def json_field(obj: Any, *names: str) -> Any:
 
 def _json_pairs(body: bytes) -> list:
     try:
-        document = json.loads(body, object_pairs_hook=lambda pairs: pairs)
-    except (ValueError, RecursionError) as error:
+        document = json.loads(body.decode(), object_pairs_hook=list)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise Unreadable(f"the request body is not valid JSON ({error})") from None
     if not isinstance(document, list):
         raise Unreadable("the request body is not a JSON object")
@@ -672,16 +703,22 @@ def decide(policy: Policy, authz: dict[str, Any], resolve: Resolver) -> Decision
     operation = "request"
     try:
         request = Request(authz)
-        for route, operation in IMAGE_ROUTES:
-            match = route.fullmatch(request.path)
-            if match:
-                return decide_image_route(policy, request, operation, match, resolve)
-        return BENIGN
+        operation = IMAGE_ROUTES.get(request.path.lower(), "request")
+        match = None
+        if operation == "request":
+            for route, route_operation in IMAGE_ROUTE_PATTERNS:
+                match = route.fullmatch(request.path)
+                if match:
+                    operation = route_operation
+                    break
+            else:
+                return BENIGN
+        return decide_image_route(policy, request, operation, match, resolve)
     except (Unreadable, InvalidReference) as error:
         return Decision(False, OPERATION_NAMES.get(operation, operation), rule="unreadable", reason=str(error))
 
 
-def decide_image_route(policy: Policy, request: Request, operation: str, match: re.Match[str],
+def decide_image_route(policy: Policy, request: Request, operation: str, match: re.Match[str] | None,
                        resolve: Resolver) -> Decision:
     if operation == "images-create":
         query = request.query
@@ -717,6 +754,7 @@ def decide_image_route(policy: Policy, request: Request, operation: str, match: 
         return decide_image_name(policy, "run", image, resolve)
     # operation == "tag": the source must be allowed, and so must its new name.
     request.check_query_is_whole()
+    assert match is not None
     source = decide_image_name(policy, "tag", match["name"], resolve)
     if not source.allow:
         return source
@@ -845,17 +883,10 @@ class Log:
         if LOG_LEVELS[level] >= self.level:
             self.write(f"{PLUGIN_NAME}: {level}: {text}")
 
-    def decision(self, decision: Decision, outcome: str, policy: Policy, user: Any) -> None:
-        if decision is BENIGN and self.level > LOG_LEVELS["debug"]:
-            return
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "operation": decision.operation, "image": decision.image, "decision": outcome,
-            "rule": decision.rule, "reason": decision.reason, "mode": policy.settings["mode"],
-        }
-        if isinstance(user, str) and user:
-            record["user"] = user
-        self.write(json.dumps(record))
+    def decision(self, decision: Decision, outcome: str, mode: str) -> None:
+        """One JSON object per decision; never bodies, environment or credentials."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.write(f'{{"time": "{now}", "decision": "{outcome}", "mode": "{mode}", {decision.log_fields}')
 
 
 class Metrics:
@@ -931,7 +962,7 @@ class Plugin:
     def __init__(self, config_path: str, log: Log, docker: DockerAPI) -> None:
         self.config_path, self.log, self.docker = config_path, log, docker
         self.metrics = Metrics()
-        self.policy = load_policy(config_path)
+        self.current = (load_policy(config_path), {})
         self.metrics.reloaded(True)
         self.reload_status: dict[str, Any] = {"time": _now(), "ok": True, "error": None}
         self.reload_lock = threading.Lock()
@@ -946,36 +977,61 @@ class Plugin:
                 self.metrics.reloaded(False)
                 self.log.event("error", f"reload failed, the running policy stays in force: {error}")
                 return False
-            self.policy = policy
+            self.current = (policy, {})  # one reference: no request sees half of each
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {len(policy.whitelist.rules)} whitelist and"
                            f" {len(policy.blacklist.rules)} blacklist rules, mode {policy.settings['mode']}")
             return True
 
+    @property
+    def policy(self) -> Policy:
+        return self.current[0]
+
     def authorize(self, body: bytes) -> bytes:
         """Answer one AuthZReq body with a complete HTTP response."""
         started = time.perf_counter()
-        policy = self.policy
-        try:
-            authz = json.loads(body)
-        except (ValueError, RecursionError):
-            authz = None
-        if isinstance(authz, dict):
-            decision = decide(policy, authz, self.docker.image_names)
-        else:
-            authz = {}
-            decision = Decision(False, "request", rule="unreadable", reason="the AuthZ request is not a JSON object")
+        policy, allowed = self.current
+        decision = allowed.get(body)
+        if decision is None:
+            decision, cacheable = self.decide(policy, body)
+            # The same request under the same policy gets the same answer,
+            # unless dockerd had to be asked what an image ID is. Denials are
+            # rare and always evaluated afresh.
+            if decision.allow and cacheable and len(body) <= CACHE_BODY_MAX:
+                if len(allowed) >= CACHE_ENTRIES:
+                    allowed.clear()
+                allowed[body] = decision
         if decision.allow:
             outcome = "allow"
         else:
             outcome = "would-deny" if policy.audit else "deny"
         if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
-            self.log.decision(decision, outcome, policy, authz.get("User"))
+            self.log.decision(decision, outcome, policy.settings["mode"])
         self.metrics.count(decision.operation, outcome, time.perf_counter() - started)
         if outcome == "deny":
             return _plugin_response({"Allow": False, "Msg": decision.message(policy), "Err": ""})
         return ALLOW_RESPONSE
+
+    def decide(self, policy: Policy, body: bytes) -> tuple[Decision, bool]:
+        """The decision for an AuthZReq body, and whether it may be reused."""
+        try:
+            authz = json.loads(body)
+        except (ValueError, RecursionError):
+            authz = None
+        if not isinstance(authz, dict):
+            return Decision(False, "request", rule="unreadable", reason="the AuthZ request is not a JSON object"), False
+        asked: list[str] = []
+
+        def resolve(image: str) -> list[str]:
+            asked.append(image)
+            return self.docker.image_names(image)
+
+        decision = decide(policy, authz, resolve)
+        user = authz.get("User")
+        if decision is not BENIGN and isinstance(user, str) and user:
+            decision = dataclasses.replace(decision, user=user)
+        return decision, not asked
 
     def config_document(self) -> dict[str, Any]:
         policy = self.policy
