@@ -582,8 +582,8 @@ def parse_query(query: str) -> dict[str, str]:
     for pair in query.split("&"):
         if not pair:
             continue
-        if ";" in pair.partition("=")[0]:
-            raise Unreadable("';' in a query key (dockerd rejects such requests)")
+        if ";" in pair:
+            raise Unreadable("';' in the query (dockerd rejects such requests)")
         key, _, value = pair.partition("=")
         values.setdefault(_unescape(key, True), _unescape(value, True))
     return values
@@ -600,14 +600,18 @@ def _go_fold(text: str) -> str:
     return "".join(folded).upper()
 
 
+class JSONObject(list):
+    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
+
+
 def json_field(obj: Any, *names: str) -> Any:
     """Follow struct fields the way Go's encoding/json fills them.
 
     Keys match case-insensitively with Unicode folding and the last matching
-    key wins; obj is a list of (key, value) pairs from object_pairs_hook.
+    key wins.
     """
     for name in names:
-        if not isinstance(obj, list):
+        if not isinstance(obj, JSONObject):
             return None
         wanted, found = _go_fold(name), None
         for key, value in obj:
@@ -617,12 +621,12 @@ def json_field(obj: Any, *names: str) -> Any:
     return obj
 
 
-def _json_pairs(body: bytes) -> list:
+def _json_pairs(body: bytes) -> JSONObject:
     try:
-        document = json.loads(body.decode(), object_pairs_hook=list)
+        document = json.loads(body.decode(), object_pairs_hook=JSONObject)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise Unreadable(f"the request body is not valid JSON ({error})") from None
-    if not isinstance(document, list):
+    if not isinstance(document, JSONObject):
         raise Unreadable("the request body is not a JSON object")
     return document
 
@@ -667,7 +671,7 @@ class Request:
         except (binascii.Error, ValueError):
             raise Unreadable("RequestBody is not valid base64") from None
 
-    def json_body(self) -> list:
+    def json_body(self) -> JSONObject:
         """The JSON body dockerd will decode; no visible body means deny."""
         body = self.body()
         if not body:
@@ -1027,7 +1031,11 @@ class Plugin:
             asked.append(image)
             return self.docker.image_names(image)
 
-        decision = decide(policy, authz, resolve)
+        try:
+            decision = decide(policy, authz, resolve)
+        except Exception as error:  # the last line of defence: a fault is a deny, never a crash or an allow
+            self.log.event("error", f"internal error deciding a request: {error!r}")
+            return Decision(False, "request", rule="internal-error", reason=f"internal error: {error!r}"), False
         user = authz.get("User")
         if decision is not BENIGN and isinstance(user, str) and user:
             decision = dataclasses.replace(decision, user=user)

@@ -1,0 +1,853 @@
+"""Tests for docker_image_policy, in the module's section order.
+
+    python3 -m unittest -v test_docker_image_policy
+
+The end-to-end classes start a real registry and real dockerd engines (20.10
+from the machine, 28.5 from Debian sid) and drive them with every docker CLI
+on the machine. They need root, dockerd, docker-registry and busybox, and skip
+with a message when something is missing, unless
+DOCKER_IMAGE_POLICY_REQUIRE_E2E=1 (set by CI) makes that a failure.
+DOCKER_IMAGE_POLICY_LONG=1 runs the fuzz and soak tests at ten times the size.
+
+    python3 test_docker_image_policy.py benchmark
+
+measures the plugin against the Go peer (see README.md, Performance).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from pathlib import Path
+from typing import Any
+
+import docker_image_policy as dip
+from docker_image_policy import InvalidReference, parse_reference, pull_reference
+
+HERE = Path(__file__).resolve().parent
+MODULE = HERE / "docker_image_policy.py"
+LONG = os.environ.get("DOCKER_IMAGE_POLICY_LONG") == "1"
+REQUIRE_E2E = os.environ.get("DOCKER_IMAGE_POLICY_REQUIRE_E2E") == "1"
+DIGEST = "sha256:" + "a" * 64
+
+# The original plugin's README example.
+ORIGINAL_CONFIG = {
+    "whitelist": ["^nginx:", "^docker:", "^quay\\.io/calico/node"],
+    "blacklist": ["^ubuntu:"],
+    "defaultAllow": False,
+}
+
+
+def policy_of(config: dict[str, Any]) -> dip.Policy:
+    return dip.compile_policy(json.dumps(config), "test.json")
+
+
+def authz(method: str, uri: str, body: Any = None, headers: dict[str, str] | None = None,
+          **extra: Any) -> dict[str, Any]:
+    """An AuthZReq as dockerd builds it."""
+    request: dict[str, Any] = {"RequestMethod": method, "RequestUri": uri,
+                               "RequestHeaders": dict(headers or {})}
+    if body is not None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request["RequestBody"] = base64.b64encode(raw).decode()
+        request["RequestHeaders"].setdefault("Content-Type", "application/json")
+        request["RequestHeaders"].setdefault("Content-Length", str(len(raw)))
+    request.update(extra)
+    return request
+
+
+def pull(uri: str) -> dict[str, Any]:
+    """A pull as the docker CLI sends it (text/plain, empty body)."""
+    return authz("POST", uri, headers={"Content-Type": "text/plain", "Content-Length": "0"})
+
+
+def no_resolver(image: str) -> list[str]:
+    raise AssertionError(f"unexpected Docker API lookup of {image}")
+
+
+# --------------------------------------------------------------------------
+# Image references
+# --------------------------------------------------------------------------
+
+class TestReference(unittest.TestCase):
+    def test_protocol_table(self):
+        table = {
+            "ubuntu": "docker.io/library/ubuntu:latest",
+            "library/ubuntu": "docker.io/library/ubuntu:latest",
+            "docker.io/ubuntu": "docker.io/library/ubuntu:latest",
+            "index.docker.io/ubuntu": "docker.io/library/ubuntu:latest",
+            "user/app:1": "docker.io/user/app:1",
+            "localhost:5000/app": "localhost:5000/app:latest",
+            "myreg:5000/a/b": "myreg:5000/a/b:latest",
+            "[::1]:5000/app": "[::1]:5000/app:latest",
+            "localhost:5000": "docker.io/library/localhost:5000",
+            f"ubuntu:22.04@{DIGEST}": f"docker.io/library/ubuntu:22.04@{DIGEST}",
+            f"ubuntu@{DIGEST}": f"docker.io/library/ubuntu@{DIGEST}",
+            "LOCALHOST:5000/x": "localhost:5000/x:latest",
+            "Quay.IO/calico/node:v3": "quay.io/calico/node:v3",
+        }
+        for text, canonical in table.items():
+            with self.subTest(text):
+                self.assertEqual(parse_reference(text).canonical, canonical)
+
+    def test_familiar_forms(self):
+        table = {
+            "docker.io/library/nginx:1.25": "nginx:1.25",
+            "someone/app:2": "someone/app:2",
+            "quay.io/calico/node:v3": "quay.io/calico/node:v3",
+            "nginx": "nginx:latest",
+            f"nginx@{DIGEST}": f"nginx@{DIGEST}",
+        }
+        for text, familiar in table.items():
+            with self.subTest(text):
+                self.assertEqual(parse_reference(text).familiar, familiar)
+
+    def test_invalid_references(self):
+        for text in ["Ubuntu", "foo..bar", "alpine:", "a:b:c", "a" * 64, "", "nginx@sha256:abc",
+                     "nginx@md5:" + "a" * 32, "a/" + "b" * 255, "nginx:" + "t" * 129, "-nginx", "ngin x"]:
+            with self.subTest(text), self.assertRaises(InvalidReference):
+                parse_reference(text)
+
+    def test_pull_tag_replaces_tag_and_may_be_a_digest(self):
+        self.assertEqual(pull_reference("nginx:1.24", "1.25").canonical, "docker.io/library/nginx:1.25")
+        self.assertEqual(pull_reference("docker.io/library/nginx", "1.25").familiar, "nginx:1.25")
+        self.assertEqual(pull_reference("nginx:1.24", DIGEST).familiar, f"nginx@{DIGEST}")
+        self.assertEqual(pull_reference(f"nginx:1@{DIGEST}", "2").familiar, f"nginx:2@{DIGEST}")
+        self.assertEqual(pull_reference("nginx:1.25", "").familiar, "nginx:1.25")
+        self.assertIsNone(pull_reference("nginx", ""))       # all tags
+        self.assertIsNone(pull_reference("nginx:", ""))      # "pull -a" clients send "name:"
+        with self.assertRaises(InvalidReference):
+            pull_reference("nginx", "bad:tag")
+
+
+# --------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------
+
+class TestPolicy(unittest.TestCase):
+    def verdict(self, config: dict[str, Any], image: str) -> dip.Verdict:
+        return policy_of(config).evaluate(parse_reference(image))
+
+    def test_original_config_same_for_familiar_and_canonical(self):
+        for familiar, canonical, allow in [
+            ("nginx:1.25", "docker.io/library/nginx:1.25", True),
+            ("docker:24-dind", "docker.io/library/docker:24-dind", True),
+            ("quay.io/calico/node:v3", "quay.io/calico/node:v3", True),
+            ("redis:7", "docker.io/library/redis:7", False),
+            ("ubuntu:22.04", "docker.io/library/ubuntu:22.04", False),
+        ]:
+            with self.subTest(familiar):
+                a, b = self.verdict(ORIGINAL_CONFIG, familiar), self.verdict(ORIGINAL_CONFIG, canonical)
+                self.assertEqual((a.allow, a.rule), (allow, b.rule))
+                self.assertEqual(b.allow, allow)
+
+    def test_decision_order(self):
+        config = {"whitelist": ["^nginx:1\\."], "blacklist": ["^nginx:"], "defaultAllow": True}
+        self.assertEqual(self.verdict(config, "nginx:1.25").rule, 'whitelist[0] "^nginx:1\\\\."')
+        verdict = self.verdict(config, "nginx:2")
+        self.assertFalse(verdict.allow)
+        self.assertEqual(verdict.reason, 'blacklist rule "^nginx:" matches')
+        self.assertTrue(self.verdict(config, "redis").allow)
+        verdict = self.verdict(dict(config, defaultAllow=False), "redis")
+        self.assertEqual((verdict.allow, verdict.reason),
+                         (False, "no whitelist rule matches and defaultAllow is false"))
+
+    def test_registry_host_case_and_digests_as_written(self):
+        config = {"whitelist": ["^localhost:5000/", "@sha256:[0-9a-f]{64}$"]}
+        self.assertTrue(self.verdict(config, "LOCALHOST:5000/app:1").allow)
+        self.assertTrue(self.verdict(config, f"redis:7@{DIGEST}").allow)
+        self.assertFalse(self.verdict(config, "redis:7").allow)
+
+    def test_original_files_load_unchanged(self):
+        policy = policy_of(ORIGINAL_CONFIG)
+        self.assertEqual(policy.settings["mode"], "enforce")
+        self.assertFalse(policy.allows_operation("load").allow)
+        self.assertTrue(policy_of(dict(ORIGINAL_CONFIG, defaultAllow=True)).allows_operation("build").allow)
+        self.assertFalse(policy_of({"defaultAllow": True, "allowBuild": False}).allows_operation("build").allow)
+
+    def config_error(self, text: str) -> str:
+        with self.assertRaises(dip.ConfigError) as caught:
+            dip.compile_policy(text, "/etc/docker/p.json")
+        return str(caught.exception)
+
+    def test_config_errors_name_file_key_pattern_and_position(self):
+        self.assertEqual(self.config_error('{"whitelist": ["^ok", "^ngi(nx"]}'),
+                         '/etc/docker/p.json: "whitelist"[1]: invalid regular expression "^ngi(nx":'
+                         ' missing ), unterminated subpattern at position 4')
+        self.assertEqual(self.config_error('{"whitelst": []}'),
+                         '/etc/docker/p.json: "whitelst": unknown key (known keys: whitelist, blacklist,'
+                         ' defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
+                         ' allowPluginCreate, message)')
+        self.assertEqual(self.config_error('{"defaultAllow": "yes"}'),
+                         '/etc/docker/p.json: "defaultAllow": must be true or false, not "yes"')
+        self.assertEqual(self.config_error('{"blacklist": "^a"}'),
+                         '/etc/docker/p.json: "blacklist": must be a list of strings, not "^a"')
+        self.assertEqual(self.config_error('{"mode": "warn"}'),
+                         '/etc/docker/p.json: "mode": must be "enforce" or "audit", not "warn"')
+        self.assertEqual(self.config_error('{\n  "whitelist": [\n  "a",\n}'),
+                         "/etc/docker/p.json: line 4 column 1: invalid JSON: Expecting value")
+        self.assertEqual(self.config_error('{"mode": "audit", "mode": "enforce"}'),
+                         "/etc/docker/p.json: duplicate key 'mode'")
+        self.assertEqual(self.config_error('[]'), "/etc/docker/p.json: the configuration must be a JSON object")
+
+    def test_all_tags_pull_needs_a_prefix_rule_covering_every_tag(self):
+        nginx = parse_reference("nginx")
+        self.assertTrue(policy_of({"whitelist": ["^nginx:"]}).evaluate_all_tags(nginx).allow)
+        self.assertTrue(policy_of({"whitelist": ["^docker\\.io/library/"]}).evaluate_all_tags(nginx).allow)
+        self.assertFalse(policy_of({"whitelist": ["^nginx:1\\."]}).evaluate_all_tags(nginx).allow)
+        self.assertFalse(policy_of({"whitelist": ["^nginx:(1|2)"]}).evaluate_all_tags(nginx).allow)
+        self.assertTrue(policy_of({"defaultAllow": True}).evaluate_all_tags(nginx).allow)
+        verdict = policy_of({"defaultAllow": True, "blacklist": [":latest$"]}).evaluate_all_tags(nginx)
+        self.assertFalse(verdict.allow)
+        self.assertIn("pull a tag or digest", verdict.reason)
+
+    def test_literal_prefixes(self):
+        for pattern, expected in [
+            ("^quay\\.io/calico/node", ("quay.io/calico/node", True)),
+            ("^nginx:1\\.", ("nginx:1.", True)),
+            ("\\Alocalhost:5000/", ("localhost:5000/", True)),
+            ("^nginx:.*", ("nginx:", False)),
+            ("^ab*", ("a", False)),
+            ("^a|^b", ("", False)),
+            ("nginx", (None, False)),
+            ("(?i)^nginx", (None, False)),
+            ("^(?:nginx)", ("nginx", True)),
+            ("^(nginx)", ("", False)),
+        ]:
+            with self.subTest(pattern):
+                self.assertEqual(dip.literal_prefix(re.compile(pattern)), expected)
+
+    def test_indexed_lookup_equals_rule_by_rule_evaluation(self):
+        rng = random.Random(6)
+        hosts = ["docker.io", "quay.io", "localhost:5000", "registry.example.com", "ghcr.io"]
+        words = ["nginx", "library", "calico", "node", "app", "team", "x", "redis", "a.b", "c-d"]
+        def reference() -> str:
+            path = "/".join(rng.choice(words).replace(".", "") for _ in range(rng.randint(1, 3)))
+            text = (rng.choice(hosts) + "/" if rng.random() < 0.6 else "") + path
+            if rng.random() < 0.8:
+                text += ":" + rng.choice(["1", "1.25", "latest", "v3", "2-alpine"])
+            if rng.random() < 0.2:
+                text += "@" + DIGEST
+            return text
+        def pattern() -> str:
+            literal = re.escape(reference()[: rng.randint(1, 20)])
+            return rng.choice([
+                f"^{literal}", f"^{literal}.*", f"{literal}", f"^{literal}$", f"(?i)^{literal.upper()}",
+                f"^{literal}|^{re.escape(reference()[:5])}", f"^{literal}[0-9]+", f":{rng.choice(['latest', '1'])}$",
+                f"^[a-z]+{literal}", f"^{literal}(?:/|:)", "@sha256:", f"^(?:{literal})",
+            ])
+        references = []
+        for _ in range(3000):
+            with contextlib.suppress(InvalidReference):
+                references.append(parse_reference(reference()))
+        for trial in range(20):
+            config = {"whitelist": [pattern() for _ in range(rng.randint(0, 200))],
+                      "blacklist": [pattern() for _ in range(rng.randint(0, 200))],
+                      "defaultAllow": rng.random() < 0.5}
+            policy = policy_of(config)
+            for ref in references:
+                forms = (ref.canonical, ref.familiar)
+                expected = None
+                for kind in ("whitelist", "blacklist"):
+                    for index, text in enumerate(config[kind]):
+                        if expected is None and any(re.search(text, form) for form in forms):
+                            expected = (kind == "whitelist", f"{kind}[{index}] {json.dumps(text)}")
+                expected = expected or (config["defaultAllow"], "defaultAllow")
+                verdict = policy.evaluate(ref)
+                self.assertEqual((verdict.allow, verdict.rule), expected, (trial, ref.canonical))
+
+    def test_warnings(self):
+        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/"],
+                            "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu"]})
+        warnings = dip.policy_warnings(policy)
+        self.assertEqual(warnings, [
+            'whitelist[1] "nginx": not anchored with ^, so it matches anywhere in an image name',
+            'whitelist[2] "^library/nginx:": no image reference can match it (references are matched as'
+            ' docker.io/library/nginx:1.25 and nginx:1.25)',
+            'whitelist[3] "^index\\\\.docker\\\\.io/": no image reference can match it (references are matched'
+            ' as docker.io/library/nginx:1.25 and nginx:1.25)',
+            'blacklist[0] "^quay\\\\.io/evil" is unreachable: whitelist[0] "^quay\\\\.io/" allows everything it'
+            ' matches first',
+        ])
+        self.assertEqual(dip.policy_warnings(policy_of(ORIGINAL_CONFIG)), [])
+
+
+# --------------------------------------------------------------------------
+# Request classification
+# --------------------------------------------------------------------------
+
+class TestRequests(unittest.TestCase):
+    policy = policy_of({"whitelist": ["^localhost:5000/ok/", "^nginx:"], "defaultAllow": False,
+                        "message": "See https://wiki.example/images"})
+
+    def decide(self, request: dict[str, Any], policy: dip.Policy | None = None,
+               resolve: Any = no_resolver) -> dip.Decision:
+        return dip.decide(policy or self.policy, request, resolve)
+
+    def assertDecision(self, request: dict[str, Any], allow: bool, reason: str = "", **kwargs: Any) -> dip.Decision:
+        decision = self.decide(request, **kwargs)
+        self.assertEqual(decision.allow, allow, decision)
+        self.assertIn(reason, decision.message(self.policy))
+        return decision
+
+    def test_routes_allowed_and_denied(self):
+        run_ok, run_bad = {"Image": "nginx:1.25"}, {"Image": "redis:7"}
+        service = lambda image: {"Name": "s", "TaskTemplate": {"ContainerSpec": {"Image": image}}}
+        table = [
+            (pull("/v1.41/images/create?fromImage=nginx&tag=1.25"), True, "pull of nginx:1.25 allowed"),
+            (pull("/v1.41/images/create?fromImage=docker.io%2Flibrary%2Fredis&tag=7"), False,
+             "pull of redis:7 denied: no whitelist rule matches and defaultAllow is false. See https://wiki"),
+            (authz("POST", "/v1.41/containers/create", run_ok), True, "run of nginx:1.25 allowed"),
+            (authz("POST", "/v1.41/containers/create?name=x", run_bad), False, "run of redis:7 denied"),
+            (authz("POST", "/v1.41/services/create", service("nginx:1@" + DIGEST)), True, "service of nginx:1@"),
+            (authz("POST", "/v1.41/services/create", service("redis:7@" + DIGEST)), False, "service of redis:7@"),
+            (authz("POST", "/v1.41/services/abc/update?version=3", service("nginx:2")), True, "service"),
+            (authz("POST", "/v1.41/services/abc/update?version=3", service("redis")), False, "service of redis"),
+            (authz("POST", "/v1.41/services/create", {"TaskTemplate": {"PluginSpec": {"Remote": "evil/plugin"}}}),
+             False, "service of evil/plugin:latest denied"),
+            (authz("POST", "/v1.41/plugins/pull?remote=localhost:5000/ok/plugin:1&name=p", []), True,
+             "plugin install of localhost:5000/ok/plugin:1 allowed"),
+            (authz("POST", "/v1.41/plugins/pull?remote=vieux/sshfs", []), False, "plugin install of vieux/sshfs"),
+            (authz("POST", "/v1.41/plugins/vieux/sshfs:1/upgrade?remote=vieux/sshfs:2", []), False,
+             "plugin install of vieux/sshfs:2 denied"),
+            (authz("POST", "/v1.41/plugins/p/upgrade?remote=nginx:2", []), True, "plugin install of nginx:2"),
+            (pull("/v1.41/images/nginx:1.25/tag?repo=nginx&tag=prod"), True, "tag as of nginx:prod allowed"),
+            (pull("/v1.41/images/redis:7/tag?repo=nginx&tag=prod"), False, "tag of redis:7 denied"),
+            (pull("/v1.41/images/nginx:1.25/tag?repo=redis&tag=7"), False, "tag as of redis:7 denied"),
+            (authz("POST", "/v1.41/images/load?quiet=1", headers={"Content-Type": "application/x-tar"}), False,
+             "load denied: 'allowLoad' is not set and defaultAllow is false; the plugin cannot see which images"),
+            (authz("POST", "/v1.41/images/create?fromSrc=-&repo=imp", headers={"Content-Type": "text/plain"}),
+             False, "import denied: 'allowImport'"),
+            (authz("POST", "/v1.41/build?t=x", headers={"Content-Type": "application/x-tar"}), False,
+             "build denied: 'allowBuild'"),
+            (authz("POST", "/session"), False, "build denied"),
+            (authz("POST", "/grpc"), False, "build denied"),
+            (authz("POST", "/v1.41/commit?container=c1&repo=x", None), False, "commit denied: 'allowCommit'"),
+            (authz("POST", "/v1.41/plugins/create?name=p"), False, "plugin-create denied"),
+        ]
+        for request, allow, reason in table:
+            with self.subTest(request["RequestUri"]):
+                self.assertDecision(request, allow, reason)
+
+    def test_opaque_operations_follow_their_setting(self):
+        policy = policy_of({"defaultAllow": False, "allowLoad": True, "allowBuild": True})
+        for uri, allow in [("/v1.41/images/load", True), ("/v1.41/build", True), ("/session", True),
+                           ("/v1.41/images/create?fromSrc=-", False), ("/v1.41/commit?container=c", False)]:
+            with self.subTest(uri):
+                self.assertEqual(self.decide(authz("POST", uri), policy=policy).allow, allow)
+        policy = policy_of({"defaultAllow": True, "blacklist": ["^redis"]})
+        self.assertTrue(self.decide(authz("POST", "/v1.41/images/load"), policy=policy).allow)
+
+    def test_benign_calls_are_allowed_without_parsing(self):
+        for method, uri in [("GET", "/v1.41/containers/json"), ("GET", "/_ping"), ("HEAD", "/_ping"),
+                            ("POST", "/v1.41/containers/abc/start"), ("POST", "/v1.41/containers/abc/stop"),
+                            ("POST", "/v1.41/containers/abc/exec"), ("GET", "/v1.41/events"),
+                            ("DELETE", "/v1.41/images/redis"), ("POST", "/v1.41/images/redis/push"),
+                            ("GET", "not a target at all %zz"), ("POST", "/v1.41/images/create/")]:
+            with self.subTest(uri):
+                self.assertIs(self.decide(authz(method, uri, b"\xff not json")), dip.BENIGN)
+
+    def test_paths_read_like_dockerd(self):
+        denied = "pull of redis:7 denied"
+        for uri in ["/v1.41/images%2Fcreate?fromImage=redis&tag=7", "/v1.41/images/%63reate?fromImage=redis&tag=7",
+                    "/images/create?fromImage=redis&tag=7", "http://docker/v1.41/images/create?fromImage=redis&tag=7",
+                    "unix:/v1.24/images/create?fromImage=redis&tag=7", "//x/v1.41/images/create?fromImage=redis&tag=7",
+                    "/v1.41//images/./create?fromImage=redis&tag=7", "/v1.41/x/../images/create?fromImage=redis&tag=7",
+                    "/v1.41/Images/Create?fromImage=redis&tag=7"]:
+            with self.subTest(uri):
+                self.assertDecision(pull(uri), False, denied)
+        self.assertDecision(pull("/v1.41/images/redis%3A7/tag?repo=nginx&tag=1"), False, "tag of redis:7 denied")
+        self.assertDecision(pull("/v1.41/images/%zz/create?fromImage=redis"), False, "invalid %-escape")
+        self.assertDecision(pull("relative/images/create?fromImage=redis"), False, "neither a path")
+
+    def test_query_read_like_go(self):
+        for query, allow, reason in [
+            ("fromImage=nginx&tag=1&fromImage=redis", True, "pull of nginx:1"),        # first value wins
+            ("fromImage=redis&tag=7&fromImage=nginx", False, "pull of redis:7"),
+            ("a=x#&fromImage=redis&tag=7", False, "pull of redis:7"),                 # '#' is not a fragment
+            ("fromImage=nginx;fromImage=redis&tag=1", False, "';' in the query"),
+            ("fromImage=nginx&tag=1%2", False, "invalid %-escape"),
+            ("fromImage=%6Eginx&tag=1", True, "pull of nginx:1"),
+            ("fromImage=nginx&tag=1+2", False, "invalid tag '1 2'"),                 # '+' is a space
+            ("fromImage=Nginx&tag=1", False, "must be lowercase"),
+            ("fromImage=nginx&tag=" + DIGEST, False, "pull of nginx@" + DIGEST),
+            ("fromImage=localhost:5000/ok/app:1&tag=" + DIGEST, True, "pull of localhost:5000/ok/app@" + DIGEST),
+            ("fromImage=redis", False, "pull (all tags) of redis:latest denied: a pull of all tags"),
+            ("fromImage=nginx:", True, "pull (all tags) of nginx:latest allowed: whitelist rule"),
+            ("fromImage=localhost:5000/ok/app", True, "pull (all tags) of localhost:5000/ok/app:latest allowed"),
+            ("fromImage=&fromSrc=-", False, "import denied"),
+        ]:
+            with self.subTest(query):
+                self.assertDecision(pull("/v1.41/images/create?" + query), allow, reason)
+
+    def test_hidden_form_bodies_are_denied(self):
+        uri = "/v1.41/images/create?fromImage=nginx&tag=1"
+        cases = [
+            ({"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "20"}, False, "form-encoded"),
+            ({"Content-Type": "Application/X-WWW-Form-Urlencoded; charset=utf-8"}, False, "form-encoded"),
+            ({"Content-Type": "text/plain", "Content-Length": "20"}, False, "a body the plugin cannot see"),
+            ({"Content-Type": "text/plain"}, False, "a body the plugin cannot see"),   # chunked
+            ({"Content-Type": "text/plain", "Content-Length": "0"}, True, "pull of nginx:1"),  # CLI 20.10
+            ({"Content-Length": "0"}, True, "pull of nginx:1"),                           # CLI 28
+            ({}, True, "pull of nginx:1"),                                               # no Content-Type at all
+        ]
+        for headers, allow, reason in cases:
+            with self.subTest(headers):
+                self.assertDecision(authz("POST", uri, headers=headers), allow, reason)
+        tag = authz("POST", "/v1.41/images/nginx:1/tag?repo=nginx&tag=2",
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertDecision(tag, False, "form-encoded")
+
+    def test_json_bodies_read_like_go(self):
+        def run(body: Any) -> dip.Decision:
+            return self.decide(authz("POST", "/v1.41/containers/create", body))
+        self.assertEqual(run(b'{"Image":"nginx:1","iMAGE":"redis:7"}').familiar, "redis:7")   # last key wins
+        self.assertEqual(run(b'{"image":"redis:7","Image":"nginx:1"}').familiar, "nginx:1")
+        self.assertEqual(run('{"\u0130mage":"nginx:1"}'.encode()).operation, "run")
+        self.assertFalse(run('{"Image":"nginx:1","\u0130MAGE":"x"}'.encode()).allow is None)
+        self.assertEqual(run('{"Image":"nginx:1","IMAGE":"redis:7"}'.encode()).familiar, "redis:7")
+        service = '{"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}},"ta\u017fktemplate":' \
+                  '{"containerspec":{"image":"redis:7"}}}'
+        decision = self.decide(authz("POST", "/v1.41/services/create", service.encode()))
+        self.assertEqual((decision.allow, decision.familiar), (False, "redis:7"))   # U+017F folds to s
+        kelvin = '{"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}},"Tas\u212aTemplate":' \
+                 '{"ContainerSpec":{"Image":"redis:7"}}}'
+        self.assertEqual(self.decide(authz("POST", "/v1.41/services/create", kelvin.encode())).familiar, "redis:7")
+        for body, reason in [(b"", "did not forward the request body"), (b"{", "not valid JSON"),
+                             (b"[1]", "not a JSON object"), (b'{"Image": 7}', "names no image"),
+                             (b'{"Image": null}', "names no image"), (b"\xff\xfe", "not valid JSON"),
+                             (b'{"Image":"nginx:1"} {"Image":"redis"}', "not valid JSON")]:
+            with self.subTest(body):
+                decision = run(body)
+                self.assertFalse(decision.allow)
+                self.assertIn(reason, decision.reason)
+
+    def test_missing_body_is_denied(self):
+        for headers in [{"Content-Type": "application/json", "Content-Length": "2000000"},
+                        {"Content-Type": "application/json"}, {}]:
+            with self.subTest(headers):
+                self.assertDecision(authz("POST", "/v1.41/containers/create", headers=headers), False,
+                                    "run denied: dockerd did not forward the request body")
+        self.assertDecision(authz("POST", "/v1.41/services/create"), False, "service denied: dockerd did not")
+
+    def test_image_ids_are_resolved_through_docker(self):
+        names = {"sha256:" + "b" * 64: ["redis:7", "nginx:1"], "bbbb": ["redis:7"], "cafe": [],
+                 "dead": ["<none>:<none>"]}
+        def resolve(image: str) -> list[str]:
+            if image not in names:
+                raise dip.ImagePolicyError(f"no such image {image!r}")
+            return [name for name in names[image] if not name.startswith("<none>")]
+        def run(image: str) -> dip.Decision:
+            return self.decide(authz("POST", "/v1.41/containers/create", {"Image": image}), resolve=resolve)
+        decision = run("sha256:" + "b" * 64)
+        self.assertTrue(decision.allow)
+        self.assertIn("for its name nginx:1", decision.reason)
+        decision = run("bbbb")   # a short ID, or a name dockerd would look up as one
+        self.assertEqual((decision.allow, decision.image), (False, "docker.io/library/redis:7"))
+        self.assertIn("none of its names is allowed", decision.message(self.policy))
+        self.assertIn("has no repository name", run("cafe").reason)
+        self.assertIn("cannot resolve the image: no such image 'abc'", run("abc").reason)
+        self.assertFalse(run("b" * 64).allow)
+        self.assertTrue(run("nginx:1").allow)   # a name with a tag is never a short ID
+        tag = self.decide(pull("/v1.41/images/bbbb/tag?repo=nginx&tag=x"), resolve=resolve)
+        self.assertEqual((tag.allow, tag.operation), (False, "tag"))
+
+    def test_check_run_off_leaves_pull_control(self):
+        policy = policy_of({"whitelist": ["^nginx:"], "checkRun": False})
+        self.assertTrue(self.decide(authz("POST", "/v1.41/containers/create", {"Image": "redis"}), policy).allow)
+        self.assertTrue(self.decide(pull("/v1.41/images/redis/tag?repo=nginx&tag=1"), policy).allow)
+        self.assertFalse(self.decide(pull("/v1.41/images/create?fromImage=redis&tag=1"), policy).allow)
+        service = {"TaskTemplate": {"ContainerSpec": {"Image": "redis"}}}
+        self.assertFalse(self.decide(authz("POST", "/v1.41/services/create", service), policy).allow)
+
+    def test_unreadable_authz_requests_are_denied(self):
+        for request in [{}, {"RequestMethod": "POST"}, {"RequestMethod": 1, "RequestUri": "/build"},
+                        {"RequestMethod": "POST", "RequestUri": ["/images/create"]},
+                        authz("POST", "/v1.41/images/create?fromImage=nginx&tag=1", RequestHeaders=[1]),
+                        authz("POST", "/v1.41/containers/create", RequestBody="not base64!"),
+                        authz("POST", "/v1.41/containers/create", RequestBody=17)]:
+            with self.subTest(request):
+                self.assertFalse(self.decide(request).allow)
+
+
+# --------------------------------------------------------------------------
+# HTTP handlers and servers
+# --------------------------------------------------------------------------
+
+class PluginFixture:
+    """A plugin with both listeners on a temporary socket and port."""
+
+    def __init__(self, config: dict[str, Any], log_level: str = "info") -> None:
+        self.dir = tempfile.mkdtemp(prefix="dip")
+        self.config_path = os.path.join(self.dir, "policy.json")
+        self.write_config(config)
+        self.log = io.StringIO()
+        self.plugin = dip.Plugin(self.config_path, dip.Log(log_level, self.log), dip.DockerAPI("unix:///nonexistent"))
+        self.socket_path = os.path.join(self.dir, "p.sock")
+        self.server = dip.PluginServer(self.socket_path, self.plugin)
+        self.admin = dip.AdminServer(("127.0.0.1", 0), self.plugin)
+        self.threads = [threading.Thread(target=s.serve_forever, args=(0.05,)) for s in (self.server, self.admin)]
+        for thread in self.threads:
+            thread.start()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        Path(self.config_path).write_text(json.dumps(config))
+
+    def close(self) -> None:
+        for server in (self.server, self.admin):
+            server.shutdown()
+            server.server_close()
+        for thread in self.threads:
+            thread.join()
+        shutil.rmtree(self.dir)
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(self.socket_path)
+        return sock
+
+    def get(self, path: str, method: str = "GET") -> tuple[int, str, dict[str, str]]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.admin.server_address[1], timeout=10)
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = response.read().decode()
+        connection.close()
+        return response.status, body, dict(response.getheaders())
+
+
+def exchange(sock: socket.socket, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read one HTTP response."""
+    sock.sendall(raw)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: plugin\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+class TestPluginServer(unittest.TestCase):
+    def setUp(self):
+        self.fixture = PluginFixture(ORIGINAL_CONFIG)
+        self.addCleanup(self.fixture.close)
+
+    def test_activation_and_keep_alive(self):
+        with self.fixture.connect() as sock:
+            status, headers, body = exchange(sock, post("/Plugin.Activate", b""))
+            self.assertEqual((status, json.loads(body)), (200, {"Implements": ["authz"]}))
+            self.assertEqual(headers["content-type"], "application/vnd.docker.plugins.v1+json")
+            for image, allow in [("nginx", True), ("redis", False), ("nginx", True)]:   # same connection
+                request = json.dumps(pull(f"/v1.41/images/create?fromImage={image}&tag=1")).encode()
+                status, _, body = exchange(sock, post("/AuthZPlugin.AuthZReq", request))
+                self.assertEqual((status, json.loads(body)["Allow"]), (200, allow))
+            status, _, body = exchange(sock, post("/AuthZPlugin.AuthZRes", b'{"ResponseBody": "not decoded"'))
+            self.assertEqual(json.loads(body), {"Allow": True, "Msg": "", "Err": ""})
+
+    def test_deny_answer_carries_the_message(self):
+        with self.fixture.connect() as sock:
+            request = json.dumps(pull("/v1.41/images/create?fromImage=docker.io/library/ubuntu&tag=22.04"))
+            _, _, body = exchange(sock, post("/AuthZPlugin.AuthZReq", request.encode()))
+        self.assertEqual(json.loads(body), {"Allow": False, "Err": "", "Msg":
+                         'pull of ubuntu:22.04 denied: blacklist rule "^ubuntu:" matches'})
+
+    def test_malformed_requests_never_allow(self):
+        for body in [b"", b"{", b"null", b"[]", b'"x"', b"\xff" * 10, b'{"RequestMethod":"POST"}',
+                     b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"' + b"]" * 1,
+                     b"[" * 100000]:
+            with self.subTest(body[:40]), self.fixture.connect() as sock:
+                status, _, answer = exchange(sock, post("/AuthZPlugin.AuthZReq", body))
+                self.assertEqual(status, 200)
+                self.assertIs(json.loads(answer)["Allow"], False)
+
+    def test_protocol_errors(self):
+        for raw, status in [
+            (b"GET /Plugin.Activate HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+            (post("/Nope", b""), 404),
+            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+            (b"nonsense\r\n\r\n", 400),
+            (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+            (b"POST / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+            (b"POST / HTTP/1.1\r\nX-A: " + b"b" * 9000 + b"\r\n\r\n", 431),
+        ]:
+            with self.subTest(raw[:30]), self.fixture.connect() as sock:
+                answer, _, body = exchange(sock, raw)
+                self.assertEqual(answer, status)
+                self.assertIn("Err", json.loads(body))
+
+    def test_largest_engine_payloads_fit(self):
+        # Newer engines forward bodies up to 4 MiB, base64-encoded.
+        image = {"Image": "nginx:1", "Env": ["A=" + "x" * (4 * 1024 * 1024 - 100)]}
+        request = json.dumps(authz("POST", "/v1.41/containers/create", image)).encode()
+        self.assertGreater(len(request), 5_500_000)
+        response = json.dumps({**authz("POST", "/v1.41/containers/create", image),
+                               "ResponseBody": base64.b64encode(b"r" * 1_000_000).decode()}).encode()
+        with self.fixture.connect() as sock:
+            _, _, body = exchange(sock, post("/AuthZPlugin.AuthZReq", request))
+            self.assertIs(json.loads(body)["Allow"], True)
+            _, _, body = exchange(sock, post("/AuthZPlugin.AuthZRes", response))
+            self.assertIs(json.loads(body)["Allow"], True)
+            oversized = b"x" * (dip.MAX_BODY + 1)
+            _, _, body = exchange(sock, post("/AuthZPlugin.AuthZReq", oversized))
+            self.assertEqual(json.loads(body)["Allow"], False)
+            self.assertIn("larger than", json.loads(body)["Msg"])
+            _, _, body = exchange(sock, post("/AuthZPlugin.AuthZRes", oversized))
+            self.assertIs(json.loads(body)["Allow"], True)
+
+    def test_stalled_client_does_not_delay_others(self):
+        with self.fixture.connect() as stalled:
+            stalled.sendall(b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            started = time.monotonic()
+            with self.fixture.connect() as sock:
+                status, _, _ = exchange(sock, post("/Plugin.Activate", b""))
+            self.assertEqual(status, 200)
+            self.assertLess(time.monotonic() - started, 2)
+
+    def test_idle_connections_are_closed(self):
+        handler = dip.PluginHandler
+        original, handler.timeout = handler.timeout, 0.3
+        self.addCleanup(setattr, handler, "timeout", original)
+        with self.fixture.connect() as sock:
+            sock.sendall(b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Le")
+            sock.settimeout(5)
+            self.assertEqual(sock.recv(100), b"")   # closed by the plugin
+
+    def test_socket_is_root_only_and_removed_on_close(self):
+        self.assertEqual(stat.S_IMODE(os.stat(self.fixture.socket_path).st_mode), 0o600)
+        path = self.fixture.socket_path
+        with self.assertRaises(dip.ImagePolicyError) as caught:
+            dip.PluginServer(path, self.fixture.plugin)
+        self.assertIn("another process is already serving", str(caught.exception))
+
+    def test_stale_socket_is_replaced_and_other_files_are_not(self):
+        directory = self.fixture.dir
+        stale = os.path.join(directory, "stale.sock")
+        with socket.socket(socket.AF_UNIX) as old:
+            old.bind(stale)
+        server = dip.PluginServer(stale, self.fixture.plugin)
+        server.server_close()
+        self.assertFalse(os.path.exists(stale))
+        regular = os.path.join(directory, "file.sock")
+        Path(regular).write_text("keep me")
+        with self.assertRaises(dip.ImagePolicyError) as caught:
+            dip.PluginServer(regular, self.fixture.plugin)
+        self.assertIn("is not a socket", str(caught.exception))
+        self.assertEqual(Path(regular).read_text(), "keep me")
+
+
+class TestAdmin(unittest.TestCase):
+    def setUp(self):
+        self.fixture = PluginFixture(ORIGINAL_CONFIG)
+        self.addCleanup(self.fixture.close)
+
+    def test_endpoints(self):
+        self.assertEqual(self.fixture.get("/health")[:2], (200, "HEALTHY"))
+        status, body, _ = self.fixture.get("/version")
+        self.assertEqual(json.loads(body), {"name": "docker-image-policy", "version": dip.__version__})
+        status, body, _ = self.fixture.get("/config")
+        document = json.loads(body)
+        self.assertEqual(document["config"]["whitelist"], ORIGINAL_CONFIG["whitelist"])
+        self.assertEqual(document["config"]["allowLoad"], False)
+        self.assertEqual((document["file"], document["lastReload"]["ok"]), (self.fixture.config_path, True))
+        self.assertEqual(self.fixture.get("/nope")[0], 404)
+        for method in ["POST", "PUT", "DELETE"]:
+            self.assertEqual(self.fixture.get("/health", method)[0], 405)
+
+    def test_binds_loopback_by_default(self):
+        self.assertEqual(dip.parse_addr(dip.DEFAULT_ADDR), ("127.0.0.1", 5006))
+        self.assertEqual(dip.parse_addr("[::1]:7"), ("::1", 7))
+        with self.assertRaises(ValueError):
+            dip.parse_addr("5006")
+
+
+# --------------------------------------------------------------------------
+# Operating it: reload, audit, decision log, metrics, CLI, service
+# --------------------------------------------------------------------------
+
+def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MODULE), *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+class TestOperations(unittest.TestCase):
+    def setUp(self):
+        self.fixture = PluginFixture(ORIGINAL_CONFIG)
+        self.addCleanup(self.fixture.close)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.fixture.connect() as sock:
+            return json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", json.dumps(request).encode()))[2])
+
+    def test_reload_replaces_policy_or_keeps_it(self):
+        redis = pull("/v1.41/images/create?fromImage=redis&tag=7")
+        self.assertFalse(self.ask(redis)["Allow"])
+        self.fixture.write_config({"whitelist": ["^redis:"]})
+        self.assertTrue(self.fixture.plugin.reload())
+        self.assertTrue(self.ask(redis)["Allow"])
+        self.fixture.write_config({"whitelist": ["^redis:("]})
+        self.assertFalse(self.fixture.plugin.reload())
+        self.assertTrue(self.ask(redis)["Allow"])   # the running policy stays
+        error = f'{self.fixture.config_path}: "whitelist"[0]: invalid regular expression "^redis:(":' \
+                ' missing ), unterminated subpattern at position 7'
+        self.assertIn(f"reload failed, the running policy stays in force: {error}", self.fixture.log.getvalue())
+        document = json.loads(self.fixture.get("/config")[1])
+        self.assertEqual(document["lastReload"]["error"], error)
+        self.assertEqual(document["config"]["whitelist"], ["^redis:"])
+        metrics = self.fixture.get("/metrics")[1]
+        self.assertIn('docker_image_policy_reloads_total{outcome="success"} 2', metrics)
+        self.assertIn('docker_image_policy_reloads_total{outcome="failure"} 1', metrics)
+
+    def test_audit_mode_allows_and_logs_would_deny(self):
+        self.fixture.write_config(dict(ORIGINAL_CONFIG, mode="audit"))
+        self.fixture.plugin.reload()
+        answer = self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7"))
+        self.assertTrue(answer["Allow"])
+        line = self.fixture.log.getvalue().splitlines()[-1]
+        record = json.loads(line)
+        self.assertEqual({k: record[k] for k in ("decision", "mode", "operation", "image", "rule")},
+                         {"decision": "would-deny", "mode": "audit", "operation": "pull",
+                          "image": "docker.io/library/redis:7", "rule": "defaultAllow"})
+        self.assertIn('docker_image_policy_decisions_total{operation="pull",decision="would-deny"} 1',
+                      self.fixture.get("/metrics")[1])
+
+    def test_decision_log_has_no_secrets_and_skips_benign_calls(self):
+        secret_body = {"Image": "nginx:1", "Env": ["PASSWORD=hunter2"]}
+        self.ask(authz("POST", "/v1.41/containers/create", secret_body, User="alice", RequestHeaders={
+            "Content-Type": "application/json", "X-Registry-Auth": "c2VjcmV0"}))
+        self.ask(authz("GET", "/v1.41/containers/json"))
+        lines = [json.loads(line) for line in self.fixture.log.getvalue().splitlines()]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(set(lines[0]), {"time", "operation", "image", "decision", "rule", "reason", "mode", "user"})
+        self.assertEqual((lines[0]["user"], lines[0]["decision"]), ("alice", "allow"))
+        self.assertNotIn("hunter2", self.fixture.log.getvalue())
+        self.assertNotIn("c2VjcmV0", self.fixture.log.getvalue())
+        self.fixture.plugin.log.level = dip.LOG_LEVELS["debug"]
+        self.ask(authz("GET", "/v1.41/containers/json"))
+        self.assertEqual(json.loads(self.fixture.log.getvalue().splitlines()[-1])["operation"], "other")
+
+    def test_metrics(self):
+        self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7"))
+        self.ask(authz("GET", "/_ping"))
+        status, body, headers = self.fixture.get("/metrics")
+        self.assertTrue(headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        for line in ["# TYPE docker_image_policy_decisions_total counter",
+                     'docker_image_policy_decisions_total{operation="pull",decision="deny"} 1',
+                     'docker_image_policy_decisions_total{operation="other",decision="allow"} 1',
+                     'docker_image_policy_rules{list="whitelist"} 3',
+                     "# TYPE docker_image_policy_authz_request_seconds histogram",
+                     'docker_image_policy_authz_request_seconds_bucket{le="+Inf"} 2',
+                     "docker_image_policy_authz_request_seconds_count 2",
+                     "# TYPE docker_image_policy_last_reload_success_timestamp_seconds gauge"]:
+            self.assertIn(line + "\n", body)
+        for name in re.findall(r"^# TYPE (\S+)", body, re.M):
+            self.assertIn(f"# HELP {name} ", body)
+
+    def test_message_for_users(self):
+        self.fixture.write_config(dict(ORIGINAL_CONFIG, message="Approved images: https://wiki.example/images"))
+        self.fixture.plugin.reload()
+        self.assertEqual(self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7"))["Msg"],
+                         "pull of redis:7 denied: no whitelist rule matches and defaultAllow is false."
+                         " Approved images: https://wiki.example/images")
+
+    def test_check_command(self):
+        result = run_module("--config", self.fixture.config_path, "--check", "nginx:1.25", "docker.io/library/nginx:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("  canonical: docker.io/library/nginx:1.25\n  familiar:  nginx:1.25\n  decision:  allow\n"
+                      '  rule:      whitelist[0] "^nginx:"\n', result.stdout)
+        result = run_module("--config", self.fixture.config_path, "--check", "nginx:1", "ubuntu:22.04", "Bad")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn('ubuntu:22.04\n  canonical: docker.io/library/ubuntu:22.04\n  familiar:  ubuntu:22.04\n'
+                      '  decision:  deny\n  rule:      blacklist[0] "^ubuntu:"\n', result.stdout)
+        self.assertIn("Bad\n  decision:  deny\n  reason:    invalid reference 'Bad'", result.stdout)
+        self.fixture.write_config({"whitelist": ["("]})
+        result = run_module("--config", self.fixture.config_path, "--check", "nginx")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn('"whitelist"[0]: invalid regular expression "(":', result.stderr)
+
+    def test_validate_command(self):
+        self.fixture.write_config({"whitelist": ["^quay\\.io/", "nginx"], "blacklist": ["^quay\\.io/bad"]})
+        result = run_module("--config", self.fixture.config_path, "--validate")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.stdout.splitlines(), [
+            'warning: whitelist[1] "nginx": not anchored with ^, so it matches anywhere in an image name',
+            'warning: blacklist[0] "^quay\\\\.io/bad" is unreachable: whitelist[0] "^quay\\\\.io/" allows'
+            ' everything it matches first',
+            f"{self.fixture.config_path}: valid, 2 whitelist and 1 blacklist rules, mode enforce"])
+        self.fixture.write_config({"whitelist": [1]})
+        result = run_module("--config", self.fixture.config_path, "--validate")
+        self.assertEqual((result.returncode, result.stderr.strip()), (2, f'docker-image-policy: error:'
+                         f' {self.fixture.config_path}: "whitelist": must be a list of strings, not [1]'))
+
+    def test_daemon_refuses_bad_config_with_status_2(self):
+        self.fixture.write_config({"defaultAllow": "no"})
+        result = run_module("--config", self.fixture.config_path, "--socket", self.fixture.dir + "/x.sock")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, f'docker-image-policy: error: {self.fixture.config_path}:'
+                                        f' "defaultAllow": must be true or false, not "no"\n')
+        result = run_module("--config", self.fixture.dir + "/missing.json")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("missing.json: cannot read the configuration", result.stderr)
+
+    def test_daemon_signals_ready_reloads_and_stops(self):
+        directory = self.fixture.dir
+        notify_path = os.path.join(directory, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        self.addCleanup(notify.close)
+        sock = os.path.join(directory, "run", "plugins", "d.sock")   # the directory is created
+        process = subprocess.Popen([sys.executable, str(MODULE), "--config", self.fixture.config_path,
+                                    "--socket", sock, "--addr", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, NOTIFY_SOCKET=notify_path))
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.kill)
+        self.assertEqual(notify.recv(100), b"READY=1")
+        self.assertTrue(stat.S_ISSOCK(os.stat(sock).st_mode))
+        self.fixture.write_config({"whitelist": ["^redis:"]})
+        process.send_signal(signal.SIGHUP)
+        self.assertEqual((notify.recv(100), notify.recv(100)), (b"RELOADING=1", b"READY=1"))
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(20), 0)
+        self.assertFalse(os.path.exists(sock))
+        log = process.stderr.read()
+        self.assertIn("reloaded", log)
+        self.assertIn("stopped on SIGTERM", log)
+
+    def test_service_unit(self):
+        unit = (HERE / "docker-image-policy.service").read_text()
+        for line in ["ExecStart=/usr/bin/python3 /usr/local/bin/docker_image_policy.py"
+                     " --config /etc/docker/docker-image-policy.json", "Before=docker.service", "Type=notify",
+                     "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always", "NoNewPrivileges=yes",
+                     "ProtectSystem=strict", "ReadWritePaths=/run/docker/plugins", "ProtectHome=yes",
+                     "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]:
+            self.assertIn(line + "\n", unit)
+        if not shutil.which("systemd-analyze"):
+            self.skipTest("systemd-analyze is not installed")
+        result = subprocess.run(["systemd-analyze", "verify", str(HERE / "docker-image-policy.service")],
+                                capture_output=True, text=True)
+        problems = [line for line in result.stderr.splitlines() if "docker-image-policy.service" in line
+                    and "docker_image_policy.py" not in line]
+        self.assertEqual(problems, [])
+
+    def test_example_config_is_valid(self):
+        result = run_module("--config", str(HERE / "docker-image-policy.json"), "--validate")
+        self.assertEqual(result.returncode, 0, result.stderr)
