@@ -530,7 +530,7 @@ IMAGE_ROUTES = MappingProxyType({
 })
 IMAGE_ROUTE_PATTERNS = (
     (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), "tag"),
-    (re.compile(r"/services/[^/]+/update", re.I), "service"),
+    (re.compile(r"/services/.+/update", re.I | re.S), "service"),
     (re.compile(r"/plugins/.+/upgrade", re.I | re.S), "plugin-pull"),
 )
 OPERATION_NAMES = MappingProxyType({"images-create": "pull or import", "plugin-pull": "plugin install"})

@@ -851,3 +851,208 @@ class TestOperations(unittest.TestCase):
     def test_example_config_is_valid(self):
         result = run_module("--config", str(HERE / "docker-image-policy.json"), "--validate")
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+# --------------------------------------------------------------------------
+# Reliability: bad input, load with reloads
+# --------------------------------------------------------------------------
+
+IMAGE_TARGETS = [
+    "/v1.41/images/create?fromImage={image}&tag={tag}", "/images/create?fromImage={image}",
+    "/v1.41/images%2Fcreate?fromImage={image}&tag={tag}", "http://d/v1.24/images/create?tag={tag}&fromImage={image}",
+    "/v1.41/containers/create?name={tag}", "/v1.41/services/create", "/v1.41/services/{name}/update",
+    "/v1.41/plugins/pull?remote={image}", "/v1.41/images/{image}/tag?repo={image}&tag={tag}",
+    "/v1.41/images/load", "/v1.41/build?t={image}", "/session", "/v1.41/commit?container=c&repo={image}",
+    "/v1.41/images/create?fromSrc=-&repo={image}", "/v1.41/plugins/create?name={tag}",
+]
+BENIGN_TARGETS = ["/v1.41/containers/json?all=1", "/_ping", "/v1.41/containers/{name}/start", "/v1.41/info"]
+
+
+def fuzz_request(rng: random.Random) -> tuple[bytes, bool]:
+    """A mutated AuthZReq body, and whether an allow would be a policy breach."""
+    image = rng.choice(["redis", "redis:7", "Redis", "evil%2Fimg", "a" * 300, "", "%zz", "docker.io/x/y@sha256:1",
+                        "localhost:5000/nope/app", "sha256:" + "c" * 64, "abc", "\u212a", "x&fromImage=y"])
+    tag = rng.choice(["1", "", "latest", "bad:tag", "%00", "\u017f", "1#", "1;2", DIGEST])
+    image_route = rng.random() < 0.7
+    template = rng.choice(IMAGE_TARGETS if image_route else BENIGN_TARGETS)
+    if template.startswith("/v1.41/images/{image}/tag"):
+        image = image or "redis"   # images//tag is cleaned to images/tag, no route: dockerd redirects it
+    target = template.format(image=image, tag=tag, name=rng.choice(["abc", "x%2Fy", "\u017f", "1"]))
+    method = "POST" if image_route else rng.choice(["GET", "POST", "HEAD", "DELETE"])
+    body: Any = rng.choice([
+        None, {"Image": image}, {"image": [image]}, {"Image": None}, {"TaskTemplate": {"ContainerSpec": 7}},
+        {"TaskTemplate": {"ContainerSpec": {"Image": image + ":" + tag}}}, [image], "x" * rng.randint(0, 3000),
+        {"a": [[[[[[]]]]]] * 100}, {"Image": {"nested": image}},
+    ])
+    request: dict[str, Any] = {"RequestMethod": method, "RequestUri": target, "RequestHeaders": rng.choice([
+        {}, {"Content-Type": "application/json"}, {"Content-Type": "application/x-www-form-urlencoded"},
+        {"content-type": "text/plain", "Content-Length": "0"}, {"Content-Length": "12"}, "headers", [1]])}
+    if body is not None:
+        request["RequestBody"] = base64.b64encode(json.dumps(body).encode()).decode()
+    mutation = rng.randrange(12)
+    if mutation == 0:
+        request["RequestBody"] = rng.choice(["!!!", 5, None, [1], "YWJj="])
+    elif mutation == 1:
+        request[rng.choice(["RequestMethod", "RequestUri"])] = rng.choice([None, 5, [], {}, "", "\x00"])
+    elif mutation == 2:
+        del request[rng.choice(["RequestMethod", "RequestUri"])]
+    elif mutation == 3:
+        request["RequestUri"] = "".join(chr(rng.randrange(1, 0x3000)) for _ in range(rng.randint(0, 40)))
+    elif mutation == 4:
+        request["RequestBody"] = base64.b64encode(bytes(rng.randrange(256) for _ in range(100))).decode()
+    raw = json.dumps(request).encode()
+    if mutation in (5, 6):   # corrupt the JSON text itself
+        raw = bytearray(raw)
+        for _ in range(rng.randint(1, 5)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        raw = bytes(raw)
+    elif mutation == 7:
+        raw = raw[: rng.randrange(len(raw))]
+    elif mutation == 8:
+        raw = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw, True   # unparseable: must be denied
+    if not isinstance(parsed, dict):
+        return raw, True
+    method = parsed.get("RequestMethod")
+    benign_method = isinstance(method, str) and method.upper() != "POST"   # no image route takes another method
+    return raw, image_route and parsed.get("RequestUri") == target and not benign_method
+
+
+def raw_garbage(rng: random.Random) -> bytes:
+    return rng.choice([
+        bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))),
+        b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"Req",   # truncated body
+        b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Le",                          # truncated headers
+        b"BREW /AuthZPlugin.AuthZReq HTTP/1.1\r\n\r\n", b"POST * HTTP/9.9\r\n\r\n", b"\r\n\r\n",
+        b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    ])
+
+
+class TestReliability(unittest.TestCase):
+    scale = 10 if LONG else 1
+
+    def test_fuzzed_requests_never_crash_hang_or_allow(self):
+        fixture = PluginFixture({"whitelist": ["^localhost:5000/ok/"], "defaultAllow": False})
+        self.addCleanup(fixture.close)
+        rng = random.Random(7)
+        counts = {"allowed": 0, "denied": 0, "errors": 0, "garbage": 0}
+        sock = fixture.connect()
+        self.addCleanup(lambda: sock.close())
+        for number in range(20_000 * self.scale):
+            if number % 50 == 49:   # raw garbage on its own connection, then close it
+                with fixture.connect() as bad:
+                    bad.settimeout(5)
+                    bad.sendall(raw_garbage(rng))
+                    bad.shutdown(socket.SHUT_WR)
+                    while bad.recv(65536):
+                        pass   # the plugin answers or closes; it never hangs
+                counts["garbage"] += 1
+                continue
+            raw, breach_if_allowed = fuzz_request(rng)
+            method = rng.choice(["POST"] * 20 + ["GET", "PUT"])
+            try:
+                status, headers, body = exchange(sock, (post("/AuthZPlugin.AuthZReq", raw)).replace(b"POST", method.encode(), 1))
+            except (ConnectionError, http.client.HTTPException):
+                sock.close()
+                sock = fixture.connect()
+                continue
+            answer = json.loads(body)   # always well-formed JSON
+            if status != 200:
+                self.assertIn("Err", answer)
+                counts["errors"] += 1
+                if headers.get("connection") == "close":
+                    sock.close()
+                    sock = fixture.connect()
+                continue
+            if answer["Allow"]:
+                counts["allowed"] += 1
+                self.assertFalse(breach_if_allowed, raw[:300])
+            else:
+                counts["denied"] += 1
+                self.assertTrue(answer["Msg"])
+        sock.close()
+        self.assertGreater(counts["denied"], 5000 * self.scale)
+        self.assertGreater(counts["allowed"], 500 * self.scale)
+        with fixture.connect() as sock:   # still answers correctly
+            for image, allow in [("localhost:5000/ok/app", True), ("redis", False)]:
+                request = json.dumps(pull(f"/v1.41/images/create?fromImage={image}&tag=1")).encode()
+                self.assertIs(json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])["Allow"], allow)
+
+    def test_soak_with_reloads(self):
+        directory = tempfile.mkdtemp(prefix="dip")
+        self.addCleanup(shutil.rmtree, directory)
+        config = Path(directory, "policy.json")
+        policies = [{"whitelist": ["^nginx:"], "message": "policy A"}, {"whitelist": ["^redis:"], "message": "policy B"}]
+        config.write_text(json.dumps(policies[0]))
+        sock_path = os.path.join(directory, "p.sock")
+        process = subprocess.Popen([sys.executable, str(MODULE), "--config", str(config), "--socket", sock_path,
+                                    "--addr", "127.0.0.1:0"], stderr=subprocess.DEVNULL)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.terminate)
+        wait_for(lambda: os.path.exists(sock_path), "the plugin socket")
+        requests = [pull("/v1.41/images/create?fromImage=nginx&tag=1"), pull("/v1.41/images/create?fromImage=redis&tag=1"),
+                    authz("POST", "/v1.41/containers/create", {"Image": "nginx:2"}),
+                    authz("POST", "/v1.41/containers/create", {"Image": "redis:2"}), authz("GET", "/_ping")]
+        expected = []
+        for request in requests:   # each request's answer under either policy
+            answers = set()
+            for policy in policies:
+                decision = dip.decide(policy_of(policy), request, no_resolver)
+                answers.add((decision.allow, "" if decision.allow else decision.message(policy_of(policy))))
+            expected.append(answers)
+        bodies = [post("/AuthZPlugin.AuthZReq", json.dumps(r).encode()) for r in requests]
+        errors: list[str] = []
+        per_connection = 2500 * self.scale
+
+        def client() -> None:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(30)
+                sock.connect(sock_path)
+                for number in range(per_connection):
+                    index = number % len(bodies)
+                    status, _, body = exchange(sock, bodies[index])
+                    answer = json.loads(body)
+                    if status != 200 or (answer["Allow"], answer["Msg"]) not in expected[index]:
+                        errors.append(f"{status} {answer}")
+
+        def rss() -> int:
+            return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())[1])
+
+        stop = threading.Event()
+        reloads = 0
+
+        def reloader() -> None:
+            nonlocal reloads
+            while not stop.is_set():
+                config.write_text(json.dumps(policies[reloads % 2]))
+                process.send_signal(signal.SIGHUP)
+                reloads += 1
+                time.sleep(0.01)
+
+        memory = []
+        for round_ in range(2):
+            threads = [threading.Thread(target=client) for _ in range(4)]
+            stop.clear()
+            reload_thread = threading.Thread(target=reloader)
+            for thread in threads + [reload_thread]:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            stop.set()
+            reload_thread.join()
+            memory.append(rss())
+        self.assertEqual(errors, [])
+        self.assertGreater(reloads, 50)
+        self.assertLess(memory[1] - memory[0], 4096, f"RSS grew from {memory[0]} kB to {memory[1]} kB")
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
