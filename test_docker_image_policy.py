@@ -1056,3 +1056,414 @@ def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------
+# End to end: real registry, real dockerd engines, real docker CLIs
+# --------------------------------------------------------------------------
+
+ENGINE_CACHE = Path(os.environ.get("DOCKER_IMAGE_POLICY_ENGINE_CACHE", "/var/cache/docker-image-policy-tests"))
+CLIS = [cli for cli in ("/usr/bin/docker", "/usr/local/bin/docker") if os.access(cli, os.X_OK)]
+
+
+class Missing(Exception):
+    """Something the end-to-end suite needs is not on this machine."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sid_engine() -> Path:
+    """Engine 28.5 from Debian sid, unpacked into a private directory (once)."""
+    root = ENGINE_CACHE / "sid"
+    if (root / "usr/sbin/dockerd").exists():
+        return root
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if not sources.exists() or not shutil.which("apt-get") or not shutil.which("dpkg"):
+        raise Missing(f"engine 28.5 needs apt-get, dpkg and {sources}")
+    # The machine's own Debian archive, with its suite switched to sid.
+    stanzas = [stanza for stanza in sources.read_text().split("\n\n")
+               if re.search(r"^URIs:\s*\S+/debian/?\s*$", stanza, re.M)]
+    if not stanzas:
+        raise Missing(f"no Debian archive in {sources}")
+    work = Path(tempfile.mkdtemp(prefix="dip-sid-"))
+    try:
+        (work / "sources").mkdir()
+        (work / "sources/sid.sources").write_text(
+            "\n\n".join(re.sub(r"^Suites:.*$", "Suites: sid", stanza, flags=re.M) for stanza in stanzas) + "\n")
+        (work / "lists/partial").mkdir(parents=True)
+        (work / "cache/archives/partial").mkdir(parents=True)
+        options = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={work}/sources",
+                   "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::Cache={work}/cache",
+                   "-o", "APT::Sandbox::User=root"]
+        for command in (["apt-get", *options, "update"], ["apt-get", *options, "download", "docker.io", "containerd"]):
+            result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+            if result.returncode:
+                raise Missing(f"{' '.join(command[:1] + command[-3:])} failed: {result.stderr[-500:]}")
+        unpacked = work / "root"
+        for deb in work.glob("*.deb"):
+            subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True)
+        ENGINE_CACHE.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(unpacked), str(root))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return root
+
+
+class EndToEnd:
+    """The same tests against one engine; subclasses say which."""
+
+    engine = ""
+    test_policy: dict[str, Any]
+
+    # ---- fixture ---------------------------------------------------------
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        try:
+            cls.require()
+        except Missing as missing:
+            if REQUIRE_E2E:
+                raise AssertionError(f"end-to-end suite required but cannot run: {missing}") from None
+            raise unittest.SkipTest(f"end-to-end ({cls.engine}): {missing}") from None
+        cls.dir = Path(tempfile.mkdtemp(prefix="dip-e2e-"))
+        cls.addClassCleanup(shutil.rmtree, cls.dir, ignore_errors=True)
+        cls.processes: list[subprocess.Popen] = []
+        cls.addClassCleanup(cls.stop_all)
+        cls.start_registry()
+        cls.name = f"dip-test-{os.getpid()}-{cls.engine.replace('.', '')}"
+        cls.plugin_socket = Path(f"/run/docker/plugins/{cls.name}.sock")
+        cls.docker_socket = cls.dir / "docker.sock"
+        cls.config = cls.dir / "policy.json"
+        cls.config.write_text(json.dumps({"defaultAllow": True}))   # seeding needs imports and pushes
+        cls.start_plugin()
+        cls.start_dockerd()
+        cls.seed()
+        cls.test_policy = {
+            "whitelist": [f"^{re.escape(cls.registry)}/allowed/", "^nginx:"],
+            "blacklist": ["^redis:"], "defaultAllow": False,
+            "message": "Ask the platform team for approved images.",
+        }
+        cls.apply_policy(cls.test_policy)
+
+    @classmethod
+    def require(cls) -> None:
+        if os.geteuid() != 0:
+            raise Missing("needs root (dockerd and /run/docker/plugins)")
+        for tool in ("docker-registry", "busybox"):
+            if not shutil.which(tool):
+                raise Missing(f"{tool} is not installed (apt-get install docker.io docker-registry busybox-static)")
+        if not CLIS:
+            raise Missing("no docker CLI")
+        cls.dockerd, cls.path = cls.find_engine()
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for process in reversed(cls.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for mount in (cls.dir / "exec", cls.dir / "data"):
+            subprocess.run(["umount", "-R", str(mount)], capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            cls.plugin_socket.unlink()
+
+    @classmethod
+    def spawn(cls, command: list[str], log: str, **kwargs: Any) -> subprocess.Popen:
+        with open(cls.dir / log, "ab") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, **kwargs)
+        cls.processes.append(process)
+        return process
+
+    @classmethod
+    def start_registry(cls) -> None:
+        port = free_port()
+        cls.registry = f"localhost:{port}"
+        (cls.dir / "registry.yml").write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {cls.dir}/registry\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n")
+        cls.spawn(["docker-registry", "serve", str(cls.dir / "registry.yml")], "registry.log")
+
+        def up() -> bool:
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            return False
+        wait_for(up, "the registry")
+
+    @classmethod
+    def start_plugin(cls) -> None:
+        cls.admin_port = free_port()
+        cls.plugin = cls.spawn([sys.executable, str(MODULE), "--config", str(cls.config), "--socket",
+                                str(cls.plugin_socket), "--addr", f"127.0.0.1:{cls.admin_port}",
+                                "--docker-host", f"unix://{cls.docker_socket}"], "plugin.log")
+        wait_for(lambda: cls.admin_get("/health") == "HEALTHY", "the plugin")
+
+    @classmethod
+    def admin_get(cls, path: str) -> str:
+        connection = http.client.HTTPConnection("127.0.0.1", cls.admin_port, timeout=5)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read().decode()
+        except OSError:
+            return ""
+        finally:
+            connection.close()
+
+    @classmethod
+    def start_dockerd(cls) -> None:
+        env = dict(os.environ, PATH=cls.path)
+        cls.spawn([cls.dockerd, "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
+                   "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
+                   "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
+                   f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
+        wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
+
+    @classmethod
+    def docker(cls, cli: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        environment = dict(os.environ, DOCKER_CONFIG=str(cls.dir / "cli"), DOCKER_BUILDKIT="0", **(env or {}))
+        return subprocess.run([cli, "-H", f"unix://{cls.docker_socket}", *args], capture_output=True, text=True,
+                              timeout=120, env=environment)
+
+    @classmethod
+    def docker_ok(cls, *args: str) -> str:
+        result = cls.docker(CLIS[0], *args)
+        if result.returncode:
+            raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr}")
+        return result.stdout.strip()
+
+    @classmethod
+    def seed(cls) -> None:
+        rootfs = cls.dir / "rootfs"
+        (rootfs / "bin").mkdir(parents=True)
+        shutil.copy(shutil.which("busybox"), rootfs / "bin/busybox")
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(cls.dir / "busybox.tar"), "bin"], check=True)
+        for name in ("allowed", "denied"):
+            cls.docker_ok("import", str(cls.dir / "busybox.tar"), f"{cls.registry}/{name}/busybox:1")
+            cls.docker_ok("push", f"{cls.registry}/{name}/busybox:1")
+        # An image present before the policy, under a name the policy refuses.
+        cls.docker_ok("tag", f"{cls.registry}/denied/busybox:1", "smuggled:1")
+        cls.docker_ok("save", "-o", str(cls.dir / "denied.tar"), f"{cls.registry}/denied/busybox:1")
+        cls.docker_ok("rmi", f"{cls.registry}/allowed/busybox:1", f"{cls.registry}/denied/busybox:1")
+        (cls.dir / "context").mkdir()
+        (cls.dir / "context/Dockerfile").write_text(f"FROM {cls.registry}/allowed/busybox:1\n")
+
+    @classmethod
+    def apply_policy(cls, policy: dict[str, Any]) -> None:
+        """Write a policy and reload it with SIGHUP, without restarting dockerd."""
+        cls.config.write_text(json.dumps(policy))
+
+        def reloads() -> int:
+            return int(re.search(r'reloads_total\{outcome="success"\} (\d+)', cls.admin_get("/metrics"))[1])
+        before = reloads()
+        cls.plugin.send_signal(signal.SIGHUP)
+        wait_for(lambda: reloads() > before, "the reload")
+        assert json.loads(cls.admin_get("/config"))["config"]["whitelist"] == policy.get("whitelist", [])
+
+    # ---- helpers ---------------------------------------------------------
+
+    def denied(self, result: subprocess.CompletedProcess, message: str) -> None:
+        self.assertNotEqual(result.returncode, 0, result.stdout)
+        self.assertIn(f"authorization denied by plugin {self.name}: {message}", result.stderr)
+
+    def api(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+            chunked: bool = False) -> tuple[int, str]:
+        """A raw request on dockerd's socket; dockerd may answer before reading all of the body."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n"
+        head += "".join(f"{key}: {value}\r\n" for key, value in (headers or {}).items())
+        if chunked:
+            head += "Transfer-Encoding: chunked\r\n"
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+        else:
+            head += f"Content-Length: {len(body)}\r\n"
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(60)
+            sock.connect(str(self.docker_socket))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(head.encode() + b"\r\n" + body)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            return response.status, response.read().decode()
+
+    def image_present(self, image: str) -> bool:
+        return self.docker(CLIS[0], "image", "inspect", image).returncode == 0
+
+    def remove(self, *images: str) -> None:
+        for image in images:
+            self.docker(CLIS[0], "rmi", "-f", image)
+
+    # ---- tests -------------------------------------------------------------
+
+    def test_allowed_pull_runs_with_every_cli(self):
+        image = f"{self.registry}/allowed/busybox:1"
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.remove(image)
+                result = self.docker(cli, "pull", image)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                result = self.docker(cli, "run", "--rm", "--network", "none", image, "busybox", "echo", "ran " + cli)
+                self.assertEqual((result.returncode, result.stdout), (0, f"ran {cli}\n"), result.stderr)
+
+    def test_refused_pull_says_why(self):
+        for cli in CLIS:
+            with self.subTest(cli):
+                result = self.docker(cli, "pull", f"{self.registry}/denied/busybox:1")
+                self.denied(result, f"pull of {self.registry}/denied/busybox:1 denied: no whitelist rule matches"
+                                    " and defaultAllow is false. Ask the platform team for approved images.")
+                self.assertFalse(self.image_present(f"{self.registry}/denied/busybox:1"))
+
+    def test_familiar_rules_hold_for_old_and_new_clis(self):
+        # CLI 20.10 sends "redis", CLI 28 "docker.io/library/redis": the same rule decides.
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.denied(self.docker(cli, "pull", "redis:7"), 'pull of redis:7 denied: blacklist rule "^redis:"')
+                result = self.docker(cli, "pull", "nginx:no-such-tag-here")   # allowed; the Hub is not reachable
+                self.assertNotEqual(result.returncode, 0)
+                self.assertNotIn("authorization denied", result.stderr)
+
+    def test_benign_commands_work(self):
+        for cli in CLIS:
+            for command in (["ps", "-a"], ["images"], ["info"], ["version"]):
+                with self.subTest(cli=cli, command=command):
+                    result = self.docker(cli, *command)
+                    self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_opaque_operations_are_refused(self):
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        container = self.docker_ok("create", "--network", "none", allowed, "busybox", "true")
+        self.addCleanup(self.docker, CLIS[0], "rm", "-f", container)
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.denied(self.docker(cli, "load", "-i", str(self.dir / "denied.tar")),
+                            "load denied: 'allowLoad' is not set and defaultAllow is false")
+                self.denied(self.docker(cli, "import", str(self.dir / "busybox.tar"), "imported:1"),
+                            "import denied: 'allowImport'")
+                self.denied(self.docker(cli, "build", "-t", "built:1", str(self.dir / "context")),
+                            "build denied: 'allowBuild'")
+                self.denied(self.docker(cli, "commit", container, "committed:1"), "commit denied: 'allowCommit'")
+        for image in ("imported:1", "built:1", "committed:1"):
+            self.assertFalse(self.image_present(image), image)
+
+    def test_images_present_before_the_policy_cannot_run(self):
+        image_id = self.docker_ok("image", "inspect", "--format", "{{.Id}}", "smuggled:1")
+        for cli in CLIS:
+            with self.subTest(cli):
+                args = ["run", "--rm", "--network", "none"]
+                self.denied(self.docker(cli, *args, "smuggled:1", "busybox", "true"),
+                            "run of smuggled:1 denied: no whitelist rule matches")
+                for reference in (image_id, image_id[len("sha256:"):][:12]):
+                    self.denied(self.docker(cli, *args, reference, "busybox", "true"),
+                                f"run of {reference} denied: none of its names is allowed")
+                self.denied(self.docker(cli, "tag", "smuggled:1", f"{self.registry}/allowed/smuggled:1"),
+                            "tag of smuggled:1 denied")
+        self.assertFalse(self.image_present(f"{self.registry}/allowed/smuggled:1"))
+
+    def test_crafted_api_requests_are_refused(self):
+        denied = f"{self.registry}/denied/busybox"
+        status, text = self.api("POST", f"/v1.41/images%2Fcreate?fromImage={denied}&tag=1")
+        self.assertEqual(status, 403, text)
+        self.assertIn(f"pull of {denied}:1 denied", text)
+        status, text = self.api("POST", f"/v1.41/images/create?fromImage={self.registry}/allowed/busybox&tag=1",
+                                body=f"fromImage={denied}&tag=1".encode(),
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 403, text)
+        self.assertIn("form-encoded body", text)
+        self.assertFalse(self.image_present(f"{denied}:1"))
+        # Over 1 MiB, or chunked: depending on the engine and its CVE-2024-41110 and
+        # CVE-2026-34040 fixes, dockerd forwards the body or withholds it; refused either way.
+        for padding, chunked in [(1536 * 1024, False), (0, True)]:
+            body = json.dumps({"Image": "smuggled:1", "Cmd": ["busybox", "true"],
+                               "Labels": {"padding": "x" * padding}}).encode()
+            with self.subTest(size=len(body), chunked=chunked):
+                status, text = self.api("POST", "/v1.41/containers/create", body=body,
+                                        headers={"Content-Type": "application/json"}, chunked=chunked)
+                self.assertEqual(status, 403, text)
+                self.assertRegex(text, "run (of smuggled:1 )?denied: (no whitelist rule matches|dockerd did not forward)")
+        # Over 4 MiB no engine forwards the body: even an allowed image is not created.
+        body = json.dumps({"Image": f"{self.registry}/allowed/busybox:1", "Cmd": ["busybox", "true"],
+                           "Labels": {"padding": "x" * (5 * 1024 * 1024)}}).encode()
+        status, text = self.api("POST", "/v1.41/containers/create", body=body,
+                                headers={"Content-Type": "application/json"})
+        self.assertGreaterEqual(status, 400, text)
+        if status == 403:
+            self.assertIn("run denied: dockerd did not forward the request body", text)
+
+    def test_reload_and_audit_without_restarting_dockerd(self):
+        image = f"{self.registry}/denied/busybox:1"
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.addCleanup(self.remove, image)
+        self.apply_policy(dict(self.test_policy, whitelist=self.test_policy["whitelist"] + ["/denied/"]))
+        self.assertEqual(self.docker(CLIS[-1], "pull", image).returncode, 0)
+        self.remove(image)
+        self.apply_policy(dict(self.test_policy, mode="audit"))
+        self.assertEqual(self.docker(CLIS[0], "pull", image).returncode, 0)
+        records = [json.loads(line) for line in (self.dir / "plugin.log").read_text().splitlines()
+                   if line.startswith("{")]
+        self.assertIn({"decision": "would-deny", "mode": "audit", "operation": "pull",
+                       "image": f"{image}"}, [{k: r[k] for k in ("decision", "mode", "operation", "image")}
+                                                for r in records])
+        self.remove(image)
+        self.apply_policy(self.test_policy)
+        self.denied(self.docker(CLIS[0], "pull", image), f"pull of {image} denied")
+
+    def test_zz_restart_plugin_under_running_dockerd(self):
+        cls = type(self)
+        cls.plugin.kill()   # leaves its socket behind, as a crash would
+        cls.plugin.wait()
+        self.assertTrue(cls.plugin_socket.exists())
+        image = f"{self.registry}/denied/busybox:1"
+        results: dict[str, subprocess.CompletedProcess] = {}
+        calls = [threading.Thread(target=lambda: results.update(pull=self.docker(CLIS[0], "pull", image))),
+                 threading.Thread(target=lambda: results.update(ps=self.docker(CLIS[-1], "ps")))]
+        for call in calls:
+            call.start()
+        time.sleep(3)
+        self.assertEqual(results, {})   # dockerd holds the calls while the plugin is gone
+        cls.start_plugin()              # over the stale socket
+        cls.apply_policy(self.test_policy)
+        for call in calls:
+            call.join(120)
+        self.assertNotEqual(results["pull"].returncode, 0)
+        self.assertFalse(self.image_present(image))
+        self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)
+        self.assertEqual(self.docker(CLIS[-1], "pull", f"{self.registry}/allowed/busybox:1").returncode, 0)
+
+
+class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
+    """Debian bookworm's docker.io (Engine 20.10)."""
+
+    engine = "20.10"
+
+    @classmethod
+    def find_engine(cls) -> tuple[str, str]:
+        dockerd = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin")
+        if not dockerd:
+            raise Missing("dockerd is not installed (apt-get install docker.io)")
+        return dockerd, os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+class TestEndToEndEngine28(EndToEnd, unittest.TestCase):
+    """Debian sid's docker.io and containerd (Engine 28.5), run with bookworm's runc."""
+
+    engine = "28.5"
+
+    @classmethod
+    def find_engine(cls) -> tuple[str, str]:
+        if not shutil.which("runc", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+            raise Missing("runc is not installed (apt-get install docker.io)")
+        root = sid_engine()
+        return str(root / "usr/sbin/dockerd"), f"{root}/usr/bin:{root}/usr/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["benchmark"]:
+        sys.exit(benchmark(sys.argv[2:]))
+    unittest.main()
