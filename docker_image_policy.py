@@ -72,10 +72,12 @@ MAX_HEADERS = 100
 # dockerd keeps idle plugin connections open and retries a closed one, so a
 # long idle timeout only frees threads held by stalled or vanished clients.
 IDLE_TIMEOUT = 60.0
-# Allowed decisions are remembered per request body (docker ps, health
-# checks and CI steps repeat the same calls); bounded in size and count.
+# Decisions are remembered per request body, for the running policy only
+# (docker ps, health checks and CI steps repeat the same calls); bounded.
 CACHE_BODY_MAX = 4096
-CACHE_ENTRIES = 4096
+CACHE_ENTRIES = 1024
+# Decision lines reach stderr within this many seconds, in batches.
+LOG_FLUSH_INTERVAL = 0.2
 # Image inspection runs while dockerd waits for our answer: keep it short.
 DOCKER_API_TIMEOUT = 3.0
 
@@ -168,17 +170,15 @@ class Reference:
             return self.path[len("library/"):]
         return self.path
 
-    def _suffix(self) -> str:
+    canonical: str = dataclasses.field(init=False, compare=False)
+    familiar: str = dataclasses.field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: every rule is matched against both forms.
         tag = self.tag if self.tag is not None or self.digest else "latest"
-        return (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
-
-    @functools.cached_property
-    def canonical(self) -> str:
-        return self.repository + self._suffix()
-
-    @functools.cached_property
-    def familiar(self) -> str:
-        return self.familiar_repository + self._suffix()
+        suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
+        object.__setattr__(self, "canonical", self.repository + suffix)
+        object.__setattr__(self, "familiar", self.familiar_repository + suffix)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -488,14 +488,14 @@ class Decision:
     rule: str = ""
     reason: str = ""
     user: str = ""       # the TLS client user dockerd reports, if any
+    log_fields: str = dataclasses.field(init=False, compare=False, repr=False)
 
-    @functools.cached_property
-    def log_fields(self) -> str:
-        """The decision log's fields that do not change between requests."""
+    def __post_init__(self) -> None:
+        # The decision log's fields, rendered once: a remembered decision is logged again and again.
         fields = {"operation": self.operation, "image": self.image, "rule": self.rule, "reason": self.reason}
         if self.user:
             fields["user"] = self.user
-        return json.dumps(fields)[1:]
+        object.__setattr__(self, "log_fields", json.dumps(fields)[1:])
 
     def message(self, policy: Policy | None) -> str:
         what = f"{self.operation} of {self.familiar}" if self.familiar else self.operation
@@ -538,6 +538,8 @@ OPERATION_NAMES = MappingProxyType({"images-create": "pull or import", "plugin-p
 
 def _unescape(text: str, plus_is_space: bool) -> str:
     """Go's url unescaping: a bad %-escape or invalid UTF-8 is an error."""
+    if "%" not in text and not (plus_is_space and "+" in text):
+        return text
     if plus_is_space:
         text = text.replace("+", " ")
     if "%" in text and re.search(r"%(?![0-9A-Fa-f]{2})", text):
@@ -870,18 +872,40 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.
 
 
 class Log:
-    """One line per event on stderr, for journald; decisions as JSON objects."""
+    """One line per event on stderr, for journald; decisions as JSON objects.
+
+    Once buffer() is called, decision lines are written in batches by a
+    background thread: a write on the request path would hand the GIL to
+    another thread in the middle of every image decision.
+    """
 
     def __init__(self, level: str = "info", stream: Any = None) -> None:
         self.level = LOG_LEVELS[level]
         self.stream = stream
         self.lock = threading.Lock()
+        self.pending: list[str] | None = None
+
+    def buffer(self, interval: float) -> None:
+        self.pending = []
+
+        def flush_periodically() -> None:
+            while True:
+                time.sleep(interval)
+                self.write("")
+        threading.Thread(target=flush_periodically, name="log-flush", daemon=True).start()
 
     def write(self, line: str) -> None:
+        """Write line (if any) after the pending decision lines."""
         stream = self.stream or sys.stderr
         with self.lock:
-            stream.write(line + "\n")
-            stream.flush()
+            text = "".join(self.pending) if self.pending else ""
+            if self.pending:
+                self.pending.clear()
+            if line:
+                text += line + "\n"
+            if text:
+                stream.write(text)
+                stream.flush()
 
     def event(self, level: str, text: str) -> None:
         if LOG_LEVELS[level] >= self.level:
@@ -889,8 +913,13 @@ class Log:
 
     def decision(self, decision: Decision, outcome: str, mode: str) -> None:
         """One JSON object per decision; never bodies, environment or credentials."""
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.write(f'{{"time": "{now}", "decision": "{outcome}", "mode": "{mode}", {decision.log_fields}')
+        now = _now()
+        line = f'{{"time": "{now}", "decision": "{outcome}", "mode": "{mode}", {decision.log_fields}'
+        if self.pending is None:
+            self.write(line)
+            return
+        with self.lock:
+            self.pending.append(line + "\n")
 
 
 class Metrics:
@@ -995,27 +1024,28 @@ class Plugin:
     def authorize(self, body: bytes) -> bytes:
         """Answer one AuthZReq body with a complete HTTP response."""
         started = time.perf_counter()
-        policy, allowed = self.current
-        decision = allowed.get(body)
-        if decision is None:
+        policy, remembered = self.current
+        answer = remembered.get(body)
+        if answer is None:
             decision, cacheable = self.decide(policy, body)
+            if decision.allow:
+                answer = (decision, "allow", ALLOW_RESPONSE)
+            elif policy.audit:
+                answer = (decision, "would-deny", ALLOW_RESPONSE)
+            else:
+                answer = (decision, "deny",
+                          _plugin_response({"Allow": False, "Msg": decision.message(policy), "Err": ""}))
             # The same request under the same policy gets the same answer,
-            # unless dockerd had to be asked what an image ID is. Denials are
-            # rare and always evaluated afresh.
-            if decision.allow and cacheable and len(body) <= CACHE_BODY_MAX:
-                if len(allowed) >= CACHE_ENTRIES:
-                    allowed.clear()
-                allowed[body] = decision
-        if decision.allow:
-            outcome = "allow"
-        else:
-            outcome = "would-deny" if policy.audit else "deny"
+            # unless dockerd had to be asked what an image ID is.
+            if cacheable and len(body) <= CACHE_BODY_MAX:
+                if len(remembered) >= CACHE_ENTRIES:
+                    remembered.clear()
+                remembered[body] = answer
+        decision, outcome, response = answer
         if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
             self.log.decision(decision, outcome, policy.settings["mode"])
         self.metrics.count(decision.operation, outcome, time.perf_counter() - started)
-        if outcome == "deny":
-            return _plugin_response({"Allow": False, "Msg": decision.message(policy), "Err": ""})
-        return ALLOW_RESPONSE
+        return response
 
     def decide(self, policy: Policy, body: bytes) -> tuple[Decision, bool]:
         """The decision for an AuthZReq body, and whether it may be reused."""
@@ -1047,7 +1077,12 @@ class Plugin:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return _format_time(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _format_time(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 # --------------------------------------------------------------------------
@@ -1099,18 +1134,21 @@ class PluginHandler(BaseHTTPRequestHandler):
         method, target, version = parts
         keep_alive = version == b"HTTP/1.1"
         length = 0
+        readline = self.rfile.readline
         for _ in range(MAX_HEADERS + 1):
-            header = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if header in (b"\r\n", b"\n"):
+            header = readline(MAX_HEADER_LINE + 1)
+            if header == b"\r\n" or header == b"\n":
                 break
-            if not header:
-                raise ConnectionError("client closed the connection mid-request")
-            if len(header) > MAX_HEADER_LINE or not header.endswith(b"\n"):
+            if not header.endswith(b"\n"):
+                if not header:
+                    raise ConnectionError("client closed the connection mid-request")
                 raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
             name, colon, value = header.partition(b":")
-            name = name.lower()
             if not colon:
                 raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
+            if len(name) not in (10, 14, 17):   # only these three header names matter
+                continue
+            name = name.lower()
             if name == b"content-length":
                 if not value.strip().isdigit():
                     raise BadRequest(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
@@ -1299,6 +1337,7 @@ def check_images(policy: Policy, images: list[str]) -> int:
 
 def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     log = Log(args.log_level)
+    log.buffer(LOG_FLUSH_INTERVAL)
     try:
         plugin = Plugin(args.config, log, DockerAPI(args.docker_host))
     except ConfigError as error:
@@ -1336,7 +1375,7 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     for server in (plugin_server, admin_server):
         server.shutdown()
         server.server_close()
-    log.event("info", f"stopped on {signal.Signals(signum).name}")
+    log.event("info", f"stopped on {signal.Signals(signum).name}")   # also writes pending decisions
     return 0
 
 
