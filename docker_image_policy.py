@@ -52,7 +52,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from re import _parser as regex_parser  # the stdlib's own parser: exact literal prefixes
 from types import MappingProxyType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 __version__ = "1.0.0"
@@ -216,19 +216,17 @@ def parse_reference(text: str) -> Reference:
     return Reference(domain, match["path"], match["tag"], match["digest"])
 
 
-def pull_reference(from_image: str, tag: str) -> Reference | None:
-    """The reference dockerd pulls for fromImage and tag; None means all tags."""
+def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
+    """The reference dockerd pulls for fromImage and tag, and whether it pulls all tags."""
     # dockerd drops one trailing ":" ("pull -a" clients send "name:").
     reference = parse_reference(from_image[:-1] if from_image.endswith(":") else from_image)
     if tag:
         if DIGEST_RE.fullmatch(tag):
-            return Reference(reference.domain, reference.path, None, tag)
+            return Reference(reference.domain, reference.path, None, tag), False
         if not TAG_RE.fullmatch(tag):
             raise InvalidReference(f"invalid tag {tag!r}")
-        return dataclasses.replace(reference, tag=tag)
-    if reference.tag is None and reference.digest is None:
-        return None
-    return reference
+        return dataclasses.replace(reference, tag=tag), False
+    return reference, reference.tag is None and reference.digest is None
 
 
 # --------------------------------------------------------------------------
@@ -248,9 +246,6 @@ class Rule:
 
     def __str__(self) -> str:
         return f"{self.kind}[{self.index}] {json.dumps(self.pattern)}"
-
-    def matches(self, texts: Iterable[str]) -> bool:
-        return any(self.regex.search(text) for text in texts)
 
 
 def literal_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
@@ -553,13 +548,14 @@ def _unescape(text: str, plus_is_space: bool) -> str:
 
 def split_target(target: str) -> tuple[str, str]:
     """Path (decoded, cleaned, version prefix removed) and raw query of a target."""
-    if not target.startswith("/"):
+    absolute = not target.startswith("/")
+    if absolute:
         scheme = _SCHEME_RE.match(target)
         if not scheme:
             raise Unreadable(f"request target {target!r} is neither a path nor an absolute URL")
         target = target[scheme.end():]
     raw_path, _, query = target.partition("?")  # '#' is not a fragment in a request target
-    if raw_path.startswith("//"):
+    if absolute and raw_path.startswith("//"):   # http://host/path: drop the authority
         slash = raw_path.find("/", 2)
         raw_path = raw_path[slash:] if slash != -1 else ""
     if not raw_path.startswith("/"):
@@ -732,9 +728,8 @@ def decide_image_route(policy: Policy, request: Request, operation: str, match: 
         if not query.get("fromImage"):
             return decide_opaque(policy, "import")
         request.check_query_is_whole()
-        reference = pull_reference(query["fromImage"], query.get("tag", ""))
-        if reference is None:
-            reference = parse_reference(query["fromImage"].rstrip(":"))
+        reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
+        if all_tags:
             return decision_for("pull (all tags)", reference, policy.evaluate_all_tags(reference))
         return decision_for("pull", reference, policy.evaluate(reference))
     if operation in OPAQUE_OPERATIONS:
@@ -744,7 +739,8 @@ def decide_image_route(policy: Policy, request: Request, operation: str, match: 
         remote = request.query.get("remote", "")
         if not remote:
             raise Unreadable("a plugin pull without a 'remote' image")
-        return decision_for("plugin install", parse_reference(remote), policy.evaluate(parse_reference(remote)))
+        reference = parse_reference(remote)
+        return decision_for("plugin install", reference, policy.evaluate(reference))
     if operation == "service":
         spec = request.json_body()
         image = json_field(spec, "TaskTemplate", "ContainerSpec", "Image")
@@ -773,7 +769,9 @@ def decide_image_route(policy: Policy, request: Request, operation: str, match: 
         if not TAG_RE.fullmatch(tag):
             raise InvalidReference(f"invalid tag {tag!r}")
         target = dataclasses.replace(target, tag=tag)
-    return decision_for("tag as", target, policy.evaluate(target))
+    verdict = policy.evaluate(target)
+    return Decision(verdict.allow, "tag", target.canonical, f"{source.familiar} as {target.familiar}",
+                    verdict.rule, f"{verdict.reason} for the new name")
 
 
 def decide_opaque(policy: Policy, operation: str) -> Decision:
@@ -1210,7 +1208,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         elif self.path == "/metrics":
             self.reply(plugin.metrics.render(plugin.policy).encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
-            self.send_error(HTTPStatus.NOT_FOUND, f"no such endpoint (try /health, /config, /version, /metrics)")
+            self.send_error(HTTPStatus.NOT_FOUND, "no such endpoint (try /health, /config, /version, /metrics)")
 
     def not_allowed(self) -> None:
         self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "the admin listener is read-only: GET only")

@@ -125,13 +125,16 @@ class TestReference(unittest.TestCase):
                 parse_reference(text)
 
     def test_pull_tag_replaces_tag_and_may_be_a_digest(self):
-        self.assertEqual(pull_reference("nginx:1.24", "1.25").canonical, "docker.io/library/nginx:1.25")
-        self.assertEqual(pull_reference("docker.io/library/nginx", "1.25").familiar, "nginx:1.25")
-        self.assertEqual(pull_reference("nginx:1.24", DIGEST).familiar, f"nginx@{DIGEST}")
-        self.assertEqual(pull_reference(f"nginx:1@{DIGEST}", "2").familiar, f"nginx:2@{DIGEST}")
-        self.assertEqual(pull_reference("nginx:1.25", "").familiar, "nginx:1.25")
-        self.assertIsNone(pull_reference("nginx", ""))       # all tags
-        self.assertIsNone(pull_reference("nginx:", ""))      # "pull -a" clients send "name:"
+        def pulled(from_image: str, tag: str) -> tuple[str, bool]:
+            reference, all_tags = pull_reference(from_image, tag)
+            return reference.familiar, all_tags
+        self.assertEqual(pull_reference("nginx:1.24", "1.25")[0].canonical, "docker.io/library/nginx:1.25")
+        self.assertEqual(pulled("docker.io/library/nginx", "1.25"), ("nginx:1.25", False))
+        self.assertEqual(pulled("nginx:1.24", DIGEST), (f"nginx@{DIGEST}", False))
+        self.assertEqual(pulled(f"nginx:1@{DIGEST}", "2"), (f"nginx:2@{DIGEST}", False))
+        self.assertEqual(pulled("nginx:1.25", ""), ("nginx:1.25", False))
+        self.assertEqual(pulled("nginx", ""), ("nginx:latest", True))   # all tags
+        self.assertEqual(pulled("nginx:", ""), ("nginx:latest", True))  # "pull -a" clients send "name:"
         with self.assertRaises(InvalidReference):
             pull_reference("nginx", "bad:tag")
 
@@ -327,9 +330,10 @@ class TestRequests(unittest.TestCase):
             (authz("POST", "/v1.41/plugins/vieux/sshfs:1/upgrade?remote=vieux/sshfs:2", []), False,
              "plugin install of vieux/sshfs:2 denied"),
             (authz("POST", "/v1.41/plugins/p/upgrade?remote=nginx:2", []), True, "plugin install of nginx:2"),
-            (pull("/v1.41/images/nginx:1.25/tag?repo=nginx&tag=prod"), True, "tag as of nginx:prod allowed"),
+            (pull("/v1.41/images/nginx:1.25/tag?repo=nginx&tag=prod"), True, "tag of nginx:1.25 as nginx:prod allowed"),
             (pull("/v1.41/images/redis:7/tag?repo=nginx&tag=prod"), False, "tag of redis:7 denied"),
-            (pull("/v1.41/images/nginx:1.25/tag?repo=redis&tag=7"), False, "tag as of redis:7 denied"),
+            (pull("/v1.41/images/nginx:1.25/tag?repo=redis&tag=7"), False,
+             "tag of nginx:1.25 as redis:7 denied: no whitelist rule matches and defaultAllow is false for the new"),
             (authz("POST", "/v1.41/images/load?quiet=1", headers={"Content-Type": "application/x-tar"}), False,
              "load denied: 'allowLoad' is not set and defaultAllow is false; the plugin cannot see which images"),
             (authz("POST", "/v1.41/images/create?fromSrc=-&repo=imp", headers={"Content-Type": "text/plain"}),
@@ -367,7 +371,7 @@ class TestRequests(unittest.TestCase):
         denied = "pull of redis:7 denied"
         for uri in ["/v1.41/images%2Fcreate?fromImage=redis&tag=7", "/v1.41/images/%63reate?fromImage=redis&tag=7",
                     "/images/create?fromImage=redis&tag=7", "http://docker/v1.41/images/create?fromImage=redis&tag=7",
-                    "unix:/v1.24/images/create?fromImage=redis&tag=7", "//x/v1.41/images/create?fromImage=redis&tag=7",
+                    "unix:/v1.24/images/create?fromImage=redis&tag=7", "//v1.41/images/create?fromImage=redis&tag=7",
                     "/v1.41//images/./create?fromImage=redis&tag=7", "/v1.41/x/../images/create?fromImage=redis&tag=7",
                     "/v1.41/Images/Create?fromImage=redis&tag=7"]:
             with self.subTest(uri):
@@ -1481,6 +1485,7 @@ def benchmark(argv: list[str]) -> int:
                         help="alternating rounds per figure; medians are reported (default: %(default)s)")
     parser.add_argument("--no-dockerd", action="store_true", help="skip the runs through a real dockerd")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
     work = Path(tempfile.mkdtemp(prefix="dip-bench-"))
     processes: list[subprocess.Popen] = []
     try:
