@@ -1360,6 +1360,10 @@ def check_images(policy: Policy, images: list[str]) -> int:
 
 
 def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
+    # Signals are taken by sigwait() in the main thread only: block them
+    # before any thread starts, as threads inherit the mask.
+    handled = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     log = Log(args.log_level)
     log.buffer(LOG_FLUSH_INTERVAL)
     try:
@@ -1367,9 +1371,6 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     except ConfigError as error:
         log.event("error", str(error))
         return 2
-    # Signals are taken by sigwait() in the main thread only.
-    handled = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
         plugin_server = PluginServer(args.socket, plugin)
     except (ImagePolicyError, OSError) as error:

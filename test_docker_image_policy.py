@@ -765,6 +765,25 @@ class TestOperations(unittest.TestCase):
         for name in re.findall(r"^# TYPE (\S+)", body, re.M):
             self.assertIn(f"# HELP {name} ", body)
 
+    def test_remembered_decisions_never_outlive_their_inputs(self):
+        request = authz("POST", "/v1.41/containers/create", {"Image": "abcd"})
+        names = {"abcd": ["nginx:1"]}
+
+        class Docker:
+            def image_names(self, image: str) -> list[str]:
+                return names[image]
+        self.fixture.plugin.docker = Docker()
+        self.assertTrue(self.ask(request)["Allow"])
+        names["abcd"] = ["redis:7"]   # the daemon's answer changed: asked again, not remembered
+        self.assertEqual(self.ask(request)["Msg"], "run of abcd denied: none of its names is allowed"
+                         " (no whitelist rule matches and defaultAllow is false for redis:7)")
+        pull_redis = pull("/v1.41/images/create?fromImage=redis&tag=7")
+        self.assertFalse(self.ask(pull_redis)["Allow"])
+        self.assertFalse(self.ask(pull_redis)["Allow"])
+        self.fixture.write_config({"whitelist": ["^redis:"]})
+        self.fixture.plugin.reload()   # a new policy starts with nothing remembered
+        self.assertTrue(self.ask(pull_redis)["Allow"])
+
     def test_message_for_users(self):
         self.fixture.write_config(dict(ORIGINAL_CONFIG, message="Approved images: https://wiki.example/images"))
         self.fixture.plugin.reload()
