@@ -76,7 +76,7 @@ IDLE_TIMEOUT = 60.0
 # Decisions are remembered per request body, for the running policy only
 # (docker ps, health checks and CI steps repeat the same calls); bounded.
 CACHE_BODY_MAX = 4096
-CACHE_ENTRIES = 1024
+CACHE_ENTRIES = 512
 # Decision lines reach stderr within this many seconds, in batches.
 LOG_FLUSH_INTERVAL = 0.2
 # Image inspection runs while dockerd waits for our answer: keep it short.

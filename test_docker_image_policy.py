@@ -1512,6 +1512,11 @@ def benchmark(argv: list[str]) -> int:
             subprocess.run(["go", "build", "-o", str(work / name), "."], cwd=Path(args.shared) / source, check=True,
                            env=dict(os.environ, GOFLAGS="-mod=mod", GOCACHE=str(work / "gocache")))
         load = str(work / "authzload")
+        # The interpreter the service runs, when the machine has it.
+        python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+        version = subprocess.run([python, "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"{python} ({version}), {os.cpu_count()} CPUs, {args.rounds} alternating rounds of {args.duration:g} s,"
+              " medians")
 
         def start(kind: str, config: dict[str, Any], socket_path: Path) -> subprocess.Popen:
             path = work / f"{socket_path.stem}.json"
@@ -1519,7 +1524,7 @@ def benchmark(argv: list[str]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
             if kind == "python":
-                command = [sys.executable, str(MODULE), "--config", str(path), "--socket", str(socket_path),
+                command = [python, str(MODULE), "--config", str(path), "--socket", str(socket_path),
                            "--addr", "127.0.0.1:0"]
             else:
                 command = [str(work / "peer"), "-config", str(path), "-socket", str(socket_path)]
