@@ -448,8 +448,14 @@ def policy_warnings(policy: Policy) -> list[str]:
     """Likely mistakes in a valid configuration, for --validate."""
     warnings = []
     for rule in policy.whitelist.rules + policy.blacklist.rules:
+        if rule.regex.search(""):
+            if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
+                warnings.append(f"{rule}: matches every image, so the whitelist allows everything")
+            continue
         if rule.prefix is None:
-            warnings.append(f"{rule}: not anchored with ^, so it matches anywhere in an image name")
+            end = list(regex_parser.parse(rule.pattern))[-1:]
+            if end not in ([(regex_parser.AT, regex_parser.AT_END)], [(regex_parser.AT, regex_parser.AT_END_STRING)]):
+                warnings.append(f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name")
             continue
         forms = set()
         for completion in _COMPLETIONS:

@@ -276,15 +276,16 @@ class TestPolicy(unittest.TestCase):
                 self.assertEqual((verdict.allow, verdict.rule), expected, (trial, ref.canonical))
 
     def test_warnings(self):
-        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/"],
-                            "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu"]})
+        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*"],
+                            "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"]})
         warnings = dip.policy_warnings(policy)
         self.assertEqual(warnings, [
-            'whitelist[1] "nginx": not anchored with ^, so it matches anywhere in an image name',
+            'whitelist[1] "nginx": not anchored with ^ (or $), so it matches anywhere in an image name',
             'whitelist[2] "^library/nginx:": no image reference can match it (references are matched as'
             ' docker.io/library/nginx:1.25 and nginx:1.25)',
             'whitelist[3] "^index\\\\.docker\\\\.io/": no image reference can match it (references are matched'
             ' as docker.io/library/nginx:1.25 and nginx:1.25)',
+            'whitelist[4] "x*": matches every image, so the whitelist allows everything',
             'blacklist[0] "^quay\\\\.io/evil" is unreachable: whitelist[0] "^quay\\\\.io/" allows everything it'
             ' matches first',
         ])
@@ -811,7 +812,7 @@ class TestOperations(unittest.TestCase):
         result = run_module("--config", self.fixture.config_path, "--validate")
         self.assertEqual(result.returncode, 0)
         self.assertEqual(result.stdout.splitlines(), [
-            'warning: whitelist[1] "nginx": not anchored with ^, so it matches anywhere in an image name',
+            'warning: whitelist[1] "nginx": not anchored with ^ (or $), so it matches anywhere in an image name',
             'warning: blacklist[0] "^quay\\\\.io/bad" is unreachable: whitelist[0] "^quay\\\\.io/" allows'
             ' everything it matches first',
             f"{self.fixture.config_path}: valid, 2 whitelist and 1 blacklist rules, mode enforce"])
