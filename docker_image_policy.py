@@ -849,7 +849,7 @@ class DockerAPI:
     def image_names(self, image: str) -> list[str]:
         connection = self.connection()
         try:
-            connection.request("GET", "/images/" + re.sub(r"[^A-Za-z0-9:._-]", "", image) + "/json")
+            connection.request("GET", f"/images/{image}/json")   # image is hex, with or without sha256:
             response = connection.getresponse()
             body = response.read(MAX_BODY)
         except (OSError, http.client.HTTPException) as error:
@@ -859,13 +859,15 @@ class DockerAPI:
         if response.status == HTTPStatus.NOT_FOUND:
             raise ImagePolicyError(f"no such image {image!r}")
         try:
+            if response.status != HTTPStatus.OK:
+                raise ValueError(f"status {response.status}")
             inspect = json.loads(body)
             names = (inspect.get("RepoTags") or []) + (inspect.get("RepoDigests") or [])
-        except (ValueError, AttributeError, TypeError):
-            names = None
-        if response.status != HTTPStatus.OK or not all(isinstance(name, str) for name in names or [None]):
-            raise ImagePolicyError(f"Docker API at {self.host} answered {response.status} to image inspect")
-        return [name for name in names if name != "<none>:<none>" and name != "<none>@<none>"]
+            if not all(isinstance(name, str) for name in names):
+                raise ValueError("names that are not strings")
+        except (ValueError, AttributeError, TypeError) as error:
+            raise ImagePolicyError(f"unexpected image inspect answer from {self.host}: {error}") from None
+        return [name for name in names if not name.startswith("<none>")]
 
 
 # --------------------------------------------------------------------------
@@ -1435,6 +1437,8 @@ def main(argv: list[str] | None = None) -> int:
         address = parse_addr(args.addr)
     except ValueError as error:
         parser.error(f"--addr: {error}")
+    if not args.docker_host.startswith(("unix://", "tcp://")):
+        parser.error(f"--docker-host: expected unix://PATH or tcp://HOST:PORT, not {args.docker_host!r}")
     if not args.check and not args.validate:
         return serve(args, address)
     try:

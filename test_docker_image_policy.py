@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
 import stat
 import subprocess
 import sys
@@ -489,6 +490,66 @@ class TestRequests(unittest.TestCase):
                         authz("POST", "/v1.41/containers/create", RequestBody=17)]:
             with self.subTest(request):
                 self.assertFalse(self.decide(request).allow)
+
+
+# --------------------------------------------------------------------------
+# Docker API
+# --------------------------------------------------------------------------
+
+class TestDockerAPI(unittest.TestCase):
+    """Image inspection against a small stand-in for dockerd's API."""
+
+    answers = {
+        "/images/aaaa/json": (200, {"Id": "sha256:a", "RepoTags": ["nginx:1"], "RepoDigests": ["nginx@" + DIGEST]}),
+        "/images/bbbb/json": (200, {"Id": "sha256:b", "RepoTags": None, "RepoDigests": []}),
+        "/images/cccc/json": (200, {"Id": "sha256:c", "RepoTags": ["<none>:<none>"], "RepoDigests": ["<none>@<none>"]}),
+        "/images/dddd/json": (500, {"message": "boom"}),
+        "/images/eeee/json": (200, {"RepoTags": [7]}),
+    }
+
+    def setUp(self):
+        answers = self.answers
+
+        class DockerAPIHandler(dip.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, document = answers.get(self.path, (404, {"message": "No such image"}))
+                body = json.dumps(document).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def address_string(self) -> str:
+                return "docker"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        directory = tempfile.mkdtemp(prefix="dip")
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "docker.sock")
+        server = socketserver.ThreadingUnixStreamServer(self.path, DockerAPIHandler)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        self.docker = dip.DockerAPI(f"unix://{self.path}")
+
+    def test_image_names(self):
+        self.assertEqual(self.docker.image_names("aaaa"), ["nginx:1", "nginx@" + DIGEST])
+        self.assertEqual(self.docker.image_names("bbbb"), [])
+        self.assertEqual(self.docker.image_names("cccc"), [])
+        for image, message in [("ffff", "no such image 'ffff'"), ("dddd", "status 500"),
+                               ("eeee", "names that are not strings")]:
+            with self.subTest(image), self.assertRaises(dip.ImagePolicyError) as caught:
+                self.docker.image_names(image)
+            self.assertIn(message, str(caught.exception))
+        with self.assertRaises(dip.ImagePolicyError) as caught:
+            dip.DockerAPI(f"unix://{self.path}.missing").image_names("aaaa")
+        self.assertIn("No such file or directory", str(caught.exception))
+        with self.assertRaises(dip.ImagePolicyError):
+            dip.DockerAPI("ssh://host").image_names("aaaa")
 
 
 # --------------------------------------------------------------------------
