@@ -739,6 +739,13 @@ class TestAdmin(unittest.TestCase):
         for method in ["POST", "PUT", "DELETE"]:
             self.assertEqual(self.fixture.get("/health", method)[0], 405)
 
+    def test_stalled_client_does_not_delay_others(self):
+        with socket.create_connection(("127.0.0.1", self.fixture.admin.server_address[1])) as stalled:
+            stalled.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")   # and never finishes
+            started = time.monotonic()
+            self.assertEqual(self.fixture.get("/health")[:2], (200, "HEALTHY"))
+            self.assertLess(time.monotonic() - started, 2)
+
     def test_binds_loopback_by_default(self):
         self.assertEqual(dip.parse_addr(dip.DEFAULT_ADDR), ("127.0.0.1", 5006))
         self.assertEqual(dip.parse_addr("[::1]:7"), ("::1", 7))
