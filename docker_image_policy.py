@@ -736,7 +736,9 @@ def decide_image_route(policy: Policy, request: Request, operation: str, match: 
         request.check_query_is_whole()
         reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
         if all_tags:
-            return decision_for("pull (all tags)", reference, policy.evaluate_all_tags(reference))
+            verdict = policy.evaluate_all_tags(reference)
+            return Decision(verdict.allow, "pull (all tags)", reference.repository, reference.familiar_repository,
+                            verdict.rule, verdict.reason)
         return decision_for("pull", reference, policy.evaluate(reference))
     if operation in OPAQUE_OPERATIONS:
         return decide_opaque(policy, operation)

@@ -394,9 +394,9 @@ class TestRequests(unittest.TestCase):
             ("fromImage=Nginx&tag=1", False, "must be lowercase"),
             ("fromImage=nginx&tag=" + DIGEST, False, "pull of nginx@" + DIGEST),
             ("fromImage=localhost:5000/ok/app:1&tag=" + DIGEST, True, "pull of localhost:5000/ok/app@" + DIGEST),
-            ("fromImage=redis", False, "pull (all tags) of redis:latest denied: a pull of all tags"),
-            ("fromImage=nginx:", True, "pull (all tags) of nginx:latest allowed: whitelist rule"),
-            ("fromImage=localhost:5000/ok/app", True, "pull (all tags) of localhost:5000/ok/app:latest allowed"),
+            ("fromImage=redis", False, "pull (all tags) of redis denied: a pull of all tags"),
+            ("fromImage=nginx:", True, "pull (all tags) of nginx allowed: whitelist rule"),
+            ("fromImage=localhost:5000/ok/app", True, "pull (all tags) of localhost:5000/ok/app allowed"),
             ("fromImage=&fromSrc=-", False, "import denied"),
         ]:
             with self.subTest(query):
@@ -1410,6 +1410,16 @@ class EndToEnd:
                 self.denied(result, f"pull of {self.registry}/denied/busybox:1 denied: no whitelist rule matches"
                                     " and defaultAllow is false. Ask the platform team for approved images.")
                 self.assertFalse(self.image_present(f"{self.registry}/denied/busybox:1"))
+
+    def test_pull_of_all_tags(self):
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.denied(self.docker(cli, "pull", "--all-tags", f"{self.registry}/denied/busybox"),
+                            f"pull (all tags) of {self.registry}/denied/busybox denied: a pull of all tags is allowed"
+                            " only when a whitelist rule of the form ^prefix covers every tag")
+                # "^localhost:PORT/allowed/" covers every tag of the allowed repository.
+                result = self.docker(cli, "pull", "--all-tags", f"{self.registry}/allowed/busybox")
+                self.assertEqual(result.returncode, 0, result.stderr)
 
     def test_familiar_rules_hold_for_old_and_new_clis(self):
         # CLI 20.10 sends "redis", CLI 28 "docker.io/library/redis": the same rule decides.
