@@ -352,6 +352,16 @@ class TestRequests(unittest.TestCase):
                 self.assertDecision(request, allow, reason)
 
     def test_opaque_operations_follow_their_setting(self):
+        routes = {"/v1.41/images/load": "load", "/v1.41/images/create?fromSrc=-&repo=x": "import",
+                  "/v1.41/build": "build", "/session": "build", "/grpc": "build",
+                  "/v1.41/commit?container=c": "commit", "/v1.41/plugins/create?name=p": "plugin-create"}
+        keys = {"allowLoad", "allowImport", "allowBuild", "allowCommit", "allowPluginCreate"}
+        for allowed in (True, False):
+            policy = policy_of({"defaultAllow": not allowed, **{key: allowed for key in keys}})
+            for uri, operation in routes.items():
+                with self.subTest(uri=uri, allowed=allowed):
+                    decision = self.decide(authz("POST", uri), policy=policy)
+                    self.assertEqual((decision.allow, decision.operation), (allowed, operation))
         policy = policy_of({"defaultAllow": False, "allowLoad": True, "allowBuild": True})
         for uri, allow in [("/v1.41/images/load", True), ("/v1.41/build", True), ("/session", True),
                            ("/v1.41/images/create?fromSrc=-", False), ("/v1.41/commit?container=c", False)]:
