@@ -58,15 +58,18 @@ from urllib.parse import unquote_to_bytes
 __version__ = "1.0.0"
 
 PLUGIN_NAME = "docker-image-policy"
+# The original plugin's paths and port: service files and scripts rely on them.
 DEFAULT_CONFIG = "/etc/docker/docker-image-policy.json"
-DEFAULT_SOCKET = "/run/docker/plugins/docker-image-policy.sock"
-DEFAULT_ADDR = "127.0.0.1:5006"
+DEFAULT_SOCKET = "/run/docker/plugins/docker-image-policy.sock"   # dockerd finds plugins here by name
+DEFAULT_ADDR = "127.0.0.1:5006"                                   # loopback: the admin listener has no auth
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 # dockerd forwards request bodies up to 4 MiB, base64-encoded in the JSON
 # (about 5.5 MB), and AuthZRes adds the response it captured. 16 MiB holds
 # both with room to spare; an AuthZRes beyond it is discarded unread.
 MAX_BODY = 16 * 1024 * 1024
+# dockerd's requests are a short line and a few headers; anything near these
+# limits is not dockerd, and is answered with an error instead of memory.
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 100

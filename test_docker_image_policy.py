@@ -1686,11 +1686,16 @@ def benchmark(argv: list[str]) -> int:
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
     finally:
-        for process in processes:
+        for process in reversed(processes):
             if process.poll() is None:
-                process.kill()
-                process.wait()
-        subprocess.run(["umount", "-R", str(work / "exec")], capture_output=True)
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for leftover in Path("/run/docker/plugins").glob("dip-bench-*.sock"):   # the Go peer leaves its socket
+            leftover.unlink()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -1720,6 +1725,7 @@ def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare
     for process, _, root in daemons.values():
         stop(process)
         subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
+        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)
 
 
 if __name__ == "__main__":
