@@ -32,6 +32,7 @@ import argparse
 import base64
 import binascii
 import bisect
+import contextlib
 import dataclasses
 import functools
 import http.client
@@ -1132,14 +1133,18 @@ class PluginHandler(BaseHTTPRequestHandler):
             self.answer(line)
         except BadRequest as error:
             body = json.dumps({"Err": str(error)}).encode()
-            self.wfile.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%s" % (error.status, error.status.phrase.encode(), len(body), body))
-        except (TimeoutError, ConnectionError):
-            return  # an idle, stalled or vanished client: close the connection
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                                 b"Connection: close\r\n\r\n%s"
+                                 % (error.status, error.status.phrase.encode(), len(body), body))
+        except OSError:
+            return  # an idle, stalled or vanished client (timeouts and resets): close the connection
 
     def answer(self, line: bytes) -> None:
-        if len(line) > MAX_REQUEST_LINE or not line.endswith(b"\n"):
+        if len(line) > MAX_REQUEST_LINE:
             raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+        if not line.endswith(b"\n"):
+            raise ConnectionError("client closed the connection mid-request")
         parts = line.split()
         if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed request line")
@@ -1152,9 +1157,9 @@ class PluginHandler(BaseHTTPRequestHandler):
             if header == b"\r\n" or header == b"\n":
                 break
             if not header.endswith(b"\n"):
-                if not header:
-                    raise ConnectionError("client closed the connection mid-request")
-                raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
+                if len(header) > MAX_HEADER_LINE:
+                    raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
+                raise ConnectionError("client closed the connection mid-request")
             name, colon, value = header.partition(b":")
             if not colon:
                 raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
