@@ -1286,6 +1286,9 @@ class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):
         self.workers_lock = threading.Lock()
         super().__init__(path, PluginHandler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.plugin.log.event("error", f"plugin socket: {sys.exc_info()[1]!r}")   # one line, for journald
+
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.workers_lock:
             inbox = self.idle_workers.pop() if self.idle_workers else None
@@ -1328,6 +1331,9 @@ class AdminServer(ThreadingHTTPServer):
         self.plugin = plugin
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, AdminHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.plugin.log.event("error", f"admin listener: {sys.exc_info()[1]!r}")
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup of the address
