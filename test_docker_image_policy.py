@@ -1255,7 +1255,7 @@ class EndToEnd:
     def require(cls) -> None:
         if os.geteuid() != 0:
             raise Missing("needs root (dockerd and /run/docker/plugins)")
-        for tool in ("docker-registry", "busybox"):
+        for tool in ("docker-registry", "busybox", "containerd"):
             if not shutil.which(tool):
                 raise Missing(f"{tool} is not installed (apt-get install docker.io docker-registry busybox-static)")
         if not CLIS:
@@ -1272,8 +1272,8 @@ class EndToEnd:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        for mount in (cls.dir / "exec", cls.dir / "data"):
-            subprocess.run(["umount", "-R", str(mount)], capture_output=True)
+        for mount in ("exec", "data", "containerd/state", "containerd/root"):
+            subprocess.run(["umount", "-R", str(cls.dir / mount)], capture_output=True)
         with contextlib.suppress(FileNotFoundError):
             cls.plugin_socket.unlink()
 
@@ -1321,11 +1321,20 @@ class EndToEnd:
 
     @classmethod
     def start_dockerd(cls) -> None:
+        # A containerd of the engine's own generation, private to this test: dockerd
+        # would otherwise use a system containerd whenever its socket exists.
         env = dict(os.environ, PATH=cls.path)
+        containerd = cls.dir / "containerd"
+        containerd.mkdir()
+        (containerd / "config.toml").write_text('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
+        cls.spawn([shutil.which("containerd", path=cls.path) or "containerd", "--config", str(containerd / "config.toml"),
+                   "--address", str(containerd / "sock"), "--root", str(containerd / "root"),
+                   "--state", str(containerd / "state")], "containerd.log", env=env)
+        wait_for((containerd / "sock").exists, "containerd")
         cls.spawn([cls.dockerd, "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
                    "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
                    "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
-                   f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
+                   f"--containerd={containerd / 'sock'}", f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
         wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
 
     @classmethod
