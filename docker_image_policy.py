@@ -917,8 +917,9 @@ class Log:
             if line:
                 text += line + "\n"
             if text:
-                stream.write(text)
-                stream.flush()
+                with contextlib.suppress(OSError, ValueError):   # stderr gone: nowhere left to report it
+                    stream.write(text)
+                    stream.flush()
 
     def event(self, level: str, text: str) -> None:
         if LOG_LEVELS[level] >= self.level:
