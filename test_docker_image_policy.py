@@ -1152,6 +1152,18 @@ class TestReliability(unittest.TestCase):
         self.assertLess(memory[1] - memory[0], 4096, f"RSS grew from {memory[0]} kB to {memory[1]} kB")
 
 
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """Stop what a test started, last first, and wait for each."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -1264,14 +1276,7 @@ class EndToEnd:
 
     @classmethod
     def stop_all(cls) -> None:
-        for process in reversed(cls.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        stop_processes(cls.processes)
         for mount in ("exec", "data", "containerd/state", "containerd/root"):
             subprocess.run(["umount", "-R", str(cls.dir / mount)], capture_output=True)
         with contextlib.suppress(FileNotFoundError):
@@ -1695,14 +1700,7 @@ def benchmark(argv: list[str]) -> int:
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        stop_processes(processes)
         for leftover in Path("/run/docker/plugins").glob("dip-bench-*.sock"):   # the Go peer leaves its socket
             leftover.unlink()
         shutil.rmtree(work, ignore_errors=True)
