@@ -509,6 +509,8 @@ def load_policy(path: str) -> Policy:
 # Suffixes that complete a literal prefix into a reference, to see whether a
 # pattern can match any image at all.
 _COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
+# Canonical names of Docker Hub images that no familiar-name rule was written for.
+_HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
 
 
 def policy_warnings(policy: Policy) -> list[str]:
@@ -524,19 +526,26 @@ def policy_warnings(policy: Policy) -> list[str]:
             if end not in ([(regex_parser.AT, regex_parser.AT_END)], [(regex_parser.AT, regex_parser.AT_END_STRING)]):
                 warnings.append(f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name")
             continue
-        forms = set()
+        forms: set[str] = set()
         for completion in _COMPLETIONS:
             try:
                 reference = parse_reference(rule.prefix + completion)
             except InvalidReference:
                 continue
-            forms.update((reference.canonical, reference.familiar))
+            forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
         if not any(form.startswith(rule.prefix) for form in forms):
-            warnings.append(f"{rule}: no image reference can match it (references are matched as"
-                            " docker.io/library/nginx:1.25 and nginx:1.25)")
+            warnings.append(f"{rule}: no image reference can match it (rules see nginx:1.25, and canonical"
+                            " docker.io/library/nginx:1.25 only if they name docker.io; Docker Hub's other host"
+                            " names and any :443 are matched as docker.io and as the host without the port)")
+        elif not rule.canonical and any(rule.regex.search(probe) for probe in _HUB_PROBES):
+            what = "allow" if rule.kind == "whitelist" else "refuse"
+            warnings.append(f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did,"
+                            f" so it does not {what} every Docker Hub image; a rule that names docker.io,"
+                            f" such as ^docker\\.io/, is matched against canonical names too")
     for blocked in policy.blacklist.rules:
         for allowed in policy.whitelist.rules:
-            if allowed.only_prefix and blocked.prefix is not None and blocked.prefix.startswith(allowed.prefix):
+            if (allowed.only_prefix and blocked.prefix is not None and blocked.prefix.startswith(allowed.prefix)
+                    and (allowed.canonical or not blocked.canonical)):
                 warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
                 break
     return warnings

@@ -146,6 +146,35 @@ class TestReference(unittest.TestCase):
             with self.subTest(text):
                 self.assertEqual(parse_reference(text).familiar, familiar)
 
+    def test_registry_aliases_are_one_repository(self):
+        # Docker Hub answers as registry-1.docker.io and with :443 too; any registry with :443.
+        for text, canonical, familiar in [
+            ("registry-1.docker.io/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
+            ("index.docker.io:443/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
+            ("docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
+            ("registry-1.docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
+            ("quay.io:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
+            ("QUAY.IO:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
+            ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1"),
+            # Only the lower-case docker.io and index.docker.io add library/: these are not the official nginx.
+            ("DOCKER.IO/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
+            ("docker.io:443/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
+            ("DOCKER.IO/library/nginx", "docker.io/library/nginx:latest", "nginx:latest"),
+        ]:
+            with self.subTest(text):
+                reference = parse_reference(text)
+                self.assertEqual((reference.canonical, reference.familiar), (canonical, familiar))
+        # A one-component path on an alias has no familiar form: no familiar-name rule sees it.
+        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(False), ())
+        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(True), ("docker.io/nginx:latest",))
+
+    def test_digest_pins_have_the_original_plugins_form_too(self):
+        self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(False), (f"nginx@{DIGEST}", f"nginx:{DIGEST}"))
+        self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(True),
+                         (f"docker.io/library/nginx@{DIGEST}", f"docker.io/library/nginx:{DIGEST}"))
+        self.assertEqual(parse_reference(f"nginx:1@{DIGEST}").forms(False), (f"nginx:1@{DIGEST}",))
+        self.assertEqual(parse_reference("nginx:1").forms(True), ("docker.io/library/nginx:1",))
+
     def test_invalid_references(self):
         for text in ["Ubuntu", "foo..bar", "alpine:", "a:b:c", "a" * 64, "", "nginx@sha256:abc",
                      "nginx@md5:" + "a" * 32, "a/" + "b" * 255, "nginx:" + "t" * 129, "-nginx", "ngin x"]:
@@ -204,6 +233,62 @@ class TestPolicy(unittest.TestCase):
         self.assertTrue(self.verdict(config, "LOCALHOST:5000/app:1").allow)
         self.assertTrue(self.verdict(config, f"redis:7@{DIGEST}").allow)
         self.assertFalse(self.verdict(config, "redis:7").allow)
+
+    def test_registry_aliases_meet_the_same_rules(self):
+        config = {"whitelist": ["^nginx:", "^quay\\.io/calico/"], "blacklist": ["^evil/", "^quay\\.io/evil/"],
+                  "defaultAllow": True}
+        for image, allow in [("registry-1.docker.io/evil/miner:1", False), ("index.docker.io:443/evil/miner:1", False),
+                             ("docker.io:443/evil/miner:1", False), ("quay.io:443/evil/x:1", False),
+                             ("registry-1.docker.io/library/nginx:1", True), ("quay.io:443/calico/node:v3", True),
+                             ("someone/app:1", True)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(config, image).allow, allow)
+        # DOCKER.IO/nginx is the repository "nginx" on the host DOCKER.IO, not the official nginx.
+        self.assertFalse(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/nginx").allow)
+        self.assertTrue(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/library/nginx:1").allow)
+
+    def test_rules_that_name_docker_hub(self):
+        # Rules are matched against familiar names, as the original plugin saw them,
+        # and against canonical names too when they name docker.io.
+        seed = {"whitelist": ["^docker"], "defaultAllow": False}
+        for image, allow in [("docker:24", True), ("docker/compose:2", True), ("docker.io/docker/compose:2", True),
+                             ("evil/miner:1", False), ("docker.io/evil/miner:1", False), ("dockerevil/x:1", True)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(seed, image).allow, allow)
+        hub = {"whitelist": ["^docker\\.io/"], "defaultAllow": False}
+        for image, allow in [("evil/miner:1", True), ("nginx:1", True), ("quay.io/x/y:1", False)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(hub, image).allow, allow)
+        self.assertTrue(self.verdict({"whitelist": ["^(docker\\.io/)?library/"]}, "nginx:1").allow)
+        self.assertFalse(self.verdict({"whitelist": ["library/"]}, "nginx:1").allow)
+        self.assertTrue(self.verdict({"blacklist": ["^d"], "defaultAllow": True}, "evil/miner:1").allow)
+        all_tags = policy_of(seed).evaluate_all_tags
+        self.assertTrue(all_tags(parse_reference("docker/compose")).allow)
+        self.assertFalse(all_tags(parse_reference("evil/miner")).allow)
+        self.assertTrue(policy_of(hub).evaluate_all_tags(parse_reference("evil/miner")).allow)
+
+    def test_digest_pins_under_the_original_rules(self):
+        for config, image, allow in [
+            ({"whitelist": ["^nginx:"]}, f"nginx@{DIGEST}", True),         # the original saw nginx:sha256:…
+            ({"whitelist": ["^nginx:"]}, f"docker.io/library/nginx@{DIGEST}", True),
+            ({"whitelist": ["^nginx:1\\."]}, f"nginx@{DIGEST}", False),   # a digest is no tag
+            ({"whitelist": ["^nginx:"], "blacklist": [":latest$"], "defaultAllow": True}, f"redis@{DIGEST}", True),
+            ({"blacklist": [":latest$"], "defaultAllow": True}, "redis", False),
+            ({"whitelist": ["@sha256:"]}, f"redis@{DIGEST}", True),
+            ({"whitelist": ["^redis:sha256:"]}, f"redis@{DIGEST}", True),
+            ({"whitelist": ["^redis:sha256:"]}, f"redis:1@{DIGEST}", False),
+        ]:
+            with self.subTest(config=config, image=image):
+                self.assertEqual(self.verdict(config, image).allow, allow)
+
+    def test_moby_dangling_is_nameless(self):
+        for config in [{"whitelist": ["^moby"]}, {"defaultAllow": True}, {"whitelist": [".*"]}]:
+            for image in [f"moby-dangling@{DIGEST}", f"docker.io/library/moby-dangling@{DIGEST}"]:
+                with self.subTest(config=config, image=image):
+                    verdict = self.verdict(config, image)
+                    self.assertEqual((verdict.allow, verdict.rule), (False, "nameless"))
+        self.assertFalse(policy_of({"defaultAllow": True}).evaluate_all_tags(parse_reference("moby-dangling")).allow)
+        self.assertTrue(self.verdict({"whitelist": ["^moby"]}, "moby-other:1").allow)
 
     def test_original_files_load_unchanged(self):
         policy = policy_of(ORIGINAL_CONFIG)
@@ -305,16 +390,21 @@ class TestPolicy(unittest.TestCase):
                 self.assertEqual((verdict.allow, verdict.rule), expected, (trial, ref.canonical))
 
     def test_warnings(self):
-        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*"],
+        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
+                                          "^quay\\.io:443/", "^docker"],
                             "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"]})
-        warnings = dip.policy_warnings(policy)
-        self.assertEqual(warnings, [
+        never = ("no image reference can match it (rules see nginx:1.25, and canonical docker.io/library/nginx:1.25"
+                 " only if they name docker.io; Docker Hub's other host names and any :443 are matched as"
+                 " docker.io and as the host without the port)")
+        self.assertEqual(dip.policy_warnings(policy), [
             'whitelist[1] "nginx": not anchored with ^ (or $), so it matches anywhere in an image name',
-            'whitelist[2] "^library/nginx:": no image reference can match it (references are matched as'
-            ' docker.io/library/nginx:1.25 and nginx:1.25)',
-            'whitelist[3] "^index\\\\.docker\\\\.io/": no image reference can match it (references are matched'
-            ' as docker.io/library/nginx:1.25 and nginx:1.25)',
+            f'whitelist[2] "^library/nginx:": {never}',
+            f'whitelist[3] "^index\\\\.docker\\\\.io/": {never}',
             'whitelist[4] "x*": matches every image, so the whitelist allows everything',
+            f'whitelist[5] "^quay\\\\.io:443/": {never}',
+            'whitelist[6] "^docker": matched against familiar names (nginx:1.25) as the original plugin did, so it'
+            ' does not allow every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is'
+            ' matched against canonical names too',
             'blacklist[0] "^quay\\\\.io/evil" is unreachable: whitelist[0] "^quay\\\\.io/" allows everything it'
             ' matches first',
         ])
