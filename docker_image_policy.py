@@ -12,18 +12,21 @@ and enable it in /etc/docker/daemon.json:
 
 The configuration is the original plugin's: regular expressions in
 "whitelist" and "blacklist" and a "defaultAllow" fallback, matched against
-both the canonical (docker.io/library/nginx:1.25) and the familiar
-(nginx:1.25) form of every image reference. A whitelist match allows, then a
-blacklist match denies, then defaultAllow decides.
+the familiar form of every image reference (nginx:1.25), as the original
+plugin matched them, and also against the canonical form
+(docker.io/library/nginx:1.25) when they name docker.io. A whitelist match
+allows, then a blacklist match denies, then defaultAllow decides.
 
 Security note: the plugin sees every Docker API call before dockerd acts on
-it and reads each one the way dockerd does. Pulls, container and service
-creation, plugin installs and retags are checked by image name; loads,
-imports, builds, commits and plugin creation, whose content it cannot see,
-are allowed or denied as a whole. Anything on those routes that it cannot
-fully understand is denied. It cannot protect against users who bypass
-dockerd (the containerd socket), swarm workers pulling for a service created
-elsewhere, or users who can already run privileged containers.
+it and reads each one the way dockerd does (Go's encoding/json for bodies).
+Pulls, container creation (with its image mounts), services, plugin installs
+and retags are checked by image name; loads, imports, builds, commits,
+plugin creation and joining a swarm, whose effect it cannot see, are allowed
+or denied as a whole. Anything on those routes that it cannot fully
+understand is denied. It cannot protect against users who bypass dockerd
+(the containerd socket), swarm workers pulling for a service created
+elsewhere, files copied into a running container (docker cp, exec), or users
+who can already run privileged containers.
 """
 
 from __future__ import annotations
