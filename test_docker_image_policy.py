@@ -1481,6 +1481,7 @@ class EndToEnd:
     """The same tests against one engine; subclasses say which."""
 
     engine = ""
+    image_mounts = True   # API 1.48: HostConfig.Mounts of type image
     test_policy: dict[str, Any]
 
     # ---- fixture ---------------------------------------------------------
@@ -1792,6 +1793,191 @@ class EndToEnd:
         self.apply_policy(self.test_policy)
         self.denied(self.docker(CLIS[0], "pull", image), f"pull of {image} denied")
 
+    # ---- bodies, mounts, services and names read as dockerd reads them ----
+
+    def image_id(self, image: str) -> str:
+        return self.docker_ok("image", "inspect", "--format", "{{.Id}}", image)
+
+    def create(self, body: dict[str, Any] | bytes, route: str = "/v1.41/containers/create") -> tuple[int, str]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.api("POST", route, raw, headers={"Content-Type": "application/json"})
+
+    def in_swarm(self) -> None:
+        """Make the engine a single-node swarm manager, granting allowSwarm for the moment."""
+        if self.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
+            return
+        self.apply_policy(dict(self.test_policy, allowSwarm=True))
+        try:
+            self.docker_ok("swarm", "init", "--advertise-addr", "127.0.0.1")
+        finally:
+            self.apply_policy(self.test_policy)
+
+    def service_names(self) -> list[str]:
+        return self.docker_ok("service", "ls", "--format", "{{.Name}}").split()
+
+    def test_json_keys_fold_as_go_folds_them(self):
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        # dotless i (U+0131) does not fold to "I" in Go: dockerd reads Image, the refused one.
+        status, text = self.create(f'{{"Image":"smuggled:1","\u0131mage":"{allowed}","Cmd":["busybox","true"]}}'
+                                   .encode())
+        self.assertEqual(status, 403, text)
+        self.assertIn("run of smuggled:1 denied", text)
+        status, text = self.create({"Image": allowed, "Cmd": ["busybox", "true"]})   # the honest twin
+        self.assertEqual(status, 201, text)
+        self.docker_ok("rm", json.loads(text)["Id"])
+
+    def test_image_mounts_are_judged(self):
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        mount = lambda source: {"Image": allowed, "Cmd": ["busybox", "true"], "HostConfig": {
+            "Mounts": [{"Type": "image", "Source": source, "Target": "/mnt"}]}}
+        route = "/v1.48/containers/create"   # image mounts need API 1.48
+        for source in ("smuggled:1", self.image_id("smuggled:1")):
+            with self.subTest(source):
+                status, text = self.create(mount(source), route)
+                self.assertEqual(status, 403, text)
+                self.assertIn(f"image mount of {source} denied", text)
+        status, text = self.create(mount(allowed), route)   # the honest twin
+        self.assertNotEqual(status, 403, text)
+        if self.image_mounts:   # Engine 28 mounts the image; older engines reject the mount type
+            self.assertEqual(status, 201, text)
+            self.docker_ok("rm", json.loads(text)["Id"])
+            cli = CLIS[-1]
+            self.denied(self.docker(cli, "run", "--rm", "--network", "none", "--mount",
+                                    "type=image,source=smuggled:1,target=/mnt", allowed, "busybox", "true"),
+                        "image mount of smuggled:1 denied")
+            result = self.docker(cli, "run", "--rm", "--network", "none", "--mount",
+                                 f"type=image,source={allowed},target=/mnt", allowed, "busybox", "ls", "/mnt/bin")
+            self.assertEqual((result.returncode, result.stdout), (0, "busybox\n"), result.stderr)
+
+    def test_swarm_join_follows_allow_swarm(self):
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.denied(self.docker(cli, "swarm", "init", "--advertise-addr", "127.0.0.1"),
+                            "swarm denied: 'allowSwarm' is not set and defaultAllow is false")
+                self.denied(self.docker(cli, "swarm", "join", "--token", "SWMTKN-1-x", "127.0.0.1:2377"),
+                            "swarm denied")
+        self.in_swarm()   # allowSwarm: true lets it through
+        self.assertEqual(self.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}"), "active")
+
+    def test_services_are_judged_by_what_will_run(self):
+        self.in_swarm()
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        spec = lambda name, template: {"Name": name, "TaskTemplate": template}
+        refused = [
+            # A repeated TaskTemplate merges in Go: the container spec of the first one runs.
+            b'{"Name":"merged","TaskTemplate":{"ContainerSpec":{"Image":"smuggled:1"}},'
+            b'"TaskTemplate":{"PluginSpec":{"Remote":"' + allowed.encode() + b'"}}}',
+            spec("by-id", {"ContainerSpec": {"Image": self.image_id("smuggled:1")}}),
+            spec("by-short-id", {"ContainerSpec": {"Image": self.image_id("smuggled:1")[7:19]}}),
+        ]
+        for body in refused:
+            with self.subTest(body):
+                status, text = self.create(body, "/v1.41/services/create")
+                self.assertEqual(status, 403, text)
+                self.assertIn("denied: none of its names is allowed" if b"id" in (
+                    body if isinstance(body, bytes) else json.dumps(body).encode()) else "service of smuggled:1", text)
+        self.assertEqual(self.service_names(), [])
+        honest = b'{"Name":"honest","TaskTemplate":{"PluginSpec":{"Remote":"smuggled:1"}},' \
+                 b'"TaskTemplate":{"ContainerSpec":{"Image":"' + allowed.encode() + b'"}}}'
+        status, text = self.create(honest, "/v1.41/services/create")
+        self.assertEqual(status, 201, text)
+        status, text = self.create(spec("honest-id", {"ContainerSpec": {"Image": self.image_id(allowed)}}),
+                                   "/v1.41/services/create")
+        self.assertEqual(status, 201, text)
+        self.assertEqual(sorted(self.service_names()), ["honest", "honest-id"])
+        self.docker_ok("service", "rm", "honest", "honest-id")
+
+    def test_rollback_is_judged_by_the_previous_spec(self):
+        self.in_swarm()
+        allowed = f"{self.registry}/allowed/busybox"
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.apply_policy(dict(self.test_policy, whitelist=self.test_policy["whitelist"] + ["^smuggled:"]))
+        for name, first in [("back-refused", "smuggled:1"), ("back-allowed", f"{allowed}:1")]:
+            self.docker_ok("service", "create", "--detach", "--no-resolve-image", "--name", name, first,
+                           "busybox", "sleep", "60")
+            self.addCleanup(self.docker, CLIS[0], "service", "rm", name)
+            self.docker_ok("service", "update", "--detach", "--no-resolve-image", "--image", f"{allowed}:1@"
+                           + self.docker_ok("image", "inspect", "--format", "{{index .RepoDigests 0}}",
+                                            f"{allowed}:1").split("@")[1], name)
+        self.apply_policy(self.test_policy)
+        self.denied(self.docker(CLIS[-1], "service", "rollback", "--detach", "back-refused"),
+                    "service of smuggled:1 denied")
+        result = self.docker(CLIS[-1], "service", "rollback", "--detach", "back-allowed")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        image = self.docker_ok("service", "inspect", "--format", "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+                               "back-refused")
+        self.assertTrue(image.startswith(f"{allowed}:1@"), image)
+
+    def test_form_body_is_asked_about_before_import(self):
+        denied = f"{self.registry}/denied/busybox"
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.apply_policy(dict(self.test_policy, allowImport=True))
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, text = self.api("POST", "/v1.41/images/create", f"fromImage={denied}&tag=1".encode(), headers=form)
+        self.assertEqual(status, 403, text)
+        self.assertIn("pull or import denied: a form-encoded body may override the query", text)
+        self.assertFalse(self.image_present(f"{denied}:1"))
+        self.addCleanup(self.remove, "imported:1")
+        self.docker_ok("import", str(self.dir / "busybox.tar"), "imported:1")   # the honest twin
+        # An empty form body hides nothing: a pull with one is judged by its query.
+        allowed = f"{self.registry}/allowed/busybox"
+        self.remove(f"{allowed}:1")
+        status, text = self.api("POST", f"/v1.41/images/create?fromImage={allowed}&tag=1", b"", headers=form)
+        self.assertEqual(status, 200, text)
+        self.assertTrue(self.image_present(f"{allowed}:1"))
+        status, text = self.api("POST", f"/v1.41/images/create?fromImage={denied}&tag=1", b"", headers=form)
+        self.assertEqual(status, 403, text)
+
+    def test_hex_names_are_judged_by_every_image_they_could_mean(self):
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        ids = self.docker_ok("images", "--all", "--quiet", "--no-trunc").split()
+        prefix = self.image_id("smuggled:1")[len("sha256:"):][:12]
+        unused = next(hex for hex in (f"{n:04x}cafe" for n in range(4096))
+                      if not any(i.removeprefix("sha256:").startswith(hex) for i in ids))
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.apply_policy(dict(self.test_policy, whitelist=self.test_policy["whitelist"] + ["^[0-9a-f]+:latest$"]))
+        for name in (prefix, unused):
+            self.docker_ok("tag", allowed, name)
+            self.addCleanup(self.remove, name)
+        # The name is an allowed image now; once it is removed, dockerd runs the refused image by ID prefix.
+        self.denied(self.docker(CLIS[0], "run", "--rm", "--network", "none", prefix, "busybox", "true"),
+                    f"run of {prefix} denied: none of its names is allowed")
+        result = self.docker(CLIS[0], "run", "--rm", "--network", "none", unused, "busybox", "true")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # A hex name that is no image: dockerd answers 404 and the CLI pulls the name, which is judged.
+        self.remove(unused)
+        for cli in CLIS:
+            with self.subTest(cli):
+                result = self.docker(cli, "run", "--rm", "--network", "none", unused, "busybox", "true")
+                self.assertNotEqual(result.returncode, 0)
+                self.assertNotIn("authorization denied", result.stderr)   # no registry answers, nothing more
+        self.apply_policy(self.test_policy)
+        self.denied(self.docker(CLIS[0], "run", "--rm", "--network", "none", unused, "busybox", "true"),
+                    f"run of {unused}:latest denied: no whitelist rule matches")
+
+    def test_digest_pins_under_the_original_rules(self):
+        allowed, pinned = f"{self.registry}/allowed/busybox:1", f"{self.registry}/pinned/busybox"
+        self.docker_ok("pull", allowed)
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.apply_policy(dict(self.test_policy, whitelist=self.test_policy["whitelist"]
+                               + [f"^{re.escape(pinned)}:"]))   # a rule written for the original plugin
+        self.docker_ok("tag", allowed, f"{pinned}:1")
+        self.docker_ok("push", f"{pinned}:1")
+        digest = self.docker_ok("image", "inspect", "--format", "{{index .RepoDigests 0}}",
+                                f"{pinned}:1").split("@")[1]
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.remove(f"{pinned}:1", f"{pinned}@{digest}")
+                for command in (["pull"], ["run", "--rm", "--network", "none"]):
+                    result = self.docker(cli, *command, f"{pinned}@{digest}", *(["busybox", "true"]
+                                                                              if command[0] == "run" else []))
+                    self.assertEqual(result.returncode, 0, result.stderr)
+        self.remove(f"{pinned}:1", f"{pinned}@{digest}")
+
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
         cls.plugin.kill()   # leaves its socket behind, as a crash would
@@ -1819,6 +2005,7 @@ class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
     """Debian bookworm's docker.io (Engine 20.10)."""
 
     engine = "20.10"
+    image_mounts = False
 
     @classmethod
     def find_engine(cls) -> tuple[str, str]:
