@@ -695,8 +695,8 @@ class TestRequests(unittest.TestCase):
         self.assertEqual((tag.allow, tag.operation), (False, "tag"))
 
     def test_services_by_image_id_and_rollbacks(self):
-        refused_id = "sha256:" + "f" * 64
-        docker = FakeDocker({refused_id: ["redis:7"]}, services={
+        refused_id, allowed_id = "sha256:" + "f" * 64, "sha256:" + "a" * 64
+        docker = FakeDocker({refused_id: ["redis:7"], allowed_id: ["nginx:3"]}, services={
             "web": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:2"}}},
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7@" + DIGEST}}}},
             "api": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7"}}},
@@ -705,7 +705,8 @@ class TestRequests(unittest.TestCase):
         service = lambda image: {"TaskTemplate": {"ContainerSpec": {"Image": image}}}
         for image, allow, reason in [(refused_id, False, "for redis:7"), ("ffff", False, "for redis:7"),
                                      ("sha256:ffff", False, "for redis:7"), ("sha256:0000", False, "no such image"),
-                                     ("nginx:1", True, "service of nginx:1 allowed")]:
+                                     ("nginx:1", True, "service of nginx:1 allowed"),
+                                     (allowed_id, True, "for its name nginx:3"), ("aaaa", True, "nginx:3")]:
             with self.subTest(image):
                 self.assertDecision(authz("POST", "/v1.41/services/create", service(image)), allow, reason,
                                     docker=docker)
