@@ -35,8 +35,10 @@ import argparse
 import base64
 import binascii
 import bisect
+import codecs
 import contextlib
 import dataclasses
+import difflib
 import functools
 import http.client
 import json
@@ -389,20 +391,24 @@ NAMES_HUB_RE = re.compile(r"docker(?:\\?\.|\[\\?\.\])io", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Policy:
-    """The compiled configuration. Immutable: a reload builds a new one."""
+    """The compiled configuration: typed, immutable; a reload builds a new one."""
 
     path: str
-    settings: MappingProxyType[str, Any]
     whitelist: RuleSet
     blacklist: RuleSet
-
-    @property
-    def default_allow(self) -> bool:
-        return self.settings["defaultAllow"]
+    default_allow: bool
+    mode: str
+    check_run: bool
+    message: str
+    operations: MappingProxyType[str, Verdict]   # every opaque operation's verdict, resolved at load
 
     @property
     def audit(self) -> bool:
-        return self.settings["mode"] == "audit"
+        return self.mode == "audit"
+
+    def summary(self) -> str:
+        return (f"{len(self.whitelist.rules)} whitelist and {len(self.blacklist.rules)} blacklist rules,"
+                f" mode {self.mode}")
 
     def evaluate(self, reference: Reference) -> Verdict:
         if reference.repository == DANGLING_REPOSITORY:
@@ -426,7 +432,7 @@ class Policy:
         canonical = familiar + (reference.repository + ":",)
         for rule in self.whitelist.rules:
             forms = canonical if rule.canonical else familiar
-            if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):
+            if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):   # type: ignore[arg-type]
                 return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches every tag")
         if self.default_allow and not self.blacklist.rules:
             return Verdict(True, "defaultAllow", "defaultAllow is true and the blacklist is empty")
@@ -434,70 +440,103 @@ class Policy:
                        " form ^prefix covers every tag; pull a tag or digest instead")
 
     def allows_operation(self, operation: str) -> Verdict:
-        key, why = OPAQUE_OPERATIONS[operation]
-        value = self.settings[key]
-        allowed = self.default_allow if value is None else value
-        origin = f"{key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
-            else f"{key!r} is {str(allowed).lower()}"
-        return Verdict(allowed, key, f"{origin}; {why}")
+        return self.operations[operation]
 
-    def effective_settings(self) -> dict[str, Any]:
-        settings = dict(self.settings)
-        for key, _ in OPAQUE_OPERATIONS.values():
-            if settings[key] is None:
-                settings[key] = self.default_allow
-        return settings
+    def configuration(self) -> dict[str, Any]:
+        """The configuration in force, every key spelled out as in the file."""
+        return {"whitelist": [rule.pattern for rule in self.whitelist.rules],
+                "blacklist": [rule.pattern for rule in self.blacklist.rules],
+                "defaultAllow": self.default_allow, "mode": self.mode, "checkRun": self.check_run,
+                **{key: self.operations[operation].allow for operation, (key, _) in OPAQUE_OPERATIONS.items()},
+                "message": self.message}
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
     for key in keys:
         if keys.count(key) > 1:
-            raise ValueError(f"duplicate key {key!r}")
+            raise DuplicateKey(key)
     return dict(pairs)
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _line_of_second(text: str, key: str) -> int:
+    """The line of a key's second appearance as an object key."""
+    found = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
+    return text.count("\n", 0, found[1].start()) + 1 if len(found) > 1 else 1
 
 
 def compile_policy(text: str, path: str) -> Policy:
     """Build a Policy from a configuration file's text; ConfigError says why not."""
+    if not text.strip():
+        raise ConfigError(path, "", "the file is empty (an empty policy is {})")
     try:
         document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as error:
         raise ConfigError(path, f"line {error.lineno} column {error.colno}", f"invalid JSON: {error.msg}") from None
-    except ValueError as error:
-        raise ConfigError(path, "", str(error)) from None
+    except DuplicateKey as error:
+        key = error.args[0]
+        raise ConfigError(path, f"line {_line_of_second(text, key)}", f"duplicate key {json.dumps(key)}") from None
+    except (ValueError, RecursionError) as error:
+        raise ConfigError(path, "", f"invalid JSON: {error}") from None
     if not isinstance(document, dict):
         raise ConfigError(path, "", "the configuration must be a JSON object")
-    unknown = sorted(set(document) - set(CONFIG_DEFAULTS))
+    unknown = [key for key in document if key not in CONFIG_DEFAULTS]
     if unknown:
-        raise ConfigError(path, json.dumps(unknown[0]), "unknown key (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
+        raise ConfigError(path, "", "; ".join(_unknown_key(key) for key in unknown)
+                          + " (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
     settings = {**CONFIG_DEFAULTS, **document}
     for key, value in settings.items():
         default = CONFIG_DEFAULTS[key]
         if isinstance(default, list):
-            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise ConfigError(path, json.dumps(key), f"must be a list of strings, not {json.dumps(value)}")
+            if not isinstance(value, list):
+                raise ConfigError(path, json.dumps(key), f"must be a list of strings, not {_shown(value)}")
+            for index, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise ConfigError(path, f"{json.dumps(key)}[{index}]", f"must be a string, not {_shown(item)}")
         elif key.startswith("allow") or isinstance(default, bool):
             if not isinstance(value, bool) and not (value is None and default is None):
-                raise ConfigError(path, json.dumps(key), f"must be true or false, not {json.dumps(value)}")
+                raise ConfigError(path, json.dumps(key), f"must be true or false, not {_shown(value)}")
         elif not isinstance(value, str):
-            raise ConfigError(path, json.dumps(key), f"must be a string, not {json.dumps(value)}")
+            raise ConfigError(path, json.dumps(key), f"must be a string, not {_shown(value)}")
     if settings["mode"] not in MODES:
         raise ConfigError(path, '"mode"', f'must be "enforce" or "audit", not {json.dumps(settings["mode"])}')
-    lists = {}
-    for kind in ("whitelist", "blacklist"):
-        rules = []
-        for index, pattern in enumerate(settings[kind]):
-            try:
-                regex = re.compile(pattern)
-            except re.error as error:
-                raise ConfigError(path, f"{json.dumps(kind)}[{index}]",
-                                  f"invalid regular expression {json.dumps(pattern)}: {error.msg}"
-                                  f" at position {error.pos}") from None
-            rules.append(Rule(kind, index, pattern, regex, *literal_prefix(regex),
-                              canonical=bool(NAMES_HUB_RE.search(pattern))))
-        lists[kind] = build_rule_set(rules)
-        settings[kind] = list(settings[kind])
-    return Policy(path, MappingProxyType(settings), lists["whitelist"], lists["blacklist"])
+    lists = {kind: build_rule_set([compile_rule(path, kind, index, pattern)
+                                   for index, pattern in enumerate(settings[kind])])
+             for kind in ("whitelist", "blacklist")}
+    default_allow = settings["defaultAllow"]
+    operations = {}
+    for operation, (key, why) in OPAQUE_OPERATIONS.items():
+        value = settings[key]
+        allowed = default_allow if value is None else value
+        origin = f"{key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
+            else f"{key!r} is {str(allowed).lower()}"
+        operations[operation] = Verdict(allowed, key, f"{origin}; {why}")
+    return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
+                  settings["checkRun"], settings["message"], MappingProxyType(operations))
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, CONFIG_DEFAULTS, n=1, cutoff=0.6)
+    return f"unknown key {json.dumps(key)}" + (f" (did you mean {json.dumps(close[0])}?)" if close else "")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
+    try:
+        regex = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        detail = f"{error.msg} at position {error.pos}" if isinstance(error, re.error) else str(error)
+        raise ConfigError(path, f"{json.dumps(kind)}[{index}]",
+                          f"invalid regular expression {json.dumps(pattern)}: {detail}") from None
+    return Rule(kind, index, pattern, regex, *literal_prefix(regex), canonical=bool(NAMES_HUB_RE.search(pattern)))
 
 
 def load_policy(path: str) -> Policy:
@@ -581,8 +620,8 @@ class Decision:
     def message(self, policy: Policy | None) -> str:
         what = f"{self.operation} of {self.familiar}" if self.familiar else self.operation
         text = f"{what} {'allowed' if self.allow else 'denied'}: {self.reason}"
-        if not self.allow and policy is not None and policy.settings["message"]:
-            text += f". {policy.settings['message']}"
+        if not self.allow and policy is not None and policy.message:
+            text += f". {policy.message}"
         return text
 
 
@@ -724,7 +763,7 @@ def go_decode(value: Any, kind: GoType, current: Any) -> Any:
     if kind is STRING:
         if not isinstance(value, str):
             raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where a string belongs")
-        return value
+        return value if value.isascii() else _LONE_SURROGATE_RE.sub("\ufffd", value)   # Go's \ud800: U+FFFD
     if isinstance(kind, GoStruct):
         if not isinstance(value, JSONObject):
             raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where an object belongs")
@@ -754,11 +793,26 @@ def go_decode(value: Any, kind: GoType, current: Any) -> Any:
     return SliceValue(tuple(elements), len(value))
 
 
+def _go_replace(error: UnicodeError) -> tuple[str, int]:
+    # Go decodes each byte of an invalid UTF-8 sequence as one U+FFFD.
+    return "\ufffd", error.start + 1   # type: ignore[attr-defined]
+
+
+codecs.register_error("docker-image-policy-go", _go_replace)
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=JSONObject)
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 def decode_body(body: bytes, kind: GoStruct) -> dict[str, Any]:
+    """Decode a body as dockerd's json.Decoder does: the first JSON value, into kind."""
+    text = body.decode("utf-8", "docker-image-policy-go").lstrip(" \t\r\n")
     try:
-        document = json.loads(body.decode(), object_pairs_hook=JSONObject)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        # Engines before 25 ignore what follows the value; newer ones reject it.
+        document, _ = _JSON_DECODER.raw_decode(text)
+    except ValueError as error:
         raise Unreadable(f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise Unreadable("the request body is nested too deeply to read") from None
     return go_decode(document, kind, None) or {}
 
 
@@ -938,7 +992,7 @@ def decide_images_create(policy: Policy, request: Request, match: re.Match[str] 
 
 
 def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
-    if not policy.settings["checkRun"]:
+    if not policy.check_run:
         return Decision(True, "run", rule="checkRun", reason="checkRun is false")
     image, *mounts = images_in_body("run", request.body())
     return first_denial([decide_image_name(policy, "run", image, docker)]
@@ -977,7 +1031,7 @@ def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | 
 
 def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
     """A new name for a present image: the image must be allowed, and so must its new name."""
-    if not policy.settings["checkRun"]:
+    if not policy.check_run:
         return Decision(True, "tag", rule="checkRun", reason="checkRun is false")
     request.check_query_is_whole()
     source = decide_image_name(policy, "tag", match["name"], docker)   # type: ignore[index]
@@ -1306,8 +1360,7 @@ class Plugin:
             self.current = (policy, {})  # one reference: no request sees half of each
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
-            self.log.event("info", f"reloaded {self.config_path}: {len(policy.whitelist.rules)} whitelist and"
-                           f" {len(policy.blacklist.rules)} blacklist rules, mode {policy.settings['mode']}")
+            self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
             return True
 
     @property
@@ -1336,7 +1389,7 @@ class Plugin:
                 remembered[body] = answer
         decision, outcome, response = answer
         if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
-            self.log.decision(decision, outcome, policy.settings["mode"])
+            self.log.decision(decision, outcome, policy.mode)
         self.metrics.count(decision.operation, outcome, time.perf_counter() - started)
         return response
 
@@ -1361,7 +1414,7 @@ class Plugin:
 
     def config_document(self) -> dict[str, Any]:
         policy = self.policy
-        return {"file": policy.path, "lastReload": self.reload_status, "config": policy.effective_settings()}
+        return {"file": policy.path, "lastReload": self.reload_status, "config": policy.configuration()}
 
 
 @dataclass
@@ -1701,8 +1754,7 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     policy = plugin.policy
     log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {args.addr}, policy"
-              f" {args.config} ({len(policy.whitelist.rules)} whitelist, {len(policy.blacklist.rules)} blacklist"
-              f" rules, mode {policy.settings['mode']})")
+              f" {args.config} ({policy.summary()})")
     notify_systemd("READY=1")
     while True:
         signum = signal.sigwait(handled)
@@ -1757,8 +1809,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_images(policy, args.check)
     for warning in policy_warnings(policy):
         print(f"warning: {warning}")
-    print(f"{args.config}: valid, {len(policy.whitelist.rules)} whitelist and {len(policy.blacklist.rules)}"
-          f" blacklist rules, mode {policy.settings['mode']}")
+    print(f"{args.config}: valid, {policy.summary()}")
     return 0
 
 

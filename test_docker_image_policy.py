@@ -292,7 +292,7 @@ class TestPolicy(unittest.TestCase):
 
     def test_original_files_load_unchanged(self):
         policy = policy_of(ORIGINAL_CONFIG)
-        self.assertEqual(policy.settings["mode"], "enforce")
+        self.assertEqual((policy.mode, policy.check_run, policy.message), ("enforce", True, ""))
         self.assertFalse(policy.allows_operation("load").allow)
         self.assertTrue(policy_of(dict(ORIGINAL_CONFIG, defaultAllow=True)).allows_operation("build").allow)
         self.assertFalse(policy_of({"defaultAllow": True, "allowBuild": False}).allows_operation("build").allow)
@@ -306,10 +306,16 @@ class TestPolicy(unittest.TestCase):
         self.assertEqual(self.config_error('{"whitelist": ["^ok", "^ngi(nx"]}'),
                          '/etc/docker/p.json: "whitelist"[1]: invalid regular expression "^ngi(nx":'
                          ' missing ), unterminated subpattern at position 4')
-        self.assertEqual(self.config_error('{"whitelst": []}'),
-                         '/etc/docker/p.json: "whitelst": unknown key (known keys: whitelist, blacklist,'
-                         ' defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
+        self.assertEqual(self.config_error('{"whitelst": [], "defaultallow": true, "colour": 1}'),
+                         '/etc/docker/p.json: unknown key "whitelst" (did you mean "whitelist"?); unknown key'
+                         ' "defaultallow" (did you mean "defaultAllow"?); unknown key "colour" (known keys: whitelist,'
+                         ' blacklist, defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
                          ' allowPluginCreate, allowSwarm, message)')
+        self.assertEqual(self.config_error('{"whitelist": ["^a", "^b", "^c", 5]}'),
+                         '/etc/docker/p.json: "whitelist"[3]: must be a string, not 5')
+        self.assertEqual(self.config_error(' \n'), "/etc/docker/p.json: the file is empty (an empty policy is {})")
+        self.assertEqual(self.config_error("[" * 100000), "/etc/docker/p.json: invalid JSON: maximum recursion depth"
+                                                           " exceeded while decoding a JSON array from a unicode string")
         self.assertEqual(self.config_error('{"defaultAllow": "yes"}'),
                          '/etc/docker/p.json: "defaultAllow": must be true or false, not "yes"')
         self.assertEqual(self.config_error('{"blacklist": "^a"}'),
@@ -318,8 +324,8 @@ class TestPolicy(unittest.TestCase):
                          '/etc/docker/p.json: "mode": must be "enforce" or "audit", not "warn"')
         self.assertEqual(self.config_error('{\n  "whitelist": [\n  "a",\n}'),
                          "/etc/docker/p.json: line 4 column 1: invalid JSON: Expecting value")
-        self.assertEqual(self.config_error('{"mode": "audit", "mode": "enforce"}'),
-                         "/etc/docker/p.json: duplicate key 'mode'")
+        self.assertEqual(self.config_error('{\n"mode": "audit",\n"whitelist": [],\n"mode": "enforce"}'),
+                         '/etc/docker/p.json: line 4: duplicate key "mode"')
         self.assertEqual(self.config_error('[]'), "/etc/docker/p.json: the configuration must be a JSON object")
 
     def test_all_tags_pull_needs_a_prefix_rule_covering_every_tag(self):
@@ -1148,7 +1154,7 @@ class TestOperations(unittest.TestCase):
         self.fixture.write_config({"whitelist": [1]})
         result = run_module("--config", self.fixture.config_path, "--validate")
         self.assertEqual((result.returncode, result.stderr.strip()), (2, f'docker-image-policy: error:'
-                         f' {self.fixture.config_path}: "whitelist": must be a list of strings, not [1]'))
+                         f' {self.fixture.config_path}: "whitelist"[0]: must be a string, not 1'))
 
     def test_daemon_refuses_bad_config_with_status_2(self):
         self.fixture.write_config({"defaultAllow": "no"})
