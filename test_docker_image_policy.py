@@ -502,6 +502,310 @@ class TestRequests(unittest.TestCase):
                 self.assertFalse(self.decide(request).allow)
 
 
+# What dockerd 28's encoding/json makes of a request body, as the program
+# below prints it for each "KIND BASE64" line on its input: the images
+# dockerd would use, a spec error, or a decode error. Its structs have the
+# shapes of moby's API types (pointers, embedded pointer, struct, slices as
+# there), with enough fields that wrong types are errors where dockerd's are.
+GO_DECODER = r"""package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"os"
+	"strings"
+)
+
+// StrSlice is moby's strslice: a string or an array of strings.
+type StrSlice []string
+
+func (s *StrSlice) UnmarshalJSON(b []byte) error {
+	var list []string
+	if err := json.Unmarshal(b, &list); err == nil {
+		*s = list
+		return nil
+	}
+	var one string
+	if err := json.Unmarshal(b, &one); err != nil {
+		return err
+	}
+	*s = StrSlice{one}
+	return nil
+}
+
+type Config struct {
+	Hostname, Domainname, User              string
+	AttachStdin, AttachStdout, AttachStderr bool
+	ExposedPorts                            map[string]struct{}
+	Tty, OpenStdin, StdinOnce               bool
+	Env                                     []string
+	Cmd                                     StrSlice
+	Healthcheck                             *struct {
+		Test                                          []string
+		Interval, Timeout, StartPeriod, StartInterval int64
+		Retries                                       int
+	}
+	ArgsEscaped     bool
+	Image           string
+	Volumes         map[string]struct{}
+	WorkingDir      string
+	Entrypoint      StrSlice
+	NetworkDisabled bool
+	MacAddress      string
+	OnBuild         []string
+	Labels          map[string]string
+	StopSignal      string
+	StopTimeout     *int
+	Shell           StrSlice
+}
+
+type Mount struct {
+	Type, Source, Target string
+	ReadOnly             bool
+	Consistency          string
+	BindOptions          *struct {
+		Propagation                                                                  string
+		NonRecursive, CreateMountpoint, ReadOnlyNonRecursive, ReadOnlyForceRecursive bool
+	}
+	VolumeOptions *struct {
+		NoCopy       bool
+		Labels       map[string]string
+		Subpath      string
+		DriverConfig *struct {
+			Name    string
+			Options map[string]string
+		}
+	}
+	ImageOptions *struct{ Subpath string }
+	TmpfsOptions *struct {
+		SizeBytes int64
+		Mode      uint32
+		Options   [][]string
+	}
+	ClusterOptions *struct{}
+}
+
+type HostConfig struct {
+	Binds           []string
+	ContainerIDFile string
+	LogConfig       struct {
+		Type   string
+		Config map[string]string
+	}
+	NetworkMode   string
+	PortBindings  map[string][]struct{ HostIp, HostPort string }
+	RestartPolicy struct {
+		Name              string
+		MaximumRetryCount int
+	}
+	AutoRemove      bool
+	VolumeDriver    string
+	VolumesFrom     []string
+	CapAdd, CapDrop StrSlice
+	Dns, ExtraHosts []string
+	Privileged      bool
+	ReadonlyRootfs  bool
+	Memory          int64
+	CpuShares       int64
+	Mounts          []Mount
+	Init            *bool
+}
+
+// CreateRequest is the body of POST /containers/create (api/types/container).
+type CreateRequest struct {
+	*Config
+	HostConfig       *HostConfig
+	NetworkingConfig *struct {
+		EndpointsConfig map[string]*struct {
+			Aliases              []string
+			NetworkID, IPAddress string
+		}
+	}
+}
+
+type ContainerSpec struct {
+	Image           string
+	Labels          map[string]string
+	Command, Args   []string
+	Hostname        string
+	Env             []string
+	Dir, User       string
+	Groups          []string
+	Init            *bool
+	StopSignal      string
+	TTY             bool
+	OpenStdin       bool
+	ReadOnly        bool
+	Mounts          []Mount
+	StopGracePeriod *int64
+	Hosts           []string
+	OomScoreAdj     int64
+}
+
+type PluginSpec struct {
+	Name       string `json:"name,omitempty"`
+	Remote     string `json:"remote,omitempty"`
+	Privileges []*struct {
+		Name, Description string
+		Value             []string
+	} `json:"privileges,omitempty"`
+	Disabled bool     `json:"disabled,omitempty"`
+	Env      []string `json:"env,omitempty"`
+}
+
+type TaskSpec struct {
+	ContainerSpec         *ContainerSpec
+	PluginSpec            *PluginSpec
+	NetworkAttachmentSpec *struct{ ContainerID string }
+	RestartPolicy         *struct {
+		Condition   string
+		Delay       *int64
+		MaxAttempts *uint64
+	}
+	Networks []struct {
+		Target     string
+		Aliases    []string
+		DriverOpts map[string]string
+	}
+	LogDriver *struct {
+		Name    string
+		Options map[string]string
+	}
+	ForceUpdate uint64
+	Runtime     string
+}
+
+type Annotations struct {
+	Name   string
+	Labels map[string]string
+}
+
+// ServiceSpec is the body of POST /services/create and /services/{id}/update (api/types/swarm).
+type ServiceSpec struct {
+	Annotations
+	TaskTemplate TaskSpec
+	Mode         struct {
+		Replicated *struct{ Replicas *uint64 }
+		Global     *struct{}
+	}
+	EndpointSpec *struct{ Mode string }
+}
+
+type Outcome struct {
+	Images []string `json:"images,omitempty"`
+	Empty  []string `json:"empty,omitempty"` // run with no Config field at all
+	From   string   `json:"from,omitempty"`
+	Spec   string   `json:"spec,omitempty"`
+	Decode string   `json:"decode,omitempty"`
+	First  *Outcome `json:"first,omitempty"` // what engines before 25 read, ignoring the rest
+}
+
+func withMounts(images []string, mounts []Mount, isImage func(string) bool) []string {
+	for _, m := range mounts {
+		if isImage(m.Type) {
+			images = append(images, m.Source)
+		}
+	}
+	return images
+}
+
+// run reads like runconfig's loadJSON: Decode into an interface holding the pointer, then More.
+func run(body []byte) (*Outcome, bool) {
+	var request CreateRequest
+	var out interface{} = &request
+	decoder := json.NewDecoder(bytes.NewReader(body))
+	if err := decoder.Decode(&out); err != nil {
+		return &Outcome{Decode: err.Error()}, false
+	}
+	var mounts []Mount
+	if request.HostConfig != nil {
+		mounts = request.HostConfig.Mounts
+	}
+	isImage := func(t string) bool { return t == "image" }
+	if request.Config == nil { // dockerd: "config cannot be empty in order to create a container"
+		return &Outcome{Empty: withMounts([]string{""}, mounts, isImage), From: "config"}, decoder.More()
+	}
+	return &Outcome{Images: withMounts([]string{request.Config.Image}, mounts, isImage), From: "config"}, decoder.More()
+}
+
+// service reads like httputils.ReadJSON, then chooses the runtime like convert.ServiceSpecToGRPC.
+func service(body []byte) (*Outcome, bool) {
+	var spec ServiceSpec
+	more := false
+	if len(body) > 0 { // ReadJSON: an empty body is no error
+		decoder := json.NewDecoder(bytes.NewReader(body))
+		if err := decoder.Decode(&spec); err != nil {
+			return &Outcome{Decode: err.Error()}, false
+		}
+		more = decoder.More()
+	}
+	task := spec.TaskTemplate
+	switch task.Runtime {
+	case "", "container":
+		if task.ContainerSpec == nil {
+			return &Outcome{Spec: "mismatched Runtime and *Spec fields"}, more
+		}
+		isImage := func(t string) bool { return strings.ToUpper(t) == "IMAGE" } // swarm's mountToGRPC
+		images := withMounts([]string{task.ContainerSpec.Image}, task.ContainerSpec.Mounts, isImage)
+		return &Outcome{Images: images, From: "container"}, more
+	case "plugin":
+		if task.PluginSpec == nil {
+			return &Outcome{Spec: "mismatched Runtime and *Spec fields"}, more
+		}
+		return &Outcome{Images: []string{task.PluginSpec.Remote}, From: "plugin"}, more
+	}
+	return &Outcome{Spec: "unsupported runtime"}, more
+}
+
+func main() {
+	input := bufio.NewScanner(os.Stdin)
+	input.Buffer(make([]byte, 1<<20), 1<<28)
+	output := bufio.NewWriter(os.Stdout)
+	defer output.Flush()
+	for input.Scan() {
+		kind, encoded, _ := strings.Cut(input.Text(), " ")
+		body, err := base64.StdEncoding.DecodeString(encoded)
+		if err != nil {
+			panic(err)
+		}
+		decode := map[string]func([]byte) (*Outcome, bool){"run": run, "service": service}[kind]
+		result, more := decode(body)
+		if more { // engines 25 and later refuse what follows the first value, older ones ignore it
+			result = &Outcome{Decode: "unexpected content after JSON", First: result}
+		}
+		line, err := json.Marshal(result)
+		if err != nil {
+			panic(err)
+		}
+		output.Write(append(line, '\n'))
+	}
+	if err := input.Err(); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+def go_decoder(directory: str) -> str:
+    """Build GO_DECODER with the machine's Go, offline, in a temporary directory."""
+    go = shutil.which("go")
+    if go is None:
+        message = "Go is not installed (apt-get install golang-go): the differential test against encoding/json"
+        if REQUIRE_E2E:
+            raise AssertionError(message + " is required")
+        raise unittest.SkipTest(message + " cannot run")
+    Path(directory, "main.go").write_text(GO_DECODER)
+    env = dict(os.environ, GOCACHE=f"{directory}/cache", GOPATH=f"{directory}/gopath", GO111MODULE="off",
+               GOTOOLCHAIN="local", GOFLAGS="", GOENV="off", CGO_ENABLED="0")
+    build = subprocess.run([go, "build", "-o", "decoder", "main.go"], cwd=directory, env=env,
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode:
+        raise AssertionError(f"go build failed: {build.stderr}")
+    return str(Path(directory, "decoder"))
+
+
 # --------------------------------------------------------------------------
 # Docker API
 # --------------------------------------------------------------------------
