@@ -1091,6 +1091,76 @@ def go_decoder(directory: str) -> str:
     return str(Path(directory, "decoder"))
 
 
+def judge(kind: str, answer: dict[str, Any], images: Any) -> str | None:
+    """The outcome class of Python's answer given Go's, or None for a mismatch."""
+    unreadable = isinstance(images, dip.Unreadable)
+    if "images" in answer:
+        if images == tuple(answer["images"]):
+            source = kind if kind == "run" else f"service {answer['from']}"
+            return f"{source}: images" + (" with image mounts" if len(images) > 1 else "")
+        return "ambiguous" if unreadable and "ambiguous" in str(images) else None
+    if "empty" in answer:   # dockerd refuses it; the image is "" either way
+        return "run: empty config" if unreadable or images == tuple(answer["empty"]) else None
+    if "spec" in answer:
+        return f"{kind}: spec error" if unreadable else None
+    first = answer.get("first", {})
+    if "images" in first or "empty" in first:   # older engines read the first value and ignore the rest
+        expected = tuple(first.get("images", first.get("empty")))
+        return "trailing data" if unreadable or images == expected else None
+    if unreadable:
+        return f"{kind}: decode error, refused"
+    if isinstance(images, tuple) and all(isinstance(image, str) for image in images):
+        return f"{kind}: decode error, read anyway"
+    return None
+
+
+class TestGoDecoding(unittest.TestCase):
+    """images_in_body against Go's encoding/json decoding the same bodies into dockerd's structs."""
+
+    count = 12_000 * (10 if LONG else 1)
+
+    def test_images_are_the_ones_go_decodes(self):
+        directory = tempfile.mkdtemp(prefix="dip-go-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        decoder = go_decoder(directory)
+        self.assertTrue(hasattr(dip, "images_in_body"), "docker_image_policy.images_in_body is missing")
+        generator = BodyGenerator(seed=20260)
+        bodies = [(kind, generator.body(kind)) for kind in ("run", "service") * (self.count // 2)]
+        lines = "".join(f"{kind} {base64.b64encode(body).decode()}\n" for kind, body in bodies)
+        result = subprocess.run([decoder], input=lines, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        answers = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual(len(answers), len(bodies))
+        counts: dict[str, int] = {}
+        mismatches = []
+        for (kind, body), answer in zip(bodies, answers):
+            try:
+                images: Any = dip.images_in_body(kind, body)
+            except dip.Unreadable as error:
+                images = error
+            except Exception as error:   # anything else is a bug, whatever Go says
+                images = error
+            outcome = judge(kind, answer, images)
+            if outcome is None:
+                mismatches.append(f"{kind} body {body[:600]!r}{' (%d bytes)' % len(body) if len(body) > 600 else ''}\n"
+                                  f"    Go:     {json.dumps(answer, ensure_ascii=False)}\n    Python: {images!r}")
+            else:
+                counts[outcome] = counts.get(outcome, 0) + 1
+        summary = ", ".join(f"{name}: {number}" for name, number in sorted(counts.items()))
+        if mismatches:
+            self.fail(f"{len(mismatches)} of {len(bodies)} bodies read unlike Go ({summary}):\n"
+                      + "\n".join(mismatches[:25]))
+        for outcome in ("run: images", "run: images with image mounts", "run: empty config",
+                        "service container: images", "service container: images with image mounts",
+                        "service plugin: images", "service: spec error", "run: decode error",
+                        "service: decode error", "trailing data"):
+            self.assertGreater(sum(number for name, number in counts.items() if name.startswith(outcome)), 20,
+                               f"{outcome!r} never happened: {summary}")
+        exact = sum(number for name, number in counts.items() if ": images" in name)
+        self.assertLess(counts.get("ambiguous", 0), exact / 20, summary)
+
+
+
 # --------------------------------------------------------------------------
 # Docker API
 # --------------------------------------------------------------------------
