@@ -12,18 +12,21 @@ and enable it in /etc/docker/daemon.json:
 
 The configuration is the original plugin's: regular expressions in
 "whitelist" and "blacklist" and a "defaultAllow" fallback, matched against
-both the canonical (docker.io/library/nginx:1.25) and the familiar
-(nginx:1.25) form of every image reference. A whitelist match allows, then a
-blacklist match denies, then defaultAllow decides.
+the familiar form of every image reference (nginx:1.25), as the original
+plugin matched them, and also against the canonical form
+(docker.io/library/nginx:1.25) when they name docker.io. A whitelist match
+allows, then a blacklist match denies, then defaultAllow decides.
 
 Security note: the plugin sees every Docker API call before dockerd acts on
-it and reads each one the way dockerd does. Pulls, container and service
-creation, plugin installs and retags are checked by image name; loads,
-imports, builds, commits and plugin creation, whose content it cannot see,
-are allowed or denied as a whole. Anything on those routes that it cannot
-fully understand is denied. It cannot protect against users who bypass
-dockerd (the containerd socket), swarm workers pulling for a service created
-elsewhere, or users who can already run privileged containers.
+it and reads each one the way dockerd does (Go's encoding/json for bodies).
+Pulls, container creation (with its image mounts), services, plugin installs
+and retags are checked by image name; loads, imports, builds, commits,
+plugin creation and joining a swarm, whose effect it cannot see, are allowed
+or denied as a whole. Anything on those routes that it cannot fully
+understand is denied. It cannot protect against users who bypass dockerd
+(the containerd socket), swarm workers pulling for a service created
+elsewhere, files copied into a running container (docker cp, exec), or users
+who can already run privileged containers.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from re import _parser as regex_parser  # the stdlib's own parser: exact literal prefixes
 from types import MappingProxyType
 from typing import Any, Callable
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 __version__ = "1.0.0"
 
@@ -97,6 +100,7 @@ CONFIG_DEFAULTS = MappingProxyType({
     "allowImport": None,
     "allowLoad": None,
     "allowPluginCreate": None,
+    "allowSwarm": None,
     "message": "",
 })
 MODES = frozenset({"enforce", "audit"})
@@ -108,6 +112,7 @@ OPAQUE_OPERATIONS = MappingProxyType({
     "import": ("allowImport", "the plugin cannot see what the archive or URL holds"),
     "load": ("allowLoad", "the plugin cannot see which images the archive holds"),
     "plugin-create": ("allowPluginCreate", "the plugin cannot see what the archive holds"),
+    "swarm": ("allowSwarm", "a swarm manager can then run any image on this host without asking any plugin"),
 })
 
 
@@ -154,9 +159,26 @@ IMAGE_ID_LIKE_RE = re.compile(r"(?:sha256:)?[a-f0-9]+")
 MAX_PATH = 255
 
 
+# Docker Hub serves the same repositories under these hosts, with or without
+# the HTTPS port; any registry is the same registry with ":443".
+HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+# distribution/reference recognizes Docker Hub by exact, lower-case comparison:
+# only these spellings get "library/" for a one-component path.
+HUB_NAMES = frozenset({"docker.io", "index.docker.io"})
+HTTPS_PORT = ":443"
+# The containerd image store keeps an image that lost its last name while in
+# use as moby-dangling@<digest>: a placeholder, never a name a rule may admit.
+DANGLING_REPOSITORY = "docker.io/library/moby-dangling"
+
+
 @dataclass(frozen=True)
 class Reference:
-    """A normalized image reference: docker.io/library/nginx:1.25@sha256:…"""
+    """A normalized image reference: docker.io/library/nginx:1.25@sha256:…
+
+    The domain is the registry that serves the content, spelled one way:
+    Docker Hub's aliases become docker.io and ":443" is dropped, so that a
+    rule sees one name for one repository however the request spelled it.
+    """
 
     domain: str
     path: str
@@ -173,17 +195,39 @@ class Reference:
             return self.repository
         if self.path.startswith("library/") and self.path.count("/") == 1:
             return self.path[len("library/"):]
-        return self.path
+        # A one-component path reached through an alias (DOCKER.IO/nginx) is
+        # not the official image (only the exact name docker.io adds library/)
+        # and has no familiar form: only rules that name docker.io match it.
+        return self.path if "/" in self.path else self.repository
+
+    @property
+    def has_familiar_form(self) -> bool:
+        return self.domain != "docker.io" or "/" in self.path
 
     canonical: str = dataclasses.field(init=False, compare=False)
     familiar: str = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Computed once: every rule is matched against both forms.
+        # Computed once: every rule is matched against these forms.
         tag = self.tag if self.tag is not None or self.digest else "latest"
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
         object.__setattr__(self, "canonical", self.repository + suffix)
         object.__setattr__(self, "familiar", self.familiar_repository + suffix)
+
+    def forms(self, canonical: bool) -> tuple[str, ...]:
+        """The strings rules are matched against: familiar, or canonical.
+
+        A reference pinned by digest alone is also matched as the original
+        plugin saw it (nginx:sha256:…, from fromImage and tag), so that a
+        rule like ^nginx: admits its digest pins while :latest$ does not.
+        """
+        if not canonical and not self.has_familiar_form:
+            return ()
+        text = self.canonical if canonical else self.familiar
+        if self.digest and self.tag is None:
+            repository = self.repository if canonical else self.familiar_repository
+            return text, f"{repository}:{self.digest}"
+        return (text,)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -197,9 +241,7 @@ def parse_reference(text: str) -> Reference:
         domain, remainder = "docker.io", text
     else:
         domain, remainder = first, text[slash + 1:]
-    if domain == "index.docker.io":
-        domain = "docker.io"
-    if domain == "docker.io" and "/" not in remainder.split("@")[0].split(":")[0]:
+    if domain in HUB_NAMES and "/" not in remainder.split("@")[0].split(":")[0]:
         remainder = "library/" + remainder
     repository = remainder.split(":", 1)[0].split("@", 1)[0]
     if repository.lower() != repository:
@@ -211,13 +253,16 @@ def parse_reference(text: str) -> Reference:
         raise InvalidReference(f"invalid reference {text!r}: repository name longer than {MAX_PATH} characters")
     if match["digest"] and not DIGEST_RE.fullmatch(match["digest"]):
         raise InvalidReference(f"invalid reference {text!r}: unsupported or malformed digest")
-    # Registry host names are case-insensitive; lower-case them unless that
-    # would turn the host into something that reads as a Docker Hub user.
-    domain = match["domain"]
+    return Reference(registry_host(match["domain"]), match["path"], match["tag"], match["digest"])
+
+
+def registry_host(domain: str) -> str:
+    """One spelling per registry: host names are case-insensitive on the network."""
     lowered = domain.lower()
-    if any(c in lowered for c in ".:") or lowered == "localhost":
-        domain = lowered
-    return Reference(domain, match["path"], match["tag"], match["digest"])
+    if not any(c in lowered for c in ".:") and lowered != "localhost":
+        return domain   # "Foo/app": lower-casing would make it read as a Docker Hub user
+    lowered = lowered.removesuffix(HTTPS_PORT)
+    return "docker.io" if lowered in HUB_HOSTS else lowered
 
 
 def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
@@ -247,6 +292,7 @@ class Rule:
     regex: re.Pattern[str]
     prefix: str | None   # literal text every match starts with; None when unanchored
     only_prefix: bool    # the pattern is exactly ^prefix: it matches what starts with it
+    canonical: bool      # the pattern names docker.io: it is matched against canonical forms too
 
     def __str__(self) -> str:
         return f"{self.kind}[{self.index}] {json.dumps(self.pattern)}"
@@ -297,10 +343,13 @@ class RuleSet:
             found = sorted(set(found), key=_rule_index)
         return found
 
-    def first_match(self, texts: tuple[str, ...]) -> Rule | None:
-        for rule in self.candidates(texts):
+    def first_match(self, familiar: tuple[str, ...], canonical: tuple[str, ...]) -> Rule | None:
+        """The first rule matching a familiar form, or a canonical one if the rule names docker.io."""
+        if canonical == familiar:
+            canonical = ()
+        for rule in self.candidates(familiar + canonical):
             search = rule.regex.search
-            for text in texts:
+            for text in familiar + canonical if rule.canonical else familiar:
                 if search(text):
                     return rule
         return None
@@ -328,6 +377,16 @@ class Verdict:
     reason: str
 
 
+NAMELESS = Verdict(False, "nameless", "moby-dangling is the containerd image store's placeholder for an image that"
+                   " lost its last name, and a nameless image has no name the policy could allow")
+
+# A rule that names Docker Hub's domain is about canonical names
+# (docker.io/library/nginx:1.25); any other rule is about the familiar names
+# the original plugin matched (nginx:1.25), so ^docker means docker:24 and
+# docker/compose:2, not every canonical name that starts with docker.io/.
+NAMES_HUB_RE = re.compile(r"docker(?:\\?\.|\[\\?\.\])io", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Policy:
     """The compiled configuration. Immutable: a reload builds a new one."""
@@ -346,11 +405,13 @@ class Policy:
         return self.settings["mode"] == "audit"
 
     def evaluate(self, reference: Reference) -> Verdict:
-        forms = (reference.canonical, reference.familiar)
-        rule = self.whitelist.first_match(forms)
+        if reference.repository == DANGLING_REPOSITORY:
+            return NAMELESS
+        familiar, canonical = reference.forms(canonical=False), reference.forms(canonical=True)
+        rule = self.whitelist.first_match(familiar, canonical)
         if rule:
             return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches")
-        rule = self.blacklist.first_match(forms)
+        rule = self.blacklist.first_match(familiar, canonical)
         if rule:
             return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches")
         if self.default_allow:
@@ -359,8 +420,12 @@ class Policy:
 
     def evaluate_all_tags(self, reference: Reference) -> Verdict:
         """A pull without a tag fetches every tag: allow only if every tag is."""
-        forms = (reference.repository + ":", reference.familiar_repository + ":")
+        if reference.repository == DANGLING_REPOSITORY:
+            return NAMELESS
+        familiar = (reference.familiar_repository + ":",) if reference.has_familiar_form else ()
+        canonical = familiar + (reference.repository + ":",)
         for rule in self.whitelist.rules:
+            forms = canonical if rule.canonical else familiar
             if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):
                 return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches every tag")
         if self.default_allow and not self.blacklist.rules:
@@ -428,7 +493,8 @@ def compile_policy(text: str, path: str) -> Policy:
                 raise ConfigError(path, f"{json.dumps(kind)}[{index}]",
                                   f"invalid regular expression {json.dumps(pattern)}: {error.msg}"
                                   f" at position {error.pos}") from None
-            rules.append(Rule(kind, index, pattern, regex, *literal_prefix(regex)))
+            rules.append(Rule(kind, index, pattern, regex, *literal_prefix(regex),
+                              canonical=bool(NAMES_HUB_RE.search(pattern))))
         lists[kind] = build_rule_set(rules)
         settings[kind] = list(settings[kind])
     return Policy(path, MappingProxyType(settings), lists["whitelist"], lists["blacklist"])
@@ -446,6 +512,8 @@ def load_policy(path: str) -> Policy:
 # Suffixes that complete a literal prefix into a reference, to see whether a
 # pattern can match any image at all.
 _COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
+# Canonical names of Docker Hub images that no familiar-name rule was written for.
+_HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
 
 
 def policy_warnings(policy: Policy) -> list[str]:
@@ -461,19 +529,26 @@ def policy_warnings(policy: Policy) -> list[str]:
             if end not in ([(regex_parser.AT, regex_parser.AT_END)], [(regex_parser.AT, regex_parser.AT_END_STRING)]):
                 warnings.append(f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name")
             continue
-        forms = set()
+        forms: set[str] = set()
         for completion in _COMPLETIONS:
             try:
                 reference = parse_reference(rule.prefix + completion)
             except InvalidReference:
                 continue
-            forms.update((reference.canonical, reference.familiar))
+            forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
         if not any(form.startswith(rule.prefix) for form in forms):
-            warnings.append(f"{rule}: no image reference can match it (references are matched as"
-                            " docker.io/library/nginx:1.25 and nginx:1.25)")
+            warnings.append(f"{rule}: no image reference can match it (rules see nginx:1.25, and canonical"
+                            " docker.io/library/nginx:1.25 only if they name docker.io; Docker Hub's other host"
+                            " names and any :443 are matched as docker.io and as the host without the port)")
+        elif not rule.canonical and any(rule.regex.search(probe) for probe in _HUB_PROBES):
+            what = "allow" if rule.kind == "whitelist" else "refuse"
+            warnings.append(f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did,"
+                            f" so it does not {what} every Docker Hub image; a rule that names docker.io,"
+                            f" such as ^docker\\.io/, is matched against canonical names too")
     for blocked in policy.blacklist.rules:
         for allowed in policy.whitelist.rules:
-            if allowed.only_prefix and blocked.prefix is not None and blocked.prefix.startswith(allowed.prefix):
+            if (allowed.only_prefix and blocked.prefix is not None and blocked.prefix.startswith(allowed.prefix)
+                    and (allowed.canonical or not blocked.canonical)):
                 warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
                 break
     return warnings
@@ -520,26 +595,6 @@ class Unreadable(ImagePolicyError):
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _VERSION_PREFIX_RE = re.compile(r"/v[0-9.]+(?=/)")
-# Image routes (after the optional /vN.NN prefix), as registered in dockerd.
-# Matched case-insensitively: a route dockerd would answer 404 may be denied.
-IMAGE_ROUTES = MappingProxyType({
-    "/images/create": "images-create",
-    "/images/load": "load",
-    "/build": "build",
-    "/session": "build",   # BuildKit, over a hijacked connection
-    "/grpc": "build",
-    "/commit": "commit",
-    "/containers/create": "run",
-    "/services/create": "service",
-    "/plugins/pull": "plugin-pull",
-    "/plugins/create": "plugin-create",
-})
-IMAGE_ROUTE_PATTERNS = (
-    (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), "tag"),
-    (re.compile(r"/services/.+/update", re.I | re.S), "service"),
-    (re.compile(r"/plugins/.+/upgrade", re.I | re.S), "plugin-pull"),
-)
-OPERATION_NAMES = MappingProxyType({"images-create": "pull or import", "plugin-pull": "plugin install"})
 
 
 def _unescape(text: str, plus_is_space: bool) -> str:
@@ -598,47 +653,156 @@ def parse_query(query: str) -> dict[str, str]:
     return values
 
 
-def _go_fold(text: str) -> str:
-    """Go's encoding/json key folding: each rune to the least of its case orbit."""
-    if text.isascii():
-        return text.upper()
-    folded = []
-    for char in text:
-        orbit = {char, char.upper(), char.lower(), char.upper().lower(), char.lower().upper()}
-        folded.append(min(c for c in orbit if len(c) == 1))
-    return "".join(folded).upper()
+# --------------------------------------------------------------------------
+# JSON bodies, decoded the way Go's encoding/json fills dockerd's structs
+# --------------------------------------------------------------------------
+
+# encoding/json matches keys to fields case-insensitively, but only ASCII
+# letters fold, plus two runes whose case orbit reaches one: U+017F (ſ) and
+# U+212A (Kelvin sign). Python's upper() folds far more (ı to I): never use it.
+_GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
 
 
 class JSONObject(list):
     """A JSON object as its (key, value) pairs, in order, duplicates kept."""
 
 
-def json_field(obj: Any, *names: str) -> Any:
-    """Follow struct fields the way Go's encoding/json fills them.
+@dataclass(frozen=True)
+class GoStruct:
+    """The fields of a Go struct that matter, by folded JSON key."""
 
-    Keys match case-insensitively with Unicode folding and the last matching
-    key wins.
+    fields: MappingProxyType[str, tuple[str, GoType]]
+    pointer: bool = False   # a *T field: null sets it to nil
+
+    @classmethod
+    def of(cls, pointer: bool = False, **fields: GoType) -> GoStruct:
+        return cls(MappingProxyType({name.upper(): (name, kind) for name, kind in fields.items()}), pointer)
+
+
+@dataclass(frozen=True)
+class GoSlice:
+    element: GoStruct
+
+
+GoType = Any   # str (a Go string), GoStruct or GoSlice
+
+
+@dataclass(frozen=True)
+class SliceValue:
+    """A decoded Go slice: its first length elements, and what its array still holds past them."""
+
+    backing: tuple[dict[str, Any], ...]
+    length: int
+
+    @property
+    def items(self) -> tuple[dict[str, Any], ...]:
+        return self.backing[:self.length]
+
+
+STRING = "string"
+MOUNTS = GoSlice(GoStruct.of(Type=STRING, Source=STRING))
+# The parts of dockerd's request types that name images: CreateRequest
+# (an embedded *Config, HostConfig *HostConfig) and swarm's ServiceSpec.
+CREATE_REQUEST = GoStruct.of(Image=STRING, HostConfig=GoStruct.of(pointer=True, Mounts=MOUNTS))
+SERVICE_SPEC = GoStruct.of(TaskTemplate=GoStruct.of(
+    ContainerSpec=GoStruct.of(pointer=True, Image=STRING, Mounts=MOUNTS),
+    PluginSpec=GoStruct.of(pointer=True, Remote=STRING),
+    Runtime=STRING))
+
+
+def go_decode(value: Any, kind: GoType, current: Any) -> Any:
+    """Decode a JSON value into a Go value of kind that already holds current.
+
+    As encoding/json does: null leaves a string or struct as it is and sets a
+    pointer or slice to nil; an object is decoded into the struct already
+    there (fields set before survive); an array is decoded element by element
+    into the slice's existing elements. A wrong type is an error dockerd
+    answers with 400.
     """
-    for name in names:
-        if not isinstance(obj, JSONObject):
-            return None
-        wanted, found = _go_fold(name), None
-        for key, value in obj:
-            if _go_fold(key) == wanted:
-                found = value
-        obj = found
-    return obj
+    if value is None:
+        return None if isinstance(kind, GoSlice) or (isinstance(kind, GoStruct) and kind.pointer) else current
+    if kind is STRING:
+        if not isinstance(value, str):
+            raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where a string belongs")
+        return value
+    if isinstance(kind, GoStruct):
+        if not isinstance(value, JSONObject):
+            raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where an object belongs")
+        fields = dict(current or {})
+        for key, item in value:
+            field = kind.fields.get(key.translate(_GO_FOLD))
+            if field:
+                name, field_kind = field
+                fields[name] = go_decode(item, field_kind, fields.get(name))
+        return fields
+    if not isinstance(value, list) or isinstance(value, JSONObject):
+        raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where an array belongs")
+    if not value:
+        return SliceValue((), 0)
+    backing, length = (current.backing, current.length) if current else ((), 0)
+    if len(value) > length and len(backing) > length:
+        # Go reuses the array an earlier, longer value left behind only while
+        # it has capacity, and how much it has depends on dockerd's Go version.
+        raise Unreadable("an array that repeats shorter then longer is ambiguous: what dockerd reads"
+                         " depends on the Go version it was built with")
+    elements = list(backing)
+    for index, item in enumerate(value):
+        if index < length:
+            elements[index] = go_decode(item, kind.element, elements[index])
+        else:
+            elements.append(go_decode(item, kind.element, None) or {})
+    return SliceValue(tuple(elements), len(value))
 
 
-def _json_pairs(body: bytes) -> JSONObject:
+def decode_body(body: bytes, kind: GoStruct) -> dict[str, Any]:
     try:
         document = json.loads(body.decode(), object_pairs_hook=JSONObject)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise Unreadable(f"the request body is not valid JSON ({error})") from None
-    if not isinstance(document, JSONObject):
-        raise Unreadable("the request body is not a JSON object")
-    return document
+    return go_decode(document, kind, None) or {}
 
+
+def _field(struct: dict[str, Any] | None, name: str) -> Any:
+    return (struct or {}).get(name)
+
+
+def _image_mounts(mounts: SliceValue | None, swarm: bool) -> list[str]:
+    sources = []
+    for mount in mounts.items if mounts else ():
+        kind = mount.get("Type") or ""
+        # dockerd takes exactly "image"; swarm's converter upper-cases the type first.
+        if (kind.upper() == "IMAGE") if swarm else (kind == "image"):
+            sources.append(mount.get("Source") or "")
+    return sources
+
+
+def images_in_body(kind: str, body: bytes) -> tuple[str, ...]:
+    """The images dockerd will use for a run ("run") or service ("service") body.
+
+    A run names its Image, then the Source of each image mount. A service
+    runs its ContainerSpec when TaskTemplate.Runtime is empty or "container"
+    and its PluginSpec when it is "plugin" (moby's convert/service.go).
+    """
+    if kind == "run":
+        request = decode_body(body, CREATE_REQUEST)
+        return (request.get("Image") or "", *_image_mounts(_field(request.get("HostConfig"), "Mounts"), swarm=False))
+    task = decode_body(body, SERVICE_SPEC).get("TaskTemplate") or {}
+    runtime = task.get("Runtime") or ""
+    if runtime in ("", "container"):
+        container = task.get("ContainerSpec")
+        if container is None:
+            raise Unreadable("dockerd rejects this service: its runtime is container and it has no ContainerSpec")
+        return (container.get("Image") or "", *_image_mounts(container.get("Mounts"), swarm=True))
+    if runtime == "plugin":
+        if task.get("PluginSpec") is None:
+            raise Unreadable("dockerd rejects this service: its runtime is plugin and it has no PluginSpec")
+        return (task["PluginSpec"].get("Remote") or "",)
+    raise Unreadable(f"dockerd rejects this service: unsupported runtime {runtime!r}")
+
+
+# --------------------------------------------------------------------------
+# Routes: one function per route that can bring in or run an image
+# --------------------------------------------------------------------------
 
 class Request:
     """The parts of an AuthZReq that decisions need, read like dockerd."""
@@ -669,35 +833,35 @@ class Request:
                 return value
         return None
 
-    def body(self) -> bytes | None:
+    def body(self) -> bytes:
+        """The JSON body dockerd will decode; no visible body means deny."""
         encoded = self.authz.get("RequestBody")
-        if encoded is None:
-            return None
-        if not isinstance(encoded, str):
+        if encoded is not None and not isinstance(encoded, str):
             raise Unreadable("RequestBody is not a base64 string")
         try:
-            return base64.b64decode(encoded, validate=True)
+            body = base64.b64decode(encoded or "", validate=True)
         except (binascii.Error, ValueError):
             raise Unreadable("RequestBody is not valid base64") from None
-
-    def json_body(self) -> JSONObject:
-        """The JSON body dockerd will decode; no visible body means deny."""
-        body = self.body()
         if not body:
             # CVE-2024-41110, CVE-2026-34040: dockerd withholds bodies that
             # are not application/json, too large, chunked or of unknown size.
             raise Unreadable("dockerd did not forward the request body (it forwards only application/json"
                              " bodies under its size limit), so the image cannot be checked")
-        return _json_pairs(body)
+        return body
+
+    def check_no_form_body(self) -> None:
+        """Deny when a form-encoded body that dockerd does not forward may set query values."""
+        content_type = self.header("Content-Type") or ""
+        if (content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+                and self.header("Content-Length") != "0"):
+            raise Unreadable("a form-encoded body may override the query, and dockerd does not forward it")
 
     def check_query_is_whole(self) -> None:
         """Deny when dockerd may take form values from a body the plugin cannot see."""
-        content_type = self.header("Content-Type")
-        if content_type is None:
-            return  # no Content-Type at all: dockerd does not parse the body as a form
-        if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
-            raise Unreadable("a form-encoded body may override the query, and dockerd does not forward it")
-        if self.header("Content-Length") == "0" or self.authz.get("RequestBody") is not None:
+        self.check_no_form_body()
+        if self.header("Content-Type") is None or self.header("Content-Length") == "0":
+            return   # no Content-Type at all: dockerd does not parse the body as a form
+        if self.authz.get("RequestBody") is not None:
             return
         # Only the last of repeated Content-Type headers reaches the plugin,
         # while dockerd parses the form by the first: a hidden body is unsafe.
@@ -705,10 +869,30 @@ class Request:
                          " form values from it")
 
 
-Resolver = Callable[[str], list[str]]
+@dataclass(frozen=True)
+class LocalImage:
+    """An image on the daemon: its ID and every name it has."""
+
+    id: str
+    names: tuple[str, ...]
 
 
-def decide(policy: Policy, authz: dict[str, Any], resolve: Resolver) -> Decision:
+class Docker:
+    """What a decision may ask the daemon (read-only); see DockerAPI."""
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        """Every local image that dockerd could take text to mean now."""
+        raise NotImplementedError
+
+    def service(self, name: str) -> dict[str, Any]:
+        """A service as GET /services/{name} returns it."""
+        raise NotImplementedError
+
+
+Route = Callable[[Policy, Request, "re.Match[str] | None", "Docker | None"], "Decision"]
+
+
+def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Decision:
     """The decision for one AuthZReq; the error boundary for reading it."""
     method = authz.get("RequestMethod")
     if isinstance(method, str) and method.upper() != "POST":
@@ -716,61 +900,87 @@ def decide(policy: Policy, authz: dict[str, Any], resolve: Resolver) -> Decision
     operation = "request"
     try:
         request = Request(authz)
-        operation = IMAGE_ROUTES.get(request.path.lower(), "request")
-        match = None
-        if operation == "request":
-            for route, route_operation in IMAGE_ROUTE_PATTERNS:
-                match = route.fullmatch(request.path)
-                if match:
-                    operation = route_operation
-                    break
-            else:
-                return BENIGN
-        return decide_image_route(policy, request, operation, match, resolve)
+        found = find_route(request.path)
+        if found is None:
+            return BENIGN
+        (operation, route), match = found
+        return route(policy, request, match, docker)
     except (Unreadable, InvalidReference) as error:
-        return Decision(False, OPERATION_NAMES.get(operation, operation), rule="unreadable", reason=str(error))
+        return Decision(False, operation, rule="unreadable", reason=str(error))
 
 
-def decide_image_route(policy: Policy, request: Request, operation: str, match: re.Match[str] | None,
-                       resolve: Resolver) -> Decision:
-    if operation == "images-create":
-        query = request.query
-        if not query.get("fromImage"):
-            return decide_opaque(policy, "import")
-        request.check_query_is_whole()
-        reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
-        if all_tags:
-            verdict = policy.evaluate_all_tags(reference)
-            return Decision(verdict.allow, "pull (all tags)", reference.repository, reference.familiar_repository,
-                            verdict.rule, verdict.reason)
-        return decision_for("pull", reference, policy.evaluate(reference))
-    if operation in OPAQUE_OPERATIONS:
-        return decide_opaque(policy, operation)
-    if operation == "plugin-pull":
-        request.check_query_is_whole()
-        remote = request.query.get("remote", "")
-        if not remote:
-            raise Unreadable("a plugin pull without a 'remote' image")
-        reference = parse_reference(remote)
-        return decision_for("plugin install", reference, policy.evaluate(reference))
-    if operation == "service":
-        spec = request.json_body()
-        image = json_field(spec, "TaskTemplate", "ContainerSpec", "Image")
-        remote = json_field(spec, "TaskTemplate", "PluginSpec", "Remote")
-        if not image and not remote:
-            raise Unreadable("the service spec names no image (TaskTemplate.ContainerSpec.Image)")
-        decisions = [decide_image_name(policy, "service", name, resolve=None)
-                     for name in (image, remote) if name]
-        return next((d for d in decisions if not d.allow), decisions[0])
-    if not policy.settings["checkRun"]:
-        return Decision(True, operation, rule="checkRun", reason="checkRun is false")
-    if operation == "run":
-        image = json_field(request.json_body(), "Image")
-        return decide_image_name(policy, "run", image, resolve)
-    # operation == "tag": the source must be allowed, and so must its new name.
+def find_route(path: str) -> tuple[tuple[str, Route], re.Match[str] | None] | None:
+    # Matched case-insensitively: a route dockerd would answer 404 may be denied.
+    route = ROUTES.get(path.lower())
+    if route:
+        return route, None
+    for pattern, route in ROUTE_PATTERNS:
+        match = pattern.fullmatch(path)
+        if match:
+            return route, match
+    return None
+
+
+def decide_images_create(policy: Policy, request: Request, match: re.Match[str] | None,
+                         docker: Docker | None) -> Decision:
+    # Asked first: a form body dockerd does not forward may carry fromImage.
+    request.check_no_form_body()
+    query = request.query
+    if not query.get("fromImage"):
+        return decide_opaque(policy, "import")
     request.check_query_is_whole()
-    assert match is not None
-    source = decide_image_name(policy, "tag", match["name"], resolve)
+    reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
+    if all_tags:
+        verdict = policy.evaluate_all_tags(reference)
+        return Decision(verdict.allow, "pull (all tags)", reference.repository, reference.familiar_repository,
+                        verdict.rule, verdict.reason)
+    return decision_for("pull", reference, policy.evaluate(reference))
+
+
+def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
+    if not policy.settings["checkRun"]:
+        return Decision(True, "run", rule="checkRun", reason="checkRun is false")
+    image, *mounts = images_in_body("run", request.body())
+    return first_denial([decide_image_name(policy, "run", image, docker)]
+                        + [decide_image_name(policy, "image mount", source, docker) for source in mounts])
+
+
+def decide_service(policy: Policy, request: Request, match: re.Match[str] | None,
+                   docker: Docker | None) -> Decision:
+    specs = []
+    rollback = request.query.get("rollback", "") if match else ""
+    if rollback != "previous":
+        specs.append(images_in_body("service", request.body()))
+    if rollback:
+        # dockerd deploys the service's previous spec and ignores the body.
+        if docker is None:
+            raise Unreadable("a rollback runs the service's previous spec, which needs the Docker API")
+        try:
+            previous = docker.service(match["service"]).get("PreviousSpec")   # type: ignore[index]
+        except ImagePolicyError as error:
+            raise Unreadable(f"cannot read the service's previous spec: {error}") from None
+        if not isinstance(previous, dict):
+            raise Unreadable("the service has no previous spec to roll back to")
+        specs.append(images_in_body("service", json.dumps(previous).encode()))
+    return first_denial([decide_image_name(policy, "service", image, docker) for spec in specs for image in spec])
+
+
+def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | None,
+                       docker: Docker | None) -> Decision:
+    request.check_query_is_whole()
+    remote = request.query.get("remote", "")
+    if not remote:
+        raise Unreadable("a plugin pull without a 'remote' image")
+    reference = parse_reference(remote)
+    return decision_for("plugin install", reference, policy.evaluate(reference))
+
+
+def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
+    """A new name for a present image: the image must be allowed, and so must its new name."""
+    if not policy.settings["checkRun"]:
+        return Decision(True, "tag", rule="checkRun", reason="checkRun is false")
+    request.check_query_is_whole()
+    source = decide_image_name(policy, "tag", match["name"], docker)   # type: ignore[index]
     if not source.allow:
         return source
     target = parse_reference(request.query.get("repo", ""))
@@ -786,45 +996,87 @@ def decide_image_route(policy: Policy, request: Request, operation: str, match: 
                     verdict.rule, f"{verdict.reason} for the new name")
 
 
+def opaque(operation: str) -> tuple[str, Route]:
+    return operation, lambda policy, request, match, docker: decide_opaque(policy, operation)
+
+
 def decide_opaque(policy: Policy, operation: str) -> Decision:
     verdict = policy.allows_operation(operation)
     return Decision(verdict.allow, operation, rule=verdict.rule, reason=verdict.reason)
+
+
+# What the plugin does with POST /X: the operation its decisions are logged
+# and counted as (until the route names a more exact one), and who decides.
+# Paths are as dockerd registers them, after the optional /vN.NN prefix.
+ROUTES: MappingProxyType[str, tuple[str, Route]] = MappingProxyType({
+    "/images/create": ("pull or import", decide_images_create),
+    "/images/load": opaque("load"),
+    "/build": opaque("build"),
+    "/session": opaque("build"),   # BuildKit, over a hijacked connection
+    "/grpc": opaque("build"),
+    "/commit": opaque("commit"),
+    "/containers/create": ("run", decide_run),
+    "/services/create": ("service", decide_service),
+    "/plugins/pull": ("plugin install", decide_plugin_pull),
+    "/plugins/create": opaque("plugin-create"),
+    "/swarm/init": opaque("swarm"),
+    "/swarm/join": opaque("swarm"),
+})
+ROUTE_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, Route]], ...] = (
+    (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), ("tag", decide_tag)),
+    (re.compile(r"/services/(?P<service>.+)/update", re.I | re.S), ("service", decide_service)),
+    (re.compile(r"/plugins/.+/upgrade", re.I | re.S), ("plugin install", decide_plugin_pull)),
+)
 
 
 def decision_for(operation: str, reference: Reference, verdict: Verdict) -> Decision:
     return Decision(verdict.allow, operation, reference.canonical, reference.familiar, verdict.rule, verdict.reason)
 
 
-def decide_image_name(policy: Policy, operation: str, image: Any, resolve: Resolver | None) -> Decision:
+def first_denial(decisions: list[Decision]) -> Decision:
+    return next((decision for decision in decisions if not decision.allow), decisions[0])
+
+
+def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker | None) -> Decision:
     """Decide on an image given by name, digest, ID or short ID."""
-    if not isinstance(image, str) or not image:
+    if not image:
         raise Unreadable(f"the {operation} request names no image")
-    if resolve is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
+    if docker is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
         reference = parse_reference(image)
         return decision_for(operation, reference, policy.evaluate(reference))
-    # An ID, or a name that dockerd may take as a short ID: ask dockerd
-    # which image it is and allow it when one of its names is allowed.
+    # An ID, or a name that dockerd may also take as a short ID: it tries the
+    # name first, then the ID prefix, when it acts, which may be after a
+    # name was removed. Every image the text could resolve to must be allowed.
     try:
-        names = resolve(image)
+        images = docker.images_for(image)
     except ImagePolicyError as error:
         return Decision(False, operation, image, image, "image-id", f"cannot resolve the image: {error}")
+    if not images:
+        if image.startswith("sha256:"):
+            return Decision(False, operation, image, image, "image-id", "no such image")
+        # No such image: dockerd answers 404 and the CLI pulls the name.
+        reference = parse_reference(image)
+        return decision_for(operation, reference, policy.evaluate(reference))
+    return first_denial([decide_local_image(policy, operation, image, local) for local in images])
+
+
+def decide_local_image(policy: Policy, operation: str, image: str, local: LocalImage) -> Decision:
+    """A present image is allowed when one of its names is."""
     denial = None
-    for name in names:
+    for name in local.names:
         reference = parse_reference(name)
         verdict = policy.evaluate(reference)
         if verdict.allow:
             return Decision(True, operation, reference.canonical, image, verdict.rule,
                             f"{verdict.reason} for its name {reference.familiar}")
         denial = denial or Decision(False, operation, reference.canonical, image, verdict.rule,
-                                    f"{verdict.reason} for {reference.familiar}")
-    if denial is None:
-        return Decision(False, operation, image, image, "image-id",
-                        "the image has no repository name or digest the policy could allow")
-    return dataclasses.replace(denial, reason=f"none of its names is allowed ({denial.reason})")
+                                    f"none of its names is allowed ({verdict.reason} for {reference.familiar})")
+    return denial or Decision(False, operation, local.id, image, "image-id",
+                              f"image {local.id[:19]} has no repository name or digest the policy could allow")
 
 
 # --------------------------------------------------------------------------
-# Docker API (read-only image inspection)
+# Docker API (read-only image and service inspection)
 # --------------------------------------------------------------------------
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -838,9 +1090,16 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
+def _names(answer: dict[str, Any]) -> tuple[str, ...]:
+    names = (answer.get("RepoTags") or []) + (answer.get("RepoDigests") or [])
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError("names that are not strings")
+    return tuple(name for name in names if not name.startswith("<none>"))   # "<none>" marks no name
+
+
 @dataclass(frozen=True)
-class DockerAPI:
-    """Inspects images on the daemon, to learn the names of an image ID."""
+class DockerAPI(Docker):
+    """Asks the daemon which images a name or ID means, and what a service ran before."""
 
     host: str
     timeout: float = DOCKER_API_TIMEOUT
@@ -852,10 +1111,11 @@ class DockerAPI:
             return http.client.HTTPConnection(self.host[len("tcp://"):], timeout=self.timeout)
         raise ImagePolicyError(f"unsupported --docker-host {self.host!r} (use unix:// or tcp://)")
 
-    def image_names(self, image: str) -> list[str]:
+    def get(self, path: str) -> Any:
+        """The decoded answer to GET path; None for 404."""
         connection = self.connection()
         try:
-            connection.request("GET", f"/images/{image}/json")   # image is hex, with or without sha256:
+            connection.request("GET", path)
             response = connection.getresponse()
             body = response.read(MAX_BODY)
         except (OSError, http.client.HTTPException) as error:
@@ -863,17 +1123,36 @@ class DockerAPI:
         finally:
             connection.close()
         if response.status == HTTPStatus.NOT_FOUND:
-            raise ImagePolicyError(f"no such image {image!r}")
+            return None
         try:
             if response.status != HTTPStatus.OK:
                 raise ValueError(f"status {response.status}")
-            inspect = json.loads(body)
-            names = (inspect.get("RepoTags") or []) + (inspect.get("RepoDigests") or [])
-            if not all(isinstance(name, str) for name in names):
-                raise ValueError("names that are not strings")
-        except (ValueError, AttributeError, TypeError) as error:
-            raise ImagePolicyError(f"unexpected image inspect answer from {self.host}: {error}") from None
-        return [name for name in names if not name.startswith("<none>")]
+            return json.loads(body)
+        except ValueError as error:
+            raise ImagePolicyError(f"unexpected answer from {self.host} to GET {path}: {error}") from None
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        found = {}
+        try:
+            inspected = self.get(f"/images/{quote(text, safe=':')}/json")   # what dockerd resolves now
+            if inspected is not None:
+                found[inspected["Id"]] = LocalImage(inspected["Id"], _names(inspected))
+            prefix = text.removeprefix("sha256:")
+            if len(prefix) < 64:   # and every image whose ID it starts, if that name goes away
+                for image in self.get("/images/json?all=1") or []:
+                    if image["Id"].removeprefix("sha256:").startswith(prefix):
+                        found.setdefault(image["Id"], LocalImage(image["Id"], _names(image)))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
+        return list(found.values())
+
+    def service(self, name: str) -> dict[str, Any]:
+        answer = self.get(f"/services/{quote(name, safe='')}?insertDefaults=false")
+        if answer is None:
+            raise ImagePolicyError(f"no such service {name!r}")
+        if not isinstance(answer, dict):
+            raise ImagePolicyError(f"unexpected service answer from {self.host}")
+        return answer
 
 
 # --------------------------------------------------------------------------
@@ -1069,25 +1348,36 @@ class Plugin:
             authz = None
         if not isinstance(authz, dict):
             return Decision(False, "request", rule="unreadable", reason="the AuthZ request is not a JSON object"), False
-        asked: list[str] = []
-
-        def resolve(image: str) -> list[str]:
-            asked.append(image)
-            return self.docker.image_names(image)
-
+        docker = AskedDocker(self.docker)
         try:
-            decision = decide(policy, authz, resolve)
+            decision = decide(policy, authz, docker)
         except Exception as error:  # the last line of defence: a fault is a deny, never a crash or an allow
             self.log.event("error", f"internal error deciding a request: {error!r}")
             return Decision(False, "request", rule="internal-error", reason=f"internal error: {error!r}"), False
         user = authz.get("User")
         if decision is not BENIGN and isinstance(user, str) and user:
             decision = dataclasses.replace(decision, user=user)
-        return decision, not asked
+        return decision, not docker.asked
 
     def config_document(self) -> dict[str, Any]:
         policy = self.policy
         return {"file": policy.path, "lastReload": self.reload_status, "config": policy.effective_settings()}
+
+
+@dataclass
+class AskedDocker(Docker):
+    """The daemon, noting whether a decision asked it: such a decision is never remembered."""
+
+    docker: Docker
+    asked: bool = False
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        self.asked = True
+        return self.docker.images_for(text)
+
+    def service(self, name: str) -> dict[str, Any]:
+        self.asked = True
+        return self.docker.service(name)
 
 
 def _now() -> str:

@@ -78,8 +78,35 @@ def pull(uri: str) -> dict[str, Any]:
     return authz("POST", uri, headers={"Content-Type": "text/plain", "Content-Length": "0"})
 
 
-def no_resolver(image: str) -> list[str]:
-    raise AssertionError(f"unexpected Docker API lookup of {image}")
+class FakeDocker(dip.Docker):
+    """A daemon's images (ID to names) and services, resolved the way dockerd resolves them."""
+
+    def __init__(self, images: dict[str, list[str]] | None = None,
+                 services: dict[str, dict[str, Any]] | None = None) -> None:
+        self.images, self.services = images or {}, services or {}
+
+    def images_for(self, text: str) -> list[dip.LocalImage]:
+        if self.images is None:
+            raise AssertionError(f"unexpected Docker API lookup of {text}")
+        prefix = text.removeprefix("sha256:")
+        return [dip.LocalImage(image_id, tuple(names)) for image_id, names in self.images.items()
+                if text in names or f"{text}:latest" in names or image_id[len("sha256:"):].startswith(prefix)]
+
+    def service(self, name: str) -> dict[str, Any]:
+        if name not in self.services:
+            raise dip.ImagePolicyError(f"no such service {name!r}")
+        return self.services[name]
+
+
+class NoDocker(FakeDocker):
+    def images_for(self, text: str) -> list[dip.LocalImage]:
+        raise AssertionError(f"unexpected Docker API lookup of {text}")
+
+    def service(self, name: str) -> dict[str, Any]:
+        raise AssertionError(f"unexpected Docker API lookup of service {name}")
+
+
+NO_DOCKER = NoDocker()
 
 
 # --------------------------------------------------------------------------
@@ -118,6 +145,35 @@ class TestReference(unittest.TestCase):
         for text, familiar in table.items():
             with self.subTest(text):
                 self.assertEqual(parse_reference(text).familiar, familiar)
+
+    def test_registry_aliases_are_one_repository(self):
+        # Docker Hub answers as registry-1.docker.io and with :443 too; any registry with :443.
+        for text, canonical, familiar in [
+            ("registry-1.docker.io/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
+            ("index.docker.io:443/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
+            ("docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
+            ("registry-1.docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
+            ("quay.io:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
+            ("QUAY.IO:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
+            ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1"),
+            # Only the lower-case docker.io and index.docker.io add library/: these are not the official nginx.
+            ("DOCKER.IO/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
+            ("docker.io:443/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
+            ("DOCKER.IO/library/nginx", "docker.io/library/nginx:latest", "nginx:latest"),
+        ]:
+            with self.subTest(text):
+                reference = parse_reference(text)
+                self.assertEqual((reference.canonical, reference.familiar), (canonical, familiar))
+        # A one-component path on an alias has no familiar form: no familiar-name rule sees it.
+        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(False), ())
+        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(True), ("docker.io/nginx:latest",))
+
+    def test_digest_pins_have_the_original_plugins_form_too(self):
+        self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(False), (f"nginx@{DIGEST}", f"nginx:{DIGEST}"))
+        self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(True),
+                         (f"docker.io/library/nginx@{DIGEST}", f"docker.io/library/nginx:{DIGEST}"))
+        self.assertEqual(parse_reference(f"nginx:1@{DIGEST}").forms(False), (f"nginx:1@{DIGEST}",))
+        self.assertEqual(parse_reference("nginx:1").forms(True), ("docker.io/library/nginx:1",))
 
     def test_invalid_references(self):
         for text in ["Ubuntu", "foo..bar", "alpine:", "a:b:c", "a" * 64, "", "nginx@sha256:abc",
@@ -178,6 +234,62 @@ class TestPolicy(unittest.TestCase):
         self.assertTrue(self.verdict(config, f"redis:7@{DIGEST}").allow)
         self.assertFalse(self.verdict(config, "redis:7").allow)
 
+    def test_registry_aliases_meet_the_same_rules(self):
+        config = {"whitelist": ["^nginx:", "^quay\\.io/calico/"], "blacklist": ["^evil/", "^quay\\.io/evil/"],
+                  "defaultAllow": True}
+        for image, allow in [("registry-1.docker.io/evil/miner:1", False), ("index.docker.io:443/evil/miner:1", False),
+                             ("docker.io:443/evil/miner:1", False), ("quay.io:443/evil/x:1", False),
+                             ("registry-1.docker.io/library/nginx:1", True), ("quay.io:443/calico/node:v3", True),
+                             ("someone/app:1", True)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(config, image).allow, allow)
+        # DOCKER.IO/nginx is the repository "nginx" on the host DOCKER.IO, not the official nginx.
+        self.assertFalse(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/nginx").allow)
+        self.assertTrue(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/library/nginx:1").allow)
+
+    def test_rules_that_name_docker_hub(self):
+        # Rules are matched against familiar names, as the original plugin saw them,
+        # and against canonical names too when they name docker.io.
+        seed = {"whitelist": ["^docker"], "defaultAllow": False}
+        for image, allow in [("docker:24", True), ("docker/compose:2", True), ("docker.io/docker/compose:2", True),
+                             ("evil/miner:1", False), ("docker.io/evil/miner:1", False), ("dockerevil/x:1", True)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(seed, image).allow, allow)
+        hub = {"whitelist": ["^docker\\.io/"], "defaultAllow": False}
+        for image, allow in [("evil/miner:1", True), ("nginx:1", True), ("quay.io/x/y:1", False)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(hub, image).allow, allow)
+        self.assertTrue(self.verdict({"whitelist": ["^(docker\\.io/)?library/"]}, "nginx:1").allow)
+        self.assertFalse(self.verdict({"whitelist": ["library/"]}, "nginx:1").allow)
+        self.assertTrue(self.verdict({"blacklist": ["^d"], "defaultAllow": True}, "evil/miner:1").allow)
+        all_tags = policy_of(seed).evaluate_all_tags
+        self.assertTrue(all_tags(parse_reference("docker/compose")).allow)
+        self.assertFalse(all_tags(parse_reference("evil/miner")).allow)
+        self.assertTrue(policy_of(hub).evaluate_all_tags(parse_reference("evil/miner")).allow)
+
+    def test_digest_pins_under_the_original_rules(self):
+        for config, image, allow in [
+            ({"whitelist": ["^nginx:"]}, f"nginx@{DIGEST}", True),         # the original saw nginx:sha256:…
+            ({"whitelist": ["^nginx:"]}, f"docker.io/library/nginx@{DIGEST}", True),
+            ({"whitelist": ["^nginx:1\\."]}, f"nginx@{DIGEST}", False),   # a digest is no tag
+            ({"whitelist": ["^nginx:"], "blacklist": [":latest$"], "defaultAllow": True}, f"redis@{DIGEST}", True),
+            ({"blacklist": [":latest$"], "defaultAllow": True}, "redis", False),
+            ({"whitelist": ["@sha256:"]}, f"redis@{DIGEST}", True),
+            ({"whitelist": ["^redis:sha256:"]}, f"redis@{DIGEST}", True),
+            ({"whitelist": ["^redis:sha256:"]}, f"redis:1@{DIGEST}", False),
+        ]:
+            with self.subTest(config=config, image=image):
+                self.assertEqual(self.verdict(config, image).allow, allow)
+
+    def test_moby_dangling_is_nameless(self):
+        for config in [{"whitelist": ["^moby"]}, {"defaultAllow": True}, {"whitelist": [".*"]}]:
+            for image in [f"moby-dangling@{DIGEST}", f"docker.io/library/moby-dangling@{DIGEST}"]:
+                with self.subTest(config=config, image=image):
+                    verdict = self.verdict(config, image)
+                    self.assertEqual((verdict.allow, verdict.rule), (False, "nameless"))
+        self.assertFalse(policy_of({"defaultAllow": True}).evaluate_all_tags(parse_reference("moby-dangling")).allow)
+        self.assertTrue(self.verdict({"whitelist": ["^moby"]}, "moby-other:1").allow)
+
     def test_original_files_load_unchanged(self):
         policy = policy_of(ORIGINAL_CONFIG)
         self.assertEqual(policy.settings["mode"], "enforce")
@@ -197,7 +309,7 @@ class TestPolicy(unittest.TestCase):
         self.assertEqual(self.config_error('{"whitelst": []}'),
                          '/etc/docker/p.json: "whitelst": unknown key (known keys: whitelist, blacklist,'
                          ' defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
-                         ' allowPluginCreate, message)')
+                         ' allowPluginCreate, allowSwarm, message)')
         self.assertEqual(self.config_error('{"defaultAllow": "yes"}'),
                          '/etc/docker/p.json: "defaultAllow": must be true or false, not "yes"')
         self.assertEqual(self.config_error('{"blacklist": "^a"}'),
@@ -266,10 +378,11 @@ class TestPolicy(unittest.TestCase):
                       "defaultAllow": rng.random() < 0.5}
             policy = policy_of(config)
             for ref in references:
-                forms = (ref.canonical, ref.familiar)
                 expected = None
                 for kind in ("whitelist", "blacklist"):
                     for index, text in enumerate(config[kind]):
+                        # Rules that name docker.io see canonical forms too (test_rules_that_name_docker_hub).
+                        forms = ref.forms(False) + (ref.forms(True) if re.search(r"docker\W*io", text, re.I) else ())
                         if expected is None and any(re.search(text, form) for form in forms):
                             expected = (kind == "whitelist", f"{kind}[{index}] {json.dumps(text)}")
                 expected = expected or (config["defaultAllow"], "defaultAllow")
@@ -277,16 +390,21 @@ class TestPolicy(unittest.TestCase):
                 self.assertEqual((verdict.allow, verdict.rule), expected, (trial, ref.canonical))
 
     def test_warnings(self):
-        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*"],
+        policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
+                                          "^quay\\.io:443/", "^docker"],
                             "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"]})
-        warnings = dip.policy_warnings(policy)
-        self.assertEqual(warnings, [
+        never = ("no image reference can match it (rules see nginx:1.25, and canonical docker.io/library/nginx:1.25"
+                 " only if they name docker.io; Docker Hub's other host names and any :443 are matched as"
+                 " docker.io and as the host without the port)")
+        self.assertEqual(dip.policy_warnings(policy), [
             'whitelist[1] "nginx": not anchored with ^ (or $), so it matches anywhere in an image name',
-            'whitelist[2] "^library/nginx:": no image reference can match it (references are matched as'
-            ' docker.io/library/nginx:1.25 and nginx:1.25)',
-            'whitelist[3] "^index\\\\.docker\\\\.io/": no image reference can match it (references are matched'
-            ' as docker.io/library/nginx:1.25 and nginx:1.25)',
+            f'whitelist[2] "^library/nginx:": {never}',
+            f'whitelist[3] "^index\\\\.docker\\\\.io/": {never}',
             'whitelist[4] "x*": matches every image, so the whitelist allows everything',
+            f'whitelist[5] "^quay\\\\.io:443/": {never}',
+            'whitelist[6] "^docker": matched against familiar names (nginx:1.25) as the original plugin did, so it'
+            ' does not allow every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is'
+            ' matched against canonical names too',
             'blacklist[0] "^quay\\\\.io/evil" is unreachable: whitelist[0] "^quay\\\\.io/" allows everything it'
             ' matches first',
         ])
@@ -302,8 +420,8 @@ class TestRequests(unittest.TestCase):
                         "message": "See https://wiki.example/images"})
 
     def decide(self, request: dict[str, Any], policy: dip.Policy | None = None,
-               resolve: Any = no_resolver) -> dip.Decision:
-        return dip.decide(policy or self.policy, request, resolve)
+               docker: dip.Docker = NO_DOCKER) -> dip.Decision:
+        return dip.decide(policy or self.policy, request, docker)
 
     def assertDecision(self, request: dict[str, Any], allow: bool, reason: str = "", **kwargs: Any) -> dip.Decision:
         decision = self.decide(request, **kwargs)
@@ -324,8 +442,11 @@ class TestRequests(unittest.TestCase):
             (authz("POST", "/v1.41/services/create", service("redis:7@" + DIGEST)), False, "service of redis:7@"),
             (authz("POST", "/v1.41/services/abc/update?version=3", service("nginx:2")), True, "service"),
             (authz("POST", "/v1.41/services/abc/update?version=3", service("redis")), False, "service of redis"),
-            (authz("POST", "/v1.41/services/create", {"TaskTemplate": {"PluginSpec": {"Remote": "evil/plugin"}}}),
-             False, "service of evil/plugin:latest denied"),
+            (authz("POST", "/v1.41/services/create", {"TaskTemplate": {"Runtime": "plugin", "PluginSpec": {
+                "Remote": "evil/plugin"}}}), False, "service of evil/plugin:latest denied"),
+            (authz("POST", "/v1.41/swarm/init", {"ListenAddr": "0.0.0.0"}), False,
+             "swarm denied: 'allowSwarm' is not set and defaultAllow is false; a swarm manager can then run any"),
+            (authz("POST", "/v1.41/swarm/join", {"RemoteAddrs": ["10.0.0.1"]}), False, "swarm denied"),
             (authz("POST", "/v1.41/plugins/pull?remote=localhost:5000/ok/plugin:1&name=p", []), True,
              "plugin install of localhost:5000/ok/plugin:1 allowed"),
             (authz("POST", "/v1.41/plugins/pull?remote=vieux/sshfs", []), False, "plugin install of vieux/sshfs"),
@@ -354,8 +475,9 @@ class TestRequests(unittest.TestCase):
     def test_opaque_operations_follow_their_setting(self):
         routes = {"/v1.41/images/load": "load", "/v1.41/images/create?fromSrc=-&repo=x": "import",
                   "/v1.41/build": "build", "/session": "build", "/grpc": "build",
-                  "/v1.41/commit?container=c": "commit", "/v1.41/plugins/create?name=p": "plugin-create"}
-        keys = {"allowLoad", "allowImport", "allowBuild", "allowCommit", "allowPluginCreate"}
+                  "/v1.41/commit?container=c": "commit", "/v1.41/plugins/create?name=p": "plugin-create",
+                  "/v1.41/swarm/init": "swarm", "/swarm/join": "swarm"}
+        keys = {"allowLoad", "allowImport", "allowBuild", "allowCommit", "allowPluginCreate", "allowSwarm"}
         for allowed in (True, False):
             policy = policy_of({"defaultAllow": not allowed, **{key: allowed for key in keys}})
             for uri, operation in routes.items():
@@ -402,7 +524,7 @@ class TestRequests(unittest.TestCase):
             ("fromImage=%6Eginx&tag=1", True, "pull of nginx:1"),
             ("fromImage=nginx&tag=1+2", False, "invalid tag '1 2'"),                 # '+' is a space
             ("fromImage=Nginx&tag=1", False, "must be lowercase"),
-            ("fromImage=nginx&tag=" + DIGEST, False, "pull of nginx@" + DIGEST),
+            ("fromImage=nginx&tag=" + DIGEST, True, "pull of nginx@" + DIGEST),       # the original saw nginx:sha256:…
             ("fromImage=localhost:5000/ok/app:1&tag=" + DIGEST, True, "pull of localhost:5000/ok/app@" + DIGEST),
             ("fromImage=redis", False, "pull (all tags) of redis denied: a pull of all tags"),
             ("fromImage=nginx:", True, "pull (all tags) of nginx allowed: whitelist rule"),
@@ -414,9 +536,11 @@ class TestRequests(unittest.TestCase):
 
     def test_hidden_form_bodies_are_denied(self):
         uri = "/v1.41/images/create?fromImage=nginx&tag=1"
+        form = "application/x-www-form-urlencoded"
         cases = [
-            ({"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "20"}, False, "form-encoded"),
+            ({"Content-Type": form, "Content-Length": "20"}, False, "form-encoded"),
             ({"Content-Type": "Application/X-WWW-Form-Urlencoded; charset=utf-8"}, False, "form-encoded"),
+            ({"Content-Type": form, "Content-Length": "0"}, True, "pull of nginx:1"),     # curl -d '': hides nothing
             ({"Content-Type": "text/plain", "Content-Length": "20"}, False, "a body the plugin cannot see"),
             ({"Content-Type": "text/plain"}, False, "a body the plugin cannot see"),   # chunked
             ({"Content-Type": "text/plain", "Content-Length": "0"}, True, "pull of nginx:1"),  # CLI 20.10
@@ -426,33 +550,94 @@ class TestRequests(unittest.TestCase):
         for headers, allow, reason in cases:
             with self.subTest(headers):
                 self.assertDecision(authz("POST", uri, headers=headers), allow, reason)
-        tag = authz("POST", "/v1.41/images/nginx:1/tag?repo=nginx&tag=2",
-                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+        tag = authz("POST", "/v1.41/images/nginx:1/tag?repo=nginx&tag=2", headers={"Content-Type": form})
         self.assertDecision(tag, False, "form-encoded")
 
-    def test_json_bodies_read_like_go(self):
-        def run(body: Any) -> dip.Decision:
-            return self.decide(authz("POST", "/v1.41/containers/create", body))
-        self.assertEqual(run(b'{"Image":"nginx:1","iMAGE":"redis:7"}').familiar, "redis:7")   # last key wins
-        self.assertEqual(run(b'{"image":"redis:7","Image":"nginx:1"}').familiar, "nginx:1")
-        self.assertEqual(run('{"\u0130mage":"nginx:1"}'.encode()).operation, "run")
-        self.assertFalse(run('{"Image":"nginx:1","\u0130MAGE":"x"}'.encode()).allow is None)
-        self.assertEqual(run('{"Image":"nginx:1","IMAGE":"redis:7"}'.encode()).familiar, "redis:7")
-        service = '{"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}},"ta\u017fktemplate":' \
-                  '{"containerspec":{"image":"redis:7"}}}'
-        decision = self.decide(authz("POST", "/v1.41/services/create", service.encode()))
-        self.assertEqual((decision.allow, decision.familiar), (False, "redis:7"))   # U+017F folds to s
-        kelvin = '{"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}},"Tas\u212aTemplate":' \
-                 '{"ContainerSpec":{"Image":"redis:7"}}}'
-        self.assertEqual(self.decide(authz("POST", "/v1.41/services/create", kelvin.encode())).familiar, "redis:7")
-        for body, reason in [(b"", "did not forward the request body"), (b"{", "not valid JSON"),
-                             (b"[1]", "not a JSON object"), (b'{"Image": 7}', "names no image"),
-                             (b'{"Image": null}', "names no image"), (b"\xff\xfe", "not valid JSON"),
-                             (b'{"Image":"nginx:1"} {"Image":"redis"}', "not valid JSON")]:
-            with self.subTest(body):
-                decision = run(body)
-                self.assertFalse(decision.allow)
+    def test_form_body_is_asked_about_before_import(self):
+        # With imports allowed, a form body may still carry fromImage: dockerd would pull it.
+        policy = policy_of({"whitelist": ["^nginx:"], "allowImport": True})
+        form = "application/x-www-form-urlencoded"
+        for headers, allow, operation, reason in [
+            ({"Content-Type": form, "Content-Length": "24"}, False, "pull or import", "form-encoded body"),
+            ({"Content-Type": form}, False, "pull or import", "form-encoded body"),
+            ({"Content-Type": form, "Content-Length": "0"}, True, "import", "'allowImport' is true"),
+            ({"Content-Type": "text/plain"}, True, "import", "'allowImport' is true"),   # docker import
+        ]:
+            with self.subTest(headers):
+                decision = self.decide(authz("POST", "/v1.41/images/create?fromSrc=-&repo=x", headers=headers), policy)
+                self.assertEqual((decision.allow, decision.operation), (allow, operation), decision)
                 self.assertIn(reason, decision.reason)
+
+    def test_json_keys_fold_like_go(self):
+        run = lambda body: self.decide(authz("POST", "/v1.41/containers/create", body.encode()))
+        service = lambda body: self.decide(authz("POST", "/v1.41/services/create", body.encode()))
+        for body, familiar in [
+            ('{"Image":"redis:7","\u0131mage":"nginx:1"}', "redis:7"),     # dotless i folds to nothing
+            ('{"Image":"redis:7","\u0130MAGE":"nginx:1"}', "redis:7"),     # nor does dotted capital I
+            ('{"Image":"redis:7","\uff29mage":"nginx:1"}', "redis:7"),     # nor fullwidth I
+            ('{"Image":"nginx:1","iMAGE":"redis:7"}', "redis:7"),           # ASCII folds; the last key wins
+            ('{"image":"redis:7","Image":"nginx:1"}', "nginx:1"),
+        ]:
+            with self.subTest(body):
+                self.assertEqual(run(body).familiar, familiar)
+        # Honest twin: the allowed image alone is allowed.
+        self.assertTrue(run('{"Image":"nginx:1"}').allow)
+        for key, familiar in [("ta\u017fktemplate", "redis:7"), ("Tas\u212aTemplate", "redis:7"),   # ſ, Kelvin
+                              ("Ta\u0455kTemplate", "nginx:1"), ("TASKTEMPLATE\u0307", "nginx:1")]:
+            with self.subTest(key):
+                body = f'{{"TaskTemplate":{{"ContainerSpec":{{"Image":"nginx:1"}}}},' \
+                       f'"{key}":{{"ContainerSpec":{{"Image":"redis:7"}}}}}}'
+                self.assertEqual(service(body).familiar, familiar)
+
+    def test_repeated_objects_merge_like_go(self):
+        service = lambda body: self.decide(authz("POST", "/v1.41/services/create", body.encode()))
+        merged = service('{"TaskTemplate":{"ContainerSpec":{"Image":"redis:7"}},'
+                         '"TaskTemplate":{"PluginSpec":{"Remote":"nginx:1"}}}')
+        self.assertEqual((merged.allow, merged.familiar), (False, "redis:7"))   # the container spec runs
+        self.assertTrue(service('{"TaskTemplate":{"PluginSpec":{"Remote":"redis:7"}},'
+                                '"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}}}').allow)
+        for body, allow, reason in [
+            ('{"TaskTemplate":{"ContainerSpec":{"Image":"redis:7"},"Runtime":"plugin","PluginSpec":{"Remote":'
+             '"nginx:1"}}}', True, "service of nginx:1 allowed"),
+            ('{"TaskTemplate":{"ContainerSpec":{"Image":"redis:7"},"Runtime":"container"}}', False, "redis:7"),
+            ('{"TaskTemplate":{"Runtime":"plugin","ContainerSpec":{"Image":"nginx:1"}}}', False, "no PluginSpec"),
+            ('{"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"},"Runtime":"Plugin"}}', False,
+             "unsupported runtime 'Plugin'"),
+            ('{"TaskTemplate":{"ContainerSpec":{"Image":"redis:7"}},"TaskTemplate":{"ContainerSpec":null},'
+             '"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}}}', True, "nginx:1"),   # null resets a pointer
+            ('{"TaskTemplate":{"ContainerSpec":{"Image":"redis:7"}},"TaskTemplate":{"ContainerSpec":{"Image":null}}}',
+             False, "redis:7"),                                                         # and leaves a string
+            ('{"TaskTemplate":{"ContainerSpec":{"Image":"nginx:1"}},"TaskTemplate":null}', True, "nginx:1"),
+        ]:
+            with self.subTest(body):
+                self.assertDecision(authz("POST", "/v1.41/services/create", body.encode()), allow, reason)
+
+    def test_image_mounts_are_judged_like_images(self):
+        def run(image: str, *mounts: tuple[str, str], docker: dip.Docker = NO_DOCKER) -> dip.Decision:
+            body = {"Image": image, "HostConfig": {"Mounts": [{"Type": kind, "Source": source, "Target": "/m"}
+                                                              for kind, source in mounts]}}
+            return self.decide(authz("POST", "/v1.41/containers/create", body), docker=docker)
+        self.assertDecision(authz("POST", "/v1.41/containers/create",
+                                  {"Image": "nginx:1", "HostConfig": {"Mounts": [
+                                      {"Type": "bind", "Source": "/srv"}, {"Type": "image", "Source": "redis:7"}]}}),
+                            False, "image mount of redis:7 denied: no whitelist rule matches")
+        self.assertTrue(run("nginx:1", ("image", "nginx:2"), ("volume", "redis")).allow)
+        self.assertTrue(run("nginx:1", ("Image", "redis:7")).allow)   # dockerd rejects any other spelling
+        image_id = "sha256:" + "c" * 64
+        docker = FakeDocker({image_id: ["redis:7"]})
+        self.assertFalse(run("nginx:1", ("image", image_id), docker=docker).allow)
+        self.assertFalse(run("nginx:1", ("image", "cccc"), docker=docker).allow)
+        # Repeated keys: Go merges the later mount object into the earlier one.
+        body = b'{"Image":"nginx:1","HostConfig":{"Mounts":[{"Type":"image","Source":"redis:7"}]},' \
+               b'"HostConfig":{"Mounts":[{"Target":"/m"}]}}'
+        self.assertDecision(authz("POST", "/v1.41/containers/create", body), False, "image mount of redis:7")
+        body = b'{"Image":"nginx:1","HostConfig":{"Mounts":[{"Type":"image","Source":"redis:7"}]},"HostConfig":null}'
+        self.assertTrue(self.decide(authz("POST", "/v1.41/containers/create", body)).allow)
+        body = b'{"Image":"nginx:1","HostConfig":{"Mounts":[{"Type":"image","Source":"a"},{}]},' \
+               b'"HostConfig":{"Mounts":[{}]},"HostConfig":{"Mounts":[{},{}]}}'
+        self.assertDecision(authz("POST", "/v1.41/containers/create", body), False, "ambiguous")
+        self.assertDecision(authz("POST", "/v1.41/containers/create", {"Image": "nginx:1", "HostConfig": {
+            "Mounts": [{"Type": "image"}]}}), False, "the image mount request names no image")
 
     def test_missing_body_is_denied(self):
         for headers in [{"Content-Type": "application/json", "Content-Length": "2000000"},
@@ -462,27 +647,81 @@ class TestRequests(unittest.TestCase):
                                     "run denied: dockerd did not forward the request body")
         self.assertDecision(authz("POST", "/v1.41/services/create"), False, "service denied: dockerd did not")
 
-    def test_image_ids_are_resolved_through_docker(self):
-        names = {"sha256:" + "b" * 64: ["redis:7", "nginx:1"], "bbbb": ["redis:7"], "cafe": [],
-                 "dead": ["<none>:<none>"]}
-        def resolve(image: str) -> list[str]:
-            if image not in names:
-                raise dip.ImagePolicyError(f"no such image {image!r}")
-            return [name for name in names[image] if not name.startswith("<none>")]
-        def run(image: str) -> dip.Decision:
-            return self.decide(authz("POST", "/v1.41/containers/create", {"Image": image}), resolve=resolve)
-        decision = run("sha256:" + "b" * 64)
+    def test_unreadable_json_bodies_are_denied(self):
+        for body, reason in [(b"{", "not valid JSON"), (b"[1]", "where an object belongs"),
+                             (b'{"Image": 7}', "where a string belongs"), (b'{"Image": null}', "names no image"),
+                             (b"null", "names no image"), (b"\xff\xfe", "not valid JSON"),
+                             (b'{"HostConfig": {"Mounts": {}}}', "where an array belongs"),
+                             (b'{"Image":"nginx:1"} {"Image":"redis"}', "not valid JSON")]:
+            with self.subTest(body):
+                self.assertDecision(authz("POST", "/v1.41/containers/create", body), False, reason)
+
+    def test_names_that_may_be_short_ids_are_resolved_through_docker(self):
+        allowed_id, refused_id, nameless_id = "sha256:" + "b" * 64, "sha256:3f9a" + "1" * 60, "sha256:" + "d" * 64
+        docker = FakeDocker({allowed_id: ["redis:7", "nginx:1"], refused_id: ["redis:6"],
+                             nameless_id: ["moby-dangling@" + DIGEST], "sha256:" + "e" * 64: ["3f9a:latest"]})
+        run = lambda image: self.decide(authz("POST", "/v1.41/containers/create", {"Image": image}), docker=docker)
+        decision = run(allowed_id)
         self.assertTrue(decision.allow)
         self.assertIn("for its name nginx:1", decision.reason)
-        decision = run("bbbb")   # a short ID, or a name dockerd would look up as one
-        self.assertEqual((decision.allow, decision.image), (False, "docker.io/library/redis:7"))
+        self.assertTrue(run("bbbb").allow)
+        self.assertTrue(run("b" * 64).allow)
+        decision = run("3f9a1")   # a short ID
+        self.assertEqual((decision.allow, decision.image), (False, "docker.io/library/redis:6"))
         self.assertIn("none of its names is allowed", decision.message(self.policy))
-        self.assertIn("has no repository name", run("cafe").reason)
-        self.assertIn("cannot resolve the image: no such image 'abc'", run("abc").reason)
-        self.assertFalse(run("b" * 64).allow)
+        # "3f9a" names an allowed image and starts the ID of a refused one: dockerd
+        # takes the name now, the ID once the name is gone. Both must be allowed.
+        policy = policy_of({"whitelist": ["^nginx:", "^3f9a:"]})
+        decision = self.decide(authz("POST", "/v1.41/containers/create", {"Image": "3f9a"}), policy, docker)
+        self.assertEqual((decision.allow, decision.familiar), (False, "3f9a"))
+        self.assertIn("redis:6", decision.reason)
+        self.assertTrue(self.decide(authz("POST", "/v1.41/containers/create", {"Image": "eeee"}), policy, docker).allow)
+        self.assertIn("a nameless image has no name the policy could allow", run("dddd").reason)
+        # No image has that name or ID: dockerd answers 404, the CLI pulls the name.
+        self.assertEqual(run("cafe").reason, "no whitelist rule matches and defaultAllow is false")
+        self.assertTrue(self.decide(authz("POST", "/v1.41/containers/create", {"Image": "cafe"}),
+                                    policy_of({"whitelist": ["^cafe:"]}), docker).allow)
+        self.assertIn("no such image", run("sha256:cafe").reason)
+        self.assertFalse(run("c" * 64).allow)
         self.assertTrue(run("nginx:1").allow)   # a name with a tag is never a short ID
-        tag = self.decide(pull("/v1.41/images/bbbb/tag?repo=nginx&tag=x"), resolve=resolve)
+
+        class Unreachable(FakeDocker):
+            def images_for(self, text: str) -> list[dip.LocalImage]:
+                raise dip.ImagePolicyError("Docker API at unix:///x: connection refused")
+        decision = self.decide(authz("POST", "/v1.41/containers/create", {"Image": "bbbb"}), docker=Unreachable())
+        self.assertEqual((decision.allow, decision.reason), (False, "cannot resolve the image: Docker API at"
+                                                                    " unix:///x: connection refused"))
+        tag = self.decide(pull("/v1.41/images/3f9a1/tag?repo=nginx&tag=x"), docker=docker)
         self.assertEqual((tag.allow, tag.operation), (False, "tag"))
+
+    def test_services_by_image_id_and_rollbacks(self):
+        refused_id = "sha256:" + "f" * 64
+        docker = FakeDocker({refused_id: ["redis:7"]}, services={
+            "web": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:2"}}},
+                    "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7@" + DIGEST}}}},
+            "api": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7"}}},
+                    "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}},
+            "new": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}}})
+        service = lambda image: {"TaskTemplate": {"ContainerSpec": {"Image": image}}}
+        for image, allow, reason in [(refused_id, False, "for redis:7"), ("ffff", False, "for redis:7"),
+                                     ("sha256:ffff", False, "for redis:7"), ("sha256:0000", False, "no such image"),
+                                     ("nginx:1", True, "service of nginx:1 allowed")]:
+            with self.subTest(image):
+                self.assertDecision(authz("POST", "/v1.41/services/create", service(image)), allow, reason,
+                                    docker=docker)
+        for uri, allow, reason in [
+            ("/v1.41/services/web/update?version=9&rollback=previous", False, "service of redis:7@sha256"),
+            ("/v1.41/services/api/update?version=9&rollback=previous", True, "service of nginx:1 allowed"),
+            ("/v1.41/services/new/update?rollback=previous", False, "no previous spec"),
+            ("/v1.41/services/gone/update?rollback=previous", False, "no such service 'gone'"),
+            ("/v1.41/services/web/update?rollback=Previous", False, "service of redis:7"),   # body and previous
+            ("/v1.41/services/web/update?version=9", True, "service of nginx:1 allowed"),   # the body only
+        ]:
+            with self.subTest(uri):
+                self.assertDecision(authz("POST", uri, service("nginx:1")), allow, reason, docker=docker)
+        decision = self.decide(authz("POST", "/v1.41/services/web/update?rollback=previous", service("nginx:1")),
+                               docker=None)
+        self.assertIn("needs the Docker API", decision.reason)
 
     def test_check_run_off_leaves_pull_control(self):
         policy = policy_of({"whitelist": ["^nginx:"], "checkRun": False})
@@ -1169,11 +1408,17 @@ class TestDockerAPI(unittest.TestCase):
     """Image inspection against a small stand-in for dockerd's API."""
 
     answers = {
-        "/images/aaaa/json": (200, {"Id": "sha256:a", "RepoTags": ["nginx:1"], "RepoDigests": ["nginx@" + DIGEST]}),
-        "/images/bbbb/json": (200, {"Id": "sha256:b", "RepoTags": None, "RepoDigests": []}),
-        "/images/cccc/json": (200, {"Id": "sha256:c", "RepoTags": ["<none>:<none>"], "RepoDigests": ["<none>@<none>"]}),
+        "/images/aaaa/json": (200, {"Id": "sha256:aaaa1", "RepoTags": ["nginx:1"], "RepoDigests": ["nginx@" + DIGEST]}),
+        "/images/bbbb/json": (200, {"Id": "sha256:bbbb1", "RepoTags": None, "RepoDigests": []}),
+        "/images/cccc/json": (200, {"Id": "sha256:cccc1", "RepoTags": ["<none>:<none>"],
+                                    "RepoDigests": ["<none>@<none>"]}),
         "/images/dddd/json": (500, {"message": "boom"}),
-        "/images/eeee/json": (200, {"RepoTags": [7]}),
+        "/images/eeee/json": (200, {"Id": "sha256:eeee1", "RepoTags": [7]}),
+        "/images/json?all=1": (200, [{"Id": "sha256:aaaa1", "RepoTags": ["nginx:1"], "RepoDigests": []},
+                                     {"Id": "sha256:aaaa2", "RepoTags": ["redis:7"], "RepoDigests": None},
+                                     {"Id": "sha256:bbbb1", "RepoTags": [], "RepoDigests": []}]),
+        "/services/web?insertDefaults=false": (200, {"ID": "w1", "PreviousSpec": {"Name": "web"}}),
+        "/services/odd?insertDefaults=false": (200, ["not", "a", "service"]),
     }
 
     def setUp(self):
@@ -1205,20 +1450,29 @@ class TestDockerAPI(unittest.TestCase):
         self.addCleanup(server.shutdown)
         self.docker = dip.DockerAPI(f"unix://{self.path}")
 
-    def test_image_names(self):
-        self.assertEqual(self.docker.image_names("aaaa"), ["nginx:1", "nginx@" + DIGEST])
-        self.assertEqual(self.docker.image_names("bbbb"), [])
-        self.assertEqual(self.docker.image_names("cccc"), [])
-        for image, message in [("ffff", "no such image 'ffff'"), ("dddd", "status 500"),
-                               ("eeee", "names that are not strings")]:
-            with self.subTest(image), self.assertRaises(dip.ImagePolicyError) as caught:
-                self.docker.image_names(image)
+    def test_images_for(self):
+        image = dip.LocalImage
+        self.assertEqual(self.docker.images_for("aaaa"), [image("sha256:aaaa1", ("nginx:1", "nginx@" + DIGEST)),
+                                                          image("sha256:aaaa2", ("redis:7",))])
+        self.assertEqual(self.docker.images_for("bbbb"), [image("sha256:bbbb1", ())])
+        self.assertEqual(self.docker.images_for("cccc"), [image("sha256:cccc1", ())])
+        self.assertEqual(self.docker.images_for("ffff"), [])
+        for text, message in [("dddd", "status 500"), ("eeee", "names that are not strings")]:
+            with self.subTest(text), self.assertRaises(dip.ImagePolicyError) as caught:
+                self.docker.images_for(text)
             self.assertIn(message, str(caught.exception))
         with self.assertRaises(dip.ImagePolicyError) as caught:
-            dip.DockerAPI(f"unix://{self.path}.missing").image_names("aaaa")
+            dip.DockerAPI(f"unix://{self.path}.missing").images_for("aaaa")
         self.assertIn("No such file or directory", str(caught.exception))
         with self.assertRaises(dip.ImagePolicyError):
-            dip.DockerAPI("ssh://host").image_names("aaaa")
+            dip.DockerAPI("ssh://host").images_for("aaaa")
+
+    def test_service(self):
+        self.assertEqual(self.docker.service("web")["PreviousSpec"], {"Name": "web"})
+        for name, message in [("gone", "no such service 'gone'"), ("odd", "unexpected service answer")]:
+            with self.subTest(name), self.assertRaises(dip.ImagePolicyError) as caught:
+                self.docker.service(name)
+            self.assertIn(message, str(caught.exception))
 
 
 # --------------------------------------------------------------------------
@@ -1505,14 +1759,10 @@ class TestOperations(unittest.TestCase):
 
     def test_remembered_decisions_never_outlive_their_inputs(self):
         request = authz("POST", "/v1.41/containers/create", {"Image": "abcd"})
-        names = {"abcd": ["nginx:1"]}
-
-        class Docker:
-            def image_names(self, image: str) -> list[str]:
-                return names[image]
-        self.fixture.plugin.docker = Docker()
+        docker = FakeDocker({"sha256:abcd" + "0" * 60: ["nginx:1"]})
+        self.fixture.plugin.docker = docker
         self.assertTrue(self.ask(request)["Allow"])
-        names["abcd"] = ["redis:7"]   # the daemon's answer changed: asked again, not remembered
+        docker.images["sha256:abcd" + "0" * 60] = ["redis:7"]   # the daemon's answer changed: asked again
         self.assertEqual(self.ask(request)["Msg"], "run of abcd denied: none of its names is allowed"
                          " (no whitelist rule matches and defaultAllow is false for redis:7)")
         pull_redis = pull("/v1.41/images/create?fromImage=redis&tag=7")
@@ -1762,7 +2012,7 @@ class TestReliability(unittest.TestCase):
         for request in requests:   # each request's answer under either policy
             answers = set()
             for policy in policies:
-                decision = dip.decide(policy_of(policy), request, no_resolver)
+                decision = dip.decide(policy_of(policy), request, NO_DOCKER)
                 answers.add((decision.allow, "" if decision.allow else decision.message(policy_of(policy))))
             expected.append(answers)
         bodies = [post("/AuthZPlugin.AuthZReq", json.dumps(r).encode()) for r in requests]
