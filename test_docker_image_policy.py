@@ -748,6 +748,665 @@ class TestRequests(unittest.TestCase):
                 self.assertFalse(self.decide(request).allow)
 
 
+# What dockerd 28's encoding/json makes of a request body, as the program
+# below prints it for each "KIND BASE64" line on its input: the images
+# dockerd would use, a spec error, or a decode error. Its structs have the
+# shapes of moby's API types (pointers, embedded pointer, struct, slices as
+# there), with enough fields that wrong types are errors where dockerd's are.
+GO_DECODER = r"""package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"os"
+	"strings"
+)
+
+// StrSlice is moby's strslice: a string or an array of strings.
+type StrSlice []string
+
+func (s *StrSlice) UnmarshalJSON(b []byte) error {
+	var list []string
+	if err := json.Unmarshal(b, &list); err == nil {
+		*s = list
+		return nil
+	}
+	var one string
+	if err := json.Unmarshal(b, &one); err != nil {
+		return err
+	}
+	*s = StrSlice{one}
+	return nil
+}
+
+type Config struct {
+	Hostname, Domainname, User              string
+	AttachStdin, AttachStdout, AttachStderr bool
+	ExposedPorts                            map[string]struct{}
+	Tty, OpenStdin, StdinOnce               bool
+	Env                                     []string
+	Cmd                                     StrSlice
+	Healthcheck                             *struct {
+		Test                                          []string
+		Interval, Timeout, StartPeriod, StartInterval int64
+		Retries                                       int
+	}
+	ArgsEscaped     bool
+	Image           string
+	Volumes         map[string]struct{}
+	WorkingDir      string
+	Entrypoint      StrSlice
+	NetworkDisabled bool
+	MacAddress      string
+	OnBuild         []string
+	Labels          map[string]string
+	StopSignal      string
+	StopTimeout     *int
+	Shell           StrSlice
+}
+
+type Mount struct {
+	Type, Source, Target string
+	ReadOnly             bool
+	Consistency          string
+	BindOptions          *struct {
+		Propagation                                                                  string
+		NonRecursive, CreateMountpoint, ReadOnlyNonRecursive, ReadOnlyForceRecursive bool
+	}
+	VolumeOptions *struct {
+		NoCopy       bool
+		Labels       map[string]string
+		Subpath      string
+		DriverConfig *struct {
+			Name    string
+			Options map[string]string
+		}
+	}
+	ImageOptions *struct{ Subpath string }
+	TmpfsOptions *struct {
+		SizeBytes int64
+		Mode      uint32
+		Options   [][]string
+	}
+	ClusterOptions *struct{}
+}
+
+type HostConfig struct {
+	Binds           []string
+	ContainerIDFile string
+	LogConfig       struct {
+		Type   string
+		Config map[string]string
+	}
+	NetworkMode   string
+	PortBindings  map[string][]struct{ HostIp, HostPort string }
+	RestartPolicy struct {
+		Name              string
+		MaximumRetryCount int
+	}
+	AutoRemove      bool
+	VolumeDriver    string
+	VolumesFrom     []string
+	CapAdd, CapDrop StrSlice
+	Dns, ExtraHosts []string
+	Privileged      bool
+	ReadonlyRootfs  bool
+	Memory          int64
+	CpuShares       int64
+	Mounts          []Mount
+	Init            *bool
+}
+
+// CreateRequest is the body of POST /containers/create (api/types/container).
+type CreateRequest struct {
+	*Config
+	HostConfig       *HostConfig
+	NetworkingConfig *struct {
+		EndpointsConfig map[string]*struct {
+			Aliases              []string
+			NetworkID, IPAddress string
+		}
+	}
+}
+
+type ContainerSpec struct {
+	Image           string
+	Labels          map[string]string
+	Command, Args   []string
+	Hostname        string
+	Env             []string
+	Dir, User       string
+	Groups          []string
+	Init            *bool
+	StopSignal      string
+	TTY             bool
+	OpenStdin       bool
+	ReadOnly        bool
+	Mounts          []Mount
+	StopGracePeriod *int64
+	Hosts           []string
+	OomScoreAdj     int64
+}
+
+type PluginSpec struct {
+	Name       string `json:"name,omitempty"`
+	Remote     string `json:"remote,omitempty"`
+	Privileges []*struct {
+		Name, Description string
+		Value             []string
+	} `json:"privileges,omitempty"`
+	Disabled bool     `json:"disabled,omitempty"`
+	Env      []string `json:"env,omitempty"`
+}
+
+type TaskSpec struct {
+	ContainerSpec         *ContainerSpec
+	PluginSpec            *PluginSpec
+	NetworkAttachmentSpec *struct{ ContainerID string }
+	RestartPolicy         *struct {
+		Condition   string
+		Delay       *int64
+		MaxAttempts *uint64
+	}
+	Networks []struct {
+		Target     string
+		Aliases    []string
+		DriverOpts map[string]string
+	}
+	LogDriver *struct {
+		Name    string
+		Options map[string]string
+	}
+	ForceUpdate uint64
+	Runtime     string
+}
+
+type Annotations struct {
+	Name   string
+	Labels map[string]string
+}
+
+// ServiceSpec is the body of POST /services/create and /services/{id}/update (api/types/swarm).
+type ServiceSpec struct {
+	Annotations
+	TaskTemplate TaskSpec
+	Mode         struct {
+		Replicated *struct{ Replicas *uint64 }
+		Global     *struct{}
+	}
+	EndpointSpec *struct{ Mode string }
+}
+
+type Outcome struct {
+	Images []string `json:"images,omitempty"`
+	Empty  []string `json:"empty,omitempty"` // run with no Config field at all
+	From   string   `json:"from,omitempty"`
+	Spec   string   `json:"spec,omitempty"`
+	Decode string   `json:"decode,omitempty"`
+	First  *Outcome `json:"first,omitempty"` // what engines before 25 read, ignoring the rest
+}
+
+func withMounts(images []string, mounts []Mount, isImage func(string) bool) []string {
+	for _, m := range mounts {
+		if isImage(m.Type) {
+			images = append(images, m.Source)
+		}
+	}
+	return images
+}
+
+// run reads like runconfig's loadJSON: Decode into an interface holding the pointer, then More.
+func run(body []byte) (*Outcome, bool) {
+	var request CreateRequest
+	var out interface{} = &request
+	decoder := json.NewDecoder(bytes.NewReader(body))
+	if err := decoder.Decode(&out); err != nil {
+		return &Outcome{Decode: err.Error()}, false
+	}
+	var mounts []Mount
+	if request.HostConfig != nil {
+		mounts = request.HostConfig.Mounts
+	}
+	isImage := func(t string) bool { return t == "image" }
+	if request.Config == nil { // dockerd: "config cannot be empty in order to create a container"
+		return &Outcome{Empty: withMounts([]string{""}, mounts, isImage), From: "config"}, decoder.More()
+	}
+	return &Outcome{Images: withMounts([]string{request.Config.Image}, mounts, isImage), From: "config"}, decoder.More()
+}
+
+// service reads like httputils.ReadJSON, then chooses the runtime like convert.ServiceSpecToGRPC.
+func service(body []byte) (*Outcome, bool) {
+	var spec ServiceSpec
+	more := false
+	if len(body) > 0 { // ReadJSON: an empty body is no error
+		decoder := json.NewDecoder(bytes.NewReader(body))
+		if err := decoder.Decode(&spec); err != nil {
+			return &Outcome{Decode: err.Error()}, false
+		}
+		more = decoder.More()
+	}
+	task := spec.TaskTemplate
+	switch task.Runtime {
+	case "", "container":
+		if task.ContainerSpec == nil {
+			return &Outcome{Spec: "mismatched Runtime and *Spec fields"}, more
+		}
+		isImage := func(t string) bool { return strings.ToUpper(t) == "IMAGE" } // swarm's mountToGRPC
+		images := withMounts([]string{task.ContainerSpec.Image}, task.ContainerSpec.Mounts, isImage)
+		return &Outcome{Images: images, From: "container"}, more
+	case "plugin":
+		if task.PluginSpec == nil {
+			return &Outcome{Spec: "mismatched Runtime and *Spec fields"}, more
+		}
+		return &Outcome{Images: []string{task.PluginSpec.Remote}, From: "plugin"}, more
+	}
+	return &Outcome{Spec: "unsupported runtime"}, more
+}
+
+func main() {
+	input := bufio.NewScanner(os.Stdin)
+	input.Buffer(make([]byte, 1<<20), 1<<28)
+	output := bufio.NewWriter(os.Stdout)
+	defer output.Flush()
+	for input.Scan() {
+		kind, encoded, _ := strings.Cut(input.Text(), " ")
+		body, err := base64.StdEncoding.DecodeString(encoded)
+		if err != nil {
+			panic(err)
+		}
+		decode := map[string]func([]byte) (*Outcome, bool){"run": run, "service": service}[kind]
+		result, more := decode(body)
+		if more { // engines 25 and later refuse what follows the first value, older ones ignore it
+			result = &Outcome{Decode: "unexpected content after JSON", First: result}
+		}
+		line, err := json.Marshal(result)
+		if err != nil {
+			panic(err)
+		}
+		output.Write(append(line, '\n'))
+	}
+	if err := input.Err(); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+class JSONPairs(list):
+    """A JSON object to write: its (key, value) pairs in order, duplicates kept."""
+
+
+class JSONText(bytes):
+    """JSON text written as it is: invalid UTF-8, lone surrogates, deep nesting, no JSON at all."""
+
+
+def write_json(value: Any, rng: random.Random) -> bytes:
+    """The JSON text of a generated value, with randomly chosen escapes and spacing."""
+    if isinstance(value, JSONText):
+        return bytes(value)
+    comma = rng.choice([b", ", b" ,\n"]) if rng.random() < 0.05 else b","
+    if isinstance(value, JSONPairs):
+        return b"{" + comma.join(write_string(key, rng) + b":" + write_json(item, rng) for key, item in value) + b"}"
+    if isinstance(value, list):
+        return b"[" + comma.join(write_json(item, rng) for item in value) + b"]"
+    if isinstance(value, str):
+        return write_string(value, rng)
+    return json.dumps(value).encode()
+
+
+def write_string(text: str, rng: random.Random) -> bytes:
+    roll = rng.random()
+    if roll < 0.05:   # every character escaped: Go matches keys after unescaping them
+        utf16 = text.encode("utf-16-be", "surrogatepass")
+        return b'"' + b"".join(b"\\u%02x%02x" % (utf16[i], utf16[i + 1]) for i in range(0, len(utf16), 2)) + b'"'
+    # Written raw, a lone surrogate becomes invalid UTF-8: Go reads U+FFFD for each byte.
+    return json.dumps(text, ensure_ascii=roll < 0.3).encode("utf-8", "surrogatepass")
+
+
+# The shapes of the generated bodies: the fields dockerd's structs have (and
+# a few of their neighbours), with the type of value each one takes.
+IMAGE, STRING, BOOL, NUMBER, MOUNT_TYPE, RUNTIME = "image", "string", "bool", "number", "mount type", "runtime"
+MOUNT = {"Type": MOUNT_TYPE, "Source": IMAGE, "Target": STRING, "ReadOnly": BOOL, "ImageOptions": {"Subpath": STRING},
+         "BindOptions": {"Propagation": STRING}}
+HOST_CONFIG = {"Mounts": ("list", MOUNT), "Binds": ("list", STRING), "Privileged": BOOL, "NetworkMode": STRING,
+               "AutoRemove": BOOL, "Memory": NUMBER, "CapAdd": ("list", STRING)}
+CREATE_REQUEST = {"Image": IMAGE, "HostConfig": HOST_CONFIG, "Hostname": STRING, "Env": ("list", STRING),
+                  "Cmd": ("list", STRING), "Labels": ("map", STRING), "Tty": BOOL, "StopTimeout": NUMBER,
+                  "NetworkingConfig": {"EndpointsConfig": ("map", {"Aliases": ("list", STRING)})}}
+CONTAINER_SPEC = {"Image": IMAGE, "Mounts": ("list", MOUNT), "Env": ("list", STRING), "Hostname": STRING,
+                  "TTY": BOOL, "Labels": ("map", STRING), "Command": ("list", STRING)}
+PLUGIN_SPEC = {"remote": IMAGE, "name": STRING, "disabled": BOOL, "env": ("list", STRING)}
+TASK_SPEC = {"ContainerSpec": CONTAINER_SPEC, "PluginSpec": PLUGIN_SPEC, "Runtime": RUNTIME, "ForceUpdate": NUMBER,
+             "LogDriver": {"Name": STRING}}
+SERVICE_SPEC = {"Name": STRING, "Labels": ("map", STRING), "TaskTemplate": TASK_SPEC,
+                "Mode": {"Replicated": {"Replicas": NUMBER}}}
+BODY_SHAPES = {"run": CREATE_REQUEST, "service": SERVICE_SPEC}
+# The fields that decide the images: present in most generated objects.
+DECISIVE_FIELDS = frozenset({"Image", "HostConfig", "Mounts", "Type", "Source", "TaskTemplate", "ContainerSpec",
+                             "PluginSpec", "Runtime", "remote"})
+MOUNT_TYPES = ["image"] * 6 + ["IMAGE", "Image", "bind", "volume", "tmpfs", "", "\u0131mage", "\u0130MAGE", "image ",
+                              "imag\u0435", "\uff49mage", "i\u0307mage"]
+RUNTIMES = ["", "", "container", "plugin", "plugin", "Container", "PLUGIN", "attachment", "x", "plugin ",
+            "c\u043entainer"]
+WRONG_VALUES = [0, -1, 1.5, True, False, "s", [], ["x"], JSONPairs(), JSONPairs([("Image", "wrong")])]
+TRAILERS = [b" ", b"\n", b"}", b"]", b"}}", b"]x", b"{}", b"[]", b'{"Image":"trailing"}', b"x", b"\x00", b"null", b","]
+
+
+def json_kind(value: Any) -> str:
+    if isinstance(value, JSONPairs):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return {bool: "bool", int: "number", float: "number", str: "string"}[type(value)]
+
+
+def shape_kind(shape: Any) -> str:
+    if isinstance(shape, dict) or shape[0] == "map":
+        return "object"
+    if isinstance(shape, tuple):
+        return "array"
+    return {BOOL: "bool", NUMBER: "number"}.get(shape, "string")
+
+
+class BodyGenerator:
+    """Request bodies shaped like dockerd's, mutated the ways Go reads differently from a Python dict."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.images = 0
+
+    def image(self) -> Any:
+        """A value never generated before, so that which one Go kept shows."""
+        self.images += 1
+        number, roll = self.images, self.rng.random()
+        if roll < 0.02:
+            return ""
+        if roll < 0.03:
+            return JSONText(b'"img%d\\ud800"' % number)   # a lone surrogate: Go reads U+FFFD
+        if roll < 0.04:
+            return JSONText(b'"img%d\xff"' % number)       # invalid UTF-8: Go reads U+FFFD
+        return self.rng.choice(["img{n}", "registry.example:5000/team/app{n}:1.{n}", "app{n}@sha256:{n:064x}",
+                                "Img{n}", "img{n}\u00e9", "\u0130mg{n}", "img{n}/\u017f", "img{n}\\\"/"]).format(n=number)
+
+    def key(self, name: str) -> str:
+        """The field's name, or a variant that Go matches to it, or one that it does not."""
+        rng = self.rng
+        roll = rng.randrange(20)
+        if roll < 8:
+            return name
+        if roll < 12:
+            return rng.choice([name.lower(), name.upper(), "".join(rng.choice([c.lower(), c.upper()]) for c in name)])
+        # Go folds exactly two non-ASCII runes onto ASCII letters, the long s and the Kelvin sign, ...
+        # ... and none of the others that Python's case mapping knows.
+        swaps = {13: ("sS", "\u017f"), 14: ("kK", "\u212a"), 15: ("iI", rng.choice("\u0131\u0130")),
+                 16: ("sS", "\u00df"), 17: ("", "")}.get(roll)
+        if swaps is None:
+            return rng.choice([name + " ", " " + name, name + "\u200b", name + "\x00", name[:-1], name + "s",
+                               name[0] + "\u0301" + name[1:]])
+        letters, replacement = swaps
+        places = [i for i, c in enumerate(name) if c in letters] if letters else list(range(len(name)))
+        if not places:
+            return name.swapcase()
+        i = rng.choice(places)
+        if not letters:   # a fullwidth letter
+            replacement = chr(ord(name[i]) + 0xFEE0)
+        return name[:i] + replacement + name[i + 1:]
+
+    def value(self, shape: Any, depth: int = 0) -> Any:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.05:
+            return None
+        if roll < 0.08:
+            return rng.choice([value for value in WRONG_VALUES if json_kind(value) != shape_kind(shape)])
+        if isinstance(shape, dict):
+            return self.struct(shape, depth)
+        if isinstance(shape, tuple) and shape[0] == "list":
+            return [self.value(shape[1], depth + 1) for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4, 6]))]
+        if isinstance(shape, tuple):
+            return JSONPairs((rng.choice(["a", "b", "A", "com.x"]), self.value(shape[1], depth + 1))
+                             for _ in range(rng.randint(0, 2)))
+        if shape == IMAGE:
+            return self.image()
+        if shape == MOUNT_TYPE:
+            return rng.choice(MOUNT_TYPES)
+        if shape == RUNTIME:
+            return rng.choice(RUNTIMES)
+        if shape == BOOL:
+            return rng.random() < 0.5
+        if shape == NUMBER:
+            return rng.choice([0, 1, 42, 2**63, 2**64, -1, 0.5, 1e3])
+        return rng.choice(["", "x", "/data", "\u00e9t\u00e9", "a\\b", "\u212a"])
+
+    def struct(self, shape: dict[str, Any], depth: int = 0) -> JSONPairs:
+        rng = self.rng
+        pairs = JSONPairs()
+        for name, field_shape in shape.items():
+            if rng.random() < (0.85 if name in DECISIVE_FIELDS else 0.15):
+                for _ in range(1 if rng.random() < 0.7 else rng.randint(2, 3)):   # repeated keys at every level
+                    pairs.append((self.key(name), self.value(field_shape, depth + 1)))
+        if rng.random() < 0.1:   # unknown keys are ignored, whatever they hold
+            pairs.append((rng.choice(["Config", "Images", "Spec", "", "x", "Image_"]),
+                          rng.choice([self.image(), JSONPairs([("Image", self.image())]), [1, {}], None])))
+        rng.shuffle(pairs)
+        return pairs
+
+    def mounts(self, length: int) -> list[Any]:
+        """Mount entries that leave fields out, so that merging into reused elements shows."""
+        rng = self.rng
+        entries: list[Any] = []
+        for _ in range(length):
+            if rng.random() < 0.08:
+                entries.append(None)   # leaves a reused element as it was
+                continue
+            entry = JSONPairs()
+            if rng.random() < 0.7:
+                entry.append((self.key("Type"), rng.choice(MOUNT_TYPES)))
+            if rng.random() < 0.7:
+                entry.append((self.key("Source"), self.image()))
+            if rng.random() < 0.2:
+                entry.append(("Target", "/m"))
+            entries.append(entry)
+        return entries
+
+    # ---- bodies built to exercise one rule each -----------------------------
+
+    def merged_task_templates(self) -> JSONPairs:
+        rng = self.rng
+        parts = [
+            lambda: JSONPairs([(self.key("ContainerSpec"), self.struct(CONTAINER_SPEC))]),
+            lambda: JSONPairs([(self.key("PluginSpec"), self.struct(PLUGIN_SPEC))]),
+            lambda: JSONPairs([(self.key("Runtime"), rng.choice(RUNTIMES))]),
+            lambda: JSONPairs([(self.key("ContainerSpec"), None)]),
+            lambda: JSONPairs([(self.key("PluginSpec"), None)]),
+            lambda: JSONPairs([(self.key("ContainerSpec"), JSONPairs([("Image", self.image())]))]),
+            lambda: None,
+            lambda: self.struct(TASK_SPEC),
+        ]
+        return JSONPairs((self.key("TaskTemplate"), rng.choice(parts)()) for _ in range(rng.randint(2, 4)))
+
+    def repeated_host_configs(self) -> JSONPairs:
+        rng = self.rng
+        parts = [
+            lambda: JSONPairs([(self.key("Mounts"), self.mounts(rng.randint(0, 4)))]),
+            lambda: self.struct(HOST_CONFIG),
+            lambda: None,
+            lambda: JSONPairs(),
+            lambda: JSONPairs([("Privileged", True)]),
+        ]
+        body = JSONPairs((self.key("HostConfig"), rng.choice(parts)()) for _ in range(rng.randint(2, 4)))
+        body.insert(rng.randint(0, len(body)), (self.key("Image"), self.image()))
+        return body
+
+    def repeated_mount_arrays(self, kind: str) -> JSONPairs:
+        """Mounts decoded again and again: Go reuses the elements, and capacity an earlier array left."""
+        rng = self.rng
+        lengths = [rng.randint(0, 7) for _ in range(rng.randint(2, 4))]
+        if rng.random() < 0.5:   # long, short, long: the second long one reaches into old capacity
+            lengths = [rng.randint(3, 9), rng.randint(0, 2), rng.randint(3, 9)]
+        arrays = [(self.key("Mounts"), self.mounts(length)) for length in lengths]
+        if kind == "run":
+            if rng.random() < 0.5:
+                return JSONPairs([("Image", self.image()), (self.key("HostConfig"), JSONPairs(arrays))])
+            return JSONPairs([("Image", self.image())] + [(self.key("HostConfig"), JSONPairs([pair])) for pair in arrays])
+        spec = lambda pairs: JSONPairs([(self.key("ContainerSpec"), JSONPairs(pairs))])
+        if rng.random() < 0.5:
+            return JSONPairs([("TaskTemplate", spec([("Image", self.image())] + arrays))])
+        return JSONPairs([("TaskTemplate", spec([("Image", self.image())]))]
+                         + [(self.key("TaskTemplate"), spec([pair])) for pair in arrays])
+
+    def runtimes(self) -> JSONPairs:
+        rng = self.rng
+        task = JSONPairs([(self.key("Runtime"), rng.choice(RUNTIMES)) for _ in range(rng.randint(1, 2))])
+        if rng.random() < 0.8:
+            task.append((self.key("ContainerSpec"), self.struct(CONTAINER_SPEC)))
+        if rng.random() < 0.8:
+            task.append((self.key("PluginSpec"), self.struct(PLUGIN_SPEC)))
+        rng.shuffle(task)
+        return JSONPairs([(self.key("TaskTemplate"), task)])
+
+    def deeply_nested(self, kind: str) -> JSONText:
+        depth = self.rng.choice([100, 999, 1001, 3000, 9998, 10001])
+        nested = b"[" * depth + b"]" * depth if self.rng.random() < 0.5 else b'{"a":' * depth + b"1" + b"}" * depth
+        inner = b'"Image":%s,"Deep":%s' % (write_json(self.image(), self.rng), nested)
+        return JSONText(b"{%s}" % inner if kind == "run" else b'{"TaskTemplate":{"ContainerSpec":{%s}}}' % inner)
+
+    def body(self, kind: str) -> bytes:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.04:
+            document: Any = self.merged_task_templates() if kind == "service" else self.repeated_host_configs()
+        elif roll < 0.12:
+            document = self.repeated_mount_arrays(kind)
+        elif roll < 0.15:
+            document = self.runtimes() if kind == "service" else self.repeated_host_configs()
+        elif roll < 0.16:
+            document = JSONText(rng.choice([b"", b" ", b"null", b"[]", b"[{}]", b'"x"', b"1", b"{}", b"true",
+                                            b"\xef\xbb\xbf{}", b"{} ", b"{}}"]))
+        elif roll < 0.17:
+            document = self.deeply_nested(kind)
+        else:
+            document = self.struct(BODY_SHAPES[kind])
+        text = write_json(document, rng)
+        roll = rng.random()
+        if roll < 0.04:
+            text += rng.choice(TRAILERS)
+        elif roll < 0.14:
+            text = self.mutate(text)
+        return text
+
+    def mutate(self, text: bytes) -> bytes:
+        """Byte-level damage to JSON text."""
+        rng = self.rng
+        mutated = bytearray(text)
+        for _ in range(rng.randint(1, 3)):
+            where = rng.randrange(len(mutated) + 1)
+            operation = rng.randrange(5)
+            if operation == 0 and where < len(mutated):
+                del mutated[where]
+            elif operation == 1:
+                mutated[where:where] = rng.choice([b"{", b"}", b"[", b"]", b",", b":", b'"', b"\\", b" ", b"0",
+                                                   b"null", b"\xff", b"\x00", b"\xc5\xbf", b"e"])
+            elif operation == 2 and where < len(mutated):
+                mutated[where] = rng.randrange(256)
+            elif operation == 3:
+                end = min(len(mutated), where + rng.randint(1, 30))
+                mutated[where:where] = mutated[where:end]
+            elif operation == 4:
+                del mutated[where:]
+        return bytes(mutated)
+
+
+def go_decoder(directory: str) -> str:
+    """Build GO_DECODER with the machine's Go, offline, in a temporary directory."""
+    go = shutil.which("go")
+    if go is None:
+        message = "Go is not installed (apt-get install golang-go): the differential test against encoding/json"
+        if REQUIRE_E2E:
+            raise AssertionError(message + " is required")
+        raise unittest.SkipTest(message + " cannot run")
+    Path(directory, "main.go").write_text(GO_DECODER)
+    env = dict(os.environ, GOCACHE=f"{directory}/cache", GOPATH=f"{directory}/gopath", GO111MODULE="off",
+               GOTOOLCHAIN="local", GOFLAGS="", GOENV="off", CGO_ENABLED="0")
+    build = subprocess.run([go, "build", "-o", "decoder", "main.go"], cwd=directory, env=env,
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode:
+        raise AssertionError(f"go build failed: {build.stderr}")
+    return str(Path(directory, "decoder"))
+
+
+def judge(kind: str, answer: dict[str, Any], images: Any) -> str | None:
+    """The outcome class of Python's answer given Go's, or None for a mismatch."""
+    unreadable = isinstance(images, dip.Unreadable)
+    if "images" in answer:
+        if images == tuple(answer["images"]):
+            source = kind if kind == "run" else f"service {answer['from']}"
+            return f"{source}: images" + (" with image mounts" if len(images) > 1 else "")
+        return "ambiguous" if unreadable and "ambiguous" in str(images) else None
+    if "empty" in answer:   # dockerd refuses it; the image is "" either way
+        return "run: empty config" if unreadable or images == tuple(answer["empty"]) else None
+    if "spec" in answer:
+        return f"{kind}: spec error" if unreadable else None
+    first = answer.get("first", {})
+    if "images" in first or "empty" in first:   # older engines read the first value and ignore the rest
+        expected = tuple(first.get("images", first.get("empty")))
+        return "trailing data" if unreadable or images == expected else None
+    if unreadable:
+        return f"{kind}: decode error, refused"
+    if isinstance(images, tuple) and all(isinstance(image, str) for image in images):
+        return f"{kind}: decode error, read anyway"
+    return None
+
+
+class TestGoDecoding(unittest.TestCase):
+    """images_in_body against Go's encoding/json decoding the same bodies into dockerd's structs."""
+
+    count = 12_000 * (10 if LONG else 1)
+
+    def test_images_are_the_ones_go_decodes(self):
+        directory = tempfile.mkdtemp(prefix="dip-go-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        decoder = go_decoder(directory)
+        self.assertTrue(hasattr(dip, "images_in_body"), "docker_image_policy.images_in_body is missing")
+        generator = BodyGenerator(seed=20260)
+        bodies = [(kind, generator.body(kind)) for kind in ("run", "service") * (self.count // 2)]
+        lines = "".join(f"{kind} {base64.b64encode(body).decode()}\n" for kind, body in bodies)
+        result = subprocess.run([decoder], input=lines, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        answers = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual(len(answers), len(bodies))
+        counts: dict[str, int] = {}
+        mismatches = []
+        for (kind, body), answer in zip(bodies, answers):
+            try:
+                images: Any = dip.images_in_body(kind, body)
+            except dip.Unreadable as error:
+                images = error
+            except Exception as error:   # anything else is a bug, whatever Go says
+                images = error
+            outcome = judge(kind, answer, images)
+            if outcome is None:
+                mismatches.append(f"{kind} body {body[:600]!r}{' (%d bytes)' % len(body) if len(body) > 600 else ''}\n"
+                                  f"    Go:     {json.dumps(answer, ensure_ascii=False)}\n    Python: {images!r}")
+            else:
+                counts[outcome] = counts.get(outcome, 0) + 1
+        summary = ", ".join(f"{name}: {number}" for name, number in sorted(counts.items()))
+        if mismatches:
+            self.fail(f"{len(mismatches)} of {len(bodies)} bodies read unlike Go ({summary}):\n"
+                      + "\n".join(mismatches[:25]))
+        for outcome in ("run: images", "run: images with image mounts", "run: empty config",
+                        "service container: images", "service container: images with image mounts",
+                        "service plugin: images", "service: spec error", "run: decode error",
+                        "service: decode error", "trailing data"):
+            self.assertGreater(sum(number for name, number in counts.items() if name.startswith(outcome)), 20,
+                               f"{outcome!r} never happened: {summary}")
+        exact = sum(number for name, number in counts.items() if ": images" in name)
+        self.assertLess(counts.get("ambiguous", 0), exact / 20, summary)
+
+
+
 # --------------------------------------------------------------------------
 # Docker API
 # --------------------------------------------------------------------------
