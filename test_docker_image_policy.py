@@ -658,7 +658,9 @@ class TestRequests(unittest.TestCase):
                              (b'{"Image": 7}', "where a string belongs"), (b'{"Image": null}', "names no image"),
                              (b"null", "names no image"), (b"\xff\xfe", "not valid JSON"),
                              (b'{"HostConfig": {"Mounts": {}}}', "where an array belongs"),
-                             (b'{"Image":"nginx:1"} {"Image":"redis"}', "not valid JSON")]:
+                             (b"[" * 5000, "nested too deeply"),
+                             # dockerd reads the first value (engines before 25) or rejects the rest.
+                             (b'{"Image":"redis:7"} {"Image":"nginx:1"}', "run of redis:7 denied")]:
             with self.subTest(body):
                 self.assertDecision(authz("POST", "/v1.41/containers/create", body), False, reason)
 
@@ -1337,9 +1339,12 @@ def go_decoder(directory: str) -> str:
     return str(Path(directory, "decoder"))
 
 
-def judge(kind: str, answer: dict[str, Any], images: Any) -> str | None:
+def judge(kind: str, body: bytes, answer: dict[str, Any], images: Any) -> str | None:
     """The outcome class of Python's answer given Go's, or None for a mismatch."""
     unreadable = isinstance(images, dip.Unreadable)
+    if unreadable and "nested too deeply" in str(images):
+        # Go reads 10,000 levels, Python's parser about 1,000; no client nests that deep: refused.
+        return "nested too deeply, refused" if body.count(b"[") + body.count(b"{") > 900 else None
     if "images" in answer:
         if images == tuple(answer["images"]):
             source = kind if kind == "run" else f"service {answer['from']}"
@@ -1386,7 +1391,7 @@ class TestGoDecoding(unittest.TestCase):
                 images = error
             except Exception as error:   # anything else is a bug, whatever Go says
                 images = error
-            outcome = judge(kind, answer, images)
+            outcome = judge(kind, body, answer, images)
             if outcome is None:
                 mismatches.append(f"{kind} body {body[:600]!r}{' (%d bytes)' % len(body) if len(body) > 600 else ''}\n"
                                   f"    Go:     {json.dumps(answer, ensure_ascii=False)}\n    Python: {images!r}")
