@@ -41,6 +41,7 @@ import dataclasses
 import difflib
 import functools
 import http.client
+import importlib
 import json
 import operator
 import os
@@ -56,10 +57,14 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from re import _parser as regex_parser  # the stdlib's own parser: exact literal prefixes
 from types import MappingProxyType
 from typing import Any, Callable
 from urllib.parse import quote, unquote_to_bytes
+
+try:   # the stdlib's own parser gives exact literal prefixes; trusted_prefix checks them
+    regex_parser: Any = importlib.import_module("re._parser")
+except ImportError:
+    regex_parser = None
 
 __version__ = "1.0.0"
 
@@ -86,12 +91,14 @@ IDLE_TIMEOUT = 60.0
 # (docker ps, health checks and CI steps repeat the same calls); bounded.
 CACHE_BODY_MAX = 4096
 CACHE_ENTRIES = 512
-# Decision lines reach stderr within this many seconds, in batches.
+# Decision lines reach stderr within this many seconds, in batches; while
+# stderr does not take them (a stalled journald), at most this many wait.
 LOG_FLUSH_INTERVAL = 0.2
+MAX_PENDING_LINES = 100_000
 # Image inspection runs while dockerd waits for our answer: keep it short.
 DOCKER_API_TIMEOUT = 3.0
 
-CONFIG_DEFAULTS = MappingProxyType({
+CONFIG_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "whitelist": [],
     "blacklist": [],
     "defaultAllow": False,
@@ -300,8 +307,37 @@ class Rule:
         return f"{self.kind}[{self.index}] {json.dumps(self.pattern)}"
 
 
+# Suffixes that make probe strings out of a prefix (see trusted_prefix).
+_PROBE_SUFFIXES = ("", "a", "0", ":1", "/a:1", ".a/b", "@sha256:" + "0" * 64, "\n")
+
+
 def literal_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
-    """The literal text that starts every match of an anchored pattern."""
+    """The literal text that starts every match of an anchored pattern, and
+    whether the pattern is nothing but that text (None: no such text)."""
+    prefix, only = _parsed_prefix(regex)
+    return trusted_prefix(regex, prefix, only)
+
+
+def trusted_prefix(regex: re.Pattern[str], prefix: str | None, only: bool) -> tuple[str | None, bool]:
+    """The prefix, if the regex agrees with it on probe strings; else None.
+
+    The index skips a rule for every name that does not start with its
+    prefix: a prefix computed wrongly would skip a blacklist rule where it
+    matches. In doubt, the rule is tried on every request instead.
+    """
+    if prefix is None:
+        return None, False
+    text = re.sub(r"\\(.)", r"\1", regex.pattern.lstrip("^"))   # the pattern read as plain text
+    bases = {prefix[:length] for length in range(len(prefix))} | {"x" + prefix, text, text[:len(prefix)]}
+    for probe in (base + suffix for base in bases for suffix in _PROBE_SUFFIXES):
+        if not probe.startswith(prefix) and regex.search(probe):
+            return None, False
+    return prefix, only and all(regex.search(prefix + suffix) for suffix in _PROBE_SUFFIXES)
+
+
+def _parsed_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
+    if regex_parser is None:
+        return None, False
     parsed = regex_parser.parse(regex.pattern, regex.flags)
     items = list(parsed)
     if parsed.state.flags & (re.IGNORECASE | re.MULTILINE) or not items:
@@ -309,7 +345,7 @@ def literal_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
     if items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
                         (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
         return None, False
-    prefix = []
+    prefix: list[str] = []
     for op, value in items[1:]:
         if op is not regex_parser.LITERAL:
             return "".join(prefix), False
@@ -551,6 +587,8 @@ def load_policy(path: str) -> Policy:
 # Suffixes that complete a literal prefix into a reference, to see whether a
 # pattern can match any image at all.
 _COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
+# ^ at the start, after any inline flags such as (?i).
+ANCHORED_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*(?:\^|\\A)")
 # Canonical names of Docker Hub images that no familiar-name rule was written for.
 _HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
 
@@ -564,8 +602,7 @@ def policy_warnings(policy: Policy) -> list[str]:
                 warnings.append(f"{rule}: matches every image, so the whitelist allows everything")
             continue
         if rule.prefix is None:
-            end = list(regex_parser.parse(rule.pattern))[-1:]
-            if end not in ([(regex_parser.AT, regex_parser.AT_END)], [(regex_parser.AT, regex_parser.AT_END_STRING)]):
+            if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\Z)$", rule.pattern):
                 warnings.append(f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name")
             continue
         forms: set[str] = set()
@@ -586,7 +623,8 @@ def policy_warnings(policy: Policy) -> list[str]:
                             f" such as ^docker\\.io/, is matched against canonical names too")
     for blocked in policy.blacklist.rules:
         for allowed in policy.whitelist.rules:
-            if (allowed.only_prefix and blocked.prefix is not None and blocked.prefix.startswith(allowed.prefix)
+            if (allowed.only_prefix and allowed.prefix is not None and blocked.prefix is not None
+                    and blocked.prefix.startswith(allowed.prefix)
                     and (allowed.canonical or not blocked.canonical)):
                 warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
                 break
@@ -1228,8 +1266,10 @@ class Log:
     def __init__(self, level: str = "info", stream: Any = None) -> None:
         self.level = LOG_LEVELS[level]
         self.stream = stream
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()      # guards pending: decisions take it, briefly
+        self.writing = threading.Lock()   # orders writes; a stalled journald holds only this one
         self.pending: list[str] | None = None
+        self.dropped = 0
 
     def buffer(self, interval: float) -> None:
         self.pending = []
@@ -1243,10 +1283,14 @@ class Log:
     def write(self, line: str) -> None:
         """Write line (if any) after the pending decision lines."""
         stream = self.stream or sys.stderr
-        with self.lock:
-            text = "".join(self.pending) if self.pending else ""
-            if self.pending:
-                self.pending.clear()
+        with self.writing:
+            with self.lock:
+                pending, dropped = self.pending, self.dropped
+                if pending:
+                    self.pending, self.dropped = [], 0
+            text = "".join(pending or ())
+            if dropped:
+                text += f"{PLUGIN_NAME}: warning: {dropped} decision lines dropped while stderr did not keep up\n"
             if line:
                 text += line + "\n"
             if text:
@@ -1266,7 +1310,10 @@ class Log:
             self.write(line)
             return
         with self.lock:
-            self.pending.append(line + "\n")
+            if len(self.pending) < MAX_PENDING_LINES:
+                self.pending.append(line + "\n")
+            else:
+                self.dropped += 1
 
 
 class Metrics:
@@ -1336,13 +1383,24 @@ ACTIVATE_RESPONSE = _plugin_response({"Implements": ["authz"]})
 ALLOW_RESPONSE = _plugin_response({"Allow": True, "Msg": "", "Err": ""})
 
 
+Answer = tuple[Decision, str, bytes]   # the decision, its outcome and the HTTP response
+
+
+@dataclass(frozen=True)
+class Running:
+    """The policy in force and the answers remembered for it: replaced together."""
+
+    policy: Policy
+    answers: dict[bytes, Answer] = dataclasses.field(default_factory=dict)
+
+
 class Plugin:
-    """State shared by both listeners. Requests read self.policy once."""
+    """State shared by both listeners. Requests read self.current once."""
 
     def __init__(self, config_path: str, log: Log, docker: DockerAPI) -> None:
         self.config_path, self.log, self.docker = config_path, log, docker
         self.metrics = Metrics()
-        self.current = (load_policy(config_path), {})
+        self.current = Running(load_policy(config_path))
         self.metrics.reloaded(True)
         self.reload_status: dict[str, Any] = {"time": _now(), "ok": True, "error": None}
         self.reload_lock = threading.Lock()
@@ -1357,7 +1415,7 @@ class Plugin:
                 self.metrics.reloaded(False)
                 self.log.event("error", f"reload failed, the running policy stays in force: {error}")
                 return False
-            self.current = (policy, {})  # one reference: no request sees half of each
+            self.current = Running(policy)  # one reference: no request sees half of each
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
@@ -1365,12 +1423,13 @@ class Plugin:
 
     @property
     def policy(self) -> Policy:
-        return self.current[0]
+        return self.current.policy
 
     def authorize(self, body: bytes) -> bytes:
         """Answer one AuthZReq body with a complete HTTP response."""
         started = time.perf_counter()
-        policy, remembered = self.current
+        running = self.current
+        policy, remembered = running.policy, running.answers
         answer = remembered.get(body)
         if answer is None:
             decision, cacheable = self.decide(policy, body)
@@ -1511,7 +1570,7 @@ class PluginHandler(BaseHTTPRequestHandler):
                 continue
             name = name.lower()
             if name == b"content-length":
-                if not value.strip().isdigit():
+                if not value.strip().isdigit() or len(value.strip()) > 18:
                     raise BadRequest(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
                 length = int(value)
             elif name == b"connection":
@@ -1612,12 +1671,15 @@ def claim_socket_path(path: str) -> None:
     raise ImagePolicyError(f"another process is already serving {path}; stop it first")
 
 
-class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):
+class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):   # type: ignore[misc]
     """The plugin socket, readable and writable by root only.
 
     Each connection gets its own thread, as with ThreadingHTTPServer, but
     threads are reused: under load dockerd opens a new connection for about
     every fourth call, and starting a thread costs more than answering one.
+    The number of threads is not bounded, on purpose: while the plugin looks
+    an image up through the Docker API, dockerd asks the plugin about that
+    lookup on a new connection, and a bounded pool could wait on itself.
     """
 
     request_queue_size = 64
@@ -1625,7 +1687,7 @@ class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):
 
     def __init__(self, path: str, plugin: Plugin) -> None:
         self.plugin = plugin
-        self.inode = None
+        self.inode: int | None = None
         self.idle_workers: list[queue.SimpleQueue] = []
         self.workers_lock = threading.Lock()
         super().__init__(path, PluginHandler)
@@ -1651,7 +1713,7 @@ class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):
                 self.idle_workers.append(inbox)
 
     def server_bind(self) -> None:
-        path = self.server_address
+        path = str(self.server_address)
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
         claim_socket_path(path)
         previous = os.umask(0o177)  # no moment where the socket is open to others
@@ -1663,9 +1725,10 @@ class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        try:
-            if self.inode is not None and os.stat(self.server_address).st_ino == self.inode:
-                os.unlink(self.server_address)
+        path = str(self.server_address)
+        try:   # a successor may have bound the path since: leave its socket alone
+            if self.inode is not None and os.stat(path).st_ino == self.inode:
+                os.unlink(path)
         except FileNotFoundError:
             pass
 
@@ -1684,16 +1747,23 @@ class AdminServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
-def notify_systemd(state: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+def notify_systemd(state: str, log: Log) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
+
+    A notification that cannot be sent is logged, never fatal: the plugin
+    serves dockerd whether or not systemd hears about it.
+    """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.connect(address)
-        notify.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.connect(address)
+            notify.sendall(state.encode())
+    except (OSError, ValueError) as error:
+        log.event("warning", f"cannot notify systemd at NOTIFY_SOCKET={os.environ['NOTIFY_SOCKET']!r}: {error}")
 
 
 # --------------------------------------------------------------------------
@@ -1755,15 +1825,15 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     policy = plugin.policy
     log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {args.addr}, policy"
               f" {args.config} ({policy.summary()})")
-    notify_systemd("READY=1")
+    notify_systemd("READY=1", log)
     while True:
         signum = signal.sigwait(handled)
         if signum != signal.SIGHUP:
             break
-        notify_systemd("RELOADING=1")
+        notify_systemd("RELOADING=1", log)
         plugin.reload()
-        notify_systemd("READY=1")
-    notify_systemd("STOPPING=1")
+        notify_systemd("READY=1", log)
+    notify_systemd("STOPPING=1", log)
     for server in (plugin_server, admin_server):
         server.shutdown()
         server.server_close()
