@@ -146,27 +146,33 @@ class TestReference(unittest.TestCase):
             with self.subTest(text):
                 self.assertEqual(parse_reference(text).familiar, familiar)
 
-    def test_registry_aliases_are_one_repository(self):
+    def test_registry_aliases_are_other_names_of_one_repository(self):
         # Docker Hub answers as registry-1.docker.io and with :443 too; any registry with :443.
-        for text, canonical, familiar in [
-            ("registry-1.docker.io/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
-            ("index.docker.io:443/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
-            ("docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
-            ("registry-1.docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
-            ("quay.io:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
-            ("QUAY.IO:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
-            ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1"),
-            # Only the lower-case docker.io and index.docker.io add library/: these are not the official nginx.
-            ("DOCKER.IO/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
-            ("docker.io:443/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
-            ("DOCKER.IO/library/nginx", "docker.io/library/nginx:latest", "nginx:latest"),
+        for text, canonical, alias in [
+            ("registry-1.docker.io/evil/miner:1", "registry-1.docker.io/evil/miner:1", "evil/miner:1"),
+            ("registry.hub.docker.com/library/evil:1", "registry.hub.docker.com/library/evil:1", "evil:1"),
+            ("index.docker.io:443/evil/miner:1", "index.docker.io:443/evil/miner:1", "evil/miner:1"),
+            ("docker.io:443/library/nginx:1", "docker.io:443/library/nginx:1", "nginx:1"),
+            ("registry-1.docker.io:443/library/nginx:1", "registry-1.docker.io:443/library/nginx:1", "nginx:1"),
+            ("QUAY.IO:443/evil/x:1", "quay.io:443/evil/x:1", "quay.io/evil/x:1"),
+            ("vm:443/evil:2", "vm:443/evil:2", "vm/evil:2"),          # a dotless host keeps its port
+            ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", None),
+            ("quay.io/evil/x:1", "quay.io/evil/x:1", None),
+            ("docker.io:443/nginx", "docker.io:443/nginx:latest", "docker.io/nginx:latest"),
         ]:
             with self.subTest(text):
                 reference = parse_reference(text)
-                self.assertEqual((reference.canonical, reference.familiar), (canonical, familiar))
-        # A one-component path on an alias has no familiar form: no familiar-name rule sees it.
-        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(False), ())
-        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(True), ("docker.io/nginx:latest",))
+                self.assertEqual((reference.canonical, reference.alias and reference.alias.familiar),
+                                 (canonical, alias))
+        # Only the lower-case docker.io and index.docker.io add library/: DOCKER.IO/nginx is not the
+        # official nginx, and a one-component path there has no familiar form for rules to see.
+        for text, canonical, familiar in [("DOCKER.IO/nginx", "docker.io/nginx:latest", ()),
+                                          ("DOCKER.IO/library/nginx", "docker.io/library/nginx:latest",
+                                           ("nginx:latest",))]:
+            with self.subTest(text):
+                reference = parse_reference(text)
+                self.assertEqual((reference.canonical, reference.forms(False), reference.alias),
+                                 (canonical, familiar, None))
 
     def test_digest_pins_have_the_original_plugins_form_too(self):
         self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(False), (f"nginx@{DIGEST}", f"nginx:{DIGEST}"))
@@ -234,15 +240,23 @@ class TestPolicy(unittest.TestCase):
         self.assertTrue(self.verdict(config, f"redis:7@{DIGEST}").allow)
         self.assertFalse(self.verdict(config, "redis:7").allow)
 
-    def test_registry_aliases_meet_the_same_rules(self):
-        config = {"whitelist": ["^nginx:", "^quay\\.io/calico/"], "blacklist": ["^evil/", "^quay\\.io/evil/"],
+    def test_registry_aliases_meet_blacklists_not_whitelists(self):
+        config = {"whitelist": ["^nginx:", "^quay\\.io/calico/", "^vm/"], "blacklist": ["^evil/", "^quay\\.io/evil/"],
                   "defaultAllow": True}
         for image, allow in [("registry-1.docker.io/evil/miner:1", False), ("index.docker.io:443/evil/miner:1", False),
                              ("docker.io:443/evil/miner:1", False), ("quay.io:443/evil/x:1", False),
-                             ("registry-1.docker.io/library/nginx:1", True), ("quay.io:443/calico/node:v3", True),
-                             ("someone/app:1", True)]:
+                             ("registry.hub.docker.com/evil/miner:1", False), ("someone/app:1", True)]:
             with self.subTest(image):
                 self.assertEqual(self.verdict(config, image).allow, allow)
+        verdict = self.verdict(config, "registry-1.docker.io/evil/miner:1")
+        self.assertEqual(verdict.reason, 'blacklist rule "^evil/" matches evil/miner:1, the same repository under'
+                                         ' its usual name')
+        # A whitelist rule admits the spelling it names, not another host or port: vm:443 is not Docker Hub's vm/.
+        strict = dict(config, defaultAllow=False)
+        for image, allow in [("vm:443/evil:2", False), ("vm/app:1", True), ("registry-1.docker.io/library/nginx:1", False),
+                             ("quay.io:443/calico/node:v3", False), ("quay.io/calico/node:v3", True)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(strict, image).allow, allow)
         # DOCKER.IO/nginx is the repository "nginx" on the host DOCKER.IO, not the official nginx.
         self.assertFalse(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/nginx").allow)
         self.assertTrue(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/library/nginx:1").allow)
@@ -397,17 +411,17 @@ class TestPolicy(unittest.TestCase):
 
     def test_warnings(self):
         policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
-                                          "^quay\\.io:443/", "^docker"],
+                                          "^Docker\\.io/", "^docker"],
                             "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"]})
-        never = ("no image reference can match it (rules see nginx:1.25, and canonical docker.io/library/nginx:1.25"
-                 " only if they name docker.io; Docker Hub's other host names and any :443 are matched as"
-                 " docker.io and as the host without the port)")
+        never = ("no image reference can match it (rules see familiar names such as nginx:1.25, and canonical ones"
+                 " such as docker.io/library/nginx:1.25 only when they name docker.io; index.docker.io is spelled"
+                 " docker.io)")
         self.assertEqual(dip.policy_warnings(policy), [
             'whitelist[1] "nginx": not anchored with ^ (or $), so it matches anywhere in an image name',
             f'whitelist[2] "^library/nginx:": {never}',
             f'whitelist[3] "^index\\\\.docker\\\\.io/": {never}',
             'whitelist[4] "x*": matches every image, so the whitelist allows everything',
-            f'whitelist[5] "^quay\\\\.io:443/": {never}',
+            f'whitelist[5] "^Docker\\\\.io/": {never}',
             'whitelist[6] "^docker": matched against familiar names (nginx:1.25) as the original plugin did, so it'
             ' does not allow every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is'
             ' matched against canonical names too',
@@ -566,6 +580,9 @@ class TestRequests(unittest.TestCase):
         for headers, allow, operation, reason in [
             ({"Content-Type": form, "Content-Length": "24"}, False, "pull or import", "form-encoded body"),
             ({"Content-Type": form}, False, "pull or import", "form-encoded body"),
+            # Go lower-cases U+0130 to "i": dockerd reads this body as a form.
+            ({"Content-Type": "appl\u0130cation/x-www-form-urlencoded", "Content-Length": "24"}, False,
+             "pull or import", "form-encoded body"),
             ({"Content-Type": form, "Content-Length": "0"}, True, "import", "'allowImport' is true"),
             ({"Content-Type": "text/plain"}, True, "import", "'allowImport' is true"),   # docker import
         ]:
@@ -711,13 +728,19 @@ class TestRequests(unittest.TestCase):
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}},
             "new": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}}})
         service = lambda image: {"TaskTemplate": {"ContainerSpec": {"Image": image}}}
-        for image, allow, reason in [(refused_id, False, "for redis:7"), ("ffff", False, "for redis:7"),
-                                     ("sha256:ffff", False, "for redis:7"), ("sha256:0000", False, "no such image"),
+        for image, allow, reason in [(refused_id, False, "for redis:7"), ("sha256:ffff", False, "for redis:7"),
+                                     ("sha256:0000", False, "no such image"),
                                      ("nginx:1", True, "service of nginx:1 allowed"),
-                                     (allowed_id, True, "for its name nginx:3"), ("aaaa", True, "nginx:3")]:
+                                     (allowed_id, True, "for its name nginx:3"), ("sha256:aaaa", True, "nginx:3"),
+                                     # A swarm task pulls a short ID's name first: docker.io/library/aaaa.
+                                     ("ffff", False, "service of ffff:latest denied: no whitelist rule"),
+                                     ("aaaa", False, "service of aaaa:latest denied: no whitelist rule")]:
             with self.subTest(image):
                 self.assertDecision(authz("POST", "/v1.41/services/create", service(image)), allow, reason,
                                     docker=docker)
+        named = policy_of({"whitelist": ["^nginx:", "^[0-9a-f]+:latest$"]})
+        self.assertTrue(self.decide(authz("POST", "/v1.41/services/create", service("aaaa")), named, docker).allow)
+        self.assertFalse(self.decide(authz("POST", "/v1.41/services/create", service("ffff")), named, docker).allow)
         for uri, allow, reason in [
             ("/v1.41/services/web/update?version=9&rollback=previous", False, "service of redis:7@sha256"),
             ("/v1.41/services/api/update?version=9&rollback=previous", True, "service of nginx:1 allowed"),
