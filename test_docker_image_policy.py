@@ -3,9 +3,10 @@
     python3 -m unittest -v test_docker_image_policy
 
 The end-to-end classes start a real registry and real dockerd engines (20.10
-from the machine, 28.5 from Debian sid) and drive them with every docker CLI
-on the machine. They need root, dockerd, docker-registry and busybox, and skip
-with a message when something is missing, unless
+from the machine, 28.5 from Debian sid) and drive them with two docker CLIs
+(the machine's 20.10 and sid's 28.5). They need root, dockerd,
+docker-registry, busybox and the machine's Debian archive (engines and CLI are
+downloaded once), and skip with a message when something is missing, unless
 DOCKER_IMAGE_POLICY_REQUIRE_E2E=1 (set by CI) makes that a failure.
 DOCKER_IMAGE_POLICY_LONG=1 runs the fuzz and soak tests at ten times the size.
 
@@ -1177,7 +1178,10 @@ def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
 # --------------------------------------------------------------------------
 
 ENGINE_CACHE = Path(os.environ.get("DOCKER_IMAGE_POLICY_ENGINE_CACHE", "/var/cache/docker-image-policy-tests"))
-CLIS = [cli for cli in ("/usr/bin/docker", "/usr/local/bin/docker") if os.access(cli, os.X_OK)]
+# The machine's CLI (20.10) and sid's (28.x): they name images differently (PROTOCOL.md, section 4).
+CLIS = ["/usr/bin/docker", str(ENGINE_CACHE / "sid/docker-cli/usr/bin/docker")]
+# A Debian archive's URI, not debian-security's or a ports archive's: the mirror the machine already uses.
+DEBIAN_ARCHIVE = r"\S+/debian/?"
 
 
 class Missing(Exception):
@@ -1190,47 +1194,68 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def sid_engine() -> Path:
-    """Engine 28.5 from Debian sid, unpacked into a private directory (once)."""
-    root = ENGINE_CACHE / "sid"
-    if (root / "usr/sbin/dockerd").exists():
-        return root
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if not sources.exists() or not shutil.which("apt-get") or not shutil.which("dpkg"):
-        raise Missing(f"engine 28.5 needs apt-get, dpkg and {sources}")
-    # The machine's own Debian archive, with its suite switched to sid.
-    stanzas = [stanza for stanza in sources.read_text().split("\n\n")
-               if re.search(r"^URIs:\s*\S+/debian/?\s*$", stanza, re.M)]
-    if not stanzas:
-        raise Missing(f"no Debian archive in {sources}")
-    work = Path(tempfile.mkdtemp(prefix="dip-sid-"))
-    try:
-        (work / "sources").mkdir()
-        (work / "sources/sid.sources").write_text(
-            "\n\n".join(re.sub(r"^Suites:.*$", "Suites: sid", stanza, flags=re.M) for stanza in stanzas) + "\n")
-        (work / "lists/partial").mkdir(parents=True)
-        (work / "cache/archives/partial").mkdir(parents=True)
-        options = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={work}/sources",
-                   "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::Cache={work}/cache",
-                   "-o", "APT::Sandbox::User=root"]
-        for command in (["apt-get", *options, "update"], ["apt-get", *options, "download", "docker.io", "containerd"]):
-            result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
-            if result.returncode:
-                raise Missing(f"{' '.join(command[:1] + command[-3:])} failed: {result.stderr[-500:]}")
-        unpacked = work / "root"
-        for deb in work.glob("*.deb"):
+def debian_source(suite: str, apt: Path = Path("/etc/apt")) -> tuple[str, str]:
+    """An apt source file (name, text) for one suite of the machine's Debian archive.
+
+    The machine's sources may be deb822 stanzas or one-line entries. Only the first
+    entry is kept: apt refuses the same archive twice with different options.
+    """
+    for path in sorted(apt.glob("sources.list.d/*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            if re.search(rf"^URIs:\s*{DEBIAN_ARCHIVE}\s*$", stanza, re.M):
+                return "debian.sources", re.sub(r"^Suites:.*$", f"Suites: {suite}", stanza.strip(), flags=re.M) + "\n"
+    one_line = re.compile(rf"(deb\s+(?:\[[^]]*\]\s+)?{DEBIAN_ARCHIVE}\s+)\S+")
+    for path in [apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list"))]:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            if one_line.match(line):
+                return "debian.list", one_line.sub(rf"\g<1>{suite}", line) + "\n"
+    raise Missing(f"no Debian archive in the apt sources under {apt}")
+
+
+def apt_download(suite: str, packages: list[str], work: Path) -> list[Path]:
+    """Download packages of a suite into work, with apt lists of its own: the machine's apt is untouched."""
+    (work / "sources").mkdir()
+    name, text = debian_source(suite)
+    (work / "sources" / name).write_text(text)
+    (work / "lists/partial").mkdir(parents=True)
+    (work / "cache/archives/partial").mkdir(parents=True)
+    options = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={work}/sources",
+               "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::Cache={work}/cache",
+               "-o", "APT::Sandbox::User=root"]
+    for action in (["update"], ["download", *packages]):
+        result = subprocess.run(["apt-get", *options, *action], cwd=work, capture_output=True, text=True,
+                                timeout=600)
+        if result.returncode:
+            raise Missing(f"apt-get {' '.join(action)} from {suite} failed: {result.stderr[-500:]}")
+    return sorted(work.glob("*.deb"))
+
+
+def debian_packages(suite: str, packages: list[str]) -> list[Path]:
+    """Packages of a Debian suite, each unpacked once into ENGINE_CACHE/SUITE/PACKAGE."""
+    roots = [ENGINE_CACHE / suite / package for package in packages]
+    missing = [root.name for root in roots if not root.exists()]
+    if not missing:
+        return roots
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        raise Missing(f"{', '.join(missing)} from Debian {suite} need apt-get and dpkg")
+    (ENGINE_CACHE / suite).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=ENGINE_CACHE / suite) as directory:
+        work = Path(directory)
+        (work / "root").mkdir()
+        for deb in apt_download(suite, missing, work):
+            unpacked = work / "root" / deb.name.split("_")[0]
             subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True)
-        ENGINE_CACHE.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(unpacked), str(root))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return root
+            # Test runs from other checkouts share the cache: the first to unpack a package wins.
+            with contextlib.suppress(OSError):
+                unpacked.rename(ENGINE_CACHE / suite / unpacked.name)
+    return roots
 
 
 class EndToEnd:
     """The same tests against one engine; subclasses say which."""
 
     engine = ""
+    suite = ""   # the Debian suite whose docker.io and containerd run this engine
     test_policy: dict[str, Any]
 
     # ---- fixture ---------------------------------------------------------
@@ -1270,9 +1295,19 @@ class EndToEnd:
         for tool in ("docker-registry", "busybox", "containerd"):
             if not shutil.which(tool):
                 raise Missing(f"{tool} is not installed (apt-get install docker.io docker-registry busybox-static)")
-        if not CLIS:
-            raise Missing("no docker CLI")
+        if not os.access(CLIS[0], os.X_OK):
+            raise Missing(f"no docker CLI at {CLIS[0]} (apt-get install docker.io)")
+        debian_packages("sid", ["docker-cli"])
         cls.dockerd, cls.path = cls.find_engine()
+
+    @classmethod
+    def find_engine(cls) -> tuple[str, str]:
+        """The suite's dockerd and containerd, run with the machine's runc."""
+        if not shutil.which("runc", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+            raise Missing("runc is not installed (apt-get install docker.io)")
+        docker, containerd = debian_packages(cls.suite, ["docker.io", "containerd"])
+        return (str(docker / "usr/sbin/dockerd"),
+                f"{docker}/usr/sbin:{docker}/usr/bin:{containerd}/usr/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     @classmethod
     def stop_all(cls) -> None:
@@ -1566,7 +1601,7 @@ class EndToEnd:
 
 
 class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
-    """Debian bookworm's docker.io (Engine 20.10)."""
+    """Debian bookworm's docker.io (Engine 20.10), the machine's."""
 
     engine = "20.10"
 
@@ -1579,16 +1614,48 @@ class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
 
 
 class TestEndToEndEngine28(EndToEnd, unittest.TestCase):
-    """Debian sid's docker.io and containerd (Engine 28.5), run with bookworm's runc."""
+    """Debian sid's docker.io and containerd (Engine 28.5)."""
 
     engine = "28.5"
+    suite = "sid"
 
-    @classmethod
-    def find_engine(cls) -> tuple[str, str]:
-        if not shutil.which("runc", path=os.environ.get("PATH", "") + ":/usr/sbin"):
-            raise Missing("runc is not installed (apt-get install docker.io)")
-        root = sid_engine()
-        return str(root / "usr/sbin/dockerd"), f"{root}/usr/bin:{root}/usr/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+class TestDebianSource(unittest.TestCase):
+    """The Debian archive for the engines' downloads, from apt sources in either format."""
+
+    def apt(self, files: dict[str, str]) -> Path:
+        apt = Path(tempfile.mkdtemp(prefix="dip-apt-"))
+        self.addCleanup(shutil.rmtree, apt)
+        (apt / "sources.list.d").mkdir()
+        for name, text in files.items():
+            (apt / name).write_text(text)
+        return apt
+
+    def test_deb822_stanza(self):
+        apt = self.apt({"sources.list.d/debian.sources":
+                        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+                        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+                        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+                        "Components: main\n"})
+        self.assertEqual(debian_source("sid", apt), (
+            "debian.sources", "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: sid\nComponents: main\n"
+                              "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"))
+
+    def test_one_line_entry(self):
+        apt = self.apt({"sources.list": "deb-src http://deb.debian.org/debian bookworm main\n"
+                                        "deb http://security.debian.org/debian-security bookworm-security main\n",
+                        "sources.list.d/mirror.list":
+                        "# deb http://old.example/debian buster main\n"
+                        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://ftp.de.debian.org/debian/"
+                        " bookworm main contrib\ndeb http://ftp.de.debian.org/debian/ bookworm-updates main\n"})
+        self.assertEqual(debian_source("trixie", apt), (
+            "debian.list", "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
+                           " http://ftp.de.debian.org/debian/ trixie main contrib\n"))
+
+    def test_no_debian_archive(self):
+        apt = self.apt({"sources.list.d/cloud.list": "deb https://packages.example/apt cloud-sdk main\n"})
+        with self.assertRaisesRegex(Missing, "no Debian archive in the apt sources under"):
+            debian_source("sid", apt)
 
 
 # --------------------------------------------------------------------------
