@@ -3,8 +3,9 @@
     python3 -m unittest -v test_docker_image_policy
 
 The end-to-end classes start a real registry and real dockerd engines (20.10
-from the machine, 28.5 from Debian sid) and drive them with two docker CLIs
-(the machine's 20.10 and sid's 28.5). They need root, dockerd,
+from the machine; 26.1 from Debian trixie; 28.5 from Debian sid, with the
+classic and with the containerd image store) and drive them with two docker
+CLIs (the machine's 20.10 and sid's 28.5). They need root, dockerd,
 docker-registry, busybox and the machine's Debian archive (engines and CLI are
 downloaded once), and skip with a message when something is missing, unless
 DOCKER_IMAGE_POLICY_REQUIRE_E2E=1 (set by CI) makes that a failure.
@@ -1256,6 +1257,7 @@ class EndToEnd:
 
     engine = ""
     suite = ""   # the Debian suite whose docker.io and containerd run this engine
+    storage = ("--storage-driver=vfs",)   # overlayfs does not work on every test machine
     test_policy: dict[str, Any]
 
     # ---- fixture ---------------------------------------------------------
@@ -1366,12 +1368,13 @@ class EndToEnd:
         env = dict(os.environ, PATH=cls.path)
         containerd = cls.dir / "containerd"
         containerd.mkdir()
+        # Only Kubernetes' CRI is disabled: the containerd image store needs the snapshotters.
         (containerd / "config.toml").write_text('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
         cls.spawn([shutil.which("containerd", path=cls.path) or "containerd", "--config", str(containerd / "config.toml"),
                    "--address", str(containerd / "sock"), "--root", str(containerd / "root"),
                    "--state", str(containerd / "state")], "containerd.log", env=env)
         wait_for((containerd / "sock").exists, "containerd")
-        cls.spawn([cls.dockerd, "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
+        cls.spawn([cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
                    "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
                    "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
                    f"--containerd={containerd / 'sock'}", f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
@@ -1613,11 +1616,25 @@ class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
         return dockerd, os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
+class TestEndToEndEngine26(EndToEnd, unittest.TestCase):
+    """Debian trixie's docker.io and containerd (Engine 26.1)."""
+
+    engine = "26.1"
+    suite = "trixie"
+
+
 class TestEndToEndEngine28(EndToEnd, unittest.TestCase):
     """Debian sid's docker.io and containerd (Engine 28.5)."""
 
     engine = "28.5"
     suite = "sid"
+
+
+class TestEndToEndEngine28Containerd(TestEndToEndEngine28):
+    """Engine 28.5 with the containerd image store, the default of new installations since Engine 29."""
+
+    engine = "28.5-containerd"
+    storage = ("--feature", "containerd-snapshotter=true", "--storage-driver=native")
 
 
 class TestDebianSource(unittest.TestCase):
