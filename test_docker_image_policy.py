@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -1252,6 +1253,14 @@ def debian_packages(suite: str, packages: list[str]) -> list[Path]:
     return roots
 
 
+@functools.cache
+def report_clis() -> None:
+    """Say once per run, in the test log, which docker CLIs the end-to-end classes drive."""
+    versions = [subprocess.run([cli, "--version"], capture_output=True, text=True).stdout.strip() for cli in CLIS]
+    print("end-to-end CLIs: " + "; ".join(f"{cli}: {version}" for cli, version in zip(CLIS, versions)),
+          file=sys.stderr)
+
+
 class EndToEnd:
     """The same tests against one engine; subclasses say which."""
 
@@ -1282,6 +1291,8 @@ class EndToEnd:
         cls.config.write_text(json.dumps({"defaultAllow": True}))   # seeding needs imports and pushes
         cls.start_plugin()
         cls.start_dockerd()
+        report_clis()
+        cls.report_engine()
         cls.seed()
         cls.test_policy = {
             "whitelist": [f"^{re.escape(cls.registry)}/allowed/", "^nginx:"],
@@ -1379,6 +1390,13 @@ class EndToEnd:
                    "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
                    f"--containerd={containerd / 'sock'}", f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
         wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
+
+    @classmethod
+    def report_engine(cls) -> None:
+        """Say in the test log what this class tested: versions change with the Debian suites."""
+        components = "{{range .Server.Components}}{{.Name}} {{.Version}}, {{end}}"
+        print(f"end-to-end {cls.engine}: {cls.docker_ok('version', '--format', components)}"
+              f" storage {cls.docker_ok('info', '--format', '{{.Driver}}')}", file=sys.stderr)
 
     @classmethod
     def docker(cls, cli: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
