@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import unittest
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1267,6 +1268,7 @@ class EndToEnd:
     engine = ""
     suite = ""   # the Debian suite whose docker.io and containerd run this engine
     storage = ("--storage-driver=vfs",)   # overlayfs does not work on every test machine
+    image_mounts = False   # --mount type=image: API 1.48, Engine 28
     test_policy: dict[str, Any]
 
     # ---- fixture ---------------------------------------------------------
@@ -1439,6 +1441,38 @@ class EndToEnd:
         wait_for(lambda: reloads() > before, "the reload")
         assert json.loads(cls.admin_get("/config"))["config"]["whitelist"] == policy.get("whitelist", [])
 
+    @classmethod
+    @contextlib.contextmanager
+    def seeding_policy(cls) -> Iterator[None]:
+        """Allow everything for a fixture step that the policy in force may refuse, then restore it."""
+        policy = json.loads(cls.config.read_text())
+        cls.apply_policy({"defaultAllow": True})
+        try:
+            yield
+        finally:
+            cls.apply_policy(policy)
+
+    @classmethod
+    def swarm_init(cls) -> None:
+        """Make the engine a single-node swarm manager, for the tests that need one (idempotent)."""
+        if cls.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
+            return
+        with cls.seeding_policy():
+            # A gateway bridge and a manager port of its own: a swarm on the host keeps
+            # its docker_gwbridge interface and port 2377.
+            cls.docker_ok("network", "create", "--opt", f"com.docker.network.bridge.name=dip-{cls.dir.name[-8:]}",
+                          "docker_gwbridge")
+            cls.docker_ok("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr",
+                          f"127.0.0.1:{free_port()}")
+        cls.addClassCleanup(cls.leave_swarm)
+
+    @classmethod
+    def leave_swarm(cls) -> None:
+        """Stop the service tasks now (dockerd's shutdown waits 10 s for each) and remove the bridge."""
+        with cls.seeding_policy():
+            cls.docker_ok("swarm", "leave", "--force")
+            cls.docker_ok("network", "rm", "docker_gwbridge")
+
     # ---- helpers ---------------------------------------------------------
 
     def denied(self, result: subprocess.CompletedProcess, message: str) -> None:
@@ -1598,6 +1632,32 @@ class EndToEnd:
         self.apply_policy(self.test_policy)
         self.denied(self.docker(CLIS[0], "pull", image), f"pull of {image} denied")
 
+    def test_swarm_fixture_creates_services(self):
+        # What the swarm tests build on: a single-node swarm that creates services from the registry.
+        image = f"{self.registry}/allowed/busybox:1"
+        self.swarm_init()
+        self.swarm_init()
+        for cli in CLIS:
+            with self.subTest(cli):
+                result = self.docker(cli, "service", "create", "--detach", "--restart-condition", "none",
+                                     image, "busybox", "true")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                service = result.stdout.strip()
+                self.addCleanup(self.docker, CLIS[0], "service", "rm", service)
+                self.assertRegex(self.docker_ok("service", "inspect", "--format",
+                                                "{{.Spec.TaskTemplate.ContainerSpec.Image}}", service),
+                                 f"^{re.escape(image)}@sha256:[0-9a-f]{{64}}$")
+
+    def test_image_mounts_where_the_engine_has_them(self):
+        image = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", image)
+        result = self.docker(CLIS[-1], "run", "--rm", "--network", "none", "--mount",
+                             f"type=image,source={image},target=/x", image, "busybox", "ls", "/x/bin")
+        if self.image_mounts:
+            self.assertEqual((result.returncode, result.stdout), (0, "busybox\n"), result.stderr)
+        else:
+            self.assertIn('invalid mount config for type "image": mount type unknown', result.stderr)
+
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
         cls.plugin.kill()   # leaves its socket behind, as a crash would
@@ -1646,6 +1706,7 @@ class TestEndToEndEngine28(EndToEnd, unittest.TestCase):
 
     engine = "28.5"
     suite = "sid"
+    image_mounts = True
 
 
 class TestEndToEndEngine28Containerd(TestEndToEndEngine28):
