@@ -1459,19 +1459,19 @@ class EndToEnd:
         if cls.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
             return
         with cls.seeding_policy():
+            cls.addClassCleanup(cls.leave_swarm)
             # A gateway bridge and a manager port of its own: a swarm on the host keeps
             # its docker_gwbridge interface and port 2377.
             cls.docker_ok("network", "create", "--opt", f"com.docker.network.bridge.name=dip-{cls.dir.name[-8:]}",
                           "docker_gwbridge")
             cls.docker_ok("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr",
                           f"127.0.0.1:{free_port()}")
-        cls.addClassCleanup(cls.leave_swarm)
 
     @classmethod
     def leave_swarm(cls) -> None:
         """Stop the service tasks now (dockerd's shutdown waits 10 s for each) and remove the bridge."""
         with cls.seeding_policy():
-            cls.docker_ok("swarm", "leave", "--force")
+            cls.docker(CLIS[0], "swarm", "leave", "--force")   # there is no swarm if its init failed
             cls.docker_ok("network", "rm", "docker_gwbridge")
 
     # ---- helpers ---------------------------------------------------------
