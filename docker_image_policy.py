@@ -220,6 +220,8 @@ class Reference:
 
     canonical: str = dataclasses.field(init=False, compare=False)
     familiar: str = dataclasses.field(init=False, compare=False)
+    familiar_forms: tuple[str, ...] = dataclasses.field(init=False, compare=False, repr=False)
+    all_forms: tuple[str, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Computed once: every rule is matched against these forms.
@@ -227,6 +229,9 @@ class Reference:
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
         object.__setattr__(self, "canonical", self.repository + suffix)
         object.__setattr__(self, "familiar", self.familiar_repository + suffix)
+        familiar, canonical = self.forms(False), self.forms(True)
+        object.__setattr__(self, "familiar_forms", familiar)
+        object.__setattr__(self, "all_forms", familiar if canonical == familiar else familiar + canonical)
 
     def forms(self, canonical: bool) -> tuple[str, ...]:
         """The strings rules are matched against: familiar, or canonical.
@@ -335,7 +340,7 @@ def trusted_prefix(regex: re.Pattern[str], prefix: str | None, only: bool) -> tu
     if prefix is None:
         return None, False
     text = re.sub(r"\\(.)", r"\1", regex.pattern.lstrip("^"))   # the pattern read as plain text
-    bases = {prefix[:length] for length in range(len(prefix))} | {"x" + prefix, text, text[:len(prefix)]}
+    bases = {"", prefix[:len(prefix) // 2], prefix[:-1], "x" + prefix, text, text[:len(prefix)]}
     for probe in (base + suffix for base in bases for suffix in _PROBE_SUFFIXES):
         if not probe.startswith(prefix) and regex.search(probe):
             return None, False
@@ -388,13 +393,12 @@ class RuleSet:
             found = sorted(set(found), key=_rule_index)
         return found
 
-    def first_match(self, familiar: tuple[str, ...], canonical: tuple[str, ...]) -> Rule | None:
+    def first_match(self, reference: Reference) -> Rule | None:
         """The first rule matching a familiar form, or a canonical one if the rule names docker.io."""
-        if canonical == familiar:
-            canonical = ()
-        for rule in self.candidates(familiar + canonical):
+        familiar, texts = reference.familiar_forms, reference.all_forms
+        for rule in self.candidates(texts):
             search = rule.regex.search
-            for text in familiar + canonical if rule.canonical else familiar:
+            for text in texts if rule.canonical else familiar:
                 if search(text):
                     return rule
         return None
@@ -456,11 +460,11 @@ class Policy:
     def evaluate(self, reference: Reference) -> Verdict:
         if reference.repository == DANGLING_REPOSITORY:
             return NAMELESS
-        rule = self.whitelist.first_match(reference.forms(canonical=False), reference.forms(canonical=True))
+        rule = self.whitelist.first_match(reference)
         if rule:
             return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches")
         for spelling in (reference, reference.alias) if reference.alias else (reference,):
-            rule = self.blacklist.first_match(spelling.forms(canonical=False), spelling.forms(canonical=True))
+            rule = self.blacklist.first_match(spelling)
             if rule:
                 also = f" {spelling.familiar}, the same repository under its usual name" \
                     if spelling is not reference else ""
