@@ -2943,6 +2943,8 @@ def benchmark(argv: list[str]) -> int:
         for connections in (1, 4):
             compare(f"plugin socket, mixed load, {connections} connection(s)", sockets["python"], sockets["go"],
                     "-c", str(connections))
+        # Every pull and create with its own tag: nothing can be answered from memory.
+        compare("plugin socket, mixed, all distinct, 1 conn", sockets["python"], sockets["go"], "-c", "1", "-unique")
         for process in mixed.values():
             stop(process)
         own_rps = {}
