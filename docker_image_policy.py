@@ -197,7 +197,6 @@ class Reference:
     path: str
     tag: str | None = None
     digest: str | None = None
-    alias: Reference | None = dataclasses.field(default=None, compare=False)
 
     @property
     def repository(self) -> str:
@@ -218,6 +217,7 @@ class Reference:
     def has_familiar_form(self) -> bool:
         return self.domain != "docker.io" or "/" in self.path
 
+    alias: Reference | None = dataclasses.field(init=False, compare=False, repr=False)
     canonical: str = dataclasses.field(init=False, compare=False)
     familiar: str = dataclasses.field(init=False, compare=False)
     familiar_forms: tuple[str, ...] = dataclasses.field(init=False, compare=False, repr=False)
@@ -229,6 +229,10 @@ class Reference:
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
         object.__setattr__(self, "canonical", self.repository + suffix)
         object.__setattr__(self, "familiar", self.familiar_repository + suffix)
+        usual = self.domain.removesuffix(HTTPS_PORT)
+        usual = "docker.io" if usual in HUB_ALIASES else usual
+        object.__setattr__(self, "alias", Reference(usual, self.path, self.tag, self.digest)
+                           if usual != self.domain else None)
         familiar, canonical = self.forms(False), self.forms(True)
         object.__setattr__(self, "familiar_forms", familiar)
         object.__setattr__(self, "all_forms", familiar if canonical == familiar else familiar + canonical)
@@ -272,10 +276,9 @@ def parse_reference(text: str) -> Reference:
         raise InvalidReference(f"invalid reference {text!r}: repository name longer than {MAX_PATH} characters")
     if match["digest"] and not DIGEST_RE.fullmatch(match["digest"]):
         raise InvalidReference(f"invalid reference {text!r}: unsupported or malformed digest")
-    domain = registry_host(match["domain"])
-    alias = "docker.io" if domain.removesuffix(HTTPS_PORT) in HUB_ALIASES else domain.removesuffix(HTTPS_PORT)
-    return Reference(domain, match["path"], match["tag"], match["digest"],
-                     Reference(alias, match["path"], match["tag"], match["digest"]) if alias != domain else None)
+    if match["domain"] is None:   # distribution would read "my_host.example/app" as a path with no registry
+        raise InvalidReference(f"invalid reference {text!r}: {domain!r} is not a valid registry host name")
+    return Reference(registry_host(match["domain"]), match["path"], match["tag"], match["digest"])
 
 
 def registry_host(domain: str) -> str:
