@@ -79,18 +79,20 @@ def pull(uri: str) -> dict[str, Any]:
 
 
 class FakeDocker(dip.Docker):
-    """A daemon's images (ID to names) and services, resolved the way dockerd resolves them."""
+    """A daemon's answers, stated by the test: the images each looked-up text
+    resolves to, and its services. Nothing is resolved here: a lookup the test
+    did not state fails it, and looked_up records what was asked."""
 
-    def __init__(self, images: dict[str, list[str]] | None = None,
+    def __init__(self, lookups: dict[str, list[dip.LocalImage]] | None = None,
                  services: dict[str, dict[str, Any]] | None = None) -> None:
-        self.images, self.services = images or {}, services or {}
+        self.lookups, self.services = dict(lookups or {}), services or {}
+        self.looked_up: list[str] = []
 
     def images_for(self, text: str) -> list[dip.LocalImage]:
-        if self.images is None:
+        self.looked_up.append(text)
+        if text not in self.lookups:
             raise AssertionError(f"unexpected Docker API lookup of {text}")
-        prefix = text.removeprefix("sha256:")
-        return [dip.LocalImage(image_id, tuple(names)) for image_id, names in self.images.items()
-                if text in names or f"{text}:latest" in names or image_id[len("sha256:"):].startswith(prefix)]
+        return list(self.lookups[text])
 
     def service(self, name: str) -> dict[str, Any]:
         if name not in self.services:
@@ -99,9 +101,6 @@ class FakeDocker(dip.Docker):
 
 
 class NoDocker(FakeDocker):
-    def images_for(self, text: str) -> list[dip.LocalImage]:
-        raise AssertionError(f"unexpected Docker API lookup of {text}")
-
     def service(self, name: str) -> dict[str, Any]:
         raise AssertionError(f"unexpected Docker API lookup of service {name}")
 
@@ -630,7 +629,8 @@ class TestRequests(unittest.TestCase):
         self.assertTrue(run("nginx:1", ("image", "nginx:2"), ("volume", "redis")).allow)
         self.assertTrue(run("nginx:1", ("Image", "redis:7")).allow)   # dockerd rejects any other spelling
         image_id = "sha256:" + "c" * 64
-        docker = FakeDocker({image_id: ["redis:7"]})
+        redis = dip.LocalImage(image_id, ("redis:7",))
+        docker = FakeDocker({image_id: [redis], "cccc": [redis]})
         self.assertFalse(run("nginx:1", ("image", image_id), docker=docker).allow)
         self.assertFalse(run("nginx:1", ("image", "cccc"), docker=docker).allow)
         # Repeated keys: Go merges the later mount object into the earlier one.
@@ -666,8 +666,14 @@ class TestRequests(unittest.TestCase):
 
     def test_names_that_may_be_short_ids_are_resolved_through_docker(self):
         allowed_id, refused_id, nameless_id = "sha256:" + "b" * 64, "sha256:3f9a" + "1" * 60, "sha256:" + "d" * 64
-        docker = FakeDocker({allowed_id: ["redis:7", "nginx:1"], refused_id: ["redis:6"],
-                             nameless_id: ["moby-dangling@" + DIGEST], "sha256:" + "e" * 64: ["3f9a:latest"]})
+        allowed = dip.LocalImage(allowed_id, ("redis:7", "nginx:1"))
+        refused = dip.LocalImage(refused_id, ("redis:6",))
+        nameless = dip.LocalImage(nameless_id, ("moby-dangling@" + DIGEST,))
+        named_3f9a = dip.LocalImage("sha256:" + "e" * 64, ("3f9a:latest",))
+        # What dockerd answers for each text: the image it resolves now, and every image whose ID it starts.
+        docker = FakeDocker({allowed_id: [allowed], "bbbb": [allowed], "b" * 64: [allowed], "3f9a1": [refused],
+                             "3f9a": [named_3f9a, refused], "eeee": [named_3f9a], "dddd": [nameless],
+                             "cafe": [], "sha256:cafe": [], "c" * 64: []})
         run = lambda image: self.decide(authz("POST", "/v1.41/containers/create", {"Image": image}), docker=docker)
         decision = run(allowed_id)
         self.assertTrue(decision.allow)
@@ -704,7 +710,9 @@ class TestRequests(unittest.TestCase):
 
     def test_services_by_image_id_and_rollbacks(self):
         refused_id, allowed_id = "sha256:" + "f" * 64, "sha256:" + "a" * 64
-        docker = FakeDocker({refused_id: ["redis:7"], allowed_id: ["nginx:3"]}, services={
+        refused, allowed = dip.LocalImage(refused_id, ("redis:7",)), dip.LocalImage(allowed_id, ("nginx:3",))
+        docker = FakeDocker({refused_id: [refused], "ffff": [refused], "sha256:ffff": [refused], "sha256:0000": [],
+                             allowed_id: [allowed], "aaaa": [allowed]}, services={
             "web": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:2"}}},
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7@" + DIGEST}}}},
             "api": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7"}}},
@@ -1771,12 +1779,14 @@ class TestOperations(unittest.TestCase):
 
     def test_remembered_decisions_never_outlive_their_inputs(self):
         request = authz("POST", "/v1.41/containers/create", {"Image": "abcd"})
-        docker = FakeDocker({"sha256:abcd" + "0" * 60: ["nginx:1"]})
+        image_id = "sha256:abcd" + "0" * 60
+        docker = FakeDocker({"abcd": [dip.LocalImage(image_id, ("nginx:1",))]})
         self.fixture.plugin.docker = docker
         self.assertTrue(self.ask(request)["Allow"])
-        docker.images["sha256:abcd" + "0" * 60] = ["redis:7"]   # the daemon's answer changed: asked again
+        docker.lookups["abcd"] = [dip.LocalImage(image_id, ("redis:7",))]   # the daemon's answer changed: asked again
         self.assertEqual(self.ask(request)["Msg"], "run of abcd denied: none of its names is allowed"
                          " (no whitelist rule matches and defaultAllow is false for redis:7)")
+        self.assertEqual(docker.looked_up, ["abcd", "abcd"])
         pull_redis = pull("/v1.41/images/create?fromImage=redis&tag=7")
         self.assertFalse(self.ask(pull_redis)["Allow"])
         self.assertFalse(self.ask(pull_redis)["Allow"])
