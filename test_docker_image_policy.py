@@ -1580,13 +1580,23 @@ class TestPluginServer(unittest.TestCase):
                          'pull of ubuntu:22.04 denied: blacklist rule "^ubuntu:" matches'})
 
     def test_malformed_requests_never_allow(self):
-        for body in [b"", b"{", b"null", b"[]", b'"x"', b"\xff" * 10, b'{"RequestMethod":"POST"}',
-                     b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"' + b"]" * 1,
-                     b"[" * 100000]:
+        not_an_object = "request denied: the AuthZ request is not a JSON object"
+        deep = base64.b64encode(b"[" * 100000).decode()
+        for body, message in [
+            (b"", not_an_object), (b"{", not_an_object), (b"null", not_an_object), (b"[]", not_an_object),
+            (b'"x"', not_an_object), (b"\xff" * 10, not_an_object), (b"[" * 100000, not_an_object),
+            (b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"]', not_an_object),
+            (b'{"RequestMethod":"POST"}', "request denied: the AuthZ request has no RequestMethod or RequestUri string"),
+            (b'{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"!!"}',
+             "run denied: RequestBody is not valid base64"),
+            (f'{{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"{deep}"}}'.encode(),
+             "run denied: the request body is nested too deeply to read"),
+        ]:
             with self.subTest(body[:40]), self.fixture.connect() as sock:
                 status, _, answer = exchange(sock, post("/AuthZPlugin.AuthZReq", body))
-                self.assertEqual(status, 200)
-                self.assertIs(json.loads(answer)["Allow"], False)
+                self.assertEqual((status, json.loads(answer)), (200, {"Allow": False, "Msg": message, "Err": ""}))
+        lines = self.fixture.log.getvalue().splitlines()
+        self.assertEqual([json.loads(line)["rule"] for line in lines], ["unreadable"] * 11)   # no internal error
 
     def test_protocol_errors(self):
         for raw, status in [
