@@ -37,6 +37,8 @@ import time
 import unittest
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import quote
 
 import docker_image_policy as dip
 from docker_image_policy import InvalidReference, parse_reference, pull_reference
@@ -106,6 +108,13 @@ class NoDocker(FakeDocker):
 
 
 NO_DOCKER = NoDocker()
+
+
+class AnyNameIsNoImage(dip.Docker):
+    """A daemon without images: every name is pulled, never resolved as an ID."""
+
+    def images_for(self, text: str) -> list[dip.LocalImage]:
+        return []
 
 
 # --------------------------------------------------------------------------
@@ -1964,6 +1973,53 @@ def fuzz_request(rng: random.Random) -> tuple[bytes, bool]:
     return raw, image_route and parsed.get("RequestUri") == target and not benign_method
 
 
+# Image names for the fuzz's rule-driven phase: registries, paths, tags and
+# digests that combine into references dockerd accepts, and now and then a
+# part it refuses.
+NAME_HOSTS = ["", "", "", "docker.io/", "docker.io/library/", "index.docker.io/", "registry-1.docker.io/",
+              "docker.io:443/", "DOCKER.IO/", "quay.io/", "QUAY.IO:443/", "localhost:5000/", "LOCALHOST:5000/",
+              "ghcr.io/", "[::1]:5000/", "Evil/"]
+NAME_PATHS = (["nginx", "nginx", "redis", "team/app", "calico/node", "evil/miner", "library/nginx", "a.b_c/x__y-1",
+               "abcd", "moby-dangling", "x-1/y.z"], ["Nginx", "a..b", "-x", "ngin x", "a" * 256])
+NAME_TAGS = (["1", "1.25", "1.25", "latest", "v3", "6.2", "Prod_1"], ["-bad", "bad:tag", "t" * 129])
+NAME_DIGESTS = ([DIGEST], ["sha256:abc", "md5:" + "a" * 32, "sha256:" + "A" * 64])
+# The rule-driven phase's policy: each rule matches some of those names.
+NAME_POLICY = {"whitelist": ["^nginx:1\\.", "^quay\\.io/calico/", "^localhost:5000/team/", "^docker\\.io/team/",
+                             "@sha256:[0-9a-f]{64}$"],
+               "blacklist": ["^evil/", ":latest$", "^redis:6", "^docker\\.io/library/abcd"]}
+
+
+def name_part(rng: random.Random, parts: tuple[list[str], list[str]]) -> str:
+    accepted, refused = parts
+    return rng.choice(refused if rng.random() < 0.08 else accepted)
+
+
+def fuzz_image_name(rng: random.Random) -> tuple[str, str]:
+    """A repository (registry and path) and what follows it: ":tag" or "@digest"."""
+    repository = rng.choice(NAME_HOSTS) + name_part(rng, NAME_PATHS)
+    if rng.random() < 0.25:
+        return repository, "@" + name_part(rng, NAME_DIGESTS)
+    return repository, ":" + name_part(rng, NAME_TAGS)
+
+
+def named_request(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+    """A well-formed AuthZReq naming one image: its operation, the image's name and the request."""
+    repository, suffix = fuzz_image_name(rng)
+    name = repository + suffix
+    encode = rng.choice([lambda text: quote(text, safe=""), lambda text: quote(text, safe="/:[]@")])
+    operation = rng.choice(["pull", "pull", "run", "run", "service", "plugin install"])
+    if operation == "pull":   # as the CLI 20.10 (familiar name, text/plain) and 28 (any name, no Content-Type) send it
+        uri = f"/v1.41/images/create?fromImage={encode(repository)}&tag={encode(suffix[1:])}"
+        headers = rng.choice([{"Content-Type": "text/plain", "Content-Length": "0"}, {"Content-Length": "0"}])
+        return operation, name, authz("POST", uri, headers=headers)
+    if operation == "plugin install":
+        return operation, name, authz("POST", f"/v1.41/plugins/pull?remote={encode(name)}&name=p", [])
+    key = rng.choice(["Image", "image", "IMAGE"])   # Go matches keys case-insensitively
+    if operation == "run":
+        return operation, name, authz("POST", "/v1.41/containers/create?name=c", {key: name})
+    return operation, name, authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {key: name}}})
+
+
 def raw_garbage(rng: random.Random) -> bytes:
     return rng.choice([
         bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))),
@@ -1982,7 +2038,7 @@ class TestReliability(unittest.TestCase):
         fixture = PluginFixture({"whitelist": ["^localhost:5000/ok/"], "defaultAllow": False})
         self.addCleanup(fixture.close)
         rng = random.Random(7)
-        counts = {"allowed": 0, "denied": 0, "errors": 0, "garbage": 0}
+        counts = {"allowed": 0, "denied": 0, "errors": 0, "garbage": 0, "dropped": 0}
         sock = fixture.connect()
         self.addCleanup(lambda: sock.close())
         for number in range(20_000 * self.scale):
@@ -2000,12 +2056,14 @@ class TestReliability(unittest.TestCase):
             try:
                 status, headers, body = exchange(sock, (post("/AuthZPlugin.AuthZReq", raw)).replace(b"POST", method.encode(), 1))
             except (ConnectionError, http.client.HTTPException):
+                counts["dropped"] += 1
                 sock.close()
                 sock = fixture.connect()
                 continue
             answer = json.loads(body)   # always well-formed JSON
+            self.assertEqual(status, 200 if method == "POST" else 405)
             if status != 200:
-                self.assertIn("Err", answer)
+                self.assertEqual(answer, {"Err": "plugin endpoints accept POST only"})
                 counts["errors"] += 1
                 if headers.get("connection") == "close":
                     sock.close()
@@ -2017,13 +2075,55 @@ class TestReliability(unittest.TestCase):
             else:
                 counts["denied"] += 1
                 self.assertTrue(answer["Msg"])
+                self.assertNotIn("internal error", answer["Msg"], raw[:300])
         sock.close()
+        # The plugin closes a connection only after an answer that says so: a
+        # connection that drops under a client is a request left unanswered.
+        self.assertEqual(counts["dropped"], 0)
         self.assertGreater(counts["denied"], 5000 * self.scale)
         self.assertGreater(counts["allowed"], 500 * self.scale)
         with fixture.connect() as sock:   # still answers correctly
             for image, allow in [("localhost:5000/ok/app", True), ("redis", False)]:
                 request = json.dumps(pull(f"/v1.41/images/create?fromImage={image}&tag=1")).encode()
                 self.assertIs(json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])["Allow"], allow)
+
+        # Rule-driven phase: well-formed requests naming generated images under a
+        # policy that allows some of them; the policy's verdict on the named
+        # reference is what the plugin must answer, however the request spells it.
+        fixture.write_config(NAME_POLICY)
+        self.assertTrue(fixture.plugin.reload())
+        fixture.plugin.docker = AnyNameIsNoImage()   # "abcd" may be a short ID: dockerd knows no such image
+        verdicts: dict[str, int] = {}
+        with fixture.connect() as sock:
+            for number in range(6_000 * self.scale):
+                if number == 3_000 * self.scale:
+                    fixture.write_config(dict(NAME_POLICY, defaultAllow=True))
+                    self.assertTrue(fixture.plugin.reload())
+                policy = fixture.plugin.policy
+                operation, name, request = named_request(rng)
+                status, _, body = exchange(sock, post("/AuthZPlugin.AuthZReq", json.dumps(request).encode()))
+                answer = json.loads(body)
+                self.assertEqual(status, 200)
+                self.assertNotIn("internal error", answer["Msg"], name)
+                try:
+                    reference = parse_reference(name)
+                except InvalidReference:
+                    verdicts["invalid"] = verdicts.get("invalid", 0) + 1
+                    self.assertIs(answer["Allow"], False, name)
+                    self.assertRegex(answer["Msg"], r" denied: invalid (reference|tag) ", name)
+                    continue
+                verdict = policy.evaluate(reference)
+                kind = verdict.rule.split("[")[0] + (" allows" if verdict.allow else " denies")
+                verdicts[kind] = verdicts.get(kind, 0) + 1
+                expected = "" if verdict.allow else f"{operation} of {reference.familiar} denied: {verdict.reason}"
+                self.assertEqual((answer["Allow"], answer["Msg"]), (verdict.allow, expected), request)
+        # Every kind of rule decided a good share, and few names were unreadable.
+        for kind in ["whitelist allows", "blacklist denies", "defaultAllow allows", "defaultAllow denies"]:
+            self.assertGreater(verdicts.get(kind, 0), 500 * self.scale, verdicts)
+        self.assertLess(verdicts["invalid"], sum(verdicts.values()) / 4, verdicts)
+        log = fixture.log.getvalue()
+        self.assertNotIn("internal error", log)
+        self.assertNotIn(": error:", log)
 
     def test_soak_with_reloads(self):
         directory = tempfile.mkdtemp(prefix="dip")
