@@ -2132,35 +2132,48 @@ class TestReliability(unittest.TestCase):
         policies = [{"whitelist": ["^nginx:"], "message": "policy A"}, {"whitelist": ["^redis:"], "message": "policy B"}]
         config.write_text(json.dumps(policies[0]))
         sock_path = os.path.join(directory, "p.sock")
-        process = subprocess.Popen([sys.executable, str(MODULE), "--config", str(config), "--socket", sock_path,
-                                    "--addr", "127.0.0.1:0"], stderr=subprocess.DEVNULL)
+        log = Path(directory, "stderr")
+        with open(log, "w") as stderr:
+            process = subprocess.Popen([sys.executable, str(MODULE), "--config", str(config), "--socket", sock_path,
+                                        "--addr", "127.0.0.1:0"], stderr=stderr)
         self.addCleanup(process.wait)
         self.addCleanup(process.terminate)
         wait_for(lambda: os.path.exists(sock_path), "the plugin socket")
-        requests = [pull("/v1.41/images/create?fromImage=nginx&tag=1"), pull("/v1.41/images/create?fromImage=redis&tag=1"),
-                    authz("POST", "/v1.41/containers/create", {"Image": "nginx:2"}),
-                    authz("POST", "/v1.41/containers/create", {"Image": "redis:2"}), authz("GET", "/_ping")]
-        expected = []
-        for request in requests:   # each request's answer under either policy
-            answers = set()
-            for policy in policies:
-                decision = dip.decide(policy_of(policy), request, NO_DOCKER)
-                answers.add((decision.allow, "" if decision.allow else decision.message(policy_of(policy))))
-            expected.append(answers)
-        bodies = [post("/AuthZPlugin.AuthZReq", json.dumps(r).encode()) for r in requests]
+        denied = "{} denied: no whitelist rule matches and defaultAllow is false. policy {}"
+        allowed = (True, "")
+        # Each request, and its answer under policy A and under policy B.
+        requests = [
+            (pull("/v1.41/images/create?fromImage=nginx&tag=1"), allowed, (False, denied.format("pull of nginx:1", "B"))),
+            (pull("/v1.41/images/create?fromImage=redis&tag=1"), (False, denied.format("pull of redis:1", "A")), allowed),
+            (authz("POST", "/v1.41/containers/create", {"Image": "nginx:2"}), allowed,
+             (False, denied.format("run of nginx:2", "B"))),
+            (authz("POST", "/v1.41/containers/create", {"Image": "redis:2"}),
+             (False, denied.format("run of redis:2", "A")), allowed),
+            (authz("GET", "/_ping"), allowed, allowed),
+        ]
+        bodies = [post("/AuthZPlugin.AuthZReq", json.dumps(request).encode()) for request, _, _ in requests]
         errors: list[str] = []
+        seen: set[tuple[int, bool, str]] = set()
+        answered: list[int] = []
         per_connection = 2500 * self.scale
 
         def client() -> None:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(30)
-                sock.connect(sock_path)
-                for number in range(per_connection):
-                    index = number % len(bodies)
-                    status, _, body = exchange(sock, bodies[index])
-                    answer = json.loads(body)
-                    if status != 200 or (answer["Allow"], answer["Msg"]) not in expected[index]:
-                        errors.append(f"{status} {answer}")
+            count = 0
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(30)
+                    sock.connect(sock_path)
+                    for number in range(per_connection):
+                        index = number % len(bodies)
+                        status, _, body = exchange(sock, bodies[index])
+                        answer = json.loads(body)
+                        if status != 200 or (answer["Allow"], answer["Msg"]) not in requests[index][1:]:
+                            errors.append(f"{status} {answer}")
+                        seen.add((index, answer["Allow"], answer["Msg"]))
+                        count += 1
+            except Exception as error:   # a client that fails is reported, with how far it got
+                errors.append(f"client failed after {count} answers: {error!r}")
+            answered.append(count)
 
         def rss() -> int:
             return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())[1])
@@ -2189,8 +2202,16 @@ class TestReliability(unittest.TestCase):
             reload_thread.join()
             memory.append(rss())
         self.assertEqual(errors, [])
+        self.assertEqual(answered, [per_connection] * 8)
+        # Both policies answered every image request: the reloads happened under load.
+        self.assertEqual(seen, {(index, *answer) for index, (_, *answers) in enumerate(requests) for answer in answers})
         self.assertGreater(reloads, 50)
         self.assertLess(memory[1] - memory[0], 4096, f"RSS grew from {memory[0]} kB to {memory[1]} kB")
+        process.terminate()
+        self.assertEqual(process.wait(20), 0)
+        text = log.read_text()
+        self.assertIn("stopped on SIGTERM", text)
+        self.assertNotIn("internal error", text)
 
 
 def stop_processes(processes: list[subprocess.Popen]) -> None:
