@@ -49,12 +49,33 @@ LONG = os.environ.get("DOCKER_IMAGE_POLICY_LONG") == "1"
 REQUIRE_E2E = os.environ.get("DOCKER_IMAGE_POLICY_REQUIRE_E2E") == "1"
 DIGEST = "sha256:" + "a" * 64
 
-# The original plugin's README example.
+# A policy in the original plugin's format: whitelist, blacklist and defaultAllow only.
 ORIGINAL_CONFIG = {
     "whitelist": ["^nginx:", "^docker:", "^quay\\.io/calico/node"],
     "blacklist": ["^ubuntu:"],
     "defaultAllow": False,
 }
+
+# The original plugin's README example (and config-example.json), as written there.
+ORIGINAL_README_CONFIG = """{
+  "whitelist": [
+    "^alpine:",
+    "^docker\\\\.elastic\\\\.co/beats/filebeat:",
+    "^gcr\\\\.io/google_containers",
+    "^mysql:",
+    "^nginx:",
+    "^php:",
+    "^apache:",
+    "^quay\\\\.io/calico/cni",
+    "^quay\\\\.io/calico/node",
+    "^quay\\\\.io/coreos/flannel"
+  ],
+  "blacklist": [
+    "^docker:"
+  ],
+  "defaultAllow": false
+}
+"""
 
 
 def policy_of(config: dict[str, Any]) -> dip.Policy:
@@ -299,6 +320,47 @@ class TestPolicy(unittest.TestCase):
         self.assertTrue(self.verdict({"whitelist": ["^moby"]}, "moby-other:1").allow)
 
     def test_original_files_load_unchanged(self):
+        # The original plugin matched its rules against fromImage:tag as the CLI sent them,
+        # familiar names and digest pins as name:sha256:…, and pulls were all it checked.
+        files = {"readme.json": ORIGINAL_README_CONFIG, "lists.json": json.dumps(ORIGINAL_CONFIG)}
+        decisions = {"readme.json": [
+            ("alpine", "3.19", 'whitelist[0] "^alpine:"'),
+            ("docker.elastic.co/beats/filebeat", "8.12.0", 'whitelist[1] "^docker\\\\.elastic\\\\.co/beats/filebeat:"'),
+            ("gcr.io/google_containers/pause", "3.1", 'whitelist[2] "^gcr\\\\.io/google_containers"'),
+            ("nginx", "1.25", 'whitelist[4] "^nginx:"'),
+            ("nginx", DIGEST, 'whitelist[4] "^nginx:"'),
+            ("quay.io/calico/node", "v3.27.0", 'whitelist[8] "^quay\\\\.io/calico/node"'),
+            ("docker", "24-dind", 'blacklist[0] "^docker:"'),
+            ("docker", DIGEST, 'blacklist[0] "^docker:"'),
+            ("docker/compose", "2", "defaultAllow"),
+            ("redis", "7", "defaultAllow"),
+        ], "lists.json": [
+            ("docker", "24-dind", 'whitelist[1] "^docker:"'),
+            ("docker", DIGEST, 'whitelist[1] "^docker:"'),
+            ("nginx", DIGEST, 'whitelist[0] "^nginx:"'),
+            ("quay.io/calico/node", "v3", 'whitelist[2] "^quay\\\\.io/calico/node"'),
+            ("docker/compose", "2", "defaultAllow"),
+            ("ubuntu", "22.04", 'blacklist[0] "^ubuntu:"'),
+            ("ubuntu", DIGEST, 'blacklist[0] "^ubuntu:"'),
+            ("redis", "7", "defaultAllow"),
+        ]}
+        directory = tempfile.mkdtemp(prefix="dip")
+        self.addCleanup(shutil.rmtree, directory)
+        for name, text in files.items():
+            path = os.path.join(directory, name)
+            Path(path).write_text(text)
+            policy = dip.load_policy(path)
+            self.assertEqual(policy.configuration(), {**dip.CONFIG_DEFAULTS, **json.loads(text), **{
+                key: False for key, _ in dip.OPAQUE_OPERATIONS.values()}})
+            for repository, tag, rule in decisions[name]:
+                # The CLI 20.10 sends the familiar name, the CLI 28 the canonical one.
+                canonical = repository if "." in repository.split("/")[0] else \
+                    "docker.io/" + ("library/" if "/" not in repository else "") + repository
+                for from_image in (repository, quote(canonical, safe="")):
+                    with self.subTest(file=name, image=from_image, tag=tag):
+                        decision = dip.decide(policy, pull(f"/v1.41/images/create?fromImage={from_image}&tag={tag}"),
+                                              NO_DOCKER)
+                        self.assertEqual((decision.allow, decision.rule), (rule.startswith("whitelist"), rule))
         policy = policy_of(ORIGINAL_CONFIG)
         self.assertEqual((policy.mode, policy.check_run, policy.message), ("enforce", True, ""))
         self.assertFalse(policy.allows_operation("load").allow)
@@ -2143,8 +2205,10 @@ class TestReliability(unittest.TestCase):
         allowed = (True, "")
         # Each request, and its answer under policy A and under policy B.
         requests = [
-            (pull("/v1.41/images/create?fromImage=nginx&tag=1"), allowed, (False, denied.format("pull of nginx:1", "B"))),
-            (pull("/v1.41/images/create?fromImage=redis&tag=1"), (False, denied.format("pull of redis:1", "A")), allowed),
+            (pull("/v1.41/images/create?fromImage=nginx&tag=1"), allowed,
+             (False, denied.format("pull of nginx:1", "B"))),
+            (pull("/v1.41/images/create?fromImage=redis&tag=1"),
+             (False, denied.format("pull of redis:1", "A")), allowed),
             (authz("POST", "/v1.41/containers/create", {"Image": "nginx:2"}), allowed,
              (False, denied.format("run of nginx:2", "B"))),
             (authz("POST", "/v1.41/containers/create", {"Image": "redis:2"}),
