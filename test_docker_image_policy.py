@@ -1728,6 +1728,23 @@ class TestPluginServer(unittest.TestCase):
         with self.assertRaises(dip.ImagePolicyError) as caught:
             dip.PluginServer(path, self.fixture.plugin)
         self.assertIn("another process is already serving", str(caught.exception))
+        # A server closing removes its socket, and only its own: one bound at
+        # the same path since (after the first was unlinked) stays in place.
+        own = os.path.join(self.fixture.dir, "own.sock")
+        server = dip.PluginServer(own, self.fixture.plugin)
+        self.assertEqual(stat.S_IMODE(os.stat(own).st_mode), 0o600)
+        server.server_close()
+        self.assertFalse(os.path.lexists(own))
+        first = dip.PluginServer(own, self.fixture.plugin)
+        os.unlink(own)
+        successor = dip.PluginServer(own, self.fixture.plugin)
+        self.addCleanup(successor.server_close)
+        first.server_close()
+        self.assertEqual(os.stat(own).st_ino, successor.inode)
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(own)   # still the successor's, and listening
+        successor.server_close()
+        self.assertFalse(os.path.lexists(own))
 
     def test_stale_socket_is_replaced_and_other_files_are_not(self):
         directory = self.fixture.dir
@@ -1775,6 +1792,34 @@ class TestAdmin(unittest.TestCase):
         self.assertEqual(dip.parse_addr("[::1]:7"), ("::1", 7))
         with self.assertRaises(ValueError):
             dip.parse_addr("5006")
+        # The daemon as the CLI starts it, without --addr: the admin listener
+        # gets the default address and binds its host (on a free port, so that
+        # the test needs no fixed one).
+        program = ("import sys, docker_image_policy as dip\n"
+                   "class AdminServer(dip.AdminServer):\n"
+                   "    def __init__(self, address, plugin):\n"
+                   "        super().__init__((address[0], 0), plugin)\n"
+                   "        print(address, self.socket.family.name, *self.socket.getsockname(), flush=True)\n"
+                   "dip.AdminServer = AdminServer\n"
+                   "sys.exit(dip.main(sys.argv[1:]))\n")
+        environment = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        process = subprocess.Popen([sys.executable, "-c", program, "--config", self.fixture.config_path,
+                                    "--socket", os.path.join(self.fixture.dir, "d.sock")], cwd=HERE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(stop_processes, [process])
+        line = process.stdout.readline()
+        self.assertTrue(line, "the daemon exited before binding its admin listener")
+        address, family, host, port = line.rsplit(" ", 3)
+        self.assertEqual((address, family, host), ("('127.0.0.1', 5006)", "AF_INET", "127.0.0.1"))
+        connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/health")
+        self.assertEqual(connection.getresponse().read(), b"HEALTHY")
+        process.terminate()
+        self.assertEqual(process.wait(20), 0)
+        self.assertIn(f"admin on {dip.DEFAULT_ADDR}, policy", process.stderr.read())
 
 
 # --------------------------------------------------------------------------
