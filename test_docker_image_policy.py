@@ -1830,6 +1830,54 @@ def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MODULE), *args], capture_output=True, text=True, timeout=60, **kwargs)
 
 
+class Stream:
+    """A stand-in for stderr that records each write and the thread that made
+    it; it can stall (each write waits until it is opened again)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[threading.Thread, str]] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()   # a write has started
+        self.finishing = False             # set by buffered_log's cleanup
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.open.wait()
+        if self.finishing:
+            raise SystemExit   # ends the log's flush thread, quietly
+        self.writes.append((threading.current_thread(), text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> str:
+        return "".join(text for _, text in self.writes)
+
+
+def buffered_log(test: unittest.TestCase, stream: Stream, interval: float) -> tuple[dip.Log, threading.Thread]:
+    """A Log buffered as the daemon's is, and its flush thread, which the test's cleanup ends."""
+    log = dip.Log("info", stream)
+    before = set(threading.enumerate())
+    log.buffer(interval)
+    (flusher,) = [thread for thread in threading.enumerate() if thread not in before and thread.name == "log-flush"]
+
+    def finish() -> None:
+        stream.finishing = True
+        stream.open.set()
+        with contextlib.suppress(SystemExit):   # raised here only if the calling thread writes
+            log.decision(decision_number(0), "deny", "enforce")   # something to flush
+        flusher.join(10)
+    test.addCleanup(finish)
+    return log, flusher
+
+
+def decision_number(number: int) -> dip.Decision:
+    return dip.Decision(False, "pull", f"docker.io/library/redis:{number}", f"redis:{number}", "defaultAllow",
+                        "no whitelist rule matches and defaultAllow is false")
+
+
 class TestOperations(unittest.TestCase):
     def setUp(self):
         self.fixture = PluginFixture(ORIGINAL_CONFIG)
@@ -1919,6 +1967,115 @@ class TestOperations(unittest.TestCase):
         self.fixture.write_config({"whitelist": ["^redis:"]})
         self.fixture.plugin.reload()   # a new policy starts with nothing remembered
         self.assertTrue(self.ask(pull_redis)["Allow"])
+
+    def test_remembered_decisions_are_bounded(self):
+        plugin = self.fixture.plugin
+        memory = plugin.current.answers
+
+        def answer(body: bytes) -> dict[str, Any]:
+            return json.loads(plugin.authorize(body).partition(b"\r\n\r\n")[2])
+        pulls = [json.dumps(pull(f"/v1.41/images/create?fromImage=redis&tag={n}")).encode()
+                 for n in range(dip.CACHE_ENTRIES + 1)]
+        denied = "pull of redis:{} denied: no whitelist rule matches and defaultAllow is false"
+        with mock.patch.object(plugin, "decide", wraps=plugin.decide) as decide:
+            for _ in range(2):   # decided once, then answered from memory
+                for number, body in enumerate(pulls[:-1]):
+                    self.assertEqual(answer(body), {"Allow": False, "Msg": denied.format(number), "Err": ""})
+            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES, dip.CACHE_ENTRIES))
+            # One more is more than it keeps: it forgets everything and starts again.
+            self.assertEqual(answer(pulls[-1])["Msg"], denied.format(dip.CACHE_ENTRIES))
+            self.assertEqual(list(memory), [pulls[-1]])
+            self.assertEqual(answer(pulls[0])["Msg"], denied.format(0))
+            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES + 2, 2))
+            # Bodies up to CACHE_BODY_MAX bytes are remembered, longer ones decided every time.
+            for size, remembered in [(dip.CACHE_BODY_MAX, True), (dip.CACHE_BODY_MAX + 1, False)]:
+                request = pull("/v1.41/images/create?fromImage=redis&tag=big")
+                request["RequestHeaders"]["X-Padding"] = ""
+                request["RequestHeaders"]["X-Padding"] = "x" * (size - len(json.dumps(request)))
+                body = json.dumps(request).encode()
+                self.assertEqual(len(body), size)
+                calls = decide.call_count
+                for _ in range(2):
+                    self.assertEqual(answer(body)["Msg"], denied.format("big"))
+                self.assertEqual((decide.call_count - calls, body in memory), (1 if remembered else 2, remembered))
+            # A decision that asked the daemon what a name means is never remembered.
+            docker = FakeDocker({"abcd": [dip.LocalImage("sha256:abcd" + "0" * 60, ("nginx:1",))]})
+            plugin.docker = docker
+            run = json.dumps(authz("POST", "/v1.41/containers/create", {"Image": "abcd"})).encode()
+            calls = decide.call_count
+            for _ in range(2):
+                self.assertEqual(answer(run), {"Allow": True, "Msg": "", "Err": ""})
+            self.assertEqual((decide.call_count - calls, docker.looked_up, run in memory), (2, ["abcd", "abcd"], False))
+        # Remembered or not, every answer is logged and counted.
+        asked = 2 * dip.CACHE_ENTRIES + 2 + 4
+        self.assertEqual(len(self.fixture.log.getvalue().splitlines()), asked + 2)
+        self.assertEqual(plugin.metrics.decisions, {("pull", "deny"): asked, ("run", "allow"): 2})
+
+    def test_buffered_decision_log_keeps_order_and_delay(self):
+        stream = Stream()
+        log, flusher = buffered_log(self, stream, dip.LOG_FLUSH_INTERVAL)
+        for number in range(1000):
+            log.decision(decision_number(number), "deny", "enforce")
+        last = time.monotonic()
+        wait_for(lambda: stream.getvalue().count("\n") == 1000, "the decision lines")
+        self.assertLess(time.monotonic() - last, dip.LOG_FLUSH_INTERVAL + 0.5)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        self.assertEqual([line["image"] for line in lines], [f"docker.io/library/redis:{n}" for n in range(1000)])
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})   # never the deciding thread
+        # An event is written at once, after the decision lines still waiting.
+        log.decision(decision_number(1000), "deny", "enforce")
+        log.event("info", "reloaded")
+        self.assertEqual(stream.getvalue().splitlines()[-2:][1], "docker-image-policy: info: reloaded")
+        self.assertEqual(json.loads(stream.getvalue().splitlines()[-2])["image"], "docker.io/library/redis:1000")
+
+    def test_stalled_stderr_blocks_no_decision_and_drops_beyond_the_bound(self):
+        stream = Stream()
+        log, flusher = buffered_log(self, stream, 0.01)
+        stream.open.clear()   # journald stops reading
+        log.decision(decision_number(0), "deny", "enforce")
+        self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
+        extra = 7
+
+        def decide() -> None:
+            for number in range(1, dip.MAX_PENDING_LINES + extra + 1):
+                log.decision(decision_number(number), "deny", "enforce")
+        deciding = threading.Thread(target=decide)
+        deciding.start()
+        deciding.join(20)
+        self.assertFalse(deciding.is_alive(), "decisions waited for a stalled stderr")
+        self.assertEqual(stream.writes, [])
+        stream.open.set()
+        warning = f"docker-image-policy: warning: {extra} decision lines dropped while stderr did not keep up"
+        wait_for(lambda: stream.getvalue().endswith(warning + "\n"), "the dropped-lines warning")
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 1 + dip.MAX_PENDING_LINES + 1)
+        self.assertEqual([json.loads(line)["image"] for line in (lines[0], lines[1], lines[-2])],
+                         [f"docker.io/library/redis:{n}" for n in (0, 1, dip.MAX_PENDING_LINES)])
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
+
+    def test_closed_stderr_never_breaks_a_decision(self):
+        closed = io.StringIO()
+        closed.close()
+        reader, writer = os.pipe()
+        os.close(reader)
+        broken = open(writer, "w")   # a pipe nobody reads: BrokenPipeError
+
+        def close_broken() -> None:
+            with contextlib.suppress(OSError):   # what it still holds cannot be written either
+                broken.close()
+        self.addCleanup(close_broken)
+        for stream in (closed, broken):
+            with self.subTest(stream):
+                log = dip.Log("info", stream)
+                log.event("error", "nowhere to go")
+                log.decision(decision_number(1), "deny", "enforce")
+                with mock.patch.object(sys, "stderr", stream):   # the daemon's Log writes to sys.stderr
+                    dip.Log("info").event("error", "nowhere to go")
+        self.fixture.plugin.log.stream = closed
+        self.assertEqual(self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7")), {
+            "Allow": False, "Msg": "pull of redis:7 denied: no whitelist rule matches and defaultAllow is false",
+            "Err": ""})
+        self.assertTrue(self.ask(pull("/v1.41/images/create?fromImage=nginx&tag=1"))["Allow"])
 
     def test_message_for_users(self):
         self.fixture.write_config(dict(ORIGINAL_CONFIG, message="Approved images: https://wiki.example/images"))
