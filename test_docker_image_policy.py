@@ -1690,6 +1690,127 @@ class TestPluginServer(unittest.TestCase):
                 self.assertEqual(sock.recv(1), b"")   # and the connection is closed
         self.assertEqual(self.fixture.log.getvalue(), "")   # answered, not logged as errors
 
+    def test_connection_header_and_http_1_0(self):
+        for version, header, stays_open in [
+            ("1.1", "", True), ("1.1", "Connection: keep-alive\r\n", True), ("1.1", "Connection: close\r\n", False),
+            ("1.1", "connection:  Close \r\n", False), ("1.0", "", False), ("1.0", "Connection: keep-alive\r\n", True),
+            ("1.0", "CONNECTION: Keep-Alive\r\n", True), ("1.0", "Connection: close\r\n", False),
+        ]:
+            request = f"POST /Plugin.Activate HTTP/{version}\r\nContent-Length: 0\r\n{header}\r\n".encode()
+            with self.subTest(version=version, header=header), self.fixture.connect() as sock:
+                status, _, body = exchange(sock, request)
+                self.assertEqual((status, json.loads(body)), (200, {"Implements": ["authz"]}))
+                if stays_open:
+                    self.assertEqual(exchange(sock, request)[0], 200)
+                else:
+                    self.assertEqual(sock.recv(1), b"")   # closed after the answer
+
+    def test_worker_threads_are_reused_and_few_stay_idle(self):
+        server = self.fixture.server
+        workers: list[threading.Thread] = []
+        work = server.work
+
+        def counted_work(inbox: Any) -> None:
+            workers.append(threading.current_thread())
+            work(inbox)
+        server.work = counted_work   # what process_request starts a new thread with
+        for _ in range(5):   # one connection after another: one thread serves them all
+            with self.fixture.connect() as sock:
+                self.assertEqual(exchange(sock, post("/Plugin.Activate", b""))[0], 200)
+            wait_for(lambda: len(server.idle_workers) == 1, "the worker to be idle")
+        self.assertEqual(len(workers), 1)
+        busy = server.max_idle_workers + 8
+        connections = [self.fixture.connect() for _ in range(busy)]
+        for sock in connections:   # each open connection holds a thread
+            self.assertEqual(exchange(sock, post("/Plugin.Activate", b""))[0], 200)
+        self.assertEqual(len(workers), busy)
+        for sock in connections:
+            sock.close()
+        wait_for(lambda: len(server.idle_workers) == server.max_idle_workers, "the idle workers")
+        wait_for(lambda: sum(worker.is_alive() for worker in workers) == server.max_idle_workers,
+                 "the workers beyond max_idle_workers to end")
+        connections = [self.fixture.connect() for _ in range(server.max_idle_workers)]
+        for sock in connections:
+            self.assertEqual(exchange(sock, post("/Plugin.Activate", b""))[0], 200)
+            sock.close()
+        self.assertEqual(len(workers), busy)   # served by idle threads only
+
+    def test_lookups_that_call_back_into_the_plugin_do_not_deadlock(self):
+        # While the plugin asks the Docker API about an image, dockerd asks the
+        # plugin about that very GET on a new connection. A burst of such
+        # decisions, all waiting on the Docker API at once, needs a thread for
+        # each decision and for each callback.
+        burst = 24
+        everyone_waits = threading.Barrier(burst, timeout=20)
+        plugin_socket = self.fixture.socket_path
+        callbacks: list[tuple[str, Any]] = []
+        failures: list[str] = []
+
+        class DockerAPIHandler(dip.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/images/") and self.path != "/images/json?all=1":
+                    everyone_waits.wait()
+                with socket.socket(socket.AF_UNIX) as sock:   # as dockerd does, before it answers
+                    sock.settimeout(20)
+                    sock.connect(plugin_socket)
+                    request = json.dumps(authz("GET", "/v1.41" + self.path)).encode()
+                    callbacks.append((self.path, json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])))
+                if self.path == "/images/json?all=1":
+                    document: Any = []
+                else:
+                    number = int(self.path.split("/")[2], 16)
+                    document = {"Id": f"sha256:{number:04x}" + "0" * 60, "RepoDigests": [],
+                                "RepoTags": ["nginx:1" if number % 2 == 0 else "redis:7"]}
+                body = json.dumps(document).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def address_string(self) -> str:
+                return "docker"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class DockerAPIServer(socketserver.ThreadingUnixStreamServer):
+            request_queue_size = burst   # the whole burst connects at once
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                failures.append(repr(sys.exc_info()[1]))
+
+        docker_path = os.path.join(self.fixture.dir, "docker.sock")
+        docker_api = DockerAPIServer(docker_path, DockerAPIHandler)
+        thread = threading.Thread(target=docker_api.serve_forever, args=(0.05,))
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(docker_api.server_close)
+        self.addCleanup(docker_api.shutdown)
+        self.fixture.plugin.docker = dip.DockerAPI(f"unix://{docker_path}", timeout=20)
+        answers: dict[int, Any] = {}
+
+        def run(number: int) -> None:
+            with self.fixture.connect() as sock:
+                sock.settimeout(30)
+                request = json.dumps(authz("POST", "/v1.41/containers/create", {"Image": f"{number:04x}"})).encode()
+                answers[number] = json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])
+        clients = [threading.Thread(target=run, args=(number,)) for number in range(burst)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        self.assertFalse(any(client.is_alive() for client in clients), "deadlocked")
+        self.assertEqual(failures, [])
+        denied = ("run of {:04x} denied: none of its names is allowed (no whitelist rule matches and defaultAllow"
+                  " is false for redis:7)")
+        self.assertEqual(answers, {number: {"Allow": number % 2 == 0, "Err": "",
+                                            "Msg": "" if number % 2 == 0 else denied.format(number)}
+                                   for number in range(burst)})
+        self.assertEqual(sorted(path for path, _ in callbacks),
+                         sorted([f"/images/{number:04x}/json" for number in range(burst)]
+                                + ["/images/json?all=1"] * burst))
+        self.assertEqual([answer for _, answer in callbacks], [{"Allow": True, "Msg": "", "Err": ""}] * 2 * burst)
+
     def test_largest_engine_payloads_fit(self):
         # Newer engines forward bodies up to 4 MiB, base64-encoded.
         image = {"Image": "nginx:1", "Env": ["A=" + "x" * (4 * 1024 * 1024 - 100)]}
