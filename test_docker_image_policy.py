@@ -2245,9 +2245,59 @@ class TestOperations(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr, f'docker-image-policy: error: {self.fixture.config_path}:'
                                         f' "defaultAllow": must be true or false, not "no"\n')
+        self.assertFalse(os.path.lexists(self.fixture.dir + "/x.sock"))
         result = run_module("--config", self.fixture.dir + "/missing.json")
         self.assertEqual(result.returncode, 2)
         self.assertIn("missing.json: cannot read the configuration", result.stderr)
+
+    def test_daemon_exits_1_when_it_cannot_listen(self):
+        directory = self.fixture.dir
+        regular = os.path.join(directory, "file.sock")
+        Path(regular).write_text("keep me")
+        long_path = os.path.join(directory, "x" * 120 + ".sock")
+        for path, error in [
+            (regular, f"cannot serve the plugin socket {regular}: {regular} exists and is not a socket;"
+                      " refusing to replace it"),
+            (os.path.join(regular, "p.sock"), f"cannot serve the plugin socket {regular}/p.sock: [Errno 17] File"
+                                              f" exists: '{regular}'"),
+            (long_path, f"cannot serve the plugin socket {long_path}: AF_UNIX path too long"),
+        ]:
+            with self.subTest(path):
+                result = run_module("--config", self.fixture.config_path, "--socket", path, "--addr", "127.0.0.1:0")
+                self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: {error}\n"))
+        self.assertEqual(Path(regular).read_text(), "keep me")
+        with socket.socket() as taken:   # an admin address another process listens on
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = "127.0.0.1:%d" % taken.getsockname()[1]
+            sock = os.path.join(directory, "d.sock")
+            result = run_module("--config", self.fixture.config_path, "--socket", sock, "--addr", address)
+        self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: cannot listen on"
+                                                                f" {address}: [Errno 98] Address already in use\n"))
+        self.assertFalse(os.path.lexists(sock))   # the plugin socket it had bound is gone
+
+    def test_command_line_errors(self):
+        config = self.fixture.config_path
+        for argv, message in [
+            (["--check", "nginx", "--validate"], "--check and --validate cannot be combined"),
+            (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
+            (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
+            (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
+                                                " not 'ssh://docker'"),
+            (["--docker-host", "/var/run/docker.sock"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
+                                                        " not '/var/run/docker.sock'"),
+            (["--colour"], "unrecognized arguments: --colour"),
+        ]:
+            with self.subTest(argv), mock.patch.object(dip, "serve", side_effect=AssertionError("serve() called")), \
+                    contextlib.redirect_stderr(io.StringIO()) as stderr, self.assertRaises(SystemExit) as caught:
+                dip.main(["--config", config, *argv])
+            self.assertEqual(caught.exception.code, 2)
+            self.assertEqual(stderr.getvalue().splitlines()[-1], f"docker-image-policy: error: {message}")
+        result = run_module("--config", config, "--addr", "nowhere")   # and as a process
+        self.assertEqual(result.returncode, 2)
+        self.assertTrue(result.stderr.startswith("usage: docker-image-policy "), result.stderr)
+        self.assertTrue(result.stderr.endswith("docker-image-policy: error: --addr: expected HOST:PORT,"
+                                               " not 'nowhere'\n"), result.stderr)
 
     def test_daemon_signals_ready_reloads_and_stops(self):
         directory = self.fixture.dir
