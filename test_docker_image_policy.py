@@ -548,6 +548,27 @@ class TestRequests(unittest.TestCase):
             with self.subTest(request["RequestUri"]):
                 self.assertDecision(request, allow, reason)
 
+    def test_plugin_pulls_and_tags_that_cannot_be_judged(self):
+        no_remote = "plugin install denied: a plugin pull without a 'remote' image"
+        digest = "tag denied: cannot tag with a digest reference"
+        for request, reason in [
+            (authz("POST", "/v1.41/plugins/pull?name=p", []), no_remote),
+            (authz("POST", "/v1.41/plugins/pull?remote=&name=p", []), no_remote),
+            (authz("POST", "/v1.41/plugins/p/upgrade", []), no_remote),
+            (pull(f"/v1.41/images/nginx:1/tag?repo=nginx@{DIGEST}"), digest),
+            (pull(f"/v1.41/images/nginx:1/tag?repo=nginx:2@{DIGEST}"), digest),
+            (pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=bad:tag"), "tag denied: invalid tag 'bad:tag'"),
+            (pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=-x"), "tag denied: invalid tag '-x'"),
+            (pull(f"/v1.41/images/nginx:1/tag?repo=nginx&tag={DIGEST}"), f"tag denied: invalid tag '{DIGEST}'"),
+            (pull("/v1.41/images/nginx:1/tag?tag=2"), "tag denied: invalid reference format: ''"),
+        ]:
+            with self.subTest(request["RequestUri"]):
+                decision = self.assertDecision(request, False, reason + ". See https://wiki.example/images")
+                self.assertEqual(decision.rule, "unreadable")
+        # Their honest twins.
+        self.assertDecision(pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=2"), True, "tag of nginx:1 as nginx:2")
+        self.assertDecision(authz("POST", "/v1.41/plugins/p/upgrade?remote=nginx:2", []), True, "plugin install of")
+
     def test_opaque_operations_follow_their_setting(self):
         routes = {"/v1.41/images/load": "load", "/v1.41/images/create?fromSrc=-&repo=x": "import",
                   "/v1.41/build": "build", "/session": "build", "/grpc": "build",
