@@ -569,6 +569,16 @@ class TestRequests(unittest.TestCase):
         self.assertDecision(pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=2"), True, "tag of nginx:1 as nginx:2")
         self.assertDecision(authz("POST", "/v1.41/plugins/p/upgrade?remote=nginx:2", []), True, "plugin install of")
 
+    def test_a_first_component_that_is_no_domain_is_judged(self):
+        # "my_registry.example.com" has a dot, so it is read as a registry, but "_" is
+        # not allowed in a host name: such a name is judged (here: denied), never an error.
+        for request in [pull("/v1.41/images/create?fromImage=my_registry.example.com/app&tag=1"),
+                        authz("POST", "/v1.41/containers/create", {"Image": "my_registry.example.com/app:1"})]:
+            with self.subTest(request["RequestUri"]):
+                decision = self.decide(request)
+                self.assertEqual(decision.allow, False)
+                self.assertIn(decision.rule, ("unreadable", "defaultAllow"))
+
     def test_opaque_operations_follow_their_setting(self):
         routes = {"/v1.41/images/load": "load", "/v1.41/images/create?fromSrc=-&repo=x": "import",
                   "/v1.41/build": "build", "/session": "build", "/grpc": "build",
