@@ -2355,6 +2355,71 @@ class TestOperations(unittest.TestCase):
         self.assertIn("reloaded", log)
         self.assertIn("stopped on SIGTERM", log)
 
+    def start_daemon(self, notify_socket: str | None) -> tuple[subprocess.Popen, str, Path]:
+        """The daemon on the fixture's policy file: the process, its plugin socket and its stderr."""
+        sock, stderr_path = os.path.join(self.fixture.dir, "d.sock"), Path(self.fixture.dir, "stderr")
+        environment = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        if notify_socket is not None:
+            environment["NOTIFY_SOCKET"] = notify_socket
+        with open(stderr_path, "w") as stderr:
+            process = subprocess.Popen([sys.executable, str(MODULE), "--config", self.fixture.config_path,
+                                        "--socket", sock, "--addr", "127.0.0.1:0"], stderr=stderr, env=environment)
+        self.addCleanup(stop_processes, [process])
+        return process, sock, stderr_path
+
+    def ask_daemon(self, sock_path: str, image: str) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(sock_path)
+            request = json.dumps(pull(f"/v1.41/images/create?fromImage={image}&tag=7")).encode()
+            return json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])
+
+    def test_reload_of_a_deeply_nested_file_keeps_the_running_policy(self):
+        notify_path = os.path.join(self.fixture.dir, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        self.addCleanup(notify.close)
+        process, sock, stderr = self.start_daemon(notify_path)
+        self.assertEqual(notify.recv(100), b"READY=1")
+        Path(self.fixture.config_path).write_text("[" * 100000)   # deeper than Python's parser recurses
+        process.send_signal(signal.SIGHUP)
+        self.assertEqual((notify.recv(100), notify.recv(100)), (b"RELOADING=1", b"READY=1"))
+        self.assertIsNone(process.poll())
+        self.assertTrue(self.ask_daemon(sock, "nginx")["Allow"])   # the policy that was running
+        self.assertEqual(self.ask_daemon(sock, "ubuntu")["Msg"], 'pull of ubuntu:7 denied: blacklist rule "^ubuntu:"'
+                                                                  ' matches')
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(20), 0)
+        log = stderr.read_text()
+        self.assertIn(f"docker-image-policy: error: reload failed, the running policy stays in force:"
+                      f" {self.fixture.config_path}: invalid JSON: maximum recursion depth exceeded while decoding"
+                      f" a JSON array from a unicode string\n", log)
+        self.assertEqual([line for line in log.splitlines() if ": error: " in line or "Traceback" in line], [
+            line for line in log.splitlines() if "reload failed" in line])
+
+    def test_unreachable_notify_socket_is_a_warning(self):
+        for notify_socket, error in [
+            (os.path.join(self.fixture.dir, "missing", "notify"), "[Errno 2] No such file or directory"),
+            (f"@docker-image-policy-test-{os.getpid()}-nobody", "[Errno 111] Connection refused"),   # abstract
+        ]:
+            with self.subTest(notify_socket):
+                self.fixture.write_config(ORIGINAL_CONFIG)
+                process, sock, stderr = self.start_daemon(notify_socket)
+                wait_for(lambda: "serving" in stderr.read_text(), "the daemon to serve")
+                self.assertFalse(self.ask_daemon(sock, "redis")["Allow"])
+                self.fixture.write_config({"whitelist": ["^redis:"]})
+                process.send_signal(signal.SIGHUP)
+                wait_for(lambda: "reloaded" in stderr.read_text(), "the reload")
+                self.assertTrue(self.ask_daemon(sock, "redis")["Allow"])
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(20), 0)
+                warning = (f"docker-image-policy: warning: cannot notify systemd at NOTIFY_SOCKET={notify_socket!r}:"
+                           f" {error}")
+                log = stderr.read_text().splitlines()
+                # READY=1, RELOADING=1, READY=1 and STOPPING=1, each a warning and nothing worse.
+                self.assertEqual([line for line in log if ": warning: " in line or ": error: " in line], [warning] * 4)
+
     def test_service_unit(self):
         unit = (HERE / "docker-image-policy.service").read_text()
         for line in ["ExecStart=/usr/bin/python3 /usr/local/bin/docker_image_policy.py"
