@@ -465,6 +465,41 @@ class TestPolicy(unittest.TestCase):
                 verdict = policy.evaluate(ref)
                 self.assertEqual((verdict.allow, verdict.rule), expected, (trial, ref.canonical))
 
+    def test_indexed_lookup_under_the_services_interpreter(self):
+        # The systemd unit runs /usr/bin/python3, whose re._parser gives the prefixes the index trusts.
+        system = "/usr/bin/python3"
+        if not os.path.exists(system) or os.path.realpath(system) == os.path.realpath(sys.executable):
+            self.skipTest(f"{system} is missing or is the interpreter running these tests")
+        test = f"{Path(__file__).stem}.TestPolicy.test_indexed_lookup_equals_rule_by_rule_evaluation"
+        result = subprocess.run([system, "-m", "unittest", test], cwd=HERE, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stderr, r"\nRan 1 test in .*\n\nOK\n$")
+
+    def test_prefix_index_fails_closed(self):
+        # A prefix is trusted only where the pattern agrees with it on probe strings.
+        for pattern, prefix, trusted in [
+            ("^evil/", "evil/", ("evil/", True)),
+            ("^quay\\.io/evil/", "quay.io/", ("quay.io/", False)),   # a true prefix, but not the whole pattern
+            ("^nginx:1", "nginx:", ("nginx:", False)),
+            ("^evil/", "good/", (None, False)),                       # the pattern matches what does not start with it
+            ("^evil/", "evil/miner", (None, False)),                  # longer than the pattern's literal text
+            ("^ab*", "ab", (None, False)),                            # a repeated letter read as a literal
+            ("^a\\d", "ad", (None, False)),                           # an escape read as a letter
+            ("^quay\\.io/evil/", "quayXio/evil/", (None, False)),
+        ]:
+            with self.subTest(pattern=pattern, prefix=prefix):
+                self.assertEqual(dip.trusted_prefix(re.compile(pattern), prefix, True), trusted)
+        # Were the parser ever to give a wrong prefix, the blacklist rule would still be tried where it matches.
+        for pattern, wrong, image in [("^evil/", "good/", "evil/miner:1"),
+                                      ("^evil/", "evil/miner/", "registry-1.docker.io/evil/miner:1"),
+                                      ("^redis:6", "redis:6.", "redis:6"), ("^a\\d", "ad", "a1:1")]:
+            with self.subTest(pattern=pattern, wrong=wrong):
+                with mock.patch.object(dip, "_parsed_prefix", return_value=(wrong, True)):
+                    policy = policy_of({"blacklist": [pattern], "defaultAllow": True})
+                self.assertIsNone(policy.blacklist.rules[0].prefix)   # tried on every request
+                verdict = policy.evaluate(parse_reference(image))
+                self.assertEqual((verdict.allow, verdict.rule), (False, f"blacklist[0] {json.dumps(pattern)}"))
+
     def test_warnings(self):
         policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
                                           "^quay\\.io:443/", "^docker"],
@@ -1688,7 +1723,8 @@ class TestPluginServer(unittest.TestCase):
             (b"", not_an_object), (b"{", not_an_object), (b"null", not_an_object), (b"[]", not_an_object),
             (b'"x"', not_an_object), (b"\xff" * 10, not_an_object), (b"[" * 100000, not_an_object),
             (b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"]', not_an_object),
-            (b'{"RequestMethod":"POST"}', "request denied: the AuthZ request has no RequestMethod or RequestUri string"),
+            (b'{"RequestMethod":"POST"}',
+             "request denied: the AuthZ request has no RequestMethod or RequestUri string"),
             (b'{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"!!"}',
              "run denied: RequestBody is not valid base64"),
             (f'{{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"{deep}"}}'.encode(),
