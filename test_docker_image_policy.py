@@ -2472,6 +2472,18 @@ class TestOperations(unittest.TestCase):
                     and "docker_image_policy.py" not in line]
         self.assertEqual(problems, [])
 
+    def test_module_type_checks(self):
+        mypy = "/usr/bin/mypy" if os.path.exists("/usr/bin/mypy") else shutil.which("mypy")   # Debian's, if there
+        if mypy is None:
+            if REQUIRE_E2E:
+                self.fail("mypy is not installed (Debian: apt-get install mypy)")
+            self.skipTest("mypy is not installed")
+        with tempfile.TemporaryDirectory(prefix="dip") as cache:
+            result = subprocess.run([mypy, "--cache-dir", cache, MODULE.name], cwd=HERE, capture_output=True,
+                                    text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertTrue(result.stdout.startswith("Success"), result.stdout)
+
     def test_example_config_is_valid(self):
         result = run_module("--config", str(HERE / "docker-image-policy.json"), "--validate")
         self.assertEqual(result.returncode, 0, result.stderr)
