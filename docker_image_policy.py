@@ -168,12 +168,16 @@ IMAGE_ID_LIKE_RE = re.compile(r"(?:sha256:)?[a-f0-9]+")
 MAX_PATH = 255
 
 
-# Docker Hub serves the same repositories under these hosts, with or without
-# the HTTPS port; any registry is the same registry with ":443".
-HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 # distribution/reference recognizes Docker Hub by exact, lower-case comparison:
 # only these spellings get "library/" for a one-component path.
 HUB_NAMES = frozenset({"docker.io", "index.docker.io"})
+# Docker Hub serves the same repositories under these hosts too, and any
+# registry serves its HTTPS port whether or not a name says ":443". Such a
+# spelling is another name of the same repository, which blacklists catch;
+# it is not one a whitelist rule written for the usual name admits: the
+# HTTP fallback of an insecure registry, and a dotless host such as vm:443,
+# would make it something else.
+HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
 HTTPS_PORT = ":443"
 # The containerd image store keeps an image that lost its last name while in
 # use as moby-dangling@<digest>: a placeholder, never a name a rule may admit.
@@ -184,15 +188,16 @@ DANGLING_REPOSITORY = "docker.io/library/moby-dangling"
 class Reference:
     """A normalized image reference: docker.io/library/nginx:1.25@sha256:…
 
-    The domain is the registry that serves the content, spelled one way:
-    Docker Hub's aliases become docker.io and ":443" is dropped, so that a
-    rule sees one name for one repository however the request spelled it.
+    alias is the same repository under its usual registry name, when the
+    reference spells the registry another way (registry-1.docker.io/evil,
+    quay.io:443/evil): blacklists are matched against both.
     """
 
     domain: str
     path: str
     tag: str | None = None
     digest: str | None = None
+    alias: Reference | None = dataclasses.field(default=None, compare=False)
 
     @property
     def repository(self) -> str:
@@ -215,6 +220,8 @@ class Reference:
 
     canonical: str = dataclasses.field(init=False, compare=False)
     familiar: str = dataclasses.field(init=False, compare=False)
+    familiar_forms: tuple[str, ...] = dataclasses.field(init=False, compare=False, repr=False)
+    all_forms: tuple[str, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Computed once: every rule is matched against these forms.
@@ -222,6 +229,9 @@ class Reference:
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
         object.__setattr__(self, "canonical", self.repository + suffix)
         object.__setattr__(self, "familiar", self.familiar_repository + suffix)
+        familiar, canonical = self.forms(False), self.forms(True)
+        object.__setattr__(self, "familiar_forms", familiar)
+        object.__setattr__(self, "all_forms", familiar if canonical == familiar else familiar + canonical)
 
     def forms(self, canonical: bool) -> tuple[str, ...]:
         """The strings rules are matched against: familiar, or canonical.
@@ -262,16 +272,18 @@ def parse_reference(text: str) -> Reference:
         raise InvalidReference(f"invalid reference {text!r}: repository name longer than {MAX_PATH} characters")
     if match["digest"] and not DIGEST_RE.fullmatch(match["digest"]):
         raise InvalidReference(f"invalid reference {text!r}: unsupported or malformed digest")
-    return Reference(registry_host(match["domain"]), match["path"], match["tag"], match["digest"])
+    domain = registry_host(match["domain"])
+    alias = "docker.io" if domain.removesuffix(HTTPS_PORT) in HUB_ALIASES else domain.removesuffix(HTTPS_PORT)
+    return Reference(domain, match["path"], match["tag"], match["digest"],
+                     Reference(alias, match["path"], match["tag"], match["digest"]) if alias != domain else None)
 
 
 def registry_host(domain: str) -> str:
-    """One spelling per registry: host names are case-insensitive on the network."""
+    """The registry as dockerd will reach it: host names are case-insensitive on the network."""
     lowered = domain.lower()
     if not any(c in lowered for c in ".:") and lowered != "localhost":
         return domain   # "Foo/app": lower-casing would make it read as a Docker Hub user
-    lowered = lowered.removesuffix(HTTPS_PORT)
-    return "docker.io" if lowered in HUB_HOSTS else lowered
+    return "docker.io" if lowered in HUB_NAMES else lowered
 
 
 def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
@@ -328,7 +340,7 @@ def trusted_prefix(regex: re.Pattern[str], prefix: str | None, only: bool) -> tu
     if prefix is None:
         return None, False
     text = re.sub(r"\\(.)", r"\1", regex.pattern.lstrip("^"))   # the pattern read as plain text
-    bases = {prefix[:length] for length in range(len(prefix))} | {"x" + prefix, text, text[:len(prefix)]}
+    bases = {"", prefix[:len(prefix) // 2], prefix[:-1], "x" + prefix, text, text[:len(prefix)]}
     for probe in (base + suffix for base in bases for suffix in _PROBE_SUFFIXES):
         if not probe.startswith(prefix) and regex.search(probe):
             return None, False
@@ -381,13 +393,12 @@ class RuleSet:
             found = sorted(set(found), key=_rule_index)
         return found
 
-    def first_match(self, familiar: tuple[str, ...], canonical: tuple[str, ...]) -> Rule | None:
+    def first_match(self, reference: Reference) -> Rule | None:
         """The first rule matching a familiar form, or a canonical one if the rule names docker.io."""
-        if canonical == familiar:
-            canonical = ()
-        for rule in self.candidates(familiar + canonical):
+        familiar, texts = reference.familiar_forms, reference.all_forms
+        for rule in self.candidates(texts):
             search = rule.regex.search
-            for text in familiar + canonical if rule.canonical else familiar:
+            for text in texts if rule.canonical else familiar:
                 if search(text):
                     return rule
         return None
@@ -449,13 +460,15 @@ class Policy:
     def evaluate(self, reference: Reference) -> Verdict:
         if reference.repository == DANGLING_REPOSITORY:
             return NAMELESS
-        familiar, canonical = reference.forms(canonical=False), reference.forms(canonical=True)
-        rule = self.whitelist.first_match(familiar, canonical)
+        rule = self.whitelist.first_match(reference)
         if rule:
             return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches")
-        rule = self.blacklist.first_match(familiar, canonical)
-        if rule:
-            return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches")
+        for spelling in (reference, reference.alias) if reference.alias else (reference,):
+            rule = self.blacklist.first_match(spelling)
+            if rule:
+                also = f" {spelling.familiar}, the same repository under its usual name" \
+                    if spelling is not reference else ""
+                return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches{also}")
         if self.default_allow:
             return Verdict(True, "defaultAllow", "no rule matches and defaultAllow is true")
         return Verdict(False, "defaultAllow", "no whitelist rule matches and defaultAllow is false")
@@ -613,9 +626,9 @@ def policy_warnings(policy: Policy) -> list[str]:
                 continue
             forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
         if not any(form.startswith(rule.prefix) for form in forms):
-            warnings.append(f"{rule}: no image reference can match it (rules see nginx:1.25, and canonical"
-                            " docker.io/library/nginx:1.25 only if they name docker.io; Docker Hub's other host"
-                            " names and any :443 are matched as docker.io and as the host without the port)")
+            warnings.append(f"{rule}: no image reference can match it (rules see familiar names such as"
+                            " nginx:1.25, and canonical ones such as docker.io/library/nginx:1.25 only when they"
+                            " name docker.io; index.docker.io is spelled docker.io)")
         elif not rule.canonical and any(rule.regex.search(probe) for probe in _HUB_PROBES):
             what = "allow" if rule.kind == "whitelist" else "refuse"
             warnings.append(f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did,"
@@ -919,7 +932,7 @@ class Request:
         if not isinstance(headers, dict):
             raise Unreadable("RequestHeaders is not an object")
         for key, value in headers.items():
-            if key.lower() == name.lower():
+            if key.isascii() and key.lower() == name.lower():   # Go canonicalizes ASCII names only
                 if not isinstance(value, str):
                     raise Unreadable(f"header {key} is not a string")
                 return value
@@ -944,7 +957,7 @@ class Request:
     def check_no_form_body(self) -> None:
         """Deny when a form-encoded body that dockerd does not forward may set query values."""
         content_type = self.header("Content-Type") or ""
-        if (content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+        if (go_lower(content_type.split(";")[0]).strip() == "application/x-www-form-urlencoded"
                 and self.header("Content-Length") != "0"):
             raise Unreadable("a form-encoded body may override the query, and dockerd does not forward it")
 
@@ -959,6 +972,15 @@ class Request:
         # while dockerd parses the form by the first: a hidden body is unsafe.
         raise Unreadable("the request carries a body the plugin cannot see, and dockerd may read"
                          " form values from it")
+
+
+def go_lower(text: str) -> str:
+    """Go's strings.ToLower, which mime.ParseMediaType applies: one rune to one.
+
+    Python's lower() maps U+0130 (İ) to "i" and a combining dot, so
+    "applİcation/x-www-form-urlencoded" is a form to dockerd and not to it.
+    """
+    return text.lower() if text.isascii() else "".join("i" if c == "\u0130" else c.lower() for c in text)
 
 
 @dataclass(frozen=True)
@@ -1054,7 +1076,8 @@ def decide_service(policy: Policy, request: Request, match: re.Match[str] | None
         if not isinstance(previous, dict):
             raise Unreadable("the service has no previous spec to roll back to")
         specs.append(images_in_body("service", json.dumps(previous).encode()))
-    return first_denial([decide_image_name(policy, "service", image, docker) for spec in specs for image in spec])
+    return first_denial([decide_image_name(policy, "service", image, docker, pulled_first=True)
+                         for spec in specs for image in spec])
 
 
 def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | None,
@@ -1129,8 +1152,14 @@ def first_denial(decisions: list[Decision]) -> Decision:
     return next((decision for decision in decisions if not decision.allow), decisions[0])
 
 
-def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker | None) -> Decision:
-    """Decide on an image given by name, digest, ID or short ID."""
+def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker | None,
+                      pulled_first: bool = False) -> Decision:
+    """Decide on an image given by name, digest, ID or short ID.
+
+    pulled_first: dockerd pulls the name before it looks it up, as a swarm
+    task does for anything but sha256:<hex>, so a name that is also a short
+    ID must be allowed as a name too.
+    """
     if not image:
         raise Unreadable(f"the {operation} request names no image")
     if docker is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
@@ -1143,13 +1172,14 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
         images = docker.images_for(image)
     except ImagePolicyError as error:
         return Decision(False, operation, image, image, "image-id", f"cannot resolve the image: {error}")
-    if not images:
-        if image.startswith("sha256:"):
-            return Decision(False, operation, image, image, "image-id", "no such image")
-        # No such image: dockerd answers 404 and the CLI pulls the name.
+    if not images and image.startswith("sha256:"):
+        return Decision(False, operation, image, image, "image-id", "no such image")
+    decisions = [decide_local_image(policy, operation, image, local) for local in images]
+    if not images or (pulled_first and not IMAGE_ID_RE.fullmatch(image) and not image.startswith("sha256:")):
+        # No such image: dockerd answers 404 and the CLI pulls the name; or the name is pulled first.
         reference = parse_reference(image)
-        return decision_for(operation, reference, policy.evaluate(reference))
-    return first_denial([decide_local_image(policy, operation, image, local) for local in images])
+        decisions.insert(0, decision_for(operation, reference, policy.evaluate(reference)))
+    return first_denial(decisions)
 
 
 def decide_local_image(policy: Policy, operation: str, image: str, local: LocalImage) -> Decision:

@@ -3,9 +3,11 @@
     python3 -m unittest -v test_docker_image_policy
 
 The end-to-end classes start a real registry and real dockerd engines (20.10
-from the machine, 28.5 from Debian sid) and drive them with every docker CLI
-on the machine. They need root, dockerd, docker-registry and busybox, and skip
-with a message when something is missing, unless
+from the machine; 26.1 from Debian trixie; 28.5 from Debian sid, with the
+classic and with the containerd image store) and drive them with two docker
+CLIs (the machine's 20.10 and sid's 28.5). They need root, dockerd,
+docker-registry, busybox and the machine's Debian archive (engines and CLI are
+downloaded once), and skip with a message when something is missing, unless
 DOCKER_IMAGE_POLICY_REQUIRE_E2E=1 (set by CI) makes that a failure.
 DOCKER_IMAGE_POLICY_LONG=1 runs the fuzz and soak tests at ten times the size.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -35,6 +38,7 @@ import tempfile
 import threading
 import time
 import unittest
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -175,27 +179,33 @@ class TestReference(unittest.TestCase):
             with self.subTest(text):
                 self.assertEqual(parse_reference(text).familiar, familiar)
 
-    def test_registry_aliases_are_one_repository(self):
+    def test_registry_aliases_are_other_names_of_one_repository(self):
         # Docker Hub answers as registry-1.docker.io and with :443 too; any registry with :443.
-        for text, canonical, familiar in [
-            ("registry-1.docker.io/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
-            ("index.docker.io:443/evil/miner:1", "docker.io/evil/miner:1", "evil/miner:1"),
-            ("docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
-            ("registry-1.docker.io:443/library/nginx:1", "docker.io/library/nginx:1", "nginx:1"),
-            ("quay.io:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
-            ("QUAY.IO:443/evil/x:1", "quay.io/evil/x:1", "quay.io/evil/x:1"),
-            ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1"),
-            # Only the lower-case docker.io and index.docker.io add library/: these are not the official nginx.
-            ("DOCKER.IO/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
-            ("docker.io:443/nginx", "docker.io/nginx:latest", "docker.io/nginx:latest"),
-            ("DOCKER.IO/library/nginx", "docker.io/library/nginx:latest", "nginx:latest"),
+        for text, canonical, alias in [
+            ("registry-1.docker.io/evil/miner:1", "registry-1.docker.io/evil/miner:1", "evil/miner:1"),
+            ("registry.hub.docker.com/library/evil:1", "registry.hub.docker.com/library/evil:1", "evil:1"),
+            ("index.docker.io:443/evil/miner:1", "index.docker.io:443/evil/miner:1", "evil/miner:1"),
+            ("docker.io:443/library/nginx:1", "docker.io:443/library/nginx:1", "nginx:1"),
+            ("registry-1.docker.io:443/library/nginx:1", "registry-1.docker.io:443/library/nginx:1", "nginx:1"),
+            ("QUAY.IO:443/evil/x:1", "quay.io:443/evil/x:1", "quay.io/evil/x:1"),
+            ("vm:443/evil:2", "vm:443/evil:2", "vm/evil:2"),          # a dotless host keeps its port
+            ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", None),
+            ("quay.io/evil/x:1", "quay.io/evil/x:1", None),
+            ("docker.io:443/nginx", "docker.io:443/nginx:latest", "docker.io/nginx:latest"),
         ]:
             with self.subTest(text):
                 reference = parse_reference(text)
-                self.assertEqual((reference.canonical, reference.familiar), (canonical, familiar))
-        # A one-component path on an alias has no familiar form: no familiar-name rule sees it.
-        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(False), ())
-        self.assertEqual(parse_reference("DOCKER.IO/nginx").forms(True), ("docker.io/nginx:latest",))
+                self.assertEqual((reference.canonical, reference.alias and reference.alias.familiar),
+                                 (canonical, alias))
+        # Only the lower-case docker.io and index.docker.io add library/: DOCKER.IO/nginx is not the
+        # official nginx, and a one-component path there has no familiar form for rules to see.
+        for text, canonical, familiar in [("DOCKER.IO/nginx", "docker.io/nginx:latest", ()),
+                                          ("DOCKER.IO/library/nginx", "docker.io/library/nginx:latest",
+                                           ("nginx:latest",))]:
+            with self.subTest(text):
+                reference = parse_reference(text)
+                self.assertEqual((reference.canonical, reference.forms(False), reference.alias),
+                                 (canonical, familiar, None))
 
     def test_digest_pins_have_the_original_plugins_form_too(self):
         self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(False), (f"nginx@{DIGEST}", f"nginx:{DIGEST}"))
@@ -263,15 +273,23 @@ class TestPolicy(unittest.TestCase):
         self.assertTrue(self.verdict(config, f"redis:7@{DIGEST}").allow)
         self.assertFalse(self.verdict(config, "redis:7").allow)
 
-    def test_registry_aliases_meet_the_same_rules(self):
-        config = {"whitelist": ["^nginx:", "^quay\\.io/calico/"], "blacklist": ["^evil/", "^quay\\.io/evil/"],
+    def test_registry_aliases_meet_blacklists_not_whitelists(self):
+        config = {"whitelist": ["^nginx:", "^quay\\.io/calico/", "^vm/"], "blacklist": ["^evil/", "^quay\\.io/evil/"],
                   "defaultAllow": True}
         for image, allow in [("registry-1.docker.io/evil/miner:1", False), ("index.docker.io:443/evil/miner:1", False),
                              ("docker.io:443/evil/miner:1", False), ("quay.io:443/evil/x:1", False),
-                             ("registry-1.docker.io/library/nginx:1", True), ("quay.io:443/calico/node:v3", True),
-                             ("someone/app:1", True)]:
+                             ("registry.hub.docker.com/evil/miner:1", False), ("someone/app:1", True)]:
             with self.subTest(image):
                 self.assertEqual(self.verdict(config, image).allow, allow)
+        verdict = self.verdict(config, "registry-1.docker.io/evil/miner:1")
+        self.assertEqual(verdict.reason, 'blacklist rule "^evil/" matches evil/miner:1, the same repository under'
+                                         ' its usual name')
+        # A whitelist rule admits the spelling it names, not another host or port: vm:443 is not Docker Hub's vm/.
+        strict = dict(config, defaultAllow=False)
+        for image, allow in [("vm:443/evil:2", False), ("vm/app:1", True), ("registry-1.docker.io/library/nginx:1", False),
+                             ("quay.io:443/calico/node:v3", False), ("quay.io/calico/node:v3", True)]:
+            with self.subTest(image):
+                self.assertEqual(self.verdict(strict, image).allow, allow)
         # DOCKER.IO/nginx is the repository "nginx" on the host DOCKER.IO, not the official nginx.
         self.assertFalse(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/nginx").allow)
         self.assertTrue(self.verdict(dict(config, defaultAllow=False), "DOCKER.IO/library/nginx:1").allow)
@@ -502,17 +520,17 @@ class TestPolicy(unittest.TestCase):
 
     def test_warnings(self):
         policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
-                                          "^quay\\.io:443/", "^docker"],
+                                          "^Docker\\.io/", "^docker"],
                             "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"]})
-        never = ("no image reference can match it (rules see nginx:1.25, and canonical docker.io/library/nginx:1.25"
-                 " only if they name docker.io; Docker Hub's other host names and any :443 are matched as"
-                 " docker.io and as the host without the port)")
+        never = ("no image reference can match it (rules see familiar names such as nginx:1.25, and canonical ones"
+                 " such as docker.io/library/nginx:1.25 only when they name docker.io; index.docker.io is spelled"
+                 " docker.io)")
         self.assertEqual(dip.policy_warnings(policy), [
             'whitelist[1] "nginx": not anchored with ^ (or $), so it matches anywhere in an image name',
             f'whitelist[2] "^library/nginx:": {never}',
             f'whitelist[3] "^index\\\\.docker\\\\.io/": {never}',
             'whitelist[4] "x*": matches every image, so the whitelist allows everything',
-            f'whitelist[5] "^quay\\\\.io:443/": {never}',
+            f'whitelist[5] "^Docker\\\\.io/": {never}',
             'whitelist[6] "^docker": matched against familiar names (nginx:1.25) as the original plugin did, so it'
             ' does not allow every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is'
             ' matched against canonical names too',
@@ -702,6 +720,9 @@ class TestRequests(unittest.TestCase):
         for headers, allow, operation, reason in [
             ({"Content-Type": form, "Content-Length": "24"}, False, "pull or import", "form-encoded body"),
             ({"Content-Type": form}, False, "pull or import", "form-encoded body"),
+            # Go lower-cases U+0130 to "i": dockerd reads this body as a form.
+            ({"Content-Type": "appl\u0130cation/x-www-form-urlencoded", "Content-Length": "24"}, False,
+             "pull or import", "form-encoded body"),
             ({"Content-Type": form, "Content-Length": "0"}, True, "import", "'allowImport' is true"),
             ({"Content-Type": "text/plain"}, True, "import", "'allowImport' is true"),   # docker import
         ]:
@@ -856,13 +877,19 @@ class TestRequests(unittest.TestCase):
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}},
             "new": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}}})
         service = lambda image: {"TaskTemplate": {"ContainerSpec": {"Image": image}}}
-        for image, allow, reason in [(refused_id, False, "for redis:7"), ("ffff", False, "for redis:7"),
-                                     ("sha256:ffff", False, "for redis:7"), ("sha256:0000", False, "no such image"),
+        for image, allow, reason in [(refused_id, False, "for redis:7"), ("sha256:ffff", False, "for redis:7"),
+                                     ("sha256:0000", False, "no such image"),
                                      ("nginx:1", True, "service of nginx:1 allowed"),
-                                     (allowed_id, True, "for its name nginx:3"), ("aaaa", True, "nginx:3")]:
+                                     (allowed_id, True, "for its name nginx:3"), ("sha256:aaaa", True, "nginx:3"),
+                                     # A swarm task pulls a short ID's name first: docker.io/library/aaaa.
+                                     ("ffff", False, "service of ffff:latest denied: no whitelist rule"),
+                                     ("aaaa", False, "service of aaaa:latest denied: no whitelist rule")]:
             with self.subTest(image):
                 self.assertDecision(authz("POST", "/v1.41/services/create", service(image)), allow, reason,
                                     docker=docker)
+        named = policy_of({"whitelist": ["^nginx:", "^[0-9a-f]+:latest$"]})
+        self.assertTrue(self.decide(authz("POST", "/v1.41/services/create", service("aaaa")), named, docker).allow)
+        self.assertFalse(self.decide(authz("POST", "/v1.41/services/create", service("ffff")), named, docker).allow)
         for uri, allow, reason in [
             ("/v1.41/services/web/update?version=9&rollback=previous", False, "service of redis:7@sha256"),
             ("/v1.41/services/api/update?version=9&rollback=previous", True, "service of nginx:1 allowed"),
@@ -2825,7 +2852,10 @@ def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
 # --------------------------------------------------------------------------
 
 ENGINE_CACHE = Path(os.environ.get("DOCKER_IMAGE_POLICY_ENGINE_CACHE", "/var/cache/docker-image-policy-tests"))
-CLIS = [cli for cli in ("/usr/bin/docker", "/usr/local/bin/docker") if os.access(cli, os.X_OK)]
+# The machine's CLI (20.10) and sid's (28.x): they name images differently (PROTOCOL.md, section 4).
+CLIS = ["/usr/bin/docker", str(ENGINE_CACHE / "sid/docker-cli/usr/bin/docker")]
+# A Debian archive's URI, not debian-security's or a ports archive's: the mirror the machine already uses.
+DEBIAN_ARCHIVE = r"\S+/debian/?"
 
 
 class Missing(Exception):
@@ -2838,48 +2868,79 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def sid_engine() -> Path:
-    """Engine 28.5 from Debian sid, unpacked into a private directory (once)."""
-    root = ENGINE_CACHE / "sid"
-    if (root / "usr/sbin/dockerd").exists():
-        return root
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if not sources.exists() or not shutil.which("apt-get") or not shutil.which("dpkg"):
-        raise Missing(f"engine 28.5 needs apt-get, dpkg and {sources}")
-    # The machine's own Debian archive, with its suite switched to sid.
-    stanzas = [stanza for stanza in sources.read_text().split("\n\n")
-               if re.search(r"^URIs:\s*\S+/debian/?\s*$", stanza, re.M)]
-    if not stanzas:
-        raise Missing(f"no Debian archive in {sources}")
-    work = Path(tempfile.mkdtemp(prefix="dip-sid-"))
-    try:
-        (work / "sources").mkdir()
-        (work / "sources/sid.sources").write_text(
-            "\n\n".join(re.sub(r"^Suites:.*$", "Suites: sid", stanza, flags=re.M) for stanza in stanzas) + "\n")
-        (work / "lists/partial").mkdir(parents=True)
-        (work / "cache/archives/partial").mkdir(parents=True)
-        options = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={work}/sources",
-                   "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::Cache={work}/cache",
-                   "-o", "APT::Sandbox::User=root"]
-        for command in (["apt-get", *options, "update"], ["apt-get", *options, "download", "docker.io", "containerd"]):
-            result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
-            if result.returncode:
-                raise Missing(f"{' '.join(command[:1] + command[-3:])} failed: {result.stderr[-500:]}")
-        unpacked = work / "root"
-        for deb in work.glob("*.deb"):
+def debian_source(suite: str, apt: Path = Path("/etc/apt")) -> tuple[str, str]:
+    """An apt source file (name, text) for one suite of the machine's Debian archive.
+
+    The machine's sources may be deb822 stanzas or one-line entries. Only the first
+    entry is kept: apt refuses the same archive twice with different options.
+    """
+    for path in sorted(apt.glob("sources.list.d/*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            if re.search(rf"^URIs:\s*{DEBIAN_ARCHIVE}\s*$", stanza, re.M):
+                return "debian.sources", re.sub(r"^Suites:.*$", f"Suites: {suite}", stanza.strip(), flags=re.M) + "\n"
+    one_line = re.compile(rf"(deb\s+(?:\[[^]]*\]\s+)?{DEBIAN_ARCHIVE}\s+)\S+")
+    for path in [apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list"))]:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            if one_line.match(line):
+                return "debian.list", one_line.sub(rf"\g<1>{suite}", line) + "\n"
+    raise Missing(f"no Debian archive in the apt sources under {apt}")
+
+
+def apt_download(suite: str, packages: list[str], work: Path) -> list[Path]:
+    """Download packages of a suite into work, with apt lists of its own: the machine's apt is untouched."""
+    (work / "sources").mkdir()
+    name, text = debian_source(suite)
+    (work / "sources" / name).write_text(text)
+    (work / "lists/partial").mkdir(parents=True)
+    (work / "cache/archives/partial").mkdir(parents=True)
+    options = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={work}/sources",
+               "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::Cache={work}/cache",
+               "-o", "APT::Sandbox::User=root"]
+    for action in (["update"], ["download", *packages]):
+        result = subprocess.run(["apt-get", *options, *action], cwd=work, capture_output=True, text=True,
+                                timeout=600)
+        if result.returncode:
+            raise Missing(f"apt-get {' '.join(action)} from {suite} failed: {result.stderr[-500:]}")
+    return sorted(work.glob("*.deb"))
+
+
+def debian_packages(suite: str, packages: list[str]) -> list[Path]:
+    """Packages of a Debian suite, each unpacked once into ENGINE_CACHE/SUITE/PACKAGE."""
+    roots = [ENGINE_CACHE / suite / package for package in packages]
+    missing = [root.name for root in roots if not root.exists()]
+    if not missing:
+        return roots
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        raise Missing(f"{', '.join(missing)} from Debian {suite} need apt-get and dpkg")
+    (ENGINE_CACHE / suite).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=ENGINE_CACHE / suite) as directory:
+        work = Path(directory)
+        (work / "root").mkdir()
+        for deb in apt_download(suite, missing, work):
+            unpacked = work / "root" / deb.name.split("_")[0]
             subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True)
-        ENGINE_CACHE.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(unpacked), str(root))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return root
+            # Test runs from other checkouts share the cache: the first to unpack a package wins.
+            with contextlib.suppress(OSError):
+                unpacked.rename(ENGINE_CACHE / suite / unpacked.name)
+    return roots
+
+
+@functools.cache
+def report_clis() -> None:
+    """Say once per run, in the test log, which docker CLIs the end-to-end classes drive."""
+    versions = [subprocess.run([cli, "--version"], capture_output=True, text=True).stdout.strip() for cli in CLIS]
+    print("end-to-end CLIs: " + "; ".join(f"{cli}: {version}" for cli, version in zip(CLIS, versions)),
+          file=sys.stderr)
 
 
 class EndToEnd:
     """The same tests against one engine; subclasses say which."""
 
     engine = ""
-    image_mounts = True   # API 1.48: HostConfig.Mounts of type image
+    suite = ""   # the Debian suite whose docker.io and containerd run this engine
+    # vfs and native need no overlayfs, which fails where the data root is itself on overlayfs (a container).
+    storage: tuple[str, ...] = ("--storage-driver=vfs",)
+    image_mounts = False   # --mount type=image: API 1.48, Engine 28
     test_policy: dict[str, Any]
 
     # ---- fixture ---------------------------------------------------------
@@ -2904,6 +2965,8 @@ class EndToEnd:
         cls.config.write_text(json.dumps({"defaultAllow": True}))   # seeding needs imports and pushes
         cls.start_plugin()
         cls.start_dockerd()
+        report_clis()
+        cls.report_engine()
         cls.seed()
         cls.test_policy = {
             "whitelist": [f"^{re.escape(cls.registry)}/allowed/", "^nginx:"],
@@ -2919,9 +2982,19 @@ class EndToEnd:
         for tool in ("docker-registry", "busybox", "containerd"):
             if not shutil.which(tool):
                 raise Missing(f"{tool} is not installed (apt-get install docker.io docker-registry busybox-static)")
-        if not CLIS:
-            raise Missing("no docker CLI")
+        if not os.access(CLIS[0], os.X_OK):
+            raise Missing(f"no docker CLI at {CLIS[0]} (apt-get install docker.io)")
+        debian_packages("sid", ["docker-cli"])
         cls.dockerd, cls.path = cls.find_engine()
+
+    @classmethod
+    def find_engine(cls) -> tuple[str, str]:
+        """The suite's dockerd and containerd, run with the machine's runc."""
+        if not shutil.which("runc", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+            raise Missing("runc is not installed (apt-get install docker.io)")
+        docker, containerd = debian_packages(cls.suite, ["docker.io", "containerd"])
+        return (str(docker / "usr/sbin/dockerd"),
+                f"{docker}/usr/sbin:{docker}/usr/bin:{containerd}/usr/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     @classmethod
     def stop_all(cls) -> None:
@@ -2980,16 +3053,24 @@ class EndToEnd:
         env = dict(os.environ, PATH=cls.path)
         containerd = cls.dir / "containerd"
         containerd.mkdir()
+        # Only Kubernetes' CRI is disabled: the containerd image store needs the snapshotters.
         (containerd / "config.toml").write_text('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
         cls.spawn([shutil.which("containerd", path=cls.path) or "containerd", "--config", str(containerd / "config.toml"),
                    "--address", str(containerd / "sock"), "--root", str(containerd / "root"),
                    "--state", str(containerd / "state")], "containerd.log", env=env)
         wait_for((containerd / "sock").exists, "containerd")
-        cls.spawn([cls.dockerd, "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
+        cls.spawn([cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
                    "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
                    "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
                    f"--containerd={containerd / 'sock'}", f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
         wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
+
+    @classmethod
+    def report_engine(cls) -> None:
+        """Say in the test log what this class tested: versions change with the Debian suites."""
+        components = "{{range .Server.Components}}{{.Name}} {{.Version}}, {{end}}"
+        print(f"end-to-end {cls.engine}: {cls.docker_ok('version', '--format', components)}"
+              f" storage {cls.docker_ok('info', '--format', '{{.Driver}}')}", file=sys.stderr)
 
     @classmethod
     def docker(cls, cli: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -3031,6 +3112,42 @@ class EndToEnd:
         cls.plugin.send_signal(signal.SIGHUP)
         wait_for(lambda: reloads() > before, "the reload")
         assert json.loads(cls.admin_get("/config"))["config"]["whitelist"] == policy.get("whitelist", [])
+
+    @classmethod
+    @contextlib.contextmanager
+    def seeding_policy(cls, seeding: dict[str, Any] | None = None) -> Iterator[None]:
+        """Allow everything (or apply seeding) for a fixture step that the policy in force may refuse,
+        then restore it."""
+        policy = json.loads(cls.config.read_text())
+        cls.apply_policy(seeding or {"defaultAllow": True})
+        try:
+            yield
+        finally:
+            cls.apply_policy(policy)
+
+    @classmethod
+    def swarm_init(cls) -> None:
+        """Make the engine a single-node swarm manager, for the tests that need one (idempotent).
+
+        Under the test policy with allowSwarm: true, the key that lets a host join a swarm.
+        """
+        if cls.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
+            return
+        with cls.seeding_policy(dict(cls.test_policy, allowSwarm=True)):
+            cls.addClassCleanup(cls.leave_swarm)
+            # A gateway bridge and a manager port of its own: a swarm on the host keeps
+            # its docker_gwbridge interface and port 2377.
+            cls.docker_ok("network", "create", "--opt", f"com.docker.network.bridge.name=dip-{cls.dir.name[-8:]}",
+                          "docker_gwbridge")
+            cls.docker_ok("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr",
+                          f"127.0.0.1:{free_port()}")
+
+    @classmethod
+    def leave_swarm(cls) -> None:
+        """Stop the service tasks now (dockerd's shutdown waits 10 s for each) and remove the bridge."""
+        with cls.seeding_policy():
+            cls.docker(CLIS[0], "swarm", "leave", "--force")   # there is no swarm if its init failed
+            cls.docker_ok("network", "rm", "docker_gwbridge")
 
     # ---- helpers ---------------------------------------------------------
 
@@ -3200,16 +3317,6 @@ class EndToEnd:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self.api("POST", route, raw, headers={"Content-Type": "application/json"})
 
-    def in_swarm(self) -> None:
-        """Make the engine a single-node swarm manager, granting allowSwarm for the moment."""
-        if self.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
-            return
-        self.apply_policy(dict(self.test_policy, allowSwarm=True))
-        try:
-            self.docker_ok("swarm", "init", "--advertise-addr", "127.0.0.1")
-        finally:
-            self.apply_policy(self.test_policy)
-
     def service_names(self) -> list[str]:
         return self.docker_ok("service", "ls", "--format", "{{.Name}}").split()
 
@@ -3256,27 +3363,29 @@ class EndToEnd:
                             "swarm denied: 'allowSwarm' is not set and defaultAllow is false")
                 self.denied(self.docker(cli, "swarm", "join", "--token", "SWMTKN-1-x", "127.0.0.1:2377"),
                             "swarm denied")
-        self.in_swarm()   # allowSwarm: true lets it through
+        self.swarm_init()   # allowSwarm: true lets it through
         self.assertEqual(self.docker_ok("info", "--format", "{{.Swarm.LocalNodeState}}"), "active")
 
     def test_services_are_judged_by_what_will_run(self):
-        self.in_swarm()
+        self.swarm_init()
         allowed = f"{self.registry}/allowed/busybox:1"
         self.docker_ok("pull", allowed)
         spec = lambda name, template: {"Name": name, "TaskTemplate": template}
+        short_id = self.image_id("smuggled:1")[7:19]
         refused = [
             # A repeated TaskTemplate merges in Go: the container spec of the first one runs.
-            b'{"Name":"merged","TaskTemplate":{"ContainerSpec":{"Image":"smuggled:1"}},'
-            b'"TaskTemplate":{"PluginSpec":{"Remote":"' + allowed.encode() + b'"}}}',
-            spec("by-id", {"ContainerSpec": {"Image": self.image_id("smuggled:1")}}),
-            spec("by-short-id", {"ContainerSpec": {"Image": self.image_id("smuggled:1")[7:19]}}),
+            (b'{"Name":"merged","TaskTemplate":{"ContainerSpec":{"Image":"smuggled:1"}},'
+             b'"TaskTemplate":{"PluginSpec":{"Remote":"' + allowed.encode() + b'"}}}', "service of smuggled:1 denied"),
+            (spec("by-id", {"ContainerSpec": {"Image": self.image_id("smuggled:1")}}),
+             "denied: none of its names is allowed"),
+            # The swarm pulls a short ID's name first, then runs the local image by ID.
+            (spec("by-short-id", {"ContainerSpec": {"Image": short_id}}), f"service of {short_id}:latest denied"),
         ]
-        for body in refused:
-            with self.subTest(body):
+        for body, message in refused:
+            with self.subTest(message):
                 status, text = self.create(body, "/v1.41/services/create")
                 self.assertEqual(status, 403, text)
-                self.assertIn("denied: none of its names is allowed" if b"id" in (
-                    body if isinstance(body, bytes) else json.dumps(body).encode()) else "service of smuggled:1", text)
+                self.assertIn(message, text)
         self.assertEqual(self.service_names(), [])
         honest = b'{"Name":"honest","TaskTemplate":{"PluginSpec":{"Remote":"smuggled:1"}},' \
                  b'"TaskTemplate":{"ContainerSpec":{"Image":"' + allowed.encode() + b'"}}}'
@@ -3289,7 +3398,7 @@ class EndToEnd:
         self.docker_ok("service", "rm", "honest", "honest-id")
 
     def test_rollback_is_judged_by_the_previous_spec(self):
-        self.in_swarm()
+        self.swarm_init()
         allowed = f"{self.registry}/allowed/busybox"
         self.addCleanup(self.apply_policy, self.test_policy)
         self.apply_policy(dict(self.test_policy, whitelist=self.test_policy["whitelist"] + ["^smuggled:"]))
@@ -3376,6 +3485,22 @@ class EndToEnd:
                     self.assertEqual(result.returncode, 0, result.stderr)
         self.remove(f"{pinned}:1", f"{pinned}@{digest}")
 
+    def test_swarm_fixture_creates_services(self):
+        # What the swarm tests build on: a single-node swarm that creates services from the registry.
+        image = f"{self.registry}/allowed/busybox:1"
+        self.swarm_init()
+        self.swarm_init()
+        for cli in CLIS:
+            with self.subTest(cli):
+                result = self.docker(cli, "service", "create", "--detach", "--restart-condition", "none",
+                                     image, "busybox", "true")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                service = result.stdout.strip()
+                self.addCleanup(self.docker, CLIS[0], "service", "rm", service)
+                self.assertRegex(self.docker_ok("service", "inspect", "--format",
+                                                "{{.Spec.TaskTemplate.ContainerSpec.Image}}", service),
+                                 f"^{re.escape(image)}@sha256:[0-9a-f]{{64}}$")
+
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
         cls.plugin.kill()   # leaves its socket behind, as a crash would
@@ -3400,10 +3525,9 @@ class EndToEnd:
 
 
 class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
-    """Debian bookworm's docker.io (Engine 20.10)."""
+    """Debian bookworm's docker.io (Engine 20.10), the machine's."""
 
     engine = "20.10"
-    image_mounts = False
 
     @classmethod
     def find_engine(cls) -> tuple[str, str]:
@@ -3413,17 +3537,64 @@ class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
         return dockerd, os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
+class TestEndToEndEngine26(EndToEnd, unittest.TestCase):
+    """Debian trixie's docker.io and containerd (Engine 26.1)."""
+
+    engine = "26.1"
+    suite = "trixie"
+
+
 class TestEndToEndEngine28(EndToEnd, unittest.TestCase):
-    """Debian sid's docker.io and containerd (Engine 28.5), run with bookworm's runc."""
+    """Debian sid's docker.io and containerd (Engine 28.5)."""
 
     engine = "28.5"
+    suite = "sid"
+    image_mounts = True
 
-    @classmethod
-    def find_engine(cls) -> tuple[str, str]:
-        if not shutil.which("runc", path=os.environ.get("PATH", "") + ":/usr/sbin"):
-            raise Missing("runc is not installed (apt-get install docker.io)")
-        root = sid_engine()
-        return str(root / "usr/sbin/dockerd"), f"{root}/usr/bin:{root}/usr/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+class TestEndToEndEngine28Containerd(TestEndToEndEngine28):
+    """Engine 28.5 with the containerd image store, the default of new installations since Engine 29."""
+
+    engine = "28.5-containerd"
+    storage = ("--feature", "containerd-snapshotter=true", "--storage-driver=native")
+
+
+class TestDebianSource(unittest.TestCase):
+    """The Debian archive for the engines' downloads, from apt sources in either format."""
+
+    def apt(self, files: dict[str, str]) -> Path:
+        apt = Path(tempfile.mkdtemp(prefix="dip-apt-"))
+        self.addCleanup(shutil.rmtree, apt)
+        (apt / "sources.list.d").mkdir()
+        for name, text in files.items():
+            (apt / name).write_text(text)
+        return apt
+
+    def test_deb822_stanza(self):
+        apt = self.apt({"sources.list.d/debian.sources":
+                        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+                        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+                        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+                        "Components: main\n"})
+        self.assertEqual(debian_source("sid", apt), (
+            "debian.sources", "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: sid\nComponents: main\n"
+                              "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"))
+
+    def test_one_line_entry(self):
+        apt = self.apt({"sources.list": "deb-src http://deb.debian.org/debian bookworm main\n"
+                                        "deb http://security.debian.org/debian-security bookworm-security main\n",
+                        "sources.list.d/mirror.list":
+                        "# deb http://old.example/debian buster main\n"
+                        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://ftp.de.debian.org/debian/"
+                        " bookworm main contrib\ndeb http://ftp.de.debian.org/debian/ bookworm-updates main\n"})
+        self.assertEqual(debian_source("trixie", apt), (
+            "debian.list", "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
+                           " http://ftp.de.debian.org/debian/ trixie main contrib\n"))
+
+    def test_no_debian_archive(self):
+        apt = self.apt({"sources.list.d/cloud.list": "deb https://packages.example/apt cloud-sdk main\n"})
+        with self.assertRaisesRegex(Missing, "no Debian archive in the apt sources under"):
+            debian_source("sid", apt)
 
 
 # --------------------------------------------------------------------------
@@ -3499,6 +3670,8 @@ def benchmark(argv: list[str]) -> int:
         for connections in (1, 4):
             compare(f"plugin socket, mixed load, {connections} connection(s)", sockets["python"], sockets["go"],
                     "-c", str(connections))
+        # Every pull and create with its own tag: nothing can be answered from memory.
+        compare("plugin socket, mixed, all distinct, 1 conn", sockets["python"], sockets["go"], "-c", "1", "-unique")
         for process in mixed.values():
             stop(process)
         own_rps = {}
