@@ -870,7 +870,7 @@ class TestRequests(unittest.TestCase):
         refused_id, allowed_id = "sha256:" + "f" * 64, "sha256:" + "a" * 64
         refused, allowed = dip.LocalImage(refused_id, ("redis:7",)), dip.LocalImage(allowed_id, ("nginx:3",))
         docker = FakeDocker({refused_id: [refused], "ffff": [refused], "sha256:ffff": [refused], "sha256:0000": [],
-                             allowed_id: [allowed], "aaaa": [allowed]}, services={
+                             allowed_id: [allowed], "aaaa": [allowed], "sha256:aaaa": [allowed]}, services={
             "web": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:2"}}},
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7@" + DIGEST}}}},
             "api": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7"}}},
