@@ -622,6 +622,25 @@ class TestRequests(unittest.TestCase):
         self.assertDecision(pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=2"), True, "tag of nginx:1 as nginx:2")
         self.assertDecision(authz("POST", "/v1.41/plugins/p/upgrade?remote=nginx:2", []), True, "plugin install of")
 
+    def test_pulls_and_tags_through_registry_aliases_meet_the_blacklist_as_written(self):
+        # The CLI sends "pull registry-1.docker.io/evil/miner@sha256:…" as fromImage and a tag that
+        # holds the digest: the usual name the blacklist sees carries that tag or digest too.
+        policy = policy_of({"blacklist": ["^evil/", "^quay\\.io/evil/", "^team/app:1$", ":latest$"],
+                            "defaultAllow": True})
+        usual = ", the same repository under its usual name"
+        for from_image, tag, allow, reason in [
+            ("registry-1.docker.io/evil/miner", DIGEST, False, f'"^evil/" matches evil/miner@{DIGEST}{usual}'),
+            ("docker.io:443/evil/miner", "1", False, f'"^evil/" matches evil/miner:1{usual}'),
+            ("quay.io:443/evil/x", DIGEST, False, f'"^quay\\\\.io/evil/" matches quay.io/evil/x@{DIGEST}{usual}'),
+            ("registry-1.docker.io/team/app", "1", False, f'"^team/app:1$" matches team/app:1{usual}'),
+            ("registry-1.docker.io/team/app", "2", True, "no rule matches and defaultAllow is true"),
+        ]:
+            with self.subTest(from_image=from_image, tag=tag):
+                self.assertDecision(pull(f"/v1.41/images/create?fromImage={from_image}&tag={tag}"), allow, reason,
+                                    policy=policy)
+        tag = pull("/v1.41/images/redis:7/tag?repo=registry-1.docker.io/team/app&tag=1")
+        self.assertDecision(tag, False, f'"^team/app:1$" matches team/app:1{usual} for the new name', policy=policy)
+
     def test_a_first_component_that_is_no_domain_is_judged(self):
         # "my_registry.example.com" has a dot, so it is read as a registry, but "_" is
         # not allowed in a host name: such a name is judged (here: denied), never an error.
