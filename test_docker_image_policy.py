@@ -2246,9 +2246,9 @@ class TestOperations(unittest.TestCase):
                 self.assertEqual(answer(run), {"Allow": True, "Msg": "", "Err": ""})
             self.assertEqual((decide.call_count - calls, docker.looked_up, run in memory), (2, ["abcd", "abcd"], False))
         # Remembered or not, every answer is logged and counted.
-        asked = 2 * dip.CACHE_ENTRIES + 2 + 4
-        self.assertEqual(len(self.fixture.log.getvalue().splitlines()), asked + 2)
-        self.assertEqual(plugin.metrics.decisions, {("pull", "deny"): asked, ("run", "allow"): 2})
+        pulls_asked = 2 * dip.CACHE_ENTRIES + 2 + 4
+        self.assertEqual(len(self.fixture.log.getvalue().splitlines()), pulls_asked + 2)
+        self.assertEqual(plugin.metrics.decisions, {("pull", "deny"): pulls_asked, ("run", "allow"): 2})
 
     def test_buffered_decision_log_keeps_order_and_delay(self):
         stream = Stream()
@@ -2264,8 +2264,9 @@ class TestOperations(unittest.TestCase):
         # An event is written at once, after the decision lines still waiting.
         log.decision(decision_number(1000), "deny", "enforce")
         log.event("info", "reloaded")
-        self.assertEqual(stream.getvalue().splitlines()[-2:][1], "docker-image-policy: info: reloaded")
-        self.assertEqual(json.loads(stream.getvalue().splitlines()[-2])["image"], "docker.io/library/redis:1000")
+        *_, waiting, event = stream.getvalue().splitlines()
+        self.assertEqual((json.loads(waiting)["image"], event),
+                         ("docker.io/library/redis:1000", "docker-image-policy: info: reloaded"))
 
     def test_stalled_stderr_blocks_no_decision_and_drops_beyond_the_bound(self):
         stream = Stream()
@@ -2382,7 +2383,7 @@ class TestOperations(unittest.TestCase):
         with socket.socket() as taken:   # an admin address another process listens on
             taken.bind(("127.0.0.1", 0))
             taken.listen()
-            address = "127.0.0.1:%d" % taken.getsockname()[1]
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
             sock = os.path.join(directory, "d.sock")
             result = run_module("--config", self.fixture.config_path, "--socket", sock, "--addr", address)
         self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: cannot listen on"
@@ -2607,8 +2608,8 @@ def fuzz_request(rng: random.Random) -> tuple[bytes, bool]:
 # digests that combine into references dockerd accepts, and now and then a
 # part it refuses.
 NAME_HOSTS = ["", "", "", "docker.io/", "docker.io/library/", "index.docker.io/", "registry-1.docker.io/",
-              "docker.io:443/", "DOCKER.IO/", "quay.io/", "QUAY.IO:443/", "localhost:5000/", "LOCALHOST:5000/",
-              "ghcr.io/", "[::1]:5000/", "Evil/"]
+              "registry.hub.docker.com/", "docker.io:443/", "DOCKER.IO/", "quay.io/", "quay.io:443/", "QUAY.IO:443/",
+              "localhost:5000/", "LOCALHOST:5000/", "ghcr.io/", "[::1]:5000/", "Evil/"]
 NAME_PATHS = (["nginx", "nginx", "redis", "team/app", "calico/node", "evil/miner", "library/nginx", "a.b_c/x__y-1",
                "abcd", "moby-dangling", "x-1/y.z"], ["Nginx", "a..b", "-x", "ngin x", "a" * 256])
 NAME_TAGS = (["1", "1.25", "1.25", "latest", "v3", "6.2", "Prod_1"], ["-bad", "bad:tag", "t" * 129])
