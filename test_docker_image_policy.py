@@ -41,6 +41,8 @@ import unittest
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import quote
 
 import docker_image_policy as dip
 from docker_image_policy import InvalidReference, parse_reference, pull_reference
@@ -51,12 +53,33 @@ LONG = os.environ.get("DOCKER_IMAGE_POLICY_LONG") == "1"
 REQUIRE_E2E = os.environ.get("DOCKER_IMAGE_POLICY_REQUIRE_E2E") == "1"
 DIGEST = "sha256:" + "a" * 64
 
-# The original plugin's README example.
+# A policy in the original plugin's format: whitelist, blacklist and defaultAllow only.
 ORIGINAL_CONFIG = {
     "whitelist": ["^nginx:", "^docker:", "^quay\\.io/calico/node"],
     "blacklist": ["^ubuntu:"],
     "defaultAllow": False,
 }
+
+# The original plugin's README example (and config-example.json), as written there.
+ORIGINAL_README_CONFIG = """{
+  "whitelist": [
+    "^alpine:",
+    "^docker\\\\.elastic\\\\.co/beats/filebeat:",
+    "^gcr\\\\.io/google_containers",
+    "^mysql:",
+    "^nginx:",
+    "^php:",
+    "^apache:",
+    "^quay\\\\.io/calico/cni",
+    "^quay\\\\.io/calico/node",
+    "^quay\\\\.io/coreos/flannel"
+  ],
+  "blacklist": [
+    "^docker:"
+  ],
+  "defaultAllow": false
+}
+"""
 
 
 def policy_of(config: dict[str, Any]) -> dip.Policy:
@@ -83,18 +106,20 @@ def pull(uri: str) -> dict[str, Any]:
 
 
 class FakeDocker(dip.Docker):
-    """A daemon's images (ID to names) and services, resolved the way dockerd resolves them."""
+    """A daemon's answers, stated by the test: the images each looked-up text
+    resolves to, and its services. Nothing is resolved here: a lookup the test
+    did not state fails it, and looked_up records what was asked."""
 
-    def __init__(self, images: dict[str, list[str]] | None = None,
+    def __init__(self, lookups: dict[str, list[dip.LocalImage]] | None = None,
                  services: dict[str, dict[str, Any]] | None = None) -> None:
-        self.images, self.services = images or {}, services or {}
+        self.lookups, self.services = dict(lookups or {}), services or {}
+        self.looked_up: list[str] = []
 
     def images_for(self, text: str) -> list[dip.LocalImage]:
-        if self.images is None:
+        self.looked_up.append(text)
+        if text not in self.lookups:
             raise AssertionError(f"unexpected Docker API lookup of {text}")
-        prefix = text.removeprefix("sha256:")
-        return [dip.LocalImage(image_id, tuple(names)) for image_id, names in self.images.items()
-                if text in names or f"{text}:latest" in names or image_id[len("sha256:"):].startswith(prefix)]
+        return list(self.lookups[text])
 
     def service(self, name: str) -> dict[str, Any]:
         if name not in self.services:
@@ -103,14 +128,18 @@ class FakeDocker(dip.Docker):
 
 
 class NoDocker(FakeDocker):
-    def images_for(self, text: str) -> list[dip.LocalImage]:
-        raise AssertionError(f"unexpected Docker API lookup of {text}")
-
     def service(self, name: str) -> dict[str, Any]:
         raise AssertionError(f"unexpected Docker API lookup of service {name}")
 
 
 NO_DOCKER = NoDocker()
+
+
+class AnyNameIsNoImage(dip.Docker):
+    """A daemon without images: every name is pulled, never resolved as an ID."""
+
+    def images_for(self, text: str) -> list[dip.LocalImage]:
+        return []
 
 
 # --------------------------------------------------------------------------
@@ -309,6 +338,47 @@ class TestPolicy(unittest.TestCase):
         self.assertTrue(self.verdict({"whitelist": ["^moby"]}, "moby-other:1").allow)
 
     def test_original_files_load_unchanged(self):
+        # The original plugin matched its rules against fromImage:tag as the CLI sent them,
+        # familiar names and digest pins as name:sha256:…, and pulls were all it checked.
+        files = {"readme.json": ORIGINAL_README_CONFIG, "lists.json": json.dumps(ORIGINAL_CONFIG)}
+        decisions = {"readme.json": [
+            ("alpine", "3.19", 'whitelist[0] "^alpine:"'),
+            ("docker.elastic.co/beats/filebeat", "8.12.0", 'whitelist[1] "^docker\\\\.elastic\\\\.co/beats/filebeat:"'),
+            ("gcr.io/google_containers/pause", "3.1", 'whitelist[2] "^gcr\\\\.io/google_containers"'),
+            ("nginx", "1.25", 'whitelist[4] "^nginx:"'),
+            ("nginx", DIGEST, 'whitelist[4] "^nginx:"'),
+            ("quay.io/calico/node", "v3.27.0", 'whitelist[8] "^quay\\\\.io/calico/node"'),
+            ("docker", "24-dind", 'blacklist[0] "^docker:"'),
+            ("docker", DIGEST, 'blacklist[0] "^docker:"'),
+            ("docker/compose", "2", "defaultAllow"),
+            ("redis", "7", "defaultAllow"),
+        ], "lists.json": [
+            ("docker", "24-dind", 'whitelist[1] "^docker:"'),
+            ("docker", DIGEST, 'whitelist[1] "^docker:"'),
+            ("nginx", DIGEST, 'whitelist[0] "^nginx:"'),
+            ("quay.io/calico/node", "v3", 'whitelist[2] "^quay\\\\.io/calico/node"'),
+            ("docker/compose", "2", "defaultAllow"),
+            ("ubuntu", "22.04", 'blacklist[0] "^ubuntu:"'),
+            ("ubuntu", DIGEST, 'blacklist[0] "^ubuntu:"'),
+            ("redis", "7", "defaultAllow"),
+        ]}
+        directory = tempfile.mkdtemp(prefix="dip")
+        self.addCleanup(shutil.rmtree, directory)
+        for name, text in files.items():
+            path = os.path.join(directory, name)
+            Path(path).write_text(text)
+            policy = dip.load_policy(path)
+            self.assertEqual(policy.configuration(), {**dip.CONFIG_DEFAULTS, **json.loads(text), **{
+                key: False for key, _ in dip.OPAQUE_OPERATIONS.values()}})
+            for repository, tag, rule in decisions[name]:
+                # The CLI 20.10 sends the familiar name, the CLI 28 the canonical one.
+                canonical = repository if "." in repository.split("/")[0] else \
+                    "docker.io/" + ("library/" if "/" not in repository else "") + repository
+                for from_image in (repository, quote(canonical, safe="")):
+                    with self.subTest(file=name, image=from_image, tag=tag):
+                        decision = dip.decide(policy, pull(f"/v1.41/images/create?fromImage={from_image}&tag={tag}"),
+                                              NO_DOCKER)
+                        self.assertEqual((decision.allow, decision.rule), (rule.startswith("whitelist"), rule))
         policy = policy_of(ORIGINAL_CONFIG)
         self.assertEqual((policy.mode, policy.check_run, policy.message), ("enforce", True, ""))
         self.assertFalse(policy.allows_operation("load").allow)
@@ -413,6 +483,41 @@ class TestPolicy(unittest.TestCase):
                 verdict = policy.evaluate(ref)
                 self.assertEqual((verdict.allow, verdict.rule), expected, (trial, ref.canonical))
 
+    def test_indexed_lookup_under_the_services_interpreter(self):
+        # The systemd unit runs /usr/bin/python3, whose re._parser gives the prefixes the index trusts.
+        system = "/usr/bin/python3"
+        if not os.path.exists(system) or os.path.realpath(system) == os.path.realpath(sys.executable):
+            self.skipTest(f"{system} is missing or is the interpreter running these tests")
+        test = f"{Path(__file__).stem}.TestPolicy.test_indexed_lookup_equals_rule_by_rule_evaluation"
+        result = subprocess.run([system, "-m", "unittest", test], cwd=HERE, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stderr, r"\nRan 1 test in .*\n\nOK\n$")
+
+    def test_prefix_index_fails_closed(self):
+        # A prefix is trusted only where the pattern agrees with it on probe strings.
+        for pattern, prefix, trusted in [
+            ("^evil/", "evil/", ("evil/", True)),
+            ("^quay\\.io/evil/", "quay.io/", ("quay.io/", False)),   # a true prefix, but not the whole pattern
+            ("^nginx:1", "nginx:", ("nginx:", False)),
+            ("^evil/", "good/", (None, False)),                       # the pattern matches what does not start with it
+            ("^evil/", "evil/miner", (None, False)),                  # longer than the pattern's literal text
+            ("^ab*", "ab", (None, False)),                            # a repeated letter read as a literal
+            ("^a\\d", "ad", (None, False)),                           # an escape read as a letter
+            ("^quay\\.io/evil/", "quayXio/evil/", (None, False)),
+        ]:
+            with self.subTest(pattern=pattern, prefix=prefix):
+                self.assertEqual(dip.trusted_prefix(re.compile(pattern), prefix, True), trusted)
+        # Were the parser ever to give a wrong prefix, the blacklist rule would still be tried where it matches.
+        for pattern, wrong, image in [("^evil/", "good/", "evil/miner:1"),
+                                      ("^evil/", "evil/miner/", "registry-1.docker.io/evil/miner:1"),
+                                      ("^redis:6", "redis:6.", "redis:6"), ("^a\\d", "ad", "a1:1")]:
+            with self.subTest(pattern=pattern, wrong=wrong):
+                with mock.patch.object(dip, "_parsed_prefix", return_value=(wrong, True)):
+                    policy = policy_of({"blacklist": [pattern], "defaultAllow": True})
+                self.assertIsNone(policy.blacklist.rules[0].prefix)   # tried on every request
+                verdict = policy.evaluate(parse_reference(image))
+                self.assertEqual((verdict.allow, verdict.rule), (False, f"blacklist[0] {json.dumps(pattern)}"))
+
     def test_warnings(self):
         policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
                                           "^Docker\\.io/", "^docker"],
@@ -495,6 +600,56 @@ class TestRequests(unittest.TestCase):
         for request, allow, reason in table:
             with self.subTest(request["RequestUri"]):
                 self.assertDecision(request, allow, reason)
+
+    def test_plugin_pulls_and_tags_that_cannot_be_judged(self):
+        no_remote = "plugin install denied: a plugin pull without a 'remote' image"
+        digest = "tag denied: cannot tag with a digest reference"
+        for request, reason in [
+            (authz("POST", "/v1.41/plugins/pull?name=p", []), no_remote),
+            (authz("POST", "/v1.41/plugins/pull?remote=&name=p", []), no_remote),
+            (authz("POST", "/v1.41/plugins/p/upgrade", []), no_remote),
+            (pull(f"/v1.41/images/nginx:1/tag?repo=nginx@{DIGEST}"), digest),
+            (pull(f"/v1.41/images/nginx:1/tag?repo=nginx:2@{DIGEST}"), digest),
+            (pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=bad:tag"), "tag denied: invalid tag 'bad:tag'"),
+            (pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=-x"), "tag denied: invalid tag '-x'"),
+            (pull(f"/v1.41/images/nginx:1/tag?repo=nginx&tag={DIGEST}"), f"tag denied: invalid tag '{DIGEST}'"),
+            (pull("/v1.41/images/nginx:1/tag?tag=2"), "tag denied: invalid reference format: ''"),
+        ]:
+            with self.subTest(request["RequestUri"]):
+                decision = self.assertDecision(request, False, reason + ". See https://wiki.example/images")
+                self.assertEqual(decision.rule, "unreadable")
+        # Their honest twins.
+        self.assertDecision(pull("/v1.41/images/nginx:1/tag?repo=nginx&tag=2"), True, "tag of nginx:1 as nginx:2")
+        self.assertDecision(authz("POST", "/v1.41/plugins/p/upgrade?remote=nginx:2", []), True, "plugin install of")
+
+    def test_pulls_and_tags_through_registry_aliases_meet_the_blacklist_as_written(self):
+        # The CLI sends "pull registry-1.docker.io/evil/miner@sha256:…" as fromImage and a tag that
+        # holds the digest: the usual name the blacklist sees carries that tag or digest too.
+        policy = policy_of({"blacklist": ["^evil/", "^quay\\.io/evil/", "^team/app:1$", ":latest$"],
+                            "defaultAllow": True})
+        usual = ", the same repository under its usual name"
+        for from_image, tag, allow, reason in [
+            ("registry-1.docker.io/evil/miner", DIGEST, False, f'"^evil/" matches evil/miner@{DIGEST}{usual}'),
+            ("docker.io:443/evil/miner", "1", False, f'"^evil/" matches evil/miner:1{usual}'),
+            ("quay.io:443/evil/x", DIGEST, False, f'"^quay\\\\.io/evil/" matches quay.io/evil/x@{DIGEST}{usual}'),
+            ("registry-1.docker.io/team/app", "1", False, f'"^team/app:1$" matches team/app:1{usual}'),
+            ("registry-1.docker.io/team/app", "2", True, "no rule matches and defaultAllow is true"),
+        ]:
+            with self.subTest(from_image=from_image, tag=tag):
+                self.assertDecision(pull(f"/v1.41/images/create?fromImage={from_image}&tag={tag}"), allow, reason,
+                                    policy=policy)
+        tag = pull("/v1.41/images/redis:7/tag?repo=registry-1.docker.io/team/app&tag=1")
+        self.assertDecision(tag, False, f'"^team/app:1$" matches team/app:1{usual} for the new name', policy=policy)
+
+    def test_a_first_component_that_is_no_domain_is_judged(self):
+        # "my_registry.example.com" has a dot, so it is read as a registry, but "_" is
+        # not allowed in a host name: such a name is judged (here: denied), never an error.
+        for request in [pull("/v1.41/images/create?fromImage=my_registry.example.com/app&tag=1"),
+                        authz("POST", "/v1.41/containers/create", {"Image": "my_registry.example.com/app:1"})]:
+            with self.subTest(request["RequestUri"]):
+                decision = self.decide(request)
+                self.assertEqual(decision.allow, False)
+                self.assertIn(decision.rule, ("unreadable", "defaultAllow"))
 
     def test_opaque_operations_follow_their_setting(self):
         routes = {"/v1.41/images/load": "load", "/v1.41/images/create?fromSrc=-&repo=x": "import",
@@ -651,7 +806,8 @@ class TestRequests(unittest.TestCase):
         self.assertTrue(run("nginx:1", ("image", "nginx:2"), ("volume", "redis")).allow)
         self.assertTrue(run("nginx:1", ("Image", "redis:7")).allow)   # dockerd rejects any other spelling
         image_id = "sha256:" + "c" * 64
-        docker = FakeDocker({image_id: ["redis:7"]})
+        redis = dip.LocalImage(image_id, ("redis:7",))
+        docker = FakeDocker({image_id: [redis], "cccc": [redis]})
         self.assertFalse(run("nginx:1", ("image", image_id), docker=docker).allow)
         self.assertFalse(run("nginx:1", ("image", "cccc"), docker=docker).allow)
         # Repeated keys: Go merges the later mount object into the earlier one.
@@ -687,8 +843,14 @@ class TestRequests(unittest.TestCase):
 
     def test_names_that_may_be_short_ids_are_resolved_through_docker(self):
         allowed_id, refused_id, nameless_id = "sha256:" + "b" * 64, "sha256:3f9a" + "1" * 60, "sha256:" + "d" * 64
-        docker = FakeDocker({allowed_id: ["redis:7", "nginx:1"], refused_id: ["redis:6"],
-                             nameless_id: ["moby-dangling@" + DIGEST], "sha256:" + "e" * 64: ["3f9a:latest"]})
+        allowed = dip.LocalImage(allowed_id, ("redis:7", "nginx:1"))
+        refused = dip.LocalImage(refused_id, ("redis:6",))
+        nameless = dip.LocalImage(nameless_id, ("moby-dangling@" + DIGEST,))
+        named_3f9a = dip.LocalImage("sha256:" + "e" * 64, ("3f9a:latest",))
+        # What dockerd answers for each text: the image it resolves now, and every image whose ID it starts.
+        docker = FakeDocker({allowed_id: [allowed], "bbbb": [allowed], "b" * 64: [allowed], "3f9a1": [refused],
+                             "3f9a": [named_3f9a, refused], "eeee": [named_3f9a], "dddd": [nameless],
+                             "cafe": [], "sha256:cafe": [], "c" * 64: []})
         run = lambda image: self.decide(authz("POST", "/v1.41/containers/create", {"Image": image}), docker=docker)
         decision = run(allowed_id)
         self.assertTrue(decision.allow)
@@ -725,7 +887,9 @@ class TestRequests(unittest.TestCase):
 
     def test_services_by_image_id_and_rollbacks(self):
         refused_id, allowed_id = "sha256:" + "f" * 64, "sha256:" + "a" * 64
-        docker = FakeDocker({refused_id: ["redis:7"], allowed_id: ["nginx:3"]}, services={
+        refused, allowed = dip.LocalImage(refused_id, ("redis:7",)), dip.LocalImage(allowed_id, ("nginx:3",))
+        docker = FakeDocker({refused_id: [refused], "ffff": [refused], "sha256:ffff": [refused], "sha256:0000": [],
+                             allowed_id: [allowed], "aaaa": [allowed], "sha256:aaaa": [allowed]}, services={
             "web": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:2"}}},
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7@" + DIGEST}}}},
             "api": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "redis:7"}}},
@@ -1599,29 +1763,166 @@ class TestPluginServer(unittest.TestCase):
                          'pull of ubuntu:22.04 denied: blacklist rule "^ubuntu:" matches'})
 
     def test_malformed_requests_never_allow(self):
-        for body in [b"", b"{", b"null", b"[]", b'"x"', b"\xff" * 10, b'{"RequestMethod":"POST"}',
-                     b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"' + b"]" * 1,
-                     b"[" * 100000]:
+        not_an_object = "request denied: the AuthZ request is not a JSON object"
+        deep = base64.b64encode(b"[" * 100000).decode()
+        for body, message in [
+            (b"", not_an_object), (b"{", not_an_object), (b"null", not_an_object), (b"[]", not_an_object),
+            (b'"x"', not_an_object), (b"\xff" * 10, not_an_object), (b"[" * 100000, not_an_object),
+            (b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"]', not_an_object),
+            (b'{"RequestMethod":"POST"}',
+             "request denied: the AuthZ request has no RequestMethod or RequestUri string"),
+            (b'{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"!!"}',
+             "run denied: RequestBody is not valid base64"),
+            (f'{{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"{deep}"}}'.encode(),
+             "run denied: the request body is nested too deeply to read"),
+        ]:
             with self.subTest(body[:40]), self.fixture.connect() as sock:
                 status, _, answer = exchange(sock, post("/AuthZPlugin.AuthZReq", body))
-                self.assertEqual(status, 200)
-                self.assertIs(json.loads(answer)["Allow"], False)
+                self.assertEqual((status, json.loads(answer)), (200, {"Allow": False, "Msg": message, "Err": ""}))
+        lines = self.fixture.log.getvalue().splitlines()
+        self.assertEqual([json.loads(line)["rule"] for line in lines], ["unreadable"] * 11)   # no internal error
 
     def test_protocol_errors(self):
-        for raw, status in [
-            (b"GET /Plugin.Activate HTTP/1.1\r\nHost: x\r\n\r\n", 405),
-            (post("/Nope", b""), 404),
-            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
-            (b"nonsense\r\n\r\n", 400),
-            (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
-            (b"POST / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
-            (b"POST / HTTP/1.1\r\nX-A: " + b"b" * 9000 + b"\r\n\r\n", 431),
+        for raw, status, error in [
+            (b"GET /Plugin.Activate HTTP/1.1\r\nHost: x\r\n\r\n", 405, "plugin endpoints accept POST only"),
+            (post("/Nope", b""), 404, "no such plugin endpoint b'/Nope'"),
+            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501,
+             "chunked requests are not supported; send Content-Length"),
+            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400, "invalid Content-Length"),
+            # More digits than Python converts to an int (4300): still just a bad request.
+            (b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400,
+             "invalid Content-Length"),
+            (b"nonsense\r\n\r\n", 400, "malformed request line"),
+            (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, "request line too long"),
+            (b"POST / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "more than 100 headers"),
+            (b"POST / HTTP/1.1\r\nX-A: " + b"b" * 9000 + b"\r\n\r\n", 431, "header line too long"),
         ]:
             with self.subTest(raw[:30]), self.fixture.connect() as sock:
-                answer, _, body = exchange(sock, raw)
-                self.assertEqual(answer, status)
-                self.assertIn("Err", json.loads(body))
+                answer, headers, body = exchange(sock, raw)
+                self.assertEqual((answer, json.loads(body), headers["connection"]), (status, {"Err": error}, "close"))
+                self.assertEqual(sock.recv(1), b"")   # and the connection is closed
+        self.assertEqual(self.fixture.log.getvalue(), "")   # answered, not logged as errors
+
+    def test_connection_header_and_http_1_0(self):
+        for version, header, stays_open in [
+            ("1.1", "", True), ("1.1", "Connection: keep-alive\r\n", True), ("1.1", "Connection: close\r\n", False),
+            ("1.1", "connection:  Close \r\n", False), ("1.0", "", False), ("1.0", "Connection: keep-alive\r\n", True),
+            ("1.0", "CONNECTION: Keep-Alive\r\n", True), ("1.0", "Connection: close\r\n", False),
+        ]:
+            request = f"POST /Plugin.Activate HTTP/{version}\r\nContent-Length: 0\r\n{header}\r\n".encode()
+            with self.subTest(version=version, header=header), self.fixture.connect() as sock:
+                status, _, body = exchange(sock, request)
+                self.assertEqual((status, json.loads(body)), (200, {"Implements": ["authz"]}))
+                if stays_open:
+                    self.assertEqual(exchange(sock, request)[0], 200)
+                else:
+                    self.assertEqual(sock.recv(1), b"")   # closed after the answer
+
+    def test_worker_threads_are_reused_and_few_stay_idle(self):
+        server = self.fixture.server
+        workers: list[threading.Thread] = []
+        work = server.work
+
+        def counted_work(inbox: Any) -> None:
+            workers.append(threading.current_thread())
+            work(inbox)
+        server.work = counted_work   # what process_request starts a new thread with
+        for _ in range(5):   # one connection after another: one thread serves them all
+            with self.fixture.connect() as sock:
+                self.assertEqual(exchange(sock, post("/Plugin.Activate", b""))[0], 200)
+            wait_for(lambda: len(server.idle_workers) == 1, "the worker to be idle")
+        self.assertEqual(len(workers), 1)
+        busy = server.max_idle_workers + 8
+        connections = [self.fixture.connect() for _ in range(busy)]
+        for sock in connections:   # each open connection holds a thread
+            self.assertEqual(exchange(sock, post("/Plugin.Activate", b""))[0], 200)
+        self.assertEqual(len(workers), busy)
+        for sock in connections:
+            sock.close()
+        wait_for(lambda: len(server.idle_workers) == server.max_idle_workers, "the idle workers")
+        wait_for(lambda: sum(worker.is_alive() for worker in workers) == server.max_idle_workers,
+                 "the workers beyond max_idle_workers to end")
+        connections = [self.fixture.connect() for _ in range(server.max_idle_workers)]
+        for sock in connections:
+            self.assertEqual(exchange(sock, post("/Plugin.Activate", b""))[0], 200)
+            sock.close()
+        self.assertEqual(len(workers), busy)   # served by idle threads only
+
+    def test_lookups_that_call_back_into_the_plugin_do_not_deadlock(self):
+        # While the plugin asks the Docker API about an image, dockerd asks the
+        # plugin about that very GET on a new connection. A burst of such
+        # decisions, all waiting on the Docker API at once, needs a thread for
+        # each decision and for each callback.
+        burst = 24
+        everyone_waits = threading.Barrier(burst, timeout=20)
+        plugin_socket = self.fixture.socket_path
+        callbacks: list[tuple[str, Any]] = []
+        failures: list[str] = []
+
+        class DockerAPIHandler(dip.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/images/") and self.path != "/images/json?all=1":
+                    everyone_waits.wait()
+                with socket.socket(socket.AF_UNIX) as sock:   # as dockerd does, before it answers
+                    sock.settimeout(20)
+                    sock.connect(plugin_socket)
+                    request = json.dumps(authz("GET", "/v1.41" + self.path)).encode()
+                    callbacks.append((self.path, json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])))
+                if self.path == "/images/json?all=1":
+                    document: Any = []
+                else:
+                    number = int(self.path.split("/")[2], 16)
+                    document = {"Id": f"sha256:{number:04x}" + "0" * 60, "RepoDigests": [],
+                                "RepoTags": ["nginx:1" if number % 2 == 0 else "redis:7"]}
+                body = json.dumps(document).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def address_string(self) -> str:
+                return "docker"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class DockerAPIServer(socketserver.ThreadingUnixStreamServer):
+            request_queue_size = burst   # the whole burst connects at once
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                failures.append(repr(sys.exc_info()[1]))
+
+        docker_path = os.path.join(self.fixture.dir, "docker.sock")
+        docker_api = DockerAPIServer(docker_path, DockerAPIHandler)
+        thread = threading.Thread(target=docker_api.serve_forever, args=(0.05,))
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(docker_api.server_close)
+        self.addCleanup(docker_api.shutdown)
+        self.fixture.plugin.docker = dip.DockerAPI(f"unix://{docker_path}", timeout=20)
+        answers: dict[int, Any] = {}
+
+        def run(number: int) -> None:
+            with self.fixture.connect() as sock:
+                sock.settimeout(30)
+                request = json.dumps(authz("POST", "/v1.41/containers/create", {"Image": f"{number:04x}"})).encode()
+                answers[number] = json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])
+        clients = [threading.Thread(target=run, args=(number,)) for number in range(burst)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        self.assertFalse(any(client.is_alive() for client in clients), "deadlocked")
+        self.assertEqual(failures, [])
+        denied = ("run of {:04x} denied: none of its names is allowed (no whitelist rule matches and defaultAllow"
+                  " is false for redis:7)")
+        self.assertEqual(answers, {number: {"Allow": number % 2 == 0, "Err": "",
+                                            "Msg": "" if number % 2 == 0 else denied.format(number)}
+                                   for number in range(burst)})
+        self.assertEqual(sorted(path for path, _ in callbacks),
+                         sorted([f"/images/{number:04x}/json" for number in range(burst)]
+                                + ["/images/json?all=1"] * burst))
+        self.assertEqual([answer for _, answer in callbacks], [{"Allow": True, "Msg": "", "Err": ""}] * 2 * burst)
 
     def test_largest_engine_payloads_fit(self):
         # Newer engines forward bodies up to 4 MiB, base64-encoded.
@@ -1666,6 +1967,23 @@ class TestPluginServer(unittest.TestCase):
         with self.assertRaises(dip.ImagePolicyError) as caught:
             dip.PluginServer(path, self.fixture.plugin)
         self.assertIn("another process is already serving", str(caught.exception))
+        # A server closing removes its socket, and only its own: one bound at
+        # the same path since (after the first was unlinked) stays in place.
+        own = os.path.join(self.fixture.dir, "own.sock")
+        server = dip.PluginServer(own, self.fixture.plugin)
+        self.assertEqual(stat.S_IMODE(os.stat(own).st_mode), 0o600)
+        server.server_close()
+        self.assertFalse(os.path.lexists(own))
+        first = dip.PluginServer(own, self.fixture.plugin)
+        os.unlink(own)
+        successor = dip.PluginServer(own, self.fixture.plugin)
+        self.addCleanup(successor.server_close)
+        first.server_close()
+        self.assertEqual(os.stat(own).st_ino, successor.inode)
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(own)   # still the successor's, and listening
+        successor.server_close()
+        self.assertFalse(os.path.lexists(own))
 
     def test_stale_socket_is_replaced_and_other_files_are_not(self):
         directory = self.fixture.dir
@@ -1713,6 +2031,34 @@ class TestAdmin(unittest.TestCase):
         self.assertEqual(dip.parse_addr("[::1]:7"), ("::1", 7))
         with self.assertRaises(ValueError):
             dip.parse_addr("5006")
+        # The daemon as the CLI starts it, without --addr: the admin listener
+        # gets the default address and binds its host (on a free port, so that
+        # the test needs no fixed one).
+        program = ("import sys, docker_image_policy as dip\n"
+                   "class AdminServer(dip.AdminServer):\n"
+                   "    def __init__(self, address, plugin):\n"
+                   "        super().__init__((address[0], 0), plugin)\n"
+                   "        print(address, self.socket.family.name, *self.socket.getsockname(), flush=True)\n"
+                   "dip.AdminServer = AdminServer\n"
+                   "sys.exit(dip.main(sys.argv[1:]))\n")
+        environment = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        process = subprocess.Popen([sys.executable, "-c", program, "--config", self.fixture.config_path,
+                                    "--socket", os.path.join(self.fixture.dir, "d.sock")], cwd=HERE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(stop_processes, [process])
+        line = process.stdout.readline()
+        self.assertTrue(line, "the daemon exited before binding its admin listener")
+        address, family, host, port = line.rsplit(" ", 3)
+        self.assertEqual((address, family, host), ("('127.0.0.1', 5006)", "AF_INET", "127.0.0.1"))
+        connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/health")
+        self.assertEqual(connection.getresponse().read(), b"HEALTHY")
+        process.terminate()
+        self.assertEqual(process.wait(20), 0)
+        self.assertIn(f"admin on {dip.DEFAULT_ADDR}, policy", process.stderr.read())
 
 
 # --------------------------------------------------------------------------
@@ -1721,6 +2067,54 @@ class TestAdmin(unittest.TestCase):
 
 def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MODULE), *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+class Stream:
+    """A stand-in for stderr that records each write and the thread that made
+    it; it can stall (each write waits until it is opened again)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[threading.Thread, str]] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()   # a write has started
+        self.finishing = False             # set by buffered_log's cleanup
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.open.wait()
+        if self.finishing:
+            raise SystemExit   # ends the log's flush thread, quietly
+        self.writes.append((threading.current_thread(), text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> str:
+        return "".join(text for _, text in self.writes)
+
+
+def buffered_log(test: unittest.TestCase, stream: Stream, interval: float) -> tuple[dip.Log, threading.Thread]:
+    """A Log buffered as the daemon's is, and its flush thread, which the test's cleanup ends."""
+    log = dip.Log("info", stream)
+    before = set(threading.enumerate())
+    log.buffer(interval)
+    (flusher,) = [thread for thread in threading.enumerate() if thread not in before and thread.name == "log-flush"]
+
+    def finish() -> None:
+        stream.finishing = True
+        stream.open.set()
+        with contextlib.suppress(SystemExit):   # raised here only if the calling thread writes
+            log.decision(decision_number(0), "deny", "enforce")   # something to flush
+        flusher.join(10)
+    test.addCleanup(finish)
+    return log, flusher
+
+
+def decision_number(number: int) -> dip.Decision:
+    return dip.Decision(False, "pull", f"docker.io/library/redis:{number}", f"redis:{number}", "defaultAllow",
+                        "no whitelist rule matches and defaultAllow is false")
 
 
 class TestOperations(unittest.TestCase):
@@ -1798,18 +2192,130 @@ class TestOperations(unittest.TestCase):
 
     def test_remembered_decisions_never_outlive_their_inputs(self):
         request = authz("POST", "/v1.41/containers/create", {"Image": "abcd"})
-        docker = FakeDocker({"sha256:abcd" + "0" * 60: ["nginx:1"]})
+        image_id = "sha256:abcd" + "0" * 60
+        docker = FakeDocker({"abcd": [dip.LocalImage(image_id, ("nginx:1",))]})
         self.fixture.plugin.docker = docker
         self.assertTrue(self.ask(request)["Allow"])
-        docker.images["sha256:abcd" + "0" * 60] = ["redis:7"]   # the daemon's answer changed: asked again
+        docker.lookups["abcd"] = [dip.LocalImage(image_id, ("redis:7",))]   # the daemon's answer changed: asked again
         self.assertEqual(self.ask(request)["Msg"], "run of abcd denied: none of its names is allowed"
                          " (no whitelist rule matches and defaultAllow is false for redis:7)")
+        self.assertEqual(docker.looked_up, ["abcd", "abcd"])
         pull_redis = pull("/v1.41/images/create?fromImage=redis&tag=7")
         self.assertFalse(self.ask(pull_redis)["Allow"])
         self.assertFalse(self.ask(pull_redis)["Allow"])
         self.fixture.write_config({"whitelist": ["^redis:"]})
         self.fixture.plugin.reload()   # a new policy starts with nothing remembered
         self.assertTrue(self.ask(pull_redis)["Allow"])
+
+    def test_remembered_decisions_are_bounded(self):
+        plugin = self.fixture.plugin
+        memory = plugin.current.answers
+
+        def answer(body: bytes) -> dict[str, Any]:
+            return json.loads(plugin.authorize(body).partition(b"\r\n\r\n")[2])
+        pulls = [json.dumps(pull(f"/v1.41/images/create?fromImage=redis&tag={n}")).encode()
+                 for n in range(dip.CACHE_ENTRIES + 1)]
+        denied = "pull of redis:{} denied: no whitelist rule matches and defaultAllow is false"
+        with mock.patch.object(plugin, "decide", wraps=plugin.decide) as decide:
+            for _ in range(2):   # decided once, then answered from memory
+                for number, body in enumerate(pulls[:-1]):
+                    self.assertEqual(answer(body), {"Allow": False, "Msg": denied.format(number), "Err": ""})
+            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES, dip.CACHE_ENTRIES))
+            # One more is more than it keeps: it forgets everything and starts again.
+            self.assertEqual(answer(pulls[-1])["Msg"], denied.format(dip.CACHE_ENTRIES))
+            self.assertEqual(list(memory), [pulls[-1]])
+            self.assertEqual(answer(pulls[0])["Msg"], denied.format(0))
+            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES + 2, 2))
+            # Bodies up to CACHE_BODY_MAX bytes are remembered, longer ones decided every time.
+            for size, remembered in [(dip.CACHE_BODY_MAX, True), (dip.CACHE_BODY_MAX + 1, False)]:
+                request = pull("/v1.41/images/create?fromImage=redis&tag=big")
+                request["RequestHeaders"]["X-Padding"] = ""
+                request["RequestHeaders"]["X-Padding"] = "x" * (size - len(json.dumps(request)))
+                body = json.dumps(request).encode()
+                self.assertEqual(len(body), size)
+                calls = decide.call_count
+                for _ in range(2):
+                    self.assertEqual(answer(body)["Msg"], denied.format("big"))
+                self.assertEqual((decide.call_count - calls, body in memory), (1 if remembered else 2, remembered))
+            # A decision that asked the daemon what a name means is never remembered.
+            docker = FakeDocker({"abcd": [dip.LocalImage("sha256:abcd" + "0" * 60, ("nginx:1",))]})
+            plugin.docker = docker
+            run = json.dumps(authz("POST", "/v1.41/containers/create", {"Image": "abcd"})).encode()
+            calls = decide.call_count
+            for _ in range(2):
+                self.assertEqual(answer(run), {"Allow": True, "Msg": "", "Err": ""})
+            self.assertEqual((decide.call_count - calls, docker.looked_up, run in memory), (2, ["abcd", "abcd"], False))
+        # Remembered or not, every answer is logged and counted.
+        pulls_asked = 2 * dip.CACHE_ENTRIES + 2 + 4
+        self.assertEqual(len(self.fixture.log.getvalue().splitlines()), pulls_asked + 2)
+        self.assertEqual(plugin.metrics.decisions, {("pull", "deny"): pulls_asked, ("run", "allow"): 2})
+
+    def test_buffered_decision_log_keeps_order_and_delay(self):
+        stream = Stream()
+        log, flusher = buffered_log(self, stream, dip.LOG_FLUSH_INTERVAL)
+        for number in range(1000):
+            log.decision(decision_number(number), "deny", "enforce")
+        last = time.monotonic()
+        wait_for(lambda: stream.getvalue().count("\n") == 1000, "the decision lines")
+        self.assertLess(time.monotonic() - last, dip.LOG_FLUSH_INTERVAL + 0.5)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        self.assertEqual([line["image"] for line in lines], [f"docker.io/library/redis:{n}" for n in range(1000)])
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})   # never the deciding thread
+        # An event is written at once, after the decision lines still waiting.
+        log.decision(decision_number(1000), "deny", "enforce")
+        log.event("info", "reloaded")
+        *_, waiting, event = stream.getvalue().splitlines()
+        self.assertEqual((json.loads(waiting)["image"], event),
+                         ("docker.io/library/redis:1000", "docker-image-policy: info: reloaded"))
+
+    def test_stalled_stderr_blocks_no_decision_and_drops_beyond_the_bound(self):
+        stream = Stream()
+        log, flusher = buffered_log(self, stream, 0.01)
+        stream.open.clear()   # journald stops reading
+        log.decision(decision_number(0), "deny", "enforce")
+        self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
+        extra = 7
+
+        def decide() -> None:
+            for number in range(1, dip.MAX_PENDING_LINES + extra + 1):
+                log.decision(decision_number(number), "deny", "enforce")
+        deciding = threading.Thread(target=decide)
+        deciding.start()
+        deciding.join(20)
+        self.assertFalse(deciding.is_alive(), "decisions waited for a stalled stderr")
+        self.assertEqual(stream.writes, [])
+        stream.open.set()
+        warning = f"docker-image-policy: warning: {extra} decision lines dropped while stderr did not keep up"
+        wait_for(lambda: stream.getvalue().endswith(warning + "\n"), "the dropped-lines warning")
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 1 + dip.MAX_PENDING_LINES + 1)
+        self.assertEqual([json.loads(line)["image"] for line in (lines[0], lines[1], lines[-2])],
+                         [f"docker.io/library/redis:{n}" for n in (0, 1, dip.MAX_PENDING_LINES)])
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
+
+    def test_closed_stderr_never_breaks_a_decision(self):
+        closed = io.StringIO()
+        closed.close()
+        reader, writer = os.pipe()
+        os.close(reader)
+        broken = open(writer, "w")   # a pipe nobody reads: BrokenPipeError
+
+        def close_broken() -> None:
+            with contextlib.suppress(OSError):   # what it still holds cannot be written either
+                broken.close()
+        self.addCleanup(close_broken)
+        for stream in (closed, broken):
+            with self.subTest(stream):
+                log = dip.Log("info", stream)
+                log.event("error", "nowhere to go")
+                log.decision(decision_number(1), "deny", "enforce")
+                with mock.patch.object(sys, "stderr", stream):   # the daemon's Log writes to sys.stderr
+                    dip.Log("info").event("error", "nowhere to go")
+        self.fixture.plugin.log.stream = closed
+        self.assertEqual(self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7")), {
+            "Allow": False, "Msg": "pull of redis:7 denied: no whitelist rule matches and defaultAllow is false",
+            "Err": ""})
+        self.assertTrue(self.ask(pull("/v1.41/images/create?fromImage=nginx&tag=1"))["Allow"])
 
     def test_message_for_users(self):
         self.fixture.write_config(dict(ORIGINAL_CONFIG, message="Approved images: https://wiki.example/images"))
@@ -1853,9 +2359,59 @@ class TestOperations(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr, f'docker-image-policy: error: {self.fixture.config_path}:'
                                         f' "defaultAllow": must be true or false, not "no"\n')
+        self.assertFalse(os.path.lexists(self.fixture.dir + "/x.sock"))
         result = run_module("--config", self.fixture.dir + "/missing.json")
         self.assertEqual(result.returncode, 2)
         self.assertIn("missing.json: cannot read the configuration", result.stderr)
+
+    def test_daemon_exits_1_when_it_cannot_listen(self):
+        directory = self.fixture.dir
+        regular = os.path.join(directory, "file.sock")
+        Path(regular).write_text("keep me")
+        long_path = os.path.join(directory, "x" * 120 + ".sock")
+        for path, error in [
+            (regular, f"cannot serve the plugin socket {regular}: {regular} exists and is not a socket;"
+                      " refusing to replace it"),
+            (os.path.join(regular, "p.sock"), f"cannot serve the plugin socket {regular}/p.sock: [Errno 17] File"
+                                              f" exists: '{regular}'"),
+            (long_path, f"cannot serve the plugin socket {long_path}: AF_UNIX path too long"),
+        ]:
+            with self.subTest(path):
+                result = run_module("--config", self.fixture.config_path, "--socket", path, "--addr", "127.0.0.1:0")
+                self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: {error}\n"))
+        self.assertEqual(Path(regular).read_text(), "keep me")
+        with socket.socket() as taken:   # an admin address another process listens on
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+            sock = os.path.join(directory, "d.sock")
+            result = run_module("--config", self.fixture.config_path, "--socket", sock, "--addr", address)
+        self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: cannot listen on"
+                                                                f" {address}: [Errno 98] Address already in use\n"))
+        self.assertFalse(os.path.lexists(sock))   # the plugin socket it had bound is gone
+
+    def test_command_line_errors(self):
+        config = self.fixture.config_path
+        for argv, message in [
+            (["--check", "nginx", "--validate"], "--check and --validate cannot be combined"),
+            (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
+            (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
+            (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
+                                                " not 'ssh://docker'"),
+            (["--docker-host", "/var/run/docker.sock"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
+                                                        " not '/var/run/docker.sock'"),
+            (["--colour"], "unrecognized arguments: --colour"),
+        ]:
+            with self.subTest(argv), mock.patch.object(dip, "serve", side_effect=AssertionError("serve() called")), \
+                    contextlib.redirect_stderr(io.StringIO()) as stderr, self.assertRaises(SystemExit) as caught:
+                dip.main(["--config", config, *argv])
+            self.assertEqual(caught.exception.code, 2)
+            self.assertEqual(stderr.getvalue().splitlines()[-1], f"docker-image-policy: error: {message}")
+        result = run_module("--config", config, "--addr", "nowhere")   # and as a process
+        self.assertEqual(result.returncode, 2)
+        self.assertTrue(result.stderr.startswith("usage: docker-image-policy "), result.stderr)
+        self.assertTrue(result.stderr.endswith("docker-image-policy: error: --addr: expected HOST:PORT,"
+                                               " not 'nowhere'\n"), result.stderr)
 
     def test_daemon_signals_ready_reloads_and_stops(self):
         directory = self.fixture.dir
@@ -1882,6 +2438,71 @@ class TestOperations(unittest.TestCase):
         self.assertIn("reloaded", log)
         self.assertIn("stopped on SIGTERM", log)
 
+    def start_daemon(self, notify_socket: str | None) -> tuple[subprocess.Popen, str, Path]:
+        """The daemon on the fixture's policy file: the process, its plugin socket and its stderr."""
+        sock, stderr_path = os.path.join(self.fixture.dir, "d.sock"), Path(self.fixture.dir, "stderr")
+        environment = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        if notify_socket is not None:
+            environment["NOTIFY_SOCKET"] = notify_socket
+        with open(stderr_path, "w") as stderr:
+            process = subprocess.Popen([sys.executable, str(MODULE), "--config", self.fixture.config_path,
+                                        "--socket", sock, "--addr", "127.0.0.1:0"], stderr=stderr, env=environment)
+        self.addCleanup(stop_processes, [process])
+        return process, sock, stderr_path
+
+    def ask_daemon(self, sock_path: str, image: str) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(sock_path)
+            request = json.dumps(pull(f"/v1.41/images/create?fromImage={image}&tag=7")).encode()
+            return json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])
+
+    def test_reload_of_a_deeply_nested_file_keeps_the_running_policy(self):
+        notify_path = os.path.join(self.fixture.dir, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        self.addCleanup(notify.close)
+        process, sock, stderr = self.start_daemon(notify_path)
+        self.assertEqual(notify.recv(100), b"READY=1")
+        Path(self.fixture.config_path).write_text("[" * 100000)   # deeper than Python's parser recurses
+        process.send_signal(signal.SIGHUP)
+        self.assertEqual((notify.recv(100), notify.recv(100)), (b"RELOADING=1", b"READY=1"))
+        self.assertIsNone(process.poll())
+        self.assertTrue(self.ask_daemon(sock, "nginx")["Allow"])   # the policy that was running
+        self.assertEqual(self.ask_daemon(sock, "ubuntu")["Msg"], 'pull of ubuntu:7 denied: blacklist rule "^ubuntu:"'
+                                                                  ' matches')
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(20), 0)
+        log = stderr.read_text()
+        self.assertIn(f"docker-image-policy: error: reload failed, the running policy stays in force:"
+                      f" {self.fixture.config_path}: invalid JSON: maximum recursion depth exceeded while decoding"
+                      f" a JSON array from a unicode string\n", log)
+        self.assertEqual([line for line in log.splitlines() if ": error: " in line or "Traceback" in line], [
+            line for line in log.splitlines() if "reload failed" in line])
+
+    def test_unreachable_notify_socket_is_a_warning(self):
+        for notify_socket, error in [
+            (os.path.join(self.fixture.dir, "missing", "notify"), "[Errno 2] No such file or directory"),
+            (f"@docker-image-policy-test-{os.getpid()}-nobody", "[Errno 111] Connection refused"),   # abstract
+        ]:
+            with self.subTest(notify_socket):
+                self.fixture.write_config(ORIGINAL_CONFIG)
+                process, sock, stderr = self.start_daemon(notify_socket)
+                wait_for(lambda: "serving" in stderr.read_text(), "the daemon to serve")
+                self.assertFalse(self.ask_daemon(sock, "redis")["Allow"])
+                self.fixture.write_config({"whitelist": ["^redis:"]})
+                process.send_signal(signal.SIGHUP)
+                wait_for(lambda: "reloaded" in stderr.read_text(), "the reload")
+                self.assertTrue(self.ask_daemon(sock, "redis")["Allow"])
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(20), 0)
+                warning = (f"docker-image-policy: warning: cannot notify systemd at NOTIFY_SOCKET={notify_socket!r}:"
+                           f" {error}")
+                log = stderr.read_text().splitlines()
+                # READY=1, RELOADING=1, READY=1 and STOPPING=1, each a warning and nothing worse.
+                self.assertEqual([line for line in log if ": warning: " in line or ": error: " in line], [warning] * 4)
+
     def test_service_unit(self):
         unit = (HERE / "docker-image-policy.service").read_text()
         for line in ["ExecStart=/usr/bin/python3 /usr/local/bin/docker_image_policy.py"
@@ -1897,6 +2518,18 @@ class TestOperations(unittest.TestCase):
         problems = [line for line in result.stderr.splitlines() if "docker-image-policy.service" in line
                     and "docker_image_policy.py" not in line]
         self.assertEqual(problems, [])
+
+    def test_module_type_checks(self):
+        mypy = "/usr/bin/mypy" if os.path.exists("/usr/bin/mypy") else shutil.which("mypy")   # Debian's, if there
+        if mypy is None:
+            if REQUIRE_E2E:
+                self.fail("mypy is not installed (Debian: apt-get install mypy)")
+            self.skipTest("mypy is not installed")
+        with tempfile.TemporaryDirectory(prefix="dip") as cache:
+            result = subprocess.run([mypy, "--cache-dir", cache, MODULE.name], cwd=HERE, capture_output=True,
+                                    text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertTrue(result.stdout.startswith("Success"), result.stdout)
 
     def test_example_config_is_valid(self):
         result = run_module("--config", str(HERE / "docker-image-policy.json"), "--validate")
@@ -1971,6 +2604,53 @@ def fuzz_request(rng: random.Random) -> tuple[bytes, bool]:
     return raw, image_route and parsed.get("RequestUri") == target and not benign_method
 
 
+# Image names for the fuzz's rule-driven phase: registries, paths, tags and
+# digests that combine into references dockerd accepts, and now and then a
+# part it refuses.
+NAME_HOSTS = ["", "", "", "docker.io/", "docker.io/library/", "index.docker.io/", "registry-1.docker.io/",
+              "registry.hub.docker.com/", "docker.io:443/", "DOCKER.IO/", "quay.io/", "quay.io:443/", "QUAY.IO:443/",
+              "localhost:5000/", "LOCALHOST:5000/", "ghcr.io/", "[::1]:5000/", "Evil/"]
+NAME_PATHS = (["nginx", "nginx", "redis", "team/app", "calico/node", "evil/miner", "library/nginx", "a.b_c/x__y-1",
+               "abcd", "moby-dangling", "x-1/y.z"], ["Nginx", "a..b", "-x", "ngin x", "a" * 256])
+NAME_TAGS = (["1", "1.25", "1.25", "latest", "v3", "6.2", "Prod_1"], ["-bad", "bad:tag", "t" * 129])
+NAME_DIGESTS = ([DIGEST], ["sha256:abc", "md5:" + "a" * 32, "sha256:" + "A" * 64])
+# The rule-driven phase's policy: each rule matches some of those names.
+NAME_POLICY = {"whitelist": ["^nginx:1\\.", "^quay\\.io/calico/", "^localhost:5000/team/", "^docker\\.io/team/",
+                             "@sha256:[0-9a-f]{64}$"],
+               "blacklist": ["^evil/", ":latest$", "^redis:6", "^docker\\.io/library/abcd"]}
+
+
+def name_part(rng: random.Random, parts: tuple[list[str], list[str]]) -> str:
+    accepted, refused = parts
+    return rng.choice(refused if rng.random() < 0.08 else accepted)
+
+
+def fuzz_image_name(rng: random.Random) -> tuple[str, str]:
+    """A repository (registry and path) and what follows it: ":tag" or "@digest"."""
+    repository = rng.choice(NAME_HOSTS) + name_part(rng, NAME_PATHS)
+    if rng.random() < 0.25:
+        return repository, "@" + name_part(rng, NAME_DIGESTS)
+    return repository, ":" + name_part(rng, NAME_TAGS)
+
+
+def named_request(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+    """A well-formed AuthZReq naming one image: its operation, the image's name and the request."""
+    repository, suffix = fuzz_image_name(rng)
+    name = repository + suffix
+    encode = rng.choice([lambda text: quote(text, safe=""), lambda text: quote(text, safe="/:[]@")])
+    operation = rng.choice(["pull", "pull", "run", "run", "service", "plugin install"])
+    if operation == "pull":   # as the CLI 20.10 (familiar name, text/plain) and 28 (any name, no Content-Type) send it
+        uri = f"/v1.41/images/create?fromImage={encode(repository)}&tag={encode(suffix[1:])}"
+        headers = rng.choice([{"Content-Type": "text/plain", "Content-Length": "0"}, {"Content-Length": "0"}])
+        return operation, name, authz("POST", uri, headers=headers)
+    if operation == "plugin install":
+        return operation, name, authz("POST", f"/v1.41/plugins/pull?remote={encode(name)}&name=p", [])
+    key = rng.choice(["Image", "image", "IMAGE"])   # Go matches keys case-insensitively
+    if operation == "run":
+        return operation, name, authz("POST", "/v1.41/containers/create?name=c", {key: name})
+    return operation, name, authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {key: name}}})
+
+
 def raw_garbage(rng: random.Random) -> bytes:
     return rng.choice([
         bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))),
@@ -1989,7 +2669,7 @@ class TestReliability(unittest.TestCase):
         fixture = PluginFixture({"whitelist": ["^localhost:5000/ok/"], "defaultAllow": False})
         self.addCleanup(fixture.close)
         rng = random.Random(7)
-        counts = {"allowed": 0, "denied": 0, "errors": 0, "garbage": 0}
+        counts = {"allowed": 0, "denied": 0, "errors": 0, "garbage": 0, "dropped": 0}
         sock = fixture.connect()
         self.addCleanup(lambda: sock.close())
         for number in range(20_000 * self.scale):
@@ -2007,12 +2687,14 @@ class TestReliability(unittest.TestCase):
             try:
                 status, headers, body = exchange(sock, (post("/AuthZPlugin.AuthZReq", raw)).replace(b"POST", method.encode(), 1))
             except (ConnectionError, http.client.HTTPException):
+                counts["dropped"] += 1
                 sock.close()
                 sock = fixture.connect()
                 continue
             answer = json.loads(body)   # always well-formed JSON
+            self.assertEqual(status, 200 if method == "POST" else 405)
             if status != 200:
-                self.assertIn("Err", answer)
+                self.assertEqual(answer, {"Err": "plugin endpoints accept POST only"})
                 counts["errors"] += 1
                 if headers.get("connection") == "close":
                     sock.close()
@@ -2024,13 +2706,55 @@ class TestReliability(unittest.TestCase):
             else:
                 counts["denied"] += 1
                 self.assertTrue(answer["Msg"])
+                self.assertNotIn("internal error", answer["Msg"], raw[:300])
         sock.close()
+        # The plugin closes a connection only after an answer that says so: a
+        # connection that drops under a client is a request left unanswered.
+        self.assertEqual(counts["dropped"], 0)
         self.assertGreater(counts["denied"], 5000 * self.scale)
         self.assertGreater(counts["allowed"], 500 * self.scale)
         with fixture.connect() as sock:   # still answers correctly
             for image, allow in [("localhost:5000/ok/app", True), ("redis", False)]:
                 request = json.dumps(pull(f"/v1.41/images/create?fromImage={image}&tag=1")).encode()
                 self.assertIs(json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", request))[2])["Allow"], allow)
+
+        # Rule-driven phase: well-formed requests naming generated images under a
+        # policy that allows some of them; the policy's verdict on the named
+        # reference is what the plugin must answer, however the request spells it.
+        fixture.write_config(NAME_POLICY)
+        self.assertTrue(fixture.plugin.reload())
+        fixture.plugin.docker = AnyNameIsNoImage()   # "abcd" may be a short ID: dockerd knows no such image
+        verdicts: dict[str, int] = {}
+        with fixture.connect() as sock:
+            for number in range(6_000 * self.scale):
+                if number == 3_000 * self.scale:
+                    fixture.write_config(dict(NAME_POLICY, defaultAllow=True))
+                    self.assertTrue(fixture.plugin.reload())
+                policy = fixture.plugin.policy
+                operation, name, request = named_request(rng)
+                status, _, body = exchange(sock, post("/AuthZPlugin.AuthZReq", json.dumps(request).encode()))
+                answer = json.loads(body)
+                self.assertEqual(status, 200)
+                self.assertNotIn("internal error", answer["Msg"], name)
+                try:
+                    reference = parse_reference(name)
+                except InvalidReference:
+                    verdicts["invalid"] = verdicts.get("invalid", 0) + 1
+                    self.assertIs(answer["Allow"], False, name)
+                    self.assertRegex(answer["Msg"], r" denied: invalid (reference|tag) ", name)
+                    continue
+                verdict = policy.evaluate(reference)
+                kind = verdict.rule.split("[")[0] + (" allows" if verdict.allow else " denies")
+                verdicts[kind] = verdicts.get(kind, 0) + 1
+                expected = "" if verdict.allow else f"{operation} of {reference.familiar} denied: {verdict.reason}"
+                self.assertEqual((answer["Allow"], answer["Msg"]), (verdict.allow, expected), request)
+        # Every kind of rule decided a good share, and few names were unreadable.
+        for kind in ["whitelist allows", "blacklist denies", "defaultAllow allows", "defaultAllow denies"]:
+            self.assertGreater(verdicts.get(kind, 0), 500 * self.scale, verdicts)
+        self.assertLess(verdicts["invalid"], sum(verdicts.values()) / 4, verdicts)
+        log = fixture.log.getvalue()
+        self.assertNotIn("internal error", log)
+        self.assertNotIn(": error:", log)
 
     def test_soak_with_reloads(self):
         directory = tempfile.mkdtemp(prefix="dip")
@@ -2039,35 +2763,50 @@ class TestReliability(unittest.TestCase):
         policies = [{"whitelist": ["^nginx:"], "message": "policy A"}, {"whitelist": ["^redis:"], "message": "policy B"}]
         config.write_text(json.dumps(policies[0]))
         sock_path = os.path.join(directory, "p.sock")
-        process = subprocess.Popen([sys.executable, str(MODULE), "--config", str(config), "--socket", sock_path,
-                                    "--addr", "127.0.0.1:0"], stderr=subprocess.DEVNULL)
+        log = Path(directory, "stderr")
+        with open(log, "w") as stderr:
+            process = subprocess.Popen([sys.executable, str(MODULE), "--config", str(config), "--socket", sock_path,
+                                        "--addr", "127.0.0.1:0"], stderr=stderr)
         self.addCleanup(process.wait)
         self.addCleanup(process.terminate)
         wait_for(lambda: os.path.exists(sock_path), "the plugin socket")
-        requests = [pull("/v1.41/images/create?fromImage=nginx&tag=1"), pull("/v1.41/images/create?fromImage=redis&tag=1"),
-                    authz("POST", "/v1.41/containers/create", {"Image": "nginx:2"}),
-                    authz("POST", "/v1.41/containers/create", {"Image": "redis:2"}), authz("GET", "/_ping")]
-        expected = []
-        for request in requests:   # each request's answer under either policy
-            answers = set()
-            for policy in policies:
-                decision = dip.decide(policy_of(policy), request, NO_DOCKER)
-                answers.add((decision.allow, "" if decision.allow else decision.message(policy_of(policy))))
-            expected.append(answers)
-        bodies = [post("/AuthZPlugin.AuthZReq", json.dumps(r).encode()) for r in requests]
+        denied = "{} denied: no whitelist rule matches and defaultAllow is false. policy {}"
+        allowed = (True, "")
+        # Each request, and its answer under policy A and under policy B.
+        requests = [
+            (pull("/v1.41/images/create?fromImage=nginx&tag=1"), allowed,
+             (False, denied.format("pull of nginx:1", "B"))),
+            (pull("/v1.41/images/create?fromImage=redis&tag=1"),
+             (False, denied.format("pull of redis:1", "A")), allowed),
+            (authz("POST", "/v1.41/containers/create", {"Image": "nginx:2"}), allowed,
+             (False, denied.format("run of nginx:2", "B"))),
+            (authz("POST", "/v1.41/containers/create", {"Image": "redis:2"}),
+             (False, denied.format("run of redis:2", "A")), allowed),
+            (authz("GET", "/_ping"), allowed, allowed),
+        ]
+        bodies = [post("/AuthZPlugin.AuthZReq", json.dumps(request).encode()) for request, _, _ in requests]
         errors: list[str] = []
+        seen: set[tuple[int, bool, str]] = set()
+        answered: list[int] = []
         per_connection = 2500 * self.scale
 
         def client() -> None:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(30)
-                sock.connect(sock_path)
-                for number in range(per_connection):
-                    index = number % len(bodies)
-                    status, _, body = exchange(sock, bodies[index])
-                    answer = json.loads(body)
-                    if status != 200 or (answer["Allow"], answer["Msg"]) not in expected[index]:
-                        errors.append(f"{status} {answer}")
+            count = 0
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(30)
+                    sock.connect(sock_path)
+                    for number in range(per_connection):
+                        index = number % len(bodies)
+                        status, _, body = exchange(sock, bodies[index])
+                        answer = json.loads(body)
+                        if status != 200 or (answer["Allow"], answer["Msg"]) not in requests[index][1:]:
+                            errors.append(f"{status} {answer}")
+                        seen.add((index, answer["Allow"], answer["Msg"]))
+                        count += 1
+            except Exception as error:   # a client that fails is reported, with how far it got
+                errors.append(f"client failed after {count} answers: {error!r}")
+            answered.append(count)
 
         def rss() -> int:
             return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())[1])
@@ -2096,8 +2835,16 @@ class TestReliability(unittest.TestCase):
             reload_thread.join()
             memory.append(rss())
         self.assertEqual(errors, [])
+        self.assertEqual(answered, [per_connection] * 8)
+        # Both policies answered every image request: the reloads happened under load.
+        self.assertEqual(seen, {(index, *answer) for index, (_, *answers) in enumerate(requests) for answer in answers})
         self.assertGreater(reloads, 50)
         self.assertLess(memory[1] - memory[0], 4096, f"RSS grew from {memory[0]} kB to {memory[1]} kB")
+        process.terminate()
+        self.assertEqual(process.wait(20), 0)
+        text = log.read_text()
+        self.assertIn("stopped on SIGTERM", text)
+        self.assertNotIn("internal error", text)
 
 
 def stop_processes(processes: list[subprocess.Popen]) -> None:
