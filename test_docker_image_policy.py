@@ -1607,6 +1607,27 @@ class TestGoDecoding(unittest.TestCase):
 # Docker API
 # --------------------------------------------------------------------------
 
+class StandInDockerHandler(dip.BaseHTTPRequestHandler):
+    """A stand-in for dockerd's API: GET answered with answer()'s status and JSON document."""
+
+    def answer(self) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def do_GET(self) -> None:
+        status, document = self.answer()
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return "docker"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 class TestDockerAPI(unittest.TestCase):
     """Image inspection against a small stand-in for dockerd's API."""
 
@@ -1627,20 +1648,9 @@ class TestDockerAPI(unittest.TestCase):
     def setUp(self):
         answers = self.answers
 
-        class DockerAPIHandler(dip.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                status, document = answers.get(self.path, (404, {"message": "No such image"}))
-                body = json.dumps(document).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def address_string(self) -> str:
-                return "docker"
-
-            def log_message(self, *args: Any) -> None:
-                pass
+        class DockerAPIHandler(StandInDockerHandler):
+            def answer(self) -> tuple[int, Any]:
+                return answers.get(self.path, (404, {"message": "No such image"}))
 
         directory = tempfile.mkdtemp(prefix="dip")
         self.addCleanup(shutil.rmtree, directory)
@@ -1859,8 +1869,8 @@ class TestPluginServer(unittest.TestCase):
         callbacks: list[tuple[str, Any]] = []
         failures: list[str] = []
 
-        class DockerAPIHandler(dip.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
+        class DockerAPIHandler(StandInDockerHandler):
+            def answer(self) -> tuple[int, Any]:
                 if self.path.startswith("/images/") and self.path != "/images/json?all=1":
                     everyone_waits.wait()
                 with socket.socket(socket.AF_UNIX) as sock:   # as dockerd does, before it answers
@@ -1874,17 +1884,7 @@ class TestPluginServer(unittest.TestCase):
                     number = int(self.path.split("/")[2], 16)
                     document = {"Id": f"sha256:{number:04x}" + "0" * 60, "RepoDigests": [],
                                 "RepoTags": ["nginx:1" if number % 2 == 0 else "redis:7"]}
-                body = json.dumps(document).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def address_string(self) -> str:
-                return "docker"
-
-            def log_message(self, *args: Any) -> None:
-                pass
+                return 200, document
 
         class DockerAPIServer(socketserver.ThreadingUnixStreamServer):
             request_queue_size = burst   # the whole burst connects at once
