@@ -97,6 +97,9 @@ LOG_FLUSH_INTERVAL = 0.2
 MAX_PENDING_LINES = 100_000
 # Image inspection runs while dockerd waits for our answer: keep it short.
 DOCKER_API_TIMEOUT = 3.0
+# --scan lists every image and container at once, with nobody waiting on it:
+# a daemon with thousands of them takes longer than a single lookup.
+SCAN_TIMEOUT = 60.0
 
 CONFIG_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "whitelist": [],
@@ -111,6 +114,7 @@ CONFIG_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "allowPluginCreate": None,
     "allowSwarm": None,
     "message": "",
+    "tests": [],             # the policy's own expectations: see compile_tests
 })
 MODES = frozenset({"enforce", "audit"})
 
@@ -451,6 +455,7 @@ class Policy:
     check_run: bool
     message: str
     operations: MappingProxyType[str, Verdict]   # every opaque operation's verdict, resolved at load
+    tests: tuple[PolicyTest, ...] = ()             # the file's own expectations, run by check_policy_tests
 
     @property
     def audit(self) -> bool:
@@ -500,7 +505,7 @@ class Policy:
                 "blacklist": [rule.pattern for rule in self.blacklist.rules],
                 "defaultAllow": self.default_allow, "mode": self.mode, "checkRun": self.check_run,
                 **{key: self.operations[operation].allow for operation, (key, _) in OPAQUE_OPERATIONS.items()},
-                "message": self.message}
+                "message": self.message, "tests": [test.document() for test in self.tests]}
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -541,6 +546,7 @@ def compile_policy(text: str, path: str) -> Policy:
         raise ConfigError(path, "", "; ".join(_unknown_key(key) for key in unknown)
                           + " (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
     settings = {**CONFIG_DEFAULTS, **document}
+    tests = compile_tests(path, settings.pop("tests"))
     for key, value in settings.items():
         default = CONFIG_DEFAULTS[key]
         if isinstance(default, list):
@@ -568,7 +574,67 @@ def compile_policy(text: str, path: str) -> Policy:
             else f"{key!r} is {str(allowed).lower()}"
         operations[operation] = Verdict(allowed, key, f"{origin}; {why}")
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
-                  settings["checkRun"], settings["message"], MappingProxyType(operations))
+                  settings["checkRun"], settings["message"], MappingProxyType(operations), tests)
+
+
+@dataclass(frozen=True)
+class PolicyTest:
+    """One expectation a policy file carries: {"image": "nginx:1.25", "expect": "allow"}."""
+
+    index: int
+    operation: str     # a key of CLIENT_REQUESTS
+    image: str
+    target: str        # a tag's new name
+    allow: bool
+    note: str
+
+    def document(self) -> dict[str, str]:
+        written = {"image": self.image, "operation": self.operation, "target": self.target,
+                   "expect": "allow" if self.allow else "deny", "note": self.note}
+        return {key: value for key, value in written.items() if value and (key, value) != ("operation", "pull")}
+
+    def __str__(self) -> str:
+        what = f"{self.operation} of {self.image}" if self.image else self.operation
+        return f'"tests"[{self.index}] ({what}' + (f" as {self.target}" if self.target else "") + ")"
+
+
+POLICY_TEST_KEYS = ("image", "operation", "target", "expect", "note")
+
+
+def compile_tests(path: str, tests: Any) -> tuple[PolicyTest, ...]:
+    """The "tests" list: each an object with image, expect, and optionally operation, target and note."""
+    if not isinstance(tests, list):
+        raise ConfigError(path, '"tests"', f"must be a list of objects, not {_shown(tests)}")
+    compiled = []
+    for index, test in enumerate(tests):
+        where = f'"tests"[{index}]'
+        if not isinstance(test, dict):
+            raise ConfigError(path, where, 'must be an object such as {"image": "nginx:1.25", "expect": "allow"},'
+                                           f" not {_shown(test)}")
+        unknown = [key for key in test if key not in POLICY_TEST_KEYS]
+        if unknown:
+            raise ConfigError(path, where, f"unknown key {json.dumps(unknown[0])} (known keys: "
+                                           + ", ".join(POLICY_TEST_KEYS) + ")")
+        for key in POLICY_TEST_KEYS:
+            if key in test and not isinstance(test[key], str):
+                raise ConfigError(path, where, f"{json.dumps(key)} must be a string, not {_shown(test[key])}")
+        if test.get("expect") not in ("allow", "deny"):
+            raise ConfigError(path, where, f'"expect" must be "allow" or "deny", not {_shown(test.get("expect"))}')
+        given = test.get("operation", "pull")
+        operation = OPERATION_ALIASES.get(given, given)
+        if operation not in CLIENT_REQUESTS:
+            raise ConfigError(path, where, f'"operation" must be one of {", ".join(CLIENT_REQUESTS)},'
+                                           f" not {_shown(given)}")
+        image, target = test.get("image", ""), test.get("target", "")
+        if operation in OPAQUE_OPERATIONS:
+            if image:
+                raise ConfigError(path, where, f"a {operation} names no image: remove \"image\"")
+        elif not image:
+            raise ConfigError(path, where, f'"image" is missing: a {operation} names an image')
+        if (operation == "tag") != bool(target):
+            raise ConfigError(path, where, '"target", the new name, is needed for a tag and only for a tag')
+        compiled.append(PolicyTest(index, operation, image, target, test["expect"] == "allow", test.get("note", "")))
+    return tuple(compiled)
 
 
 def _unknown_key(key: str) -> str:
@@ -662,11 +728,19 @@ class Decision:
     rule: str = ""
     reason: str = ""
     user: str = ""       # the TLS client user dockerd reports, if any
+    named: str = ""      # the image as the request named it (a run's, service's or tag's), if not image
+    target: str = ""     # a tag's new name, canonical
     log_fields: str = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # The decision log's fields, rendered once: a remembered decision is logged again and again.
         fields = {"operation": self.operation, "image": self.image, "rule": self.rule, "reason": self.reason}
+        # What --replay needs to decide it again: the name a run, service or tag gave (an image ID, a
+        # short ID, a tag's source) when image does not already say it, and a tag's new name.
+        if self.named and (IMAGE_ID_LIKE_RE.fullmatch(self.named) or not _names_image(self.named, self.image)):
+            fields["name"] = self.named
+        if self.target:
+            fields["target"] = self.target
         if self.user:
             fields["user"] = self.user
         object.__setattr__(self, "log_fields", json.dumps(fields)[1:])
@@ -677,6 +751,14 @@ class Decision:
         if not self.allow and policy is not None and policy.message:
             text += f". {policy.message}"
         return text
+
+
+def _names_image(name: str, canonical: str) -> bool:
+    """Whether name, read as a reference, is the image canonical."""
+    try:
+        return name == canonical or parse_reference(name).canonical == canonical
+    except InvalidReference:
+        return False
 
 
 BENIGN = Decision(True, "other", reason="not an image operation")
@@ -994,6 +1076,25 @@ class LocalImage:
     names: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class LocalContainer:
+    """A container on the daemon: image is what it was created from (a name or an ID), as dockerd lists it."""
+
+    id: str
+    name: str
+    image: str
+    image_id: str
+
+
+@dataclass(frozen=True)
+class LocalService:
+    """A swarm service and its spec, as GET /services lists them."""
+
+    id: str
+    name: str
+    spec: dict[str, Any]
+
+
 class Docker:
     """What a decision may ask the daemon (read-only); see DockerAPI."""
 
@@ -1047,6 +1148,10 @@ def decide_images_create(policy: Policy, request: Request, match: re.Match[str] 
         return decide_opaque(policy, "import")
     request.check_query_is_whole()
     reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
+    return decide_pull(policy, reference, all_tags)
+
+
+def decide_pull(policy: Policy, reference: Reference, all_tags: bool) -> Decision:
     if all_tags:
         verdict = policy.evaluate_all_tags(reference)
         return Decision(verdict.allow, "pull (all tags)", reference.repository, reference.familiar_repository,
@@ -1056,7 +1161,7 @@ def decide_images_create(policy: Policy, request: Request, match: re.Match[str] 
 
 def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
     if not policy.check_run:
-        return Decision(True, "run", rule="checkRun", reason="checkRun is false")
+        return unchecked("run")
     image, *mounts = images_in_body("run", request.body())
     return first_denial([decide_image_name(policy, "run", image, docker)]
                         + [decide_image_name(policy, "image mount", source, docker) for source in mounts])
@@ -1096,11 +1201,17 @@ def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | 
 def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
     """A new name for a present image: the image must be allowed, and so must its new name."""
     if not policy.check_run:
-        return Decision(True, "tag", rule="checkRun", reason="checkRun is false")
+        return unchecked("tag")
     request.check_query_is_whole()
     source = decide_image_name(policy, "tag", match["name"], docker)   # type: ignore[index]
     if not source.allow:
+        with contextlib.suppress(InvalidReference):   # logged for --replay; the source's denial stands
+            source = dataclasses.replace(source, target=tag_target(request).canonical)
         return source
+    return decide_tag_target(policy, source, tag_target(request))
+
+
+def tag_target(request: Request) -> Reference:
     target = parse_reference(request.query.get("repo", ""))
     tag = request.query.get("tag", "")
     if target.digest:
@@ -1109,9 +1220,19 @@ def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, do
         if not TAG_RE.fullmatch(tag):
             raise InvalidReference(f"invalid tag {tag!r}")
         target = dataclasses.replace(target, tag=tag)
+    return target
+
+
+def decide_tag_target(policy: Policy, source: Decision, target: Reference) -> Decision:
+    """A tag whose source image is allowed (source) is decided by its new name."""
     verdict = policy.evaluate(target)
     return Decision(verdict.allow, "tag", target.canonical, f"{source.familiar} as {target.familiar}",
-                    verdict.rule, f"{verdict.reason} for the new name")
+                    verdict.rule, f"{verdict.reason} for the new name", named=source.named or source.familiar,
+                    target=target.canonical)
+
+
+def unchecked(operation: str) -> Decision:
+    return Decision(True, operation, rule="checkRun", reason="checkRun is false")
 
 
 def opaque(operation: str) -> tuple[str, Route]:
@@ -1147,8 +1268,9 @@ ROUTE_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, Route]], ...] = (
 )
 
 
-def decision_for(operation: str, reference: Reference, verdict: Verdict) -> Decision:
-    return Decision(verdict.allow, operation, reference.canonical, reference.familiar, verdict.rule, verdict.reason)
+def decision_for(operation: str, reference: Reference, verdict: Verdict, named: str = "") -> Decision:
+    return Decision(verdict.allow, operation, reference.canonical, reference.familiar, verdict.rule, verdict.reason,
+                    named=named)
 
 
 def first_denial(decisions: list[Decision]) -> Decision:
@@ -1167,21 +1289,21 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
         raise Unreadable(f"the {operation} request names no image")
     if docker is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
         reference = parse_reference(image)
-        return decision_for(operation, reference, policy.evaluate(reference))
+        return decision_for(operation, reference, policy.evaluate(reference), image)
     # An ID, or a name that dockerd may also take as a short ID: it tries the
     # name first, then the ID prefix, when it acts, which may be after a
     # name was removed. Every image the text could resolve to must be allowed.
     try:
         images = docker.images_for(image)
     except ImagePolicyError as error:
-        return Decision(False, operation, image, image, "image-id", f"cannot resolve the image: {error}")
+        return Decision(False, operation, image, image, "image-id", f"cannot resolve the image: {error}", named=image)
     if not images and image.startswith("sha256:"):
-        return Decision(False, operation, image, image, "image-id", "no such image")
+        return Decision(False, operation, image, image, "image-id", "no such image", named=image)
     decisions = [decide_local_image(policy, operation, image, local) for local in images]
     if not images or (pulled_first and not IMAGE_ID_RE.fullmatch(image) and not image.startswith("sha256:")):
         # No such image: dockerd answers 404 and the CLI pulls the name; or the name is pulled first.
         reference = parse_reference(image)
-        decisions.insert(0, decision_for(operation, reference, policy.evaluate(reference)))
+        decisions.insert(0, decision_for(operation, reference, policy.evaluate(reference), image))
     return first_denial(decisions)
 
 
@@ -1193,11 +1315,13 @@ def decide_local_image(policy: Policy, operation: str, image: str, local: LocalI
         verdict = policy.evaluate(reference)
         if verdict.allow:
             return Decision(True, operation, reference.canonical, image, verdict.rule,
-                            f"{verdict.reason} for its name {reference.familiar}")
+                            f"{verdict.reason} for its name {reference.familiar}", named=image)
         denial = denial or Decision(False, operation, reference.canonical, image, verdict.rule,
-                                    f"none of its names is allowed ({verdict.reason} for {reference.familiar})")
+                                    f"none of its names is allowed ({verdict.reason} for {reference.familiar})",
+                                    named=image)
     return denial or Decision(False, operation, local.id, image, "image-id",
-                              f"image {local.id[:19]} has no repository name or digest the policy could allow")
+                              f"image {local.id[:19]} has no repository name or digest the policy could allow",
+                              named=image)
 
 
 # --------------------------------------------------------------------------
@@ -1236,8 +1360,8 @@ class DockerAPI(Docker):
             return http.client.HTTPConnection(self.host[len("tcp://"):], timeout=self.timeout)
         raise ImagePolicyError(f"unsupported --docker-host {self.host!r} (use unix:// or tcp://)")
 
-    def get(self, path: str) -> Any:
-        """The decoded answer to GET path; None for 404."""
+    def get(self, path: str, absent: frozenset[int] = frozenset({HTTPStatus.NOT_FOUND})) -> Any:
+        """The decoded answer to GET path; None for 404 (or another status in absent)."""
         connection = self.connection()
         try:
             connection.request("GET", path)
@@ -1247,7 +1371,7 @@ class DockerAPI(Docker):
             raise ImagePolicyError(f"Docker API at {self.host}: {error}") from None
         finally:
             connection.close()
-        if response.status == HTTPStatus.NOT_FOUND:
+        if response.status in absent:
             return None
         try:
             if response.status != HTTPStatus.OK:
@@ -1264,12 +1388,39 @@ class DockerAPI(Docker):
                 found[inspected["Id"]] = LocalImage(inspected["Id"], _names(inspected))
             prefix = text.removeprefix("sha256:")
             if len(prefix) < 64:   # and every image whose ID it starts, if that name goes away
-                for image in self.get("/images/json?all=1") or []:
-                    if image["Id"].removeprefix("sha256:").startswith(prefix):
-                        found.setdefault(image["Id"], LocalImage(image["Id"], _names(image)))
+                for image in self.images():
+                    if image.id.removeprefix("sha256:").startswith(prefix):
+                        found.setdefault(image.id, image)
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
         return list(found.values())
+
+    def images(self) -> list[LocalImage]:
+        """Every image on the daemon, named or not."""
+        try:
+            return [LocalImage(image["Id"], _names(image)) for image in self.get("/images/json?all=1") or []]
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
+
+    def containers(self) -> list[LocalContainer]:
+        """Every container, running or not, with the image it was created from."""
+        try:
+            return [LocalContainer(container["Id"], (container.get("Names") or ["/"])[0].lstrip("/"),
+                                   container["Image"], container.get("ImageID") or "")
+                    for container in self.get("/containers/json?all=1") or []]
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ImagePolicyError(f"unexpected container list from {self.host}: {error!r}") from None
+
+    def services(self) -> list[LocalService] | None:
+        """Every swarm service with its spec; None when the daemon is no swarm manager (503)."""
+        answer = self.get("/services", absent=frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.SERVICE_UNAVAILABLE}))
+        if answer is None:
+            return None
+        try:
+            return [LocalService(service["ID"], service["Spec"].get("Name") or service["ID"], service["Spec"])
+                    for service in answer]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ImagePolicyError(f"unexpected service list from {self.host}: {error!r}") from None
 
     def service(self, name: str) -> dict[str, Any]:
         answer = self.get(f"/services/{quote(name, safe='')}?insertDefaults=false")
@@ -1278,6 +1429,371 @@ class DockerAPI(Docker):
         if not isinstance(answer, dict):
             raise ImagePolicyError(f"unexpected service answer from {self.host}")
         return answer
+
+
+# --------------------------------------------------------------------------
+# Judging without dockerd: policy tests, --check, --scan, --replay
+# --------------------------------------------------------------------------
+
+def client_request(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The AuthZReq dockerd sends for a docker CLI call: POST path, with its JSON body."""
+    request: dict[str, Any] = {"RequestMethod": "POST", "RequestUri": "/v1.41" + path, "RequestHeaders": {}}
+    if body is not None:
+        raw = json.dumps(body).encode()
+        request["RequestBody"] = base64.b64encode(raw).decode()
+        request["RequestHeaders"] = {"Content-Type": "application/json", "Content-Length": str(len(raw))}
+    return request
+
+
+def _pull_request(image: str, target: str) -> dict[str, Any]:
+    # docker pull sends tag=latest for a name without tag or digest; no tag at all means every tag.
+    untagged = "@" not in image and ":" not in image.rsplit("/", 1)[-1]
+    return client_request(f"/images/create?fromImage={quote(image, safe='')}" + ("&tag=latest" if untagged else ""))
+
+
+def _service_request(image: str, target: str) -> dict[str, Any]:
+    return client_request("/services/create", {"Name": "check", "TaskTemplate": {"ContainerSpec": {"Image": image}}})
+
+
+# What each docker CLI command sends, by the operation name --check, --operation
+# and policy tests use: the same requests are decided as dockerd's are.
+CLIENT_REQUESTS: MappingProxyType[str, Callable[[str, str], dict[str, Any]]] = MappingProxyType({
+    "pull": _pull_request,
+    "pull-all-tags": lambda image, target: client_request(f"/images/create?fromImage={quote(image, safe='')}"),
+    "run": lambda image, target: client_request("/containers/create", {"Image": image}),
+    "tag": lambda image, target: client_request(f"/images/{quote(image, safe='/:@')}/tag?repo={quote(target, safe='')}"),
+    "service": _service_request,
+    "plugin-install": lambda image, target: client_request(f"/plugins/pull?remote={quote(image, safe='')}"),
+    "build": lambda image, target: client_request("/build"),
+    "commit": lambda image, target: client_request("/commit"),
+    "import": lambda image, target: client_request("/images/create?fromSrc=-"),
+    "load": lambda image, target: client_request("/images/load"),
+    "plugin-create": lambda image, target: client_request("/plugins/create"),
+    "swarm": lambda image, target: client_request("/swarm/init"),
+})
+CHECK_OPERATIONS = ("pull", "pull-all-tags", "run", "tag", "service", "plugin-install")
+# The decision log's names for the same operations.
+OPERATION_ALIASES = MappingProxyType({"pull (all tags)": "pull-all-tags", "plugin install": "plugin-install"})
+
+
+class NoDaemon(Docker):
+    """No daemon to ask: what an image ID or a hex name means is not known."""
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        raise ImagePolicyError("dockerd looks a hex name up as an image ID; give --docker-host to judge it")
+
+    def service(self, name: str) -> dict[str, Any]:
+        raise ImagePolicyError("no daemon to ask about services")
+
+
+NO_DAEMON = NoDaemon()
+
+
+def judge(policy: Policy, operation: str, image: str, target: str = "", docker: Docker = NO_DAEMON) -> Decision:
+    """The decision for a docker CLI command, made as dockerd's request would be."""
+    return decide(policy, CLIENT_REQUESTS[operation](image, target), docker)
+
+
+class PolicyTestsFailed(ConfigError):
+    """A policy whose own tests fail: refused at start, on reload and by --validate."""
+
+    def __init__(self, path: str, failures: list[str], total: int) -> None:
+        self.failures = failures
+        super().__init__(path, '"tests"', f"{len(failures)} of {total} tests fail: " + "; ".join(failures))
+
+
+def policy_test_failures(policy: Policy) -> list[str]:
+    """Each of the policy's tests that its rules contradict, with the rule that decided."""
+    failures = []
+    for test in policy.tests:
+        decision = judge(policy, test.operation, test.image, test.target)
+        if decision.allow != test.allow:
+            failures.append(f"{test}: expected {'allow' if test.allow else 'deny'}, but {decision.message(None)}"
+                            f" [{decision.rule}]" + (f" ({test.note})" if test.note else ""))
+    return failures
+
+
+def load_tested_policy(path: str) -> Policy:
+    """The policy in path, if it is valid and passes its own tests: what the daemon may run."""
+    policy = load_policy(path)
+    failures = policy_test_failures(policy)
+    if failures:
+        raise PolicyTestsFailed(path, failures, len(policy.tests))
+    return policy
+
+
+def check_operation(policy: Policy, operation: str, images: list[str], target: str, docker: Docker,
+                    output: str) -> int:
+    """--check: each image's decision for operation; 1 when any is denied."""
+    results = [(image, judge(policy, operation, image, target, docker)) for image in images]
+    if output == "json":
+        print(json.dumps([{"image": image, "operation": decision.operation, "decision": _verdict_word(decision),
+                           "canonical": decision.image, "rule": decision.rule, "reason": decision.reason}
+                          for image, decision in results], indent=2))
+    for image, decision in results if output == "text" else ():
+        print(image)
+        if operation != "pull":
+            print(f"  operation: {decision.operation}")
+        if decision.image:
+            print(f"  canonical: {decision.image}\n  familiar:  {decision.familiar}")
+        verdict = "allow" if decision.allow else "deny"
+        if policy.audit and not decision.allow:
+            verdict += " (audit mode: logged as would-deny and allowed)"
+        print(f"  decision:  {verdict}")
+        if decision.rule != "unreadable":
+            print(f"  rule:      {decision.rule}")
+        print(f"  reason:    {decision.reason}")
+    return 1 if any(not decision.allow for _, decision in results) else 0
+
+
+def _verdict_word(decision: Decision) -> str:
+    return "allow" if decision.allow else "deny"
+
+
+class HostImages(Docker):
+    """The images a scan listed, answering lookups as DockerAPI.images_for would, without asking again."""
+
+    def __init__(self, images: list[LocalImage]) -> None:
+        self.by_name: dict[str, LocalImage] = {}
+        for image in images:
+            for name in image.names:
+                with contextlib.suppress(InvalidReference):
+                    self.by_name.setdefault(parse_reference(name).canonical, image)
+        self.by_id = {image.id.removeprefix("sha256:"): image for image in images}
+        self.ids = sorted(self.by_id)
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        found = {}
+        with contextlib.suppress(InvalidReference):   # dockerd tries the text as a name first
+            named = self.by_name.get(parse_reference(text).canonical)
+            if named:
+                found[named.id] = named
+        prefix = text.removeprefix("sha256:")
+        if IMAGE_ID_LIKE_RE.fullmatch(text):
+            for image_id in self.ids[bisect.bisect_left(self.ids, prefix):]:
+                if not image_id.startswith(prefix):
+                    break
+                found.setdefault(self.by_id[image_id].id, self.by_id[image_id])
+        return list(found.values())
+
+    def service(self, name: str) -> dict[str, Any]:
+        raise ImagePolicyError("a scan judges services by their current spec")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something on a host, and the policy's decision on it."""
+
+    kind: str    # image, container or service
+    id: str
+    name: str
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class Scan:
+    images: int
+    containers: int
+    services: int | None   # None: the daemon is no swarm manager
+    findings: tuple[Finding, ...]
+
+    @property
+    def refused(self) -> list[Finding]:
+        return [finding for finding in self.findings if not finding.decision.allow]
+
+
+def scan_host(policy: Policy, docker: DockerAPI) -> Scan:
+    """Judge every image name (a pull), nameless image (a run by ID), container (a run of the image it
+    was created from) and service (its spec, as a service update) on the daemon."""
+    images, containers, services = docker.images(), docker.containers(), docker.services()
+    host = HostImages(images)
+    findings = []
+    for image in images:
+        for name in image.names:
+            findings.append(Finding("image", image.id, name, judge(policy, "pull", name)))
+        if not image.names:
+            findings.append(Finding("image", image.id, "<none>", judge(policy, "run", image.id, docker=host)))
+    for container in containers:
+        findings.append(Finding("container", container.id, container.name,
+                                judge(policy, "run", container.image, docker=host)))
+    for service in services or ():
+        findings.append(Finding("service", service.id, service.name,
+                                decide(policy, client_request("/services/create", service.spec), host)))
+    return Scan(len(images), len(containers), None if services is None else len(services), tuple(findings))
+
+
+def print_scan(policy: Policy, scan: Scan, output: str) -> int:
+    refused = scan.refused
+    if output == "json":
+        print(json.dumps({
+            "policy": policy.path, "mode": policy.mode,
+            "scanned": {"images": scan.images, "containers": scan.containers, "services": scan.services},
+            "refused": [{"kind": finding.kind, "id": finding.id, "name": finding.name,
+                         "operation": finding.decision.operation, "image": finding.decision.image,
+                         "rule": finding.decision.rule, "reason": finding.decision.reason}
+                        for finding in refused]}, indent=2))
+        return 1 if refused else 0
+    for finding in refused:
+        short = finding.id.removeprefix("sha256:")[:12]
+        print(f"{finding.kind} {finding.name} ({short}): {finding.decision.message(None)} [{finding.decision.rule}]")
+    services = "no services (not a swarm manager)" if scan.services is None else f"{scan.services} services"
+    print(f"{len(refused)} refused of {len(scan.findings)} judged: {scan.images} images, {scan.containers}"
+          f" containers, {services}; policy {policy.path}, mode {policy.mode}")
+    return 1 if refused else 0
+
+
+def canonical_reference(text: str) -> Reference:
+    """A reference from its canonical form, as the decision log writes it: nothing is added or changed."""
+    match = REFERENCE_RE.fullmatch(text)
+    if not match or match["domain"] is None:
+        raise InvalidReference(f"not a canonical reference: {text!r}")
+    return Reference(match["domain"], match["path"], match["tag"], match["digest"])
+
+
+class NotReplayable(ImagePolicyError):
+    """A logged decision that cannot be made again from its log line; the message says why."""
+
+
+def _logged_name(record: dict[str, Any]) -> Reference:
+    """The reference a run, image mount, service or tag named, unless dockerd had to resolve it then."""
+    named = record.get("name")
+    if named is not None:
+        if not isinstance(named, str) or IMAGE_ID_LIKE_RE.fullmatch(named):
+            raise NotReplayable("an image ID resolved at the time")
+        return parse_reference(named)
+    if record.get("rule") == "checkRun":
+        raise NotReplayable("a run or tag under checkRun false, which logs no image")
+    return canonical_reference(record["image"])
+
+
+def _replay_image(operation: str) -> Callable[[Policy, dict[str, Any]], Decision]:
+    def replay(policy: Policy, record: dict[str, Any]) -> Decision:
+        if operation in ("run", "image mount") and not policy.check_run:
+            return unchecked("run")
+        reference = _logged_name(record)
+        return decision_for(operation, reference, policy.evaluate(reference))
+    return replay
+
+
+def _replay_tag(policy: Policy, record: dict[str, Any]) -> Decision:
+    if not policy.check_run:
+        return unchecked("tag")
+    if not isinstance(record.get("target"), str):
+        raise NotReplayable("a tag whose new name was not logged")
+    reference = _logged_name(record)
+    source = decision_for("tag", reference, policy.evaluate(reference), reference.familiar)
+    return decide_tag_target(policy, source, canonical_reference(record["target"])) if source.allow else source
+
+
+# How a logged decision is made again, by its operation: by the same functions a request's is.
+REPLAYS: MappingProxyType[str, Callable[[Policy, dict[str, Any]], Decision]] = MappingProxyType({
+    "pull": lambda policy, record: decide_pull(policy, canonical_reference(record["image"]), False),
+    "pull (all tags)": lambda policy, record: decide_pull(policy, canonical_reference(record["image"]), True),
+    "plugin install": _replay_image("plugin install"),
+    "run": _replay_image("run"),
+    "image mount": _replay_image("image mount"),
+    "service": _replay_image("service"),
+    "tag": _replay_tag,
+    **{operation: functools.partial(lambda operation, policy, record: decide_opaque(policy, operation), operation)
+       for operation in OPAQUE_OPERATIONS},
+})
+
+
+def replay_decision(policy: Policy, record: dict[str, Any]) -> Decision:
+    """The decision policy makes for a logged one; NotReplayable says why it cannot."""
+    if record.get("rule") in ("unreadable", "internal-error"):
+        raise NotReplayable("a request that could not be read")
+    if record.get("rule") == "image-id":
+        raise NotReplayable("an image ID resolved at the time")
+    replay = REPLAYS.get(record.get("operation"))   # type: ignore[arg-type]
+    if replay is None:
+        raise NotReplayable("not an image operation")
+    try:
+        return replay(policy, record)
+    except (KeyError, TypeError, InvalidReference) as error:
+        raise NotReplayable("a line without a readable image") from error
+
+
+@dataclass
+class Change:
+    """Logged decisions on one image that policy would decide the other way."""
+
+    image: str
+    now: Decision
+    operations: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.operations.values())
+
+
+@dataclass
+class Replay:
+    decisions: int = 0
+    other_lines: int = 0
+    changes: dict[tuple[str, bool], Change] = dataclasses.field(default_factory=dict)
+    not_replayable: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def changed(self) -> int:
+        return sum(change.count for change in self.changes.values())
+
+
+def replay_log(policy: Policy, lines: Any) -> Replay:
+    """Decide each logged image decision again under policy; count what changes and what cannot be redone."""
+    replay = Replay()
+    for line in lines:
+        start = line.find("{")
+        try:
+            record = json.loads(line[start:]) if start != -1 else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("decision") not in ("allow", "deny", "would-deny"):
+            replay.other_lines += 1
+            continue
+        replay.decisions += 1
+        try:
+            decision = replay_decision(policy, record)
+        except NotReplayable as error:
+            replay.not_replayable[str(error)] = replay.not_replayable.get(str(error), 0) + 1
+            continue
+        was_allowed = record["decision"] == "allow"
+        if decision.allow == was_allowed:
+            continue
+        image = decision.familiar or decision.image or decision.operation
+        change = replay.changes.setdefault((image, decision.allow), Change(image, decision))
+        change.operations[decision.operation] = change.operations.get(decision.operation, 0) + 1
+    return replay
+
+
+def print_replay(policy: Policy, source: str, replay: Replay, output: str) -> int:
+    changes = sorted(replay.changes.values(), key=lambda change: (-change.count, change.image))
+    to_deny = sum(change.count for change in changes if not change.now.allow)
+    if output == "json":
+        print(json.dumps({
+            "policy": policy.path, "log": source,
+            "changes": [{"image": change.image, "was": "deny" if change.now.allow else "allow",
+                         "now": _verdict_word(change.now), "count": change.count, "operations": change.operations,
+                         "rule": change.now.rule, "reason": change.now.reason} for change in changes],
+            "summary": {"decisions": replay.decisions, "changed": replay.changed, "allowToDeny": to_deny,
+                        "denyToAllow": replay.changed - to_deny, "notReplayable": replay.not_replayable,
+                        "otherLines": replay.other_lines}}, indent=2))
+        return 1 if changes else 0
+    for change in changes:
+        was, now = ("allow", "deny") if not change.now.allow else ("deny", "allow")
+        operations = ", ".join(f"{operation} {count}" for operation, count in sorted(change.operations.items()))
+        times = "1 time" if change.count == 1 else f"{change.count} times"
+        print(f"{change.image}: {was} -> {now}, {times} ({operations}): {change.now.reason}"
+              f" [{change.now.rule}]")
+    unchanged = replay.decisions - replay.changed - sum(replay.not_replayable.values())
+    summary = (f"{replay.decisions} decisions replayed under {policy.path}: {replay.changed} would change"
+               f" ({to_deny} allow -> deny, {replay.changed - to_deny} deny -> allow) on {len(changes)} images,"
+               f" {unchanged} unchanged")
+    if replay.not_replayable:
+        summary += "; not decided again: " + ", ".join(
+            f"{count} {reason}" for reason, count in sorted(replay.not_replayable.items()))
+    print(summary + f"; {replay.other_lines} other lines")
+    return 1 if changes else 0
 
 
 # --------------------------------------------------------------------------
@@ -1433,7 +1949,7 @@ class Plugin:
     def __init__(self, config_path: str, log: Log, docker: DockerAPI) -> None:
         self.config_path, self.log, self.docker = config_path, log, docker
         self.metrics = Metrics()
-        self.current = Running(load_policy(config_path))
+        self.current = Running(load_tested_policy(config_path))
         self.metrics.reloaded(True)
         self.reload_status: dict[str, Any] = {"time": _now(), "ok": True, "error": None}
         self.reload_lock = threading.Lock()
@@ -1442,7 +1958,7 @@ class Plugin:
         """Replace the policy from the file; a bad file keeps the running one."""
         with self.reload_lock:
             try:
-                policy = load_policy(self.config_path)
+                policy = load_tested_policy(self.config_path)
             except ConfigError as error:
                 self.reload_status = {"time": _now(), "ok": False, "error": str(error)}
                 self.metrics.reloaded(False)
@@ -1810,24 +2326,38 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_images(policy: Policy, images: list[str]) -> int:
-    denied = False
-    for image in images:
-        print(image)
-        try:
-            reference = parse_reference(image)
-        except InvalidReference as error:
-            print(f"  decision:  deny\n  reason:    {error}")
-            denied = True
-            continue
-        verdict = policy.evaluate(reference)
-        denied |= not verdict.allow
-        decision = "allow" if verdict.allow else "deny"
-        if policy.audit and not verdict.allow:
-            decision += " (audit mode: logged as would-deny and allowed)"
-        print(f"  canonical: {reference.canonical}\n  familiar:  {reference.familiar}\n"
-              f"  decision:  {decision}\n  rule:      {verdict.rule}\n  reason:    {verdict.reason}")
-    return 1 if denied else 0
+def report_policy_tests(policy: Policy, path: str) -> bool:
+    """--validate: print each failing test of the policy's own, and the same error the daemon gives."""
+    failures = policy_test_failures(policy)
+    for failure in failures:
+        print(f"fail: {failure}")
+    if failures:
+        print(f"{PLUGIN_NAME}: error: {PolicyTestsFailed(path, failures, len(policy.tests))}", file=sys.stderr)
+    elif policy.tests:
+        print(f"{path}: all {len(policy.tests)} tests pass")
+    return not failures
+
+
+def scan_command(policy: Policy, docker_host: str, output: str) -> int:
+    try:
+        scan = scan_host(policy, DockerAPI(docker_host, SCAN_TIMEOUT))
+    except ImagePolicyError as error:
+        print(f"{PLUGIN_NAME}: error: cannot scan: {error}", file=sys.stderr)
+        return 2
+    return print_scan(policy, scan, output)
+
+
+def replay_command(policy: Policy, source: str, output: str) -> int:
+    try:
+        if source == "-":
+            replay = replay_log(policy, sys.stdin)
+        else:
+            with open(source, encoding="utf-8", errors="replace") as lines:
+                replay = replay_log(policy, lines)
+    except OSError as error:
+        print(f"{PLUGIN_NAME}: error: cannot read the decision log: {error}", file=sys.stderr)
+        return 2
+    return print_replay(policy, source, replay, output)
 
 
 def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
@@ -1883,25 +2413,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="plugin socket; its name is the plugin's name for dockerd (default: %(default)s)")
     parser.add_argument("--addr", metavar="HOST:PORT", default=DEFAULT_ADDR,
                         help="admin listener for /health, /config, /version, /metrics (default: %(default)s)")
-    parser.add_argument("--docker-host", metavar="URL", default=DEFAULT_DOCKER_HOST,
-                        help="Docker API used to look up image IDs (default: %(default)s)")
+    parser.add_argument("--docker-host", metavar="URL",
+                        help=f"Docker API used to look up image IDs, and read by --scan (default: {DEFAULT_DOCKER_HOST})")
     parser.add_argument("--log-level", metavar="LEVEL", default="info", choices=list(LOG_LEVELS),
                         help="debug, info, warning or error (default: %(default)s)")
     parser.add_argument("--check", metavar="IMAGE", nargs="+",
                         help="print the decision for each image and exit: 0 all allowed, 1 any denied, 2 bad config")
+    parser.add_argument("--operation", metavar="OPERATION", choices=CHECK_OPERATIONS,
+                        help="what --check judges: " + ", ".join(CHECK_OPERATIONS) + " (default: pull); a run"
+                             " by image ID is looked up on --docker-host when it is given")
+    parser.add_argument("--tag-target", metavar="NAME", help="the new name, for --check --operation tag")
     parser.add_argument("--validate", action="store_true",
-                        help="check the configuration, print warnings, exit 0 (valid) or 2 (invalid)")
+                        help="check the configuration, print warnings, run its tests, exit 0 (valid) or 2 (invalid)")
+    parser.add_argument("--scan", action="store_true",
+                        help="judge every image, container and service on --docker-host and print what the policy"
+                             " refuses: exit 0 nothing, 1 something, 2 bad config or unreachable daemon")
+    parser.add_argument("--replay", metavar="FILE",
+                        help="decide the decision log lines in FILE (- for stdin) again under --config and print"
+                             " what would change: exit 0 nothing, 1 something, 2 bad config or unreadable FILE")
+    parser.add_argument("--format", metavar="FORMAT", choices=("text", "json"), default="text",
+                        help="output of --check, --scan and --replay: text or json (default: %(default)s)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
-    if args.check and args.validate:
-        parser.error("--check and --validate cannot be combined")
+    modes = [flag for flag, given in [("--check", args.check), ("--validate", args.validate), ("--scan", args.scan),
+                                      ("--replay", args.replay is not None)] if given]
+    if len(modes) > 1:
+        parser.error(f"{modes[0]} and {modes[1]} cannot be combined")
+    if (args.operation or args.tag_target) and not args.check:
+        parser.error("--operation and --tag-target go with --check")
+    if (args.operation == "tag") != (args.tag_target is not None):
+        parser.error("--tag-target NAME goes with --operation tag, and --operation tag needs it")
+    if args.format != "text" and not (args.check or args.scan or args.replay is not None):
+        parser.error("--format goes with --check, --scan or --replay")
+    docker_host_given = args.docker_host is not None
+    args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
     try:
         address = parse_addr(args.addr)
     except ValueError as error:
         parser.error(f"--addr: {error}")
     if not args.docker_host.startswith(("unix://", "tcp://")):
         parser.error(f"--docker-host: expected unix://PATH or tcp://HOST:PORT, not {args.docker_host!r}")
-    if not args.check and not args.validate:
+    if not modes:
         return serve(args, address)
     try:
         policy = load_policy(args.config)
@@ -1909,9 +2461,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
         return 2
     if args.check:
-        return check_images(policy, args.check)
+        return check_operation(policy, args.operation or "pull", args.check, args.tag_target or "",
+                               DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
+    if args.scan:
+        return scan_command(policy, args.docker_host, args.format)
+    if args.replay is not None:
+        return replay_command(policy, args.replay, args.format)
     for warning in policy_warnings(policy):
         print(f"warning: {warning}")
+    if not report_policy_tests(policy, args.config):
+        return 2
     print(f"{args.config}: valid, {policy.summary()}")
     return 0
 

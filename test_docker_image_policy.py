@@ -398,7 +398,7 @@ class TestPolicy(unittest.TestCase):
                          '/etc/docker/p.json: unknown key "whitelst" (did you mean "whitelist"?); unknown key'
                          ' "defaultallow" (did you mean "defaultAllow"?); unknown key "colour" (known keys: whitelist,'
                          ' blacklist, defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
-                         ' allowPluginCreate, allowSwarm, message)')
+                         ' allowPluginCreate, allowSwarm, message, tests)')
         self.assertEqual(self.config_error('{"whitelist": ["^a", "^b", "^c", 5]}'),
                          '/etc/docker/p.json: "whitelist"[3]: must be a string, not 5')
         self.assertEqual(self.config_error(' \n'), "/etc/docker/p.json: the file is empty (an empty policy is {})")
@@ -538,6 +538,85 @@ class TestPolicy(unittest.TestCase):
             ' matches first',
         ])
         self.assertEqual(dip.policy_warnings(policy_of(ORIGINAL_CONFIG)), [])
+
+    def test_policy_tests_are_read_at_load(self):
+        policy = policy_of({"whitelist": ["^nginx:"], "tests": [
+            {"image": "nginx:1.25", "expect": "allow"},
+            {"image": "nginx", "operation": "pull (all tags)", "expect": "allow", "note": "every tag"},
+            {"image": "nginx:1", "operation": "tag", "target": "redis:7", "expect": "deny"},
+            {"operation": "load", "expect": "deny"}]})
+        self.assertEqual([(test.index, test.operation, test.allow) for test in policy.tests],
+                         [(0, "pull", True), (1, "pull-all-tags", True), (2, "tag", False), (3, "load", False)])
+        self.assertEqual(policy.configuration()["tests"], [
+            {"image": "nginx:1.25", "expect": "allow"},
+            {"image": "nginx", "operation": "pull-all-tags", "expect": "allow", "note": "every tag"},
+            {"image": "nginx:1", "operation": "tag", "target": "redis:7", "expect": "deny"},
+            {"operation": "load", "expect": "deny"}])
+        self.assertEqual(policy_of(ORIGINAL_CONFIG).tests, ())
+        operations = ", ".join(dip.CLIENT_REQUESTS)
+        for tests, error in [
+            ({"image": "x"}, '"tests": must be a list of objects, not {"image": "x"}'),
+            ([["nginx"]], '"tests"[0]: must be an object such as {"image": "nginx:1.25", "expect": "allow"},'
+                          ' not ["nginx"]'),
+            ([{"image": "nginx", "expect": "allow", "expected": "deny"}],
+             '"tests"[0]: unknown key "expected" (known keys: image, operation, target, expect, note)'),
+            ([{"image": "nginx", "expect": "allow"}, {"image": "nginx", "expect": "yes"}],
+             '"tests"[1]: "expect" must be "allow" or "deny", not "yes"'),
+            ([{"image": "nginx"}], '"tests"[0]: "expect" must be "allow" or "deny", not null'),
+            ([{"image": 7, "expect": "deny"}], '"tests"[0]: "image" must be a string, not 7'),
+            ([{"image": "nginx", "operation": "push", "expect": "deny"}],
+             f'"tests"[0]: "operation" must be one of {operations}, not "push"'),
+            ([{"operation": "run", "expect": "deny"}], '"tests"[0]: "image" is missing: a run names an image'),
+            ([{"image": "x", "operation": "build", "expect": "deny"}],
+             '"tests"[0]: a build names no image: remove "image"'),
+            ([{"image": "nginx:1", "operation": "tag", "expect": "deny"}],
+             '"tests"[0]: "target", the new name, is needed for a tag and only for a tag'),
+            ([{"image": "nginx:1", "target": "nginx:2", "expect": "deny"}],
+             '"tests"[0]: "target", the new name, is needed for a tag and only for a tag'),
+        ]:
+            with self.subTest(tests=tests):
+                self.assertEqual(self.config_error(json.dumps({"tests": tests})), f"/etc/docker/p.json: {error}")
+
+    def test_policy_tests_judge_as_requests_are_judged(self):
+        policy = policy_of({"whitelist": ["^nginx:", "^localhost:5000/ok/"], "blacklist": [":latest$"],
+                            "defaultAllow": True, "mode": "audit", "tests": [
+            {"image": "nginx:1.25", "expect": "allow"},
+            {"image": "nginx", "expect": "allow"},   # the whitelist comes first
+            {"image": "redis", "expect": "allow", "note": "redis means redis:latest"},
+            {"image": "docker.io/evil/miner:1", "expect": "deny"},
+            {"image": "redis", "operation": "pull-all-tags", "expect": "deny"},
+            {"image": "localhost:5000/ok/app", "operation": "pull-all-tags", "expect": "allow"},
+            {"image": "redis:7", "operation": "run", "expect": "allow"},
+            {"image": "sha256:" + "a" * 64, "operation": "run", "expect": "allow"},
+            {"image": "nginx:1", "operation": "tag", "target": "redis", "expect": "allow"},
+            {"image": "redis:7", "operation": "service", "expect": "deny"},
+            {"image": "localhost:5000/ok/plugin:1", "operation": "plugin install", "expect": "allow"},
+            {"operation": "build", "expect": "deny"}]})
+        self.assertEqual(dip.policy_test_failures(policy), [
+            '"tests"[2] (pull of redis): expected allow, but pull of redis:latest denied: blacklist rule ":latest$"'
+            ' matches [blacklist[0] ":latest$"] (redis means redis:latest)',
+            '"tests"[3] (pull of docker.io/evil/miner:1): expected deny, but pull of evil/miner:1 allowed: no rule'
+            ' matches and defaultAllow is true [defaultAllow]',
+            '"tests"[7] (run of sha256:' + "a" * 64 + '): expected allow, but run of sha256:' + "a" * 64 + ' denied:'
+            ' cannot resolve the image: dockerd looks a hex name up as an image ID; give --docker-host to judge it'
+            ' [image-id]',
+            '"tests"[8] (tag of nginx:1 as redis): expected allow, but tag of nginx:1 as redis:latest denied:'
+            ' blacklist rule ":latest$" matches for the new name [blacklist[0] ":latest$"]',
+            '"tests"[9] (service of redis:7): expected deny, but service of redis:7 allowed: no rule matches and'
+            ' defaultAllow is true [defaultAllow]',
+            '"tests"[11] (build): expected deny, but build allowed: \'allowBuild\' is not set and defaultAllow is'
+            ' true; the plugin cannot see the Dockerfile or the base images dockerd will pull for it [allowBuild]',
+        ])
+        with self.assertRaises(dip.PolicyTestsFailed) as caught, tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+            json.dump({"whitelist": ["^nginx:"], "tests": [{"image": "redis:7", "expect": "allow"},
+                                                          {"image": "nginx:1", "expect": "allow"}]}, file)
+            file.flush()
+            self.assertEqual(dip.load_policy(file.name).tests[0].image, "redis:7")   # loads; only tested loads refuse
+            dip.load_tested_policy(file.name)
+        self.assertEqual(str(caught.exception), f'{file.name}: "tests": 1 of 2 tests fail: "tests"[0] (pull of'
+                         ' redis:7): expected allow, but pull of redis:7 denied: no whitelist rule matches and'
+                         ' defaultAllow is false [defaultAllow]')
+        self.assertIsInstance(caught.exception, dip.ConfigError)
 
 
 # --------------------------------------------------------------------------
@@ -922,6 +1001,31 @@ class TestRequests(unittest.TestCase):
         decision = self.decide(authz("POST", "/v1.41/services/web/update?rollback=previous", service("nginx:1")),
                                docker=None)
         self.assertIn("needs the Docker API", decision.reason)
+
+    def test_decisions_log_what_replay_needs(self):
+        logged = lambda decision: json.loads("{" + decision.log_fields)
+        fields = lambda decision: {key: logged(decision).get(key) for key in ("operation", "image", "name", "target")}
+        run = lambda image, docker=NO_DOCKER: self.decide(authz("POST", "/v1.41/containers/create", {"Image": image}),
+                                                          docker=docker)
+        # The canonical image says what a pull or a run by name named: nothing more is logged.
+        self.assertEqual(fields(self.decide(pull("/v1.41/images/create?fromImage=nginx&tag=1"))),
+                         {"operation": "pull", "image": "docker.io/library/nginx:1", "name": None, "target": None})
+        self.assertEqual(fields(run("nginx")), {"operation": "run", "image": "docker.io/library/nginx:latest",
+                                                "name": None, "target": None})
+        # A name dockerd resolved as an image ID at the time.
+        docker = FakeDocker({"3f9a": [dip.LocalImage("sha256:3f9a1", ("nginx:1",))], "cafe": []})
+        self.assertEqual(fields(run("3f9a", docker)), {"operation": "run", "image": "docker.io/library/nginx:1",
+                                                       "name": "3f9a", "target": None})
+        self.assertEqual(fields(run("cafe", docker))["name"], "cafe")
+        # A tag: its source as named and its new name.
+        self.assertEqual(fields(self.decide(pull("/v1.41/images/nginx:1/tag?repo=localhost:5000/ok/nginx&tag=2"))),
+                         {"operation": "tag", "image": "localhost:5000/ok/nginx:2", "name": "nginx:1",
+                          "target": "localhost:5000/ok/nginx:2"})
+        self.assertEqual(fields(self.decide(pull("/v1.41/images/redis:7/tag?repo=nginx&tag=2"))),
+                         {"operation": "tag", "image": "docker.io/library/redis:7", "name": None,
+                          "target": "docker.io/library/nginx:2"})
+        self.assertEqual(fields(self.decide(pull("/v1.41/images/redis:7/tag?repo=Bad"))),
+                         {"operation": "tag", "image": "docker.io/library/redis:7", "name": None, "target": None})
 
     def test_check_run_off_leaves_pull_control(self):
         policy = policy_of({"whitelist": ["^nginx:"], "checkRun": False})
@@ -1628,6 +1732,27 @@ class StandInDockerHandler(dip.BaseHTTPRequestHandler):
         pass
 
 
+NGINX_ID, SMUGGLED_ID, NAMELESS_ID = ("sha256:" + digit * 64 for digit in "123")
+NO_RULE = "no whitelist rule matches and defaultAllow is false"
+# A host as GET /images/json, /containers/json and /services describe it.
+SCANNED_HOST = {
+    "/images/json?all=1": (200, [
+        {"Id": NGINX_ID, "RepoTags": ["nginx:1.25"], "RepoDigests": ["nginx@" + DIGEST]},
+        {"Id": SMUGGLED_ID, "RepoTags": ["smuggled:1", "nginx:smuggled"], "RepoDigests": []},
+        {"Id": NAMELESS_ID, "RepoTags": ["<none>:<none>"], "RepoDigests": None}]),
+    "/containers/json?all=1": (200, [
+        {"Id": "c1" * 32, "Names": ["/web"], "Image": "nginx:1.25", "ImageID": NGINX_ID},
+        {"Id": "c2" * 32, "Names": ["/old"], "Image": "smuggled:1", "ImageID": SMUGGLED_ID},
+        {"Id": "c3" * 32, "Names": ["/by-id"], "Image": SMUGGLED_ID, "ImageID": SMUGGLED_ID},
+        {"Id": "c4" * 32, "Names": ["/nameless"], "Image": "333333333333", "ImageID": NAMELESS_ID}]),
+    "/services": (200, [
+        {"ID": "s1", "Spec": {"Name": "api", "TaskTemplate": {"ContainerSpec": {"Image": "nginx:1.25@" + DIGEST}}}},
+        {"ID": "s2", "Spec": {"Name": "miner", "TaskTemplate": {"ContainerSpec": {"Image": "evil/miner:1"}}}},
+        {"ID": "s3", "Spec": {"Name": "plugin", "TaskTemplate": {"Runtime": "plugin",
+                                                                 "PluginSpec": {"Remote": "evil/plugin:1"}}}}]),
+}
+
+
 class TestDockerAPI(unittest.TestCase):
     """Image inspection against a small stand-in for dockerd's API."""
 
@@ -1646,7 +1771,11 @@ class TestDockerAPI(unittest.TestCase):
     }
 
     def setUp(self):
-        answers = self.answers
+        self.docker = self.stand_in(self.answers)
+        self.path = self.docker.host[len("unix://"):]
+
+    def stand_in(self, answers: dict[str, tuple[int, Any]]) -> dip.DockerAPI:
+        """A stand-in daemon serving answers, and the DockerAPI that reads it."""
 
         class DockerAPIHandler(StandInDockerHandler):
             def answer(self) -> tuple[int, Any]:
@@ -1654,14 +1783,14 @@ class TestDockerAPI(unittest.TestCase):
 
         directory = tempfile.mkdtemp(prefix="dip")
         self.addCleanup(shutil.rmtree, directory)
-        self.path = os.path.join(directory, "docker.sock")
-        server = socketserver.ThreadingUnixStreamServer(self.path, DockerAPIHandler)
+        path = os.path.join(directory, "docker.sock")
+        server = socketserver.ThreadingUnixStreamServer(path, DockerAPIHandler)
         thread = threading.Thread(target=server.serve_forever, args=(0.05,))
         thread.start()
         self.addCleanup(thread.join)
         self.addCleanup(server.server_close)
         self.addCleanup(server.shutdown)
-        self.docker = dip.DockerAPI(f"unix://{self.path}")
+        return dip.DockerAPI(f"unix://{path}")
 
     def test_images_for(self):
         image = dip.LocalImage
@@ -1679,6 +1808,54 @@ class TestDockerAPI(unittest.TestCase):
         self.assertIn("No such file or directory", str(caught.exception))
         with self.assertRaises(dip.ImagePolicyError):
             dip.DockerAPI("ssh://host").images_for("aaaa")
+
+    def test_lists_of_images_containers_and_services(self):
+        docker = self.stand_in(SCANNED_HOST)
+        self.assertEqual(docker.images()[1], dip.LocalImage(SMUGGLED_ID, ("smuggled:1", "nginx:smuggled")))
+        self.assertEqual(docker.images()[2], dip.LocalImage(NAMELESS_ID, ()))
+        self.assertEqual(docker.containers()[2], dip.LocalContainer("c3" * 32, "by-id", SMUGGLED_ID, SMUGGLED_ID))
+        self.assertEqual([(service.id, service.name) for service in docker.services()],
+                         [("s1", "api"), ("s2", "miner"), ("s3", "plugin")])
+        not_a_manager = self.stand_in({"/services": (503, {"message": "This node is not a swarm manager."})})
+        self.assertIsNone(not_a_manager.services())
+        odd = self.stand_in({"/images/json?all=1": (200, [{"RepoTags": []}]), "/containers/json?all=1": (200, [7]),
+                             "/services": (200, [{"ID": "x"}])})
+        for listing, message in [(odd.images, "unexpected image list"), (odd.containers, "unexpected container list"),
+                                 (odd.services, "unexpected service list")]:
+            with self.subTest(message), self.assertRaises(dip.ImagePolicyError) as caught:
+                listing()
+            self.assertIn(message, str(caught.exception))
+
+    def test_scan_judges_images_containers_and_services_as_requests(self):
+        scan = dip.scan_host(policy_of(ORIGINAL_CONFIG), self.stand_in(SCANNED_HOST))
+        self.assertEqual((scan.images, scan.containers, scan.services, len(scan.findings)), (3, 4, 3, 12))
+        nameless = f"image {NAMELESS_ID[:19]} has no repository name or digest the policy could allow"
+        self.assertEqual([(finding.kind, finding.name, finding.decision.message(None), finding.decision.rule)
+                          for finding in scan.refused], [
+            ("image", "smuggled:1", f"pull of smuggled:1 denied: {NO_RULE}", "defaultAllow"),
+            ("image", "<none>", f"run of {NAMELESS_ID} denied: {nameless}", "image-id"),
+            ("container", "old", f"run of smuggled:1 denied: {NO_RULE}", "defaultAllow"),
+            ("container", "nameless", f"run of 333333333333 denied: {nameless}", "image-id"),
+            ("service", "miner", f"service of evil/miner:1 denied: {NO_RULE}", "defaultAllow"),
+            ("service", "plugin", f"service of evil/plugin:1 denied: {NO_RULE}", "defaultAllow"),
+        ])
+        # Run by ID, the smuggled image is allowed: one of its names (nginx:smuggled) is.
+        by_id = [finding for finding in scan.findings if finding.name == "by-id"][0]
+        self.assertEqual(by_id.decision.reason, 'whitelist rule "^nginx:" matches for its name nginx:smuggled')
+        unchecked = dip.scan_host(policy_of(dict(ORIGINAL_CONFIG, checkRun=False)), self.stand_in(SCANNED_HOST))
+        self.assertEqual([(finding.kind, finding.name) for finding in unchecked.refused],
+                         [("image", "smuggled:1"), ("service", "miner"), ("service", "plugin")])
+
+    def test_host_images_resolve_like_the_daemon(self):
+        host = dip.HostImages(self.stand_in(SCANNED_HOST).images())
+        ids = lambda text: [image.id for image in host.images_for(text)]
+        self.assertEqual(ids("smuggled:1"), [SMUGGLED_ID])
+        self.assertEqual(ids("docker.io/library/nginx:smuggled"), [SMUGGLED_ID])
+        self.assertEqual(ids("2222"), [SMUGGLED_ID])
+        self.assertEqual(ids(NAMELESS_ID), [NAMELESS_ID])
+        self.assertEqual(ids("3" * 64), [NAMELESS_ID])
+        self.assertEqual(ids("4444"), [])
+        self.assertEqual(ids("redis:7"), [])
 
     def test_service(self):
         self.assertEqual(self.docker.service("web")["PreviousSpec"], {"Name": "web"})
@@ -2339,7 +2516,187 @@ class TestOperations(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn('"whitelist"[0]: invalid regular expression "(":', result.stderr)
 
-    def test_validate_command(self):
+    def test_check_command_speaks_every_operation(self):
+        config = self.fixture.config_path
+        result = run_module("--config", config, "--check", "nginx:1", "redis:7", "--operation", "tag",
+                            "--tag-target", "quay.io/calico/node:v3")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, 'nginx:1\n  operation: tag\n  canonical: quay.io/calico/node:v3\n'
+                         '  familiar:  nginx:1 as quay.io/calico/node:v3\n  decision:  allow\n'
+                         '  rule:      whitelist[2] "^quay\\\\.io/calico/node"\n'
+                         '  reason:    whitelist rule "^quay\\\\.io/calico/node" matches for the new name\n'
+                         'redis:7\n  operation: tag\n  canonical: docker.io/library/redis:7\n  familiar:  redis:7\n'
+                         '  decision:  deny\n  rule:      defaultAllow\n'
+                         '  reason:    no whitelist rule matches and defaultAllow is false\n')
+        for operation, image, expected in [
+            ("pull-all-tags", "nginx", ("pull (all tags)", "allow", 'whitelist[0] "^nginx:"')),
+            ("pull-all-tags", "ubuntu", ("pull (all tags)", "deny", "all-tags")),
+            ("run", "ubuntu:22.04", ("run", "deny", 'blacklist[0] "^ubuntu:"')),
+            ("service", "nginx:1@" + DIGEST, ("service", "allow", 'whitelist[0] "^nginx:"')),
+            ("plugin-install", "docker:24", ("plugin install", "allow", 'whitelist[1] "^docker:"')),
+            ("run", "3f9a", ("run", "deny", "image-id")),   # no --docker-host: an ID cannot be judged
+        ]:
+            with self.subTest(operation=operation, image=image):
+                result = run_module("--config", config, "--check", image, "--operation", operation, "--format", "json")
+                (answer,) = json.loads(result.stdout)
+                self.assertEqual((answer["operation"], answer["decision"], answer["rule"]), expected)
+                self.assertEqual(result.returncode, 0 if expected[1] == "allow" else 1)
+        self.assertIn("give --docker-host to judge it", answer["reason"])
+
+    def test_check_run_by_image_id_asks_the_daemon(self):
+        docker = TestDockerAPI.stand_in(self, dict(SCANNED_HOST, **{f"/images/{SMUGGLED_ID}/json": (200, {
+            "Id": SMUGGLED_ID, "RepoTags": ["smuggled:1", "nginx:smuggled"], "RepoDigests": []})}))
+        for image, allow, reason in [
+            (SMUGGLED_ID, True, 'whitelist rule "^nginx:" matches for its name nginx:smuggled'),
+            ("3333", False, f"image {NAMELESS_ID[:19]} has no repository name or digest the policy could allow"),
+            ("smuggled:1", False, NO_RULE)]:
+            with self.subTest(image):
+                result = run_module("--config", self.fixture.config_path, "--check", image, "--operation", "run",
+                                    "--docker-host", docker.host, "--format", "json")
+                (answer,) = json.loads(result.stdout)
+                self.assertEqual((answer["decision"], answer["reason"]), ("allow" if allow else "deny", reason))
+
+    def test_validate_runs_the_policys_tests(self):
+        tests = [{"image": "nginx:1.25", "expect": "allow"}, {"image": "ubuntu:22.04", "expect": "deny"},
+                 {"image": "nginx", "operation": "pull-all-tags", "expect": "allow"}]
+        self.fixture.write_config(dict(ORIGINAL_CONFIG, tests=tests))
+        result = run_module("--config", self.fixture.config_path, "--validate")
+        self.assertEqual((result.returncode, result.stdout.splitlines()), (0, [
+            f"{self.fixture.config_path}: all 3 tests pass",
+            f"{self.fixture.config_path}: valid, 3 whitelist and 1 blacklist rules, mode enforce"]))
+        self.fixture.write_config(dict(ORIGINAL_CONFIG, tests=tests + [
+            {"image": "redis:7", "expect": "allow", "note": "the cache"}]))
+        result = run_module("--config", self.fixture.config_path, "--validate")
+        failure = ('"tests"[3] (pull of redis:7): expected allow, but pull of redis:7 denied: no whitelist rule matches'
+                   ' and defaultAllow is false [defaultAllow] (the cache)')
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (
+            2, f"fail: {failure}\n",
+            f'docker-image-policy: error: {self.fixture.config_path}: "tests": 1 of 4 tests fail: {failure}\n'))
+
+    def test_daemon_and_reload_refuse_a_policy_whose_tests_fail(self):
+        failing = dict(ORIGINAL_CONFIG, tests=[{"image": "redis:7", "expect": "allow"}])
+        error = (f'{self.fixture.config_path}: "tests": 1 of 1 tests fail: "tests"[0] (pull of redis:7): expected'
+                 f' allow, but pull of redis:7 denied: {NO_RULE} [defaultAllow]')
+        self.fixture.write_config(failing)
+        self.assertFalse(self.fixture.plugin.reload())
+        self.assertIn(f"reload failed, the running policy stays in force: {error}\n", self.fixture.log.getvalue())
+        self.assertFalse(self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7"))["Allow"])
+        self.assertTrue(self.ask(pull("/v1.41/images/create?fromImage=nginx&tag=7"))["Allow"])
+        result = run_module("--config", self.fixture.config_path, "--socket", self.fixture.dir + "/x.sock")
+        self.assertEqual((result.returncode, result.stderr), (2, f"docker-image-policy: error: {error}\n"))
+        self.assertFalse(os.path.lexists(self.fixture.dir + "/x.sock"))
+        self.fixture.write_config(dict(failing, whitelist=["^redis:"]))
+        self.assertTrue(self.fixture.plugin.reload())
+        self.assertTrue(self.ask(pull("/v1.41/images/create?fromImage=redis&tag=7"))["Allow"])
+
+    def test_scan_command(self):
+        docker = TestDockerAPI.stand_in(self, SCANNED_HOST)
+        result = run_module("--config", self.fixture.config_path, "--scan", "--docker-host", docker.host)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[0], f"image smuggled:1 (222222222222): pull of smuggled:1 denied: {NO_RULE}"
+                                   " [defaultAllow]")
+        self.assertEqual(lines[2], f"container old (c2c2c2c2c2c2): run of smuggled:1 denied: {NO_RULE} [defaultAllow]")
+        self.assertEqual(lines[-1], f"6 refused of 12 judged: 3 images, 4 containers, 3 services; policy"
+                                    f" {self.fixture.config_path}, mode enforce")
+        result = run_module("--config", self.fixture.config_path, "--scan", "--docker-host", docker.host,
+                            "--format", "json")
+        document = json.loads(result.stdout)
+        self.assertEqual(document["scanned"], {"images": 3, "containers": 4, "services": 3})
+        self.assertEqual(document["refused"][4], {"kind": "service", "id": "s2", "name": "miner",
+                                                  "operation": "service", "image": "docker.io/evil/miner:1",
+                                                  "rule": "defaultAllow", "reason": NO_RULE})
+        clean = TestDockerAPI.stand_in(self, {
+            "/images/json?all=1": (200, [{"Id": NGINX_ID, "RepoTags": ["nginx:1.25"], "RepoDigests": []}]),
+            "/containers/json?all=1": (200, []), "/services": (503, {"message": "This node is not a swarm manager."})})
+        result = run_module("--config", self.fixture.config_path, "--scan", "--docker-host", clean.host)
+        self.assertEqual((result.returncode, result.stdout), (0, "0 refused of 1 judged: 1 images, 0 containers,"
+                         f" no services (not a swarm manager); policy {self.fixture.config_path}, mode enforce\n"))
+        result = run_module("--config", self.fixture.config_path, "--scan", "--docker-host",
+                            f"unix://{self.fixture.dir}/none.sock")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (2, "", "docker-image-policy: error:"
+                         f" cannot scan: Docker API at unix://{self.fixture.dir}/none.sock: [Errno 2] No such file or"
+                         " directory\n"))
+
+    def test_replay_of_a_decision_log(self):
+        requests = [
+            pull("/v1.41/images/create?fromImage=nginx&tag=1.25"),
+            pull("/v1.41/images/create?fromImage=docker.io%2Flibrary%2Fnginx&tag=1.25"),   # CLI 28 spelling
+            pull("/v1.41/images/create?fromImage=redis&tag=7"),
+            pull("/v1.41/images/create?fromImage=ubuntu&tag=22.04"),
+            pull("/v1.41/images/create?fromImage=nginx"),                                    # every tag
+            authz("POST", "/v1.41/containers/create", {"Image": "nginx:1"}),
+            pull("/v1.41/images/nginx:1/tag?repo=quay.io/calico/node&tag=x"),
+            authz("POST", "/v1.41/images/load", headers={"Content-Type": "application/x-tar"}),
+            authz("POST", "/v1.41/containers/create", {"Image": "sha256:" + "b" * 64}),   # resolved at the time
+            authz("POST", "/v1.41/containers/create", headers={"Content-Type": "application/json"}),   # no body
+        ]
+        for request in requests:
+            self.ask(request)
+        log = Path(self.fixture.dir, "decisions.log")
+        log.write_text(self.fixture.log.getvalue() + "docker-image-policy: info: reloaded\n")
+        candidate = Path(self.fixture.dir, "candidate.json")
+        candidate.write_text(json.dumps({"whitelist": ["^redis:", "^quay\\.io/"], "blacklist": ["^nginx:1\\.25"],
+                                         "allowLoad": True}))
+        result = run_module("--config", str(candidate), "--replay", str(log))
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout.splitlines(), [
+            'nginx:1: allow -> deny, 2 times (run 1, tag 1): no whitelist rule matches and defaultAllow is false'
+            ' [defaultAllow]',
+            'nginx:1.25: allow -> deny, 2 times (pull 2): blacklist rule "^nginx:1\\\\.25" matches'
+            ' [blacklist[0] "^nginx:1\\\\.25"]',
+            "load: deny -> allow, 1 time (load 1): 'allowLoad' is true; the plugin cannot see which images the archive"
+            " holds [allowLoad]",
+            "nginx: allow -> deny, 1 time (pull (all tags) 1): a pull of all tags is allowed only when a whitelist"
+            " rule of the form ^prefix covers every tag; pull a tag or digest instead [all-tags]",
+            'redis:7: deny -> allow, 1 time (pull 1): whitelist rule "^redis:" matches [whitelist[0] "^redis:"]',
+            f"10 decisions replayed under {candidate}: 7 would change (5 allow -> deny, 2 deny -> allow) on 5 images,"
+            " 1 unchanged; not decided again: 1 a request that could not be read, 1 an image ID resolved at the"
+            " time; 1 other lines"])
+        self.assertEqual(run_module("--config", self.fixture.config_path, "--replay", str(log)).stdout.splitlines(),
+                         [f"10 decisions replayed under {self.fixture.config_path}: 0 would change (0 allow -> deny,"
+                          " 0 deny -> allow) on 0 images, 8 unchanged; not decided again: 1 a request that could not"
+                          " be read, 1 an image ID resolved at the time; 1 other lines"])
+        result = run_module("--config", str(candidate), "--replay", "-", "--format", "json", input=log.read_text())
+        document = json.loads(result.stdout)
+        self.assertEqual(document["changes"][-1], {"image": "redis:7", "was": "deny", "now": "allow", "count": 1,
+                                                   "operations": {"pull": 1}, "rule": 'whitelist[0] "^redis:"',
+                                                   "reason": 'whitelist rule "^redis:" matches'})
+        self.assertEqual(document["summary"], {"decisions": 10, "changed": 7, "allowToDeny": 5, "denyToAllow": 2,
+                                               "notReplayable": {"a request that could not be read": 1,
+                                                                 "an image ID resolved at the time": 1},
+                                               "otherLines": 1})
+        result = run_module("--config", str(candidate), "--replay", str(log) + ".missing")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("cannot read the decision log: [Errno 2] No such file or directory", result.stderr)
+
+    def test_replay_decides_each_operation_as_a_request(self):
+        audit = policy_of({"whitelist": ["^nginx:"], "mode": "audit"})
+        plugin_log = io.StringIO()
+        log = dip.Log("info", plugin_log)
+        docker = FakeDocker({"3f9a": [dip.LocalImage("sha256:3f9a1", ("nginx:1",))]})
+        for request in [pull("/v1.41/images/create?fromImage=DOCKER.IO%2Fnginx&tag=1"),
+                        authz("POST", "/v1.41/containers/create", {"Image": "3f9a"}),
+                        authz("POST", "/v1.41/plugins/pull?remote=nginx:2", []),
+                        authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:3"}}}),
+                        authz("POST", "/v1.41/build")]:
+            decision = dip.decide(audit, request, docker)
+            log.decision(decision, "allow" if decision.allow else "would-deny", "audit")
+        lines = plugin_log.getvalue().splitlines()
+        replayed = lambda policy: [(decision.allow, decision.rule) for decision in (
+            dip.replay_decision(policy, json.loads(line)) for line in lines if '"name"' not in line)]
+        # DOCKER.IO/nginx is not the official nginx: the canonical form in the log keeps it apart.
+        self.assertEqual(replayed(policy_of({"whitelist": ["^nginx:"], "allowBuild": True})), [
+            (False, "defaultAllow"), (True, 'whitelist[0] "^nginx:"'), (True, 'whitelist[0] "^nginx:"'),
+            (True, "allowBuild")])
+        self.assertEqual(replayed(policy_of({"whitelist": ["^docker\\.io/nginx:"]}))[0],
+                         (True, 'whitelist[0] "^docker\\\\.io/nginx:"'))
+        with self.assertRaisesRegex(dip.NotReplayable, "an image ID resolved at the time"):
+            dip.replay_decision(audit, json.loads(lines[1]))
+        replay = dip.replay_log(policy_of({"defaultAllow": True}), lines)
+        self.assertEqual((replay.decisions, replay.changed), (5, 2))   # the audit's would-deny lines now allowed
+
+
         self.fixture.write_config({"whitelist": ["^quay\\.io/", "nginx"], "blacklist": ["^quay\\.io/bad"]})
         result = run_module("--config", self.fixture.config_path, "--validate")
         self.assertEqual(result.returncode, 0)
@@ -2394,6 +2751,13 @@ class TestOperations(unittest.TestCase):
         config = self.fixture.config_path
         for argv, message in [
             (["--check", "nginx", "--validate"], "--check and --validate cannot be combined"),
+            (["--scan", "--replay", "-"], "--scan and --replay cannot be combined"),
+            (["--scan", "--operation", "run"], "--operation and --tag-target go with --check"),
+            (["--check", "nginx", "--operation", "tag"], "--tag-target NAME goes with --operation tag, and"
+                                                         " --operation tag needs it"),
+            (["--check", "nginx", "--tag-target", "x"], "--tag-target NAME goes with --operation tag, and"
+                                                        " --operation tag needs it"),
+            (["--validate", "--format", "json"], "--format goes with --check, --scan or --replay"),
             (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
             (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
             (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
