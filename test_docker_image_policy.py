@@ -3885,6 +3885,103 @@ class EndToEnd:
                                                 "{{.Spec.TaskTemplate.ContainerSpec.Image}}", service),
                                  f"^{re.escape(image)}@sha256:[0-9a-f]{{64}}$")
 
+    # ---- policy lifecycle: scan, check, replay, tests ------------------------
+
+    def lifecycle(self, *args: str, policy: dict[str, Any] | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
+        """The module run on a candidate policy (the test policy unless given) against this engine."""
+        path = self.dir / "candidate.json"
+        path.write_text(json.dumps(policy or self.test_policy))
+        return run_module("--config", str(path), "--docker-host", f"unix://{self.docker_socket}", *args, **kwargs)
+
+    def test_scan_finds_refused_images_containers_and_services(self):
+        self.swarm_init()
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        with self.seeding_policy():
+            nameless = self.docker_ok("import", str(self.dir / "busybox.tar"))
+            self.addCleanup(self.remove, nameless)
+            for name, image in [("scan-refused", "smuggled:1"), ("scan-allowed", allowed)]:
+                self.docker_ok("create", "--network", "none", "--name", name, image, "busybox", "true")
+                self.addCleanup(self.docker, CLIS[0], "rm", "-f", name)
+            self.docker_ok("service", "create", "--detach", "--no-resolve-image", "--name", "scan-smuggler",
+                           "smuggled:1", "busybox", "sleep", "60")
+            self.addCleanup(self.docker, CLIS[0], "service", "rm", "scan-smuggler")
+        result = self.lifecycle("--scan", "--format", "json")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        document = json.loads(result.stdout)
+        refused = {(finding["kind"], finding["name"]): finding for finding in document["refused"]}
+        self.assertEqual(refused[("image", "smuggled:1")]["rule"], "defaultAllow")
+        self.assertEqual(refused[("container", "scan-refused")]["reason"], "no whitelist rule matches and"
+                                                                           " defaultAllow is false")
+        self.assertEqual(refused[("service", "scan-smuggler")]["image"], "docker.io/library/smuggled:1")
+        self.assertIn(nameless, [finding["id"] for finding in document["refused"] if finding["name"] == "<none>"])
+        self.assertNotIn(("container", "scan-allowed"), refused)
+        self.assertNotIn(("image", allowed), refused)
+        self.assertEqual(document["scanned"]["services"], len(self.service_names()))
+        text = self.lifecycle("--scan").stdout
+        self.assertIn(f"container scan-refused (", text)
+        self.assertIn("): run of smuggled:1 denied: no whitelist rule matches and defaultAllow is false"
+                      " [defaultAllow]\n", text)
+        lenient = dict(self.test_policy, whitelist=[".*"])
+        self.assertEqual(self.lifecycle("--scan", policy=lenient).returncode, 1)   # nameless images stay refused
+        self.assertEqual(self.lifecycle("--scan", policy=dict(lenient, checkRun=False)).returncode, 0)
+
+    def test_check_judges_a_run_by_image_id_on_the_engine(self):
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.docker_ok("pull", allowed)
+        result = self.lifecycle("--check", self.image_id("smuggled:1"), self.image_id(allowed)[7:19], "--operation",
+                                "run", "--format", "json")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        smuggled, honest = json.loads(result.stdout)
+        self.assertEqual(smuggled["decision"], "deny")
+        self.assertIn("none of its names is allowed", smuggled["reason"])
+        self.assertEqual((honest["decision"], honest["canonical"]), ("allow", allowed))
+
+    def test_replay_of_what_dockerd_served(self):
+        log = self.dir / "plugin.log"
+        start = len(log.read_bytes())
+        allowed, denied = f"{self.registry}/allowed/busybox:1", f"{self.registry}/denied/busybox:1"
+        smuggled = self.image_id("smuggled:1")
+        self.remove(allowed)
+        self.docker_ok("pull", allowed)
+        self.denied(self.docker(CLIS[-1], "pull", denied), f"pull of {denied} denied")
+        run = self.docker(CLIS[-1], "run", "--rm", "--network", "none", allowed, "busybox", "true")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.denied(self.docker(CLIS[0], "run", "--rm", "--network", "none", smuggled, "busybox", "true"),
+                    f"run of {smuggled} denied")
+        wait_for(lambda: smuggled in log.read_bytes()[start:].decode(), "the decision lines", timeout=5)
+        excerpt = self.dir / "excerpt.log"
+        excerpt.write_bytes(log.read_bytes()[start:])
+        candidate = dict(self.test_policy, whitelist=[f"^{re.escape(self.registry)}/denied/", "^nginx:"])
+        result = self.lifecycle("--replay", str(excerpt), policy=candidate)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertIn(f"{allowed}: allow -> deny, 2 times (pull 1, run 1): no whitelist rule matches and"
+                      " defaultAllow is false [defaultAllow]", lines)
+        self.assertIn(f"{denied}: deny -> allow, 1 time (pull 1): whitelist rule"
+                      f" {json.dumps(candidate['whitelist'][0])} matches [whitelist[0]"
+                      f" {json.dumps(candidate['whitelist'][0])}]", lines)
+        self.assertRegex(lines[-1], r"^4 decisions replayed under .*: 3 would change \(2 allow -> deny, 1 deny ->"
+                                    r" allow\) on 2 images, 0 unchanged; not decided again: 1 an image ID resolved at"
+                                    r" the time; \d+ other lines$")
+        same = self.lifecycle("--replay", "-", input=excerpt.read_text())
+        self.assertEqual(same.returncode, 0, same.stdout)
+
+    def test_a_policy_whose_tests_fail_is_not_loaded(self):
+        def reloads(outcome: str) -> int:
+            return int(re.search(rf'reloads_total\{{outcome="{outcome}"\}} (\d+)', self.admin_get("/metrics"))[1])
+        self.addCleanup(self.apply_policy, self.test_policy)
+        failing = dict(self.test_policy, whitelist=[".*"], tests=[
+            {"image": f"{self.registry}/denied/busybox:1", "expect": "deny"}])
+        self.assertEqual(self.lifecycle("--validate", policy=failing).returncode, 2)
+        before = reloads("failure")
+        self.config.write_text(json.dumps(failing))
+        self.plugin.send_signal(signal.SIGHUP)
+        wait_for(lambda: reloads("failure") > before, "the refused reload")
+        self.denied(self.docker(CLIS[0], "pull", f"{self.registry}/denied/busybox:1"),
+                    f"pull of {self.registry}/denied/busybox:1 denied")   # the running policy stays
+        self.assertIn('"tests": 1 of 1 tests fail: "tests"[0]', (self.dir / "plugin.log").read_text())
+
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
         cls.plugin.kill()   # leaves its socket behind, as a crash would
