@@ -3212,10 +3212,14 @@ class EndToEnd:
                    "--address", str(containerd / "sock"), "--root", str(containerd / "root"),
                    "--state", str(containerd / "state")], "containerd.log", env=env)
         wait_for((containerd / "sock").exists, "containerd")
-        cls.spawn([cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
-                   "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
-                   "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
-                   f"--containerd={containerd / 'sock'}", f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
+        # The plugin is named in daemon.json, as the README says: a reload of dockerd re-reads it.
+        cls.daemon_json = cls.dir / "daemon.json"
+        cls.daemon_json.write_text(json.dumps({"authorization-plugins": [cls.name]}))
+        cls.dockerd_process = cls.spawn(
+            [cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
+             "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
+             "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
+             f"--containerd={containerd / 'sock'}", f"--config-file={cls.daemon_json}"], "dockerd.log", env=env)
         wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
 
     @classmethod
@@ -3264,7 +3268,7 @@ class EndToEnd:
         before = reloads()
         cls.plugin.send_signal(signal.SIGHUP)
         wait_for(lambda: reloads() > before, "the reload")
-        assert json.loads(cls.admin_get("/config"))["config"]["whitelist"] == policy.get("whitelist", [])
+        assert json.loads(cls.admin_get("/config"))["whitelist"] == policy.get("whitelist", [])
 
     @classmethod
     @contextlib.contextmanager
@@ -3653,6 +3657,36 @@ class EndToEnd:
                 self.assertRegex(self.docker_ok("service", "inspect", "--format",
                                                 "{{.Spec.TaskTemplate.ContainerSpec.Image}}", service),
                                  f"^{re.escape(image)}@sha256:[0-9a-f]{{64}}$")
+
+    def test_reload_of_dockerd_loads_the_plugin_and_keeps_containers(self):
+        # The README's rollout: name the plugin in daemon.json, then systemctl reload docker (SIGHUP).
+        allowed, denied = f"{self.registry}/allowed/busybox:1", f"{self.registry}/denied/busybox:1"
+        self.docker_ok("pull", allowed)
+        container = self.docker_ok("run", "--detach", "--network", "none", allowed, "busybox", "sleep", "600")
+        self.addCleanup(self.docker, CLIS[0], "rm", "--force", container)
+        self.addCleanup(self.remove, denied)
+
+        def reload_dockerd(plugins: list[str]) -> None:
+            self.daemon_json.write_text(json.dumps({"authorization-plugins": plugins}))
+            with open(self.dir / "dockerd.log") as log:
+                log.seek(0, os.SEEK_END)
+                self.dockerd_process.send_signal(signal.SIGHUP)
+                wait_for(lambda: "Reloaded configuration" in log.read(), "dockerd's reload")
+        self.addCleanup(reload_dockerd, [self.name])
+        reload_dockerd([])
+        self.assertEqual(self.docker(CLIS[0], "pull", denied).returncode, 0)   # no plugin: anything goes
+        self.remove(denied)
+        reload_dockerd([self.name])
+        self.denied(self.docker(CLIS[0], "pull", denied), f"pull of {denied} denied")
+        self.assertEqual(self.docker_ok("inspect", "--format", "{{.State.Running}}", container), "true")
+        # A broken policy file: the reload fails visibly and the running policy stays.
+        self.config.write_text('{"whitelist": [')
+        self.plugin.send_signal(signal.SIGHUP)
+        wait_for(lambda: "docker_image_policy_config_last_reload_successful 0" in self.admin_get("/metrics"),
+                 "the failed reload in /metrics")
+        self.assertIn("line 1 column 16: invalid JSON", json.loads(self.admin_get("/status"))["lastReload"]["error"])
+        self.denied(self.docker(CLIS[-1], "pull", denied), f"pull of {denied} denied")
+        self.apply_policy(self.test_policy)
 
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
