@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 MODULE = HERE / "docker_image_policy.py"
 LONG = os.environ.get("DOCKER_IMAGE_POLICY_LONG") == "1"
 REQUIRE_E2E = os.environ.get("DOCKER_IMAGE_POLICY_REQUIRE_E2E") == "1"
+UNIT_ONLY = os.environ.get("DOCKER_IMAGE_POLICY_UNIT_ONLY") == "1"
 DIGEST = "sha256:" + "a" * 64
 
 # A policy in the original plugin's format: whitelist, blacklist and defaultAllow only.
@@ -3101,6 +3102,8 @@ class EndToEnd:
     @classmethod
     def setUpClass(cls) -> None:
         try:
+            if UNIT_ONLY:
+                raise Missing("DOCKER_IMAGE_POLICY_UNIT_ONLY=1 asks for the unit tests only")
             cls.require()
         except Missing as missing:
             if REQUIRE_E2E:
