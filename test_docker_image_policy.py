@@ -2431,6 +2431,9 @@ class TestOperations(unittest.TestCase):
             (["--docker-host", "/var/run/docker.sock"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
                                                         " not '/var/run/docker.sock'"),
             (["--colour"], "unrecognized arguments: --colour"),
+            (["--addr", "127.0.0.1:99999"], "--addr: port 99999 is out of range (0 to 65535; 0 picks a free one)"),
+            (["--log-decisions", "some"], "argument --log-decisions: invalid choice: 'some' (choose from 'all',"
+                                          " 'denies', 'none')"),
         ]:
             with self.subTest(argv), mock.patch.object(dip, "serve", side_effect=AssertionError("serve() called")), \
                     contextlib.redirect_stderr(io.StringIO()) as stderr, self.assertRaises(SystemExit) as caught:
