@@ -1889,6 +1889,7 @@ class Plugin:
         self.config_path, self.log, self.docker = config_path, log, docker
         self.metrics = Metrics()
         self.current = Running(load_policy(config_path))
+        self.warn_backtracking(self.current.policy)
         self.metrics.reloaded(True)
         self.reload_status: dict[str, Any] = {"time": _now(), "ok": True, "error": None}
         self.reload_lock = threading.Lock()
@@ -1907,7 +1908,12 @@ class Plugin:
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
+            self.warn_backtracking(policy)
             return True
+
+    def warn_backtracking(self, policy: Policy) -> None:
+        for rule in backtracking_rules(policy):
+            self.log.event("warning", f"{rule}: {BACKTRACKING}")
 
     @property
     def policy(self) -> Policy:

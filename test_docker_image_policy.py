@@ -2499,6 +2499,16 @@ class TestOperations(unittest.TestCase):
         self.assertEqual((result.returncode, result.stderr.strip()), (2, f'docker-image-policy: error:'
                          f' {self.fixture.config_path}: "whitelist"[0]: must be a string, not 1'))
 
+    def test_nested_repetition_is_logged_at_start_and_reload(self):
+        dangerous = {"whitelist": ["^nginx:[^/]*$", "^([a-z0-9]+[._-]?)*:1\\."]}
+        warning = f'docker-image-policy: warning: whitelist[1] "^([a-z0-9]+[._-]?)*:1\\\\.": {dip.BACKTRACKING}\n'
+        self.fixture.write_config(dangerous)
+        self.assertTrue(self.fixture.plugin.reload())
+        self.assertTrue(self.fixture.log.getvalue().endswith(warning), self.fixture.log.getvalue())
+        stream = io.StringIO()
+        dip.Plugin(self.fixture.config_path, dip.Log("info", stream), dip.DockerAPI("unix:///nonexistent"))
+        self.assertEqual(stream.getvalue(), warning)
+
     def test_daemon_refuses_bad_config_with_status_2(self):
         self.fixture.write_config({"defaultAllow": "no"})
         result = run_module("--config", self.fixture.config_path, "--socket", self.fixture.dir + "/x.sock")
