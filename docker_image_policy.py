@@ -2352,10 +2352,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the decision for each image and exit: 0 all allowed, 1 any denied, 2 bad config")
     parser.add_argument("--validate", action="store_true",
                         help="check the configuration, print warnings, exit 0 (valid) or 2 (invalid)")
+    parser.add_argument("--strict", action="store_true",
+                        help="with --validate: exit 1 when there is any warning, as CI checks before a rollout")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     if args.check and args.validate:
         parser.error("--check and --validate cannot be combined")
+    if args.strict and not args.validate:
+        parser.error("--strict is valid only with --validate")
     try:
         address = parse_addr(args.addr)
     except ValueError as error:
@@ -2371,10 +2375,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         return check_images(policy, args.check)
-    for warning in policy_warnings(policy):
+    warnings = policy_warnings(policy)
+    for warning in warnings:
         print(f"warning: {warning}")
     print(f"{args.config}: valid, {policy.summary()}")
-    return 0
+    return 1 if args.strict and warnings else 0
 
 
 if __name__ == "__main__":

@@ -2499,6 +2499,32 @@ class TestOperations(unittest.TestCase):
         self.assertEqual((result.returncode, result.stderr.strip()), (2, f'docker-image-policy: error:'
                          f' {self.fixture.config_path}: "whitelist"[0]: must be a string, not 1'))
 
+    def test_validate_strict_fails_on_any_warning(self):
+        config = self.fixture.config_path
+        self.fixture.write_config({"whitelist": ["^nginx", "^registry.example.com/"], "blacklist": [":latest$"]})
+        expected = [
+            'warning: whitelist[0] "^nginx": allows nginxevil/miner, another name that begins with nginx; end the'
+            ' name, e.g. ^nginx:[^/]*$ for its tags and digests, or ^nginx/ for the repositories under it',
+            'warning: whitelist[1] "^registry.example.com/": allows registry-example.com/evil/miner: an unescaped .'
+            ' matches any character; escape the dots: ^registry\\.example\\.com/',
+            'warning: blacklist[0] ":latest$" can never change a decision: defaultAllow is false, so what no'
+            ' whitelist rule allows is denied anyway, and what one allows is allowed whatever the blacklist says:'
+            ' nginx:latest is allowed by whitelist[0] "^nginx"; narrow that rule so that it does not allow'
+            ' nginx:latest, e.g. with a lookahead (?!…), and remove this one',
+            f"{config}: valid, 2 whitelist and 1 blacklist rules, mode enforce"]
+        for strict, status in [((), 0), (("--strict",), 1)]:
+            with self.subTest(strict=strict):
+                result = run_module("--config", config, "--validate", *strict)
+                self.assertEqual((result.returncode, result.stdout.splitlines(), result.stderr), (status, expected, ""))
+        self.fixture.write_config({"whitelist": ["^nginx:[^/]*$", "^registry\\.example\\.com/"]})
+        result = run_module("--config", config, "--validate", "--strict")
+        self.assertEqual((result.returncode, result.stdout), (0, f"{config}: valid, 2 whitelist and 0 blacklist"
+                                                                 " rules, mode enforce\n"))
+        self.fixture.write_config({"whitelist": ["^nginx:("]})
+        result = run_module("--config", config, "--validate", "--strict")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn('"whitelist"[0]: invalid regular expression "^nginx:(":', result.stderr)
+
     def test_nested_repetition_is_logged_at_start_and_reload(self):
         dangerous = {"whitelist": ["^nginx:[^/]*$", "^([a-z0-9]+[._-]?)*:1\\."]}
         warning = f'docker-image-policy: warning: whitelist[1] "^([a-z0-9]+[._-]?)*:1\\\\.": {dip.BACKTRACKING}\n'
@@ -2550,6 +2576,8 @@ class TestOperations(unittest.TestCase):
         config = self.fixture.config_path
         for argv, message in [
             (["--check", "nginx", "--validate"], "--check and --validate cannot be combined"),
+            (["--strict"], "--strict is valid only with --validate"),
+            (["--check", "nginx", "--strict"], "--strict is valid only with --validate"),
             (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
             (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
             (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
