@@ -2716,8 +2716,19 @@ class TestOperations(unittest.TestCase):
         self.assertTrue(result.stdout.startswith("Success"), result.stdout)
 
     def test_example_config_is_valid(self):
-        result = run_module("--config", str(HERE / "docker-image-policy.json"), "--validate")
-        self.assertEqual(result.returncode, 0, result.stderr)
+        path = str(HERE / "docker-image-policy.json")
+        result = run_module("--config", path, "--validate", "--strict")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(result.stdout, f"{path}: valid, 3 whitelist and 0 blacklist rules, mode enforce\n")
+        # Approved nginx, docker and calico images, by tag or digest; never :latest, nor a look-alike.
+        policy = dip.load_policy(path)
+        for image, allow in [("nginx:1.25", True), (f"nginx@{DIGEST}", True), ("docker:24-dind", True),
+                             ("quay.io/calico/node:v3.27.0", True), (f"quay.io/calico/node@{DIGEST}", True),
+                             ("nginx", False), ("nginx:latest", False), ("docker:latest", False),
+                             ("quay.io/calico/node", False), ("redis:7", False), ("nginx:5000/evil/miner:1", False),
+                             ("nginxevil/miner:1", False), ("quay.io/calico/node-evil:v3", False)]:
+            with self.subTest(image):
+                self.assertEqual(policy.evaluate(parse_reference(image)).allow, allow)
 
 
 # --------------------------------------------------------------------------
