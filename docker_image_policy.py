@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import hashlib
 import http.client
 import importlib
 import json
@@ -60,6 +61,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
 from typing import Any, Callable
 from urllib.parse import quote, unquote_to_bytes
+
+if sys.version_info < (3, 11):
+    raise SystemExit(f"docker-image-policy needs Python 3.11 or newer, not {sys.version.split()[0]}"
+                     " (Debian 12 and Ubuntu 24.04 have it)")
 
 try:   # the stdlib's own parser gives exact literal prefixes; trusted_prefix checks them
     regex_parser: Any = importlib.import_module("re._parser")
@@ -451,6 +456,7 @@ class Policy:
     check_run: bool
     message: str
     operations: MappingProxyType[str, Verdict]   # every opaque operation's verdict, resolved at load
+    sha256: str = ""     # of the file's contents: logs and metrics say which policy decided
 
     @property
     def audit(self) -> bool:
@@ -568,7 +574,8 @@ def compile_policy(text: str, path: str) -> Policy:
             else f"{key!r} is {str(allowed).lower()}"
         operations[operation] = Verdict(allowed, key, f"{origin}; {why}")
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
-                  settings["checkRun"], settings["message"], MappingProxyType(operations))
+                  settings["checkRun"], settings["message"], MappingProxyType(operations),
+                  hashlib.sha256(text.encode()).hexdigest())
 
 
 def _unknown_key(key: str) -> str:
@@ -1740,6 +1747,21 @@ class DockerAPI(Docker):
 # --------------------------------------------------------------------------
 
 LOG_LEVELS = MappingProxyType({"debug": 10, "info": 20, "warning": 30, "error": 40})
+# sd-daemon(3) priorities by level, and by decision: a deny is a notice.
+SYSLOG_PRIORITIES = MappingProxyType({"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>",
+                                      "allow": "<6>", "would-deny": "<5>", "deny": "<5>"})
+# Which decisions the decision log keeps, apart from --log-level.
+DECISION_LOGGING = ("all", "denies", "none")
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald (systemd sets JOURNAL_STREAM to its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(2)
+    except OSError:
+        return False
+    return stream == f"{status.st_dev}:{status.st_ino}"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
 
 
@@ -1751,9 +1773,12 @@ class Log:
     another thread in the middle of every image decision.
     """
 
-    def __init__(self, level: str = "info", stream: Any = None) -> None:
+    def __init__(self, level: str = "info", stream: Any = None, decisions: str = "all") -> None:
         self.level = LOG_LEVELS[level]
+        self.decisions = decisions   # which decisions are logged: DECISION_LOGGING
         self.stream = stream
+        # journald reads a "<N>" prefix as the line's syslog priority, when stderr is the journal.
+        self.priorities = SYSLOG_PRIORITIES if stderr_is_journal() else MappingProxyType({})
         self.lock = threading.Lock()      # guards pending: decisions take it, briefly
         self.writing = threading.Lock()   # orders writes; a stalled journald holds only this one
         self.pending: list[str] | None = None
@@ -1788,12 +1813,15 @@ class Log:
 
     def event(self, level: str, text: str) -> None:
         if LOG_LEVELS[level] >= self.level:
-            self.write(f"{PLUGIN_NAME}: {level}: {text}")
+            self.write(f"{self.priorities.get(level, '')}{PLUGIN_NAME}: {level}: {text}")
 
-    def decision(self, decision: Decision, outcome: str, mode: str) -> None:
+    def decision(self, decision: Decision, outcome: str, policy: Policy) -> None:
         """One JSON object per decision; never bodies, environment or credentials."""
+        if self.decisions == "none" or (self.decisions == "denies" and outcome == "allow"):
+            return
         now = _now()
-        line = f'{{"time": "{now}", "decision": "{outcome}", "mode": "{mode}", {decision.log_fields}'
+        line = (f'{self.priorities.get(outcome, "")}{{"time": "{now}", "decision": "{outcome}", "mode": "{policy.mode}",'
+                f' "policy": "{policy.sha256[:12]}", {decision.log_fields}')
         if self.pending is None:
             self.write(line)
             return
@@ -1812,6 +1840,7 @@ class Metrics:
         self.decisions: dict[tuple[str, str], int] = {}
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload = 0.0
+        self.last_reload_successful = True
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
@@ -1825,6 +1854,7 @@ class Metrics:
     def reloaded(self, success: bool) -> None:
         with self.lock:
             self.reloads["success" if success else "failure"] += 1
+            self.last_reload_successful = success
             if success:
                 self.last_reload = time.time()
 
@@ -1841,6 +1871,14 @@ class Metrics:
             lines += [f"# HELP {name}_last_reload_success_timestamp_seconds When the configuration was last loaded.",
                       f"# TYPE {name}_last_reload_success_timestamp_seconds gauge",
                       f"{name}_last_reload_success_timestamp_seconds {self.last_reload:.3f}",
+                      f"# HELP {name}_config_last_reload_successful Whether the last load of the policy file"
+                      " succeeded (0 while a broken file waits to be fixed).",
+                      f"# TYPE {name}_config_last_reload_successful gauge",
+                      f"{name}_config_last_reload_successful {int(self.last_reload_successful)}",
+                      f"# HELP {name}_policy_info The policy in force: its file and the SHA-256 of its contents.",
+                      f"# TYPE {name}_policy_info gauge",
+                      f'{name}_policy_info{{file={json.dumps(policy.path)},sha256="{policy.sha256}",'
+                      f'mode="{policy.mode}"}} 1',
                       f"# HELP {name}_rules Rules in the running policy.",
                       f"# TYPE {name}_rules gauge",
                       f'{name}_rules{{list="whitelist"}} {len(policy.whitelist.rules)}',
@@ -1891,7 +1929,8 @@ class Plugin:
         self.current = Running(load_policy(config_path))
         self.warn_backtracking(self.current.policy)
         self.metrics.reloaded(True)
-        self.reload_status: dict[str, Any] = {"time": _now(), "ok": True, "error": None}
+        self.started = _now()
+        self.reload_status: dict[str, Any] = {"time": self.started, "ok": True, "error": None}
         self.reload_lock = threading.Lock()
 
     def reload(self) -> bool:
@@ -1942,7 +1981,7 @@ class Plugin:
                 remembered[body] = answer
         decision, outcome, response = answer
         if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
-            self.log.decision(decision, outcome, policy.mode)
+            self.log.decision(decision, outcome, policy)
         self.metrics.count(decision.operation, outcome, time.perf_counter() - started)
         return response
 
@@ -1965,9 +2004,13 @@ class Plugin:
             decision = dataclasses.replace(decision, user=user)
         return decision, not docker.asked
 
-    def config_document(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """What GET /status answers: the running policy and how the last reload went."""
         policy = self.policy
-        return {"file": policy.path, "lastReload": self.reload_status, "config": policy.configuration()}
+        return {"version": __version__, "started": self.started, "mode": policy.mode,
+                "policy": {"file": policy.path, "sha256": policy.sha256,
+                           "rules": {"whitelist": len(policy.whitelist.rules), "blacklist": len(policy.blacklist.rules)}},
+                "lastReload": self.reload_status}
 
 
 @dataclass
@@ -2106,36 +2149,53 @@ class PluginHandler(BaseHTTPRequestHandler):
 
 
 class AdminHandler(BaseHTTPRequestHandler):
-    """Read-only status endpoints: /health, /config, /version, /metrics."""
+    """Read-only status endpoints: /health, /config, /version (the original plugin's), /status, /metrics."""
 
     protocol_version = "HTTP/1.1"
     timeout = 10.0
     server: AdminServer
+    server_version = PLUGIN_NAME   # and no Python version
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s\n"
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def do_GET(self) -> None:
-        plugin = self.server.plugin
-        if self.path == "/health":
+        self.answer(head=False)
+
+    def do_HEAD(self) -> None:
+        self.answer(head=True)
+
+    def answer(self, head: bool) -> None:
+        plugin, path = self.server.plugin, self.path.partition("?")[0]
+        self.head = head
+        if path == "/health":
             self.reply(b"HEALTHY", "text/plain; charset=utf-8")
-        elif self.path == "/config":
-            self.reply(json.dumps(plugin.config_document(), indent=2).encode() + b"\n", "application/json")
-        elif self.path == "/version":
-            self.reply(json.dumps({"name": PLUGIN_NAME, "version": __version__}).encode(), "application/json")
-        elif self.path == "/metrics":
+        elif path == "/config":   # the configuration object, indented as the original plugin's Go did
+            self.reply(json.dumps(plugin.policy.configuration(), indent=4).encode(), "application/json")
+        elif path == "/version":
+            self.reply(__version__.encode(), "text/plain; charset=utf-8")
+        elif path == "/status":
+            self.reply(json.dumps(plugin.status(), indent=2).encode() + b"\n", "application/json")
+        elif path == "/metrics":
             self.reply(plugin.metrics.render(plugin.policy).encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
-            self.send_error(HTTPStatus.NOT_FOUND, "no such endpoint (try /health, /config, /version, /metrics)")
+            self.send_error(HTTPStatus.NOT_FOUND, "no such endpoint (try /health, /config, /version, /status,"
+                                                  " /metrics)")
 
     def not_allowed(self) -> None:
-        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "the admin listener is read-only: GET only")
+        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "the admin listener is read-only: GET and HEAD only")
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = not_allowed
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed
 
     def reply(self, body: bytes, content_type: str) -> None:
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not self.head:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         self.server.plugin.log.event("debug", "admin: " + format % args)
@@ -2268,7 +2328,40 @@ def parse_addr(text: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
     if not colon or not port.isdigit() or not host:
         raise ValueError(f"expected HOST:PORT, not {text!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port {port} is out of range (0 to 65535; 0 picks a free one)")
     return host.strip("[]"), int(port)
+
+
+# The original plugin's flags (Go's flag package: -name, --name, -name=value),
+# as this plugin spells them; None where it has no equivalent.
+ORIGINAL_FLAGS = MappingProxyType({
+    "config": "--config", "addr": "--addr", "host": "--docker-host", "debug": "--log-level=debug",
+    "version": "--original-version",
+    "cert-path": None, "tls-verify": None,
+})
+
+
+def translate_original_flags(argv: list[str]) -> list[str]:
+    """Accept the original plugin's single-dash flags with their old meaning, or say what replaced them."""
+    translated = []
+    for arg in argv:
+        name, equals, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or arg.startswith("--") or name not in ORIGINAL_FLAGS:
+            translated.append(arg)
+            continue
+        replacement = ORIGINAL_FLAGS[name]
+        if replacement is None:
+            raise ValueError(f"-{name} is the original plugin's TLS option for a remote Docker host, which this"
+                             " plugin does not support: use --docker-host unix:///var/run/docker.sock (or"
+                             " tcp://HOST:PORT on a trusted network)")
+        if name in ("debug", "version"):   # Go's boolean flags: -debug, -debug=true, -debug=false
+            if value.lower() not in ("", "1", "t", "true"):
+                continue
+            translated.append(replacement)
+        else:
+            translated.append(replacement + equals + value)
+    return translated
 
 
 def check_images(policy: Policy, images: list[str]) -> int:
@@ -2296,7 +2389,7 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     # before any thread starts, as threads inherit the mask.
     handled = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-    log = Log(args.log_level)
+    log = Log(args.log_level, decisions=args.log_decisions)
     log.buffer(LOG_FLUSH_INTERVAL)
     try:
         plugin = Plugin(args.config, log, DockerAPI(args.docker_host))
@@ -2306,7 +2399,8 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     try:
         plugin_server = PluginServer(args.socket, plugin)
     except (ImagePolicyError, OSError) as error:
-        log.event("error", f"cannot serve the plugin socket {args.socket}: {error}")
+        why = " (the plugin socket needs root)" if isinstance(error, PermissionError) and os.geteuid() else ""
+        log.event("error", f"cannot serve the plugin socket {args.socket}: {error}{why}")
         return 1
     try:
         admin_server = AdminServer(address, plugin)
@@ -2317,8 +2411,10 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     for server in (plugin_server, admin_server):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     policy = plugin.policy
-    log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {args.addr}, policy"
-              f" {args.config} ({policy.summary()})")
+    host, port = str(admin_server.server_address[0]), admin_server.server_address[1]
+    admin = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"   # the port bound, for --addr …:0
+    log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {admin}, policy"
+              f" {args.config} ({policy.summary()}, sha256 {policy.sha256[:12]})")
     notify_systemd("READY=1", log)
     while True:
         signum = signal.sigwait(handled)
@@ -2348,6 +2444,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Docker API used to look up image IDs (default: %(default)s)")
     parser.add_argument("--log-level", metavar="LEVEL", default="info", choices=list(LOG_LEVELS),
                         help="debug, info, warning or error (default: %(default)s)")
+    parser.add_argument("--log-decisions", metavar="WHICH", default="all", choices=DECISION_LOGGING,
+                        help="decisions the decision log keeps: all (image decisions and every deny), denies"
+                             " (denies and would-denies only) or none (default: %(default)s)")
     parser.add_argument("--check", metavar="IMAGE", nargs="+",
                         help="print the decision for each image and exit: 0 all allowed, 1 any denied, 2 bad config")
     parser.add_argument("--validate", action="store_true",
@@ -2355,6 +2454,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true",
                         help="with --validate: exit 1 when there is any warning, as CI checks before a rollout")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--original-version", action="version", version=f"Version: {__version__}",
+                        help=argparse.SUPPRESS)   # the original plugin's -version
+    try:
+        argv = translate_original_flags(sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        parser.error(str(error))
     args = parser.parse_args(argv)
     if args.check and args.validate:
         parser.error("--check and --validate cannot be combined")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import functools
 import http.client
 import io
@@ -51,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 MODULE = HERE / "docker_image_policy.py"
 LONG = os.environ.get("DOCKER_IMAGE_POLICY_LONG") == "1"
 REQUIRE_E2E = os.environ.get("DOCKER_IMAGE_POLICY_REQUIRE_E2E") == "1"
+UNIT_ONLY = os.environ.get("DOCKER_IMAGE_POLICY_UNIT_ONLY") == "1"
 DIGEST = "sha256:" + "a" * 64
 
 # A policy in the original plugin's format: whitelist, blacklist and defaultAllow only.
@@ -133,6 +135,7 @@ class NoDocker(FakeDocker):
 
 
 NO_DOCKER = NoDocker()
+ENFORCE = dip.compile_policy("{}", "enforce.json")
 
 
 class AnyNameIsNoImage(dip.Docker):
@@ -2154,16 +2157,35 @@ class TestAdmin(unittest.TestCase):
 
     def test_endpoints(self):
         self.assertEqual(self.fixture.get("/health")[:2], (200, "HEALTHY"))
-        status, body, _ = self.fixture.get("/version")
-        self.assertEqual(json.loads(body), {"name": "docker-image-policy", "version": dip.__version__})
+        self.assertEqual(self.fixture.get("/version")[:2], (200, dip.__version__))   # as the original answered
         status, body, _ = self.fixture.get("/config")
-        document = json.loads(body)
-        self.assertEqual(document["config"]["whitelist"], ORIGINAL_CONFIG["whitelist"])
-        self.assertEqual(document["config"]["allowLoad"], False)
-        self.assertEqual((document["file"], document["lastReload"]["ok"]), (self.fixture.config_path, True))
-        self.assertEqual(self.fixture.get("/nope")[0], 404)
+        self.assertEqual(json.loads(body), {   # the configuration object at the top level, as the original's
+            **ORIGINAL_CONFIG, "mode": "enforce", "checkRun": True, "allowBuild": False, "allowCommit": False,
+            "allowImport": False, "allowLoad": False, "allowPluginCreate": False, "allowSwarm": False,
+            "message": ""})
+        self.assertTrue(body.startswith('{\n    "whitelist": [\n        "^nginx:",'), body)
+        status = json.loads(self.fixture.get("/status?pretty=1")[1])
+        digest = hashlib.sha256(Path(self.fixture.config_path).read_bytes()).hexdigest()
+        self.assertEqual(status["policy"], {"file": self.fixture.config_path, "sha256": digest,
+                                            "rules": {"whitelist": 3, "blacklist": 1}})
+        self.assertEqual((status["version"], status["mode"], status["lastReload"]["ok"], status["lastReload"]["error"]),
+                         (dip.__version__, "enforce", True, None))
+        self.assertRegex(status["started"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(self.fixture.get("/health?x=1")[:2], (200, "HEALTHY"))   # a query string is ignored
+        status, body, headers = self.fixture.get("/nope")
+        self.assertEqual((status, headers["Content-Type"]), (404, "text/plain; charset=utf-8"))
+        self.assertEqual(body, "404 no such endpoint (try /health, /config, /version, /status, /metrics)\n")
+        self.assertEqual(headers["Server"], "docker-image-policy")   # no Python version
         for method in ["POST", "PUT", "DELETE"]:
-            self.assertEqual(self.fixture.get("/health", method)[0], 405)
+            self.assertEqual(self.fixture.get("/health", method)[:2],
+                             (405, "405 the admin listener is read-only: GET and HEAD only\n"))
+        connection = http.client.HTTPConnection("127.0.0.1", self.fixture.admin.server_address[1], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("HEAD", "/health")
+        response = connection.getresponse()
+        self.assertEqual((response.status, response.read(), response.getheader("Content-Length")), (200, b"", "7"))
+        connection.request("GET", "/version")   # the same connection: a GET after a HEAD has its body
+        self.assertEqual(connection.getresponse().read(), dip.__version__.encode())
 
     def test_stalled_client_does_not_delay_others(self):
         with socket.create_connection(("127.0.0.1", self.fixture.admin.server_address[1])) as stalled:
@@ -2204,7 +2226,7 @@ class TestAdmin(unittest.TestCase):
         self.assertEqual(connection.getresponse().read(), b"HEALTHY")
         process.terminate()
         self.assertEqual(process.wait(20), 0)
-        self.assertIn(f"admin on {dip.DEFAULT_ADDR}, policy", process.stderr.read())
+        self.assertIn(f"admin on 127.0.0.1:{port.strip()}, policy", process.stderr.read())   # the port bound
 
 
 # --------------------------------------------------------------------------
@@ -2252,7 +2274,7 @@ def buffered_log(test: unittest.TestCase, stream: Stream, interval: float) -> tu
         stream.finishing = True
         stream.open.set()
         with contextlib.suppress(SystemExit):   # raised here only if the calling thread writes
-            log.decision(decision_number(0), "deny", "enforce")   # something to flush
+            log.decision(decision_number(0), "deny", ENFORCE)   # something to flush
         flusher.join(10)
     test.addCleanup(finish)
     return log, flusher
@@ -2284,12 +2306,18 @@ class TestOperations(unittest.TestCase):
         error = f'{self.fixture.config_path}: "whitelist"[0]: invalid regular expression "^redis:(":' \
                 ' missing ), unterminated subpattern at position 7'
         self.assertIn(f"reload failed, the running policy stays in force: {error}", self.fixture.log.getvalue())
-        document = json.loads(self.fixture.get("/config")[1])
-        self.assertEqual(document["lastReload"]["error"], error)
-        self.assertEqual(document["config"]["whitelist"], ["^redis:"])
+        self.assertEqual(json.loads(self.fixture.get("/status")[1])["lastReload"]["error"], error)
+        self.assertEqual(json.loads(self.fixture.get("/config")[1])["whitelist"], ["^redis:"])
         metrics = self.fixture.get("/metrics")[1]
         self.assertIn('docker_image_policy_reloads_total{outcome="success"} 2', metrics)
         self.assertIn('docker_image_policy_reloads_total{outcome="failure"} 1', metrics)
+        self.assertIn("docker_image_policy_config_last_reload_successful 0\n", metrics)   # while the file is broken
+        digest = hashlib.sha256(b'{"whitelist": ["^redis:"]}').hexdigest()
+        self.assertIn(f'docker_image_policy_policy_info{{file="{self.fixture.config_path}",sha256="{digest}",'
+                      f'mode="enforce"}} 1\n', metrics)   # the policy still in force
+        self.fixture.write_config({"whitelist": ["^redis:"], "blacklist": []})
+        self.assertTrue(self.fixture.plugin.reload())
+        self.assertIn("docker_image_policy_config_last_reload_successful 1\n", self.fixture.get("/metrics")[1])
 
     def test_audit_mode_allows_and_logs_would_deny(self):
         self.fixture.write_config(dict(ORIGINAL_CONFIG, mode="audit"))
@@ -2311,7 +2339,9 @@ class TestOperations(unittest.TestCase):
         self.ask(authz("GET", "/v1.41/containers/json"))
         lines = [json.loads(line) for line in self.fixture.log.getvalue().splitlines()]
         self.assertEqual(len(lines), 1)
-        self.assertEqual(set(lines[0]), {"time", "operation", "image", "decision", "rule", "reason", "mode", "user"})
+        self.assertEqual(set(lines[0]), {"time", "operation", "image", "decision", "rule", "reason", "mode", "user",
+                                         "policy"})
+        self.assertEqual(lines[0]["policy"], self.fixture.plugin.policy.sha256[:12])
         self.assertEqual((lines[0]["user"], lines[0]["decision"]), ("alice", "allow"))
         self.assertNotIn("hunter2", self.fixture.log.getvalue())
         self.assertNotIn("c2VjcmV0", self.fixture.log.getvalue())
@@ -2400,7 +2430,7 @@ class TestOperations(unittest.TestCase):
         stream = Stream()
         log, flusher = buffered_log(self, stream, dip.LOG_FLUSH_INTERVAL)
         for number in range(1000):
-            log.decision(decision_number(number), "deny", "enforce")
+            log.decision(decision_number(number), "deny", ENFORCE)
         last = time.monotonic()
         wait_for(lambda: stream.getvalue().count("\n") == 1000, "the decision lines")
         self.assertLess(time.monotonic() - last, dip.LOG_FLUSH_INTERVAL + 0.5)
@@ -2408,7 +2438,7 @@ class TestOperations(unittest.TestCase):
         self.assertEqual([line["image"] for line in lines], [f"docker.io/library/redis:{n}" for n in range(1000)])
         self.assertEqual({thread for thread, _ in stream.writes}, {flusher})   # never the deciding thread
         # An event is written at once, after the decision lines still waiting.
-        log.decision(decision_number(1000), "deny", "enforce")
+        log.decision(decision_number(1000), "deny", ENFORCE)
         log.event("info", "reloaded")
         *_, waiting, event = stream.getvalue().splitlines()
         self.assertEqual((json.loads(waiting)["image"], event),
@@ -2418,13 +2448,13 @@ class TestOperations(unittest.TestCase):
         stream = Stream()
         log, flusher = buffered_log(self, stream, 0.01)
         stream.open.clear()   # journald stops reading
-        log.decision(decision_number(0), "deny", "enforce")
+        log.decision(decision_number(0), "deny", ENFORCE)
         self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
         extra = 7
 
         def decide() -> None:
             for number in range(1, dip.MAX_PENDING_LINES + extra + 1):
-                log.decision(decision_number(number), "deny", "enforce")
+                log.decision(decision_number(number), "deny", ENFORCE)
         deciding = threading.Thread(target=decide)
         deciding.start()
         deciding.join(20)
@@ -2454,7 +2484,7 @@ class TestOperations(unittest.TestCase):
             with self.subTest(stream):
                 log = dip.Log("info", stream)
                 log.event("error", "nowhere to go")
-                log.decision(decision_number(1), "deny", "enforce")
+                log.decision(decision_number(1), "deny", ENFORCE)
                 with mock.patch.object(sys, "stderr", stream):   # the daemon's Log writes to sys.stderr
                     dip.Log("info").event("error", "nowhere to go")
         self.fixture.plugin.log.stream = closed
@@ -2585,6 +2615,9 @@ class TestOperations(unittest.TestCase):
             (["--docker-host", "/var/run/docker.sock"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
                                                         " not '/var/run/docker.sock'"),
             (["--colour"], "unrecognized arguments: --colour"),
+            (["--addr", "127.0.0.1:99999"], "--addr: port 99999 is out of range (0 to 65535; 0 picks a free one)"),
+            (["--log-decisions", "some"], "argument --log-decisions: invalid choice: 'some' (choose from 'all',"
+                                          " 'denies', 'none')"),
         ]:
             with self.subTest(argv), mock.patch.object(dip, "serve", side_effect=AssertionError("serve() called")), \
                     contextlib.redirect_stderr(io.StringIO()) as stderr, self.assertRaises(SystemExit) as caught:
@@ -2690,18 +2723,122 @@ class TestOperations(unittest.TestCase):
     def test_service_unit(self):
         unit = (HERE / "docker-image-policy.service").read_text()
         for line in ["ExecStart=/usr/bin/python3 /usr/local/bin/docker_image_policy.py"
-                     " --config /etc/docker/docker-image-policy.json", "Before=docker.service", "Type=notify",
-                     "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always", "NoNewPrivileges=yes",
+                     " --config /etc/docker/docker-image-policy.json $DOCKER_IMAGE_POLICY_OPTS",
+                     "EnvironmentFile=-/etc/default/docker-image-policy", "Before=docker.service", "Type=notify",
+                     "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always", "RestartPreventExitStatus=2",
+                     "SyslogIdentifier=docker-image-policy", "CapabilityBoundingSet=", "NoNewPrivileges=yes",
                      "ProtectSystem=strict", "ReadWritePaths=/run/docker/plugins", "ProtectHome=yes",
                      "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]:
             self.assertIn(line + "\n", unit)
+        self.assertRegex(unit, r"\nDocumentation=\S+")
         if not shutil.which("systemd-analyze"):
             self.skipTest("systemd-analyze is not installed")
         result = subprocess.run(["systemd-analyze", "verify", str(HERE / "docker-image-policy.service")],
                                 capture_output=True, text=True)
         problems = [line for line in result.stderr.splitlines() if "docker-image-policy.service" in line
-                    and "docker_image_policy.py" not in line]
+                    and "docker_image_policy.py" not in line and "/usr/local/share/doc" not in line]
         self.assertEqual(problems, [])
+
+    def test_reload_of_the_unit_fails_on_an_invalid_file(self):
+        # Run the unit's ExecReload= lines as systemd does: in order, stopping at the first failure.
+        unit = (HERE / "docker-image-policy.service").read_text()
+        commands = [line.split("=", 1)[1].split() for line in unit.splitlines() if line.startswith("ExecReload=")]
+        process, sock, stderr_path = self.start_daemon(None)
+        wait_for(lambda: os.path.exists(sock), "the daemon")
+
+        def reload() -> int:
+            for command in commands:
+                command = [{"/usr/bin/python3": sys.executable, "/usr/local/bin/docker_image_policy.py": str(MODULE),
+                            "/etc/docker/docker-image-policy.json": self.fixture.config_path,
+                            "$MAINPID": str(process.pid)}.get(word, word) for word in command]
+                status = subprocess.run(command, capture_output=True, timeout=60).returncode
+                if status:
+                    return status
+            return 0
+
+        def reloads() -> int:
+            return stderr_path.read_text().count("reloaded")
+        self.fixture.write_config({"whitelist": ["^redis:("]})
+        self.assertEqual(reload(), 2)   # systemctl reload fails; the daemon never got SIGHUP
+        time.sleep(0.5)
+        self.assertEqual(reloads(), 0)
+        self.fixture.write_config({"whitelist": ["^redis:"]})
+        self.assertEqual(reload(), 0)
+        wait_for(lambda: reloads() == 1, "the reload")
+
+    def test_original_plugin_flags(self):
+        # The Go plugin's single-dash flags keep their meaning, or say what replaced them.
+        self.assertEqual(run_module("-version").stdout, f"Version: {dip.__version__}\n")
+        self.assertEqual(dip.translate_original_flags(
+            ["-config", "/etc/p.json", "-addr=127.0.0.1:5006", "-host", "unix:///x.sock", "-debug", "-debug=false",
+             "--config", "/y", "-h"]),
+            ["--config", "/etc/p.json", "--addr=127.0.0.1:5006", "--docker-host", "unix:///x.sock",
+             "--log-level=debug", "--config", "/y", "-h"])
+        result = run_module("-config", self.fixture.config_path, "-host", "unix:///nowhere.sock", "--validate")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for flag in ("-cert-path=/etc/docker/certs", "-tls-verify"):
+            with self.subTest(flag):
+                result = run_module(flag)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(f"error: {flag.split('=')[0]} is the original plugin's TLS option for a remote Docker"
+                              " host, which this plugin does not support: use --docker-host", result.stderr)
+
+    def test_which_decisions_are_logged(self):
+        allowed, denied = pull("/v1.41/images/create?fromImage=nginx&tag=1"), pull(
+            "/v1.41/images/create?fromImage=redis&tag=7")
+        for setting, expected in [("all", ["allow", "deny"]), ("denies", ["deny"]), ("none", [])]:
+            with self.subTest(setting):
+                self.fixture.log.truncate(0)
+                self.fixture.log.seek(0)
+                self.fixture.plugin.log.decisions = setting
+                self.fixture.plugin.log.level = dip.LOG_LEVELS["error"]   # a separate setting
+                self.ask(allowed)
+                self.ask(denied)
+                lines = [json.loads(line)["decision"] for line in self.fixture.log.getvalue().splitlines()]
+                self.assertEqual(lines, expected)
+        self.assertEqual(run_module("--log-decisions", "some").returncode, 2)
+
+    def test_priorities_for_journald(self):
+        with tempfile.TemporaryFile("w+") as stream:
+            status = os.fstat(stream.fileno())
+            with mock.patch.dict(os.environ, JOURNAL_STREAM=f"{status.st_dev}:{status.st_ino}"), \
+                    mock.patch("os.fstat", return_value=status):
+                log = dip.Log("info", stream)
+            log.event("error", "reload failed")
+            log.event("warning", "slow")
+            log.decision(dip.Decision(False, "pull", "docker.io/library/redis:7", "redis:7"), "deny", ENFORCE)
+            stream.seek(0)
+            lines = stream.read().splitlines()
+        self.assertEqual([line[:3] for line in lines], ["<3>", "<4>", "<5>"])
+        self.assertEqual(lines[0], "<3>docker-image-policy: error: reload failed")
+        plain = io.StringIO()
+        with mock.patch.dict(os.environ, JOURNAL_STREAM="1:2"):   # stderr is something else
+            dip.Log("info", plain).event("error", "reload failed")
+        self.assertEqual(plain.getvalue(), "docker-image-policy: error: reload failed\n")
+
+    def test_old_python_is_told_what_it_needs(self):
+        program = ("import sys, runpy; sys.version_info = (3, 9, 2); sys.version = '3.9.2 (test)';"
+                   f" runpy.run_path({str(MODULE)!r}, run_name='__main__')")
+        result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, "docker-image-policy needs Python 3.11 or newer, not 3.9.2 (Debian 12 and Ubuntu"
+                             " 24.04 have it)\n"))
+
+    def test_socket_without_root_says_root_is_needed(self):
+        if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK):
+            self.skipTest("needs root and /usr/bin/python3 to run the daemon as another user")
+        os.chmod(self.fixture.dir, 0o755)
+        module = shutil.copy(MODULE, self.fixture.dir)
+        os.chmod(module, 0o644)
+        os.chmod(self.fixture.config_path, 0o644)
+        directory = os.path.join(self.fixture.dir, "plugins")   # root's, like /run/docker/plugins
+        os.mkdir(directory, 0o755)
+        result = subprocess.run(["/usr/bin/python3", module, "--config", self.fixture.config_path, "--socket",
+                                 os.path.join(directory, "p.sock"), "--addr", "127.0.0.1:0"], capture_output=True,
+                                text=True, timeout=60, user=65534, group=65534, cwd="/")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("Permission denied (the plugin socket needs root)", result.stderr)
+        self.assertFalse(os.listdir(directory))
 
     def test_module_type_checks(self):
         mypy = "/usr/bin/mypy" if os.path.exists("/usr/bin/mypy") else shutil.which("mypy")   # Debian's, if there
@@ -3163,6 +3300,8 @@ class EndToEnd:
     @classmethod
     def setUpClass(cls) -> None:
         try:
+            if UNIT_ONLY:
+                raise Missing("DOCKER_IMAGE_POLICY_UNIT_ONLY=1 asks for the unit tests only")
             cls.require()
         except Missing as missing:
             if REQUIRE_E2E:
@@ -3274,10 +3413,14 @@ class EndToEnd:
                    "--address", str(containerd / "sock"), "--root", str(containerd / "root"),
                    "--state", str(containerd / "state")], "containerd.log", env=env)
         wait_for((containerd / "sock").exists, "containerd")
-        cls.spawn([cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
-                   "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
-                   "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
-                   f"--containerd={containerd / 'sock'}", f"--authorization-plugin={cls.name}"], "dockerd.log", env=env)
+        # The plugin is named in daemon.json, as the README says: a reload of dockerd re-reads it.
+        cls.daemon_json = cls.dir / "daemon.json"
+        cls.daemon_json.write_text(json.dumps({"authorization-plugins": [cls.name]}))
+        cls.dockerd_process = cls.spawn(
+            [cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
+             "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
+             "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
+             f"--containerd={containerd / 'sock'}", f"--config-file={cls.daemon_json}"], "dockerd.log", env=env)
         wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
 
     @classmethod
@@ -3326,7 +3469,7 @@ class EndToEnd:
         before = reloads()
         cls.plugin.send_signal(signal.SIGHUP)
         wait_for(lambda: reloads() > before, "the reload")
-        assert json.loads(cls.admin_get("/config"))["config"]["whitelist"] == policy.get("whitelist", [])
+        assert json.loads(cls.admin_get("/config"))["whitelist"] == policy.get("whitelist", [])
 
     @classmethod
     @contextlib.contextmanager
@@ -3715,6 +3858,36 @@ class EndToEnd:
                 self.assertRegex(self.docker_ok("service", "inspect", "--format",
                                                 "{{.Spec.TaskTemplate.ContainerSpec.Image}}", service),
                                  f"^{re.escape(image)}@sha256:[0-9a-f]{{64}}$")
+
+    def test_reload_of_dockerd_loads_the_plugin_and_keeps_containers(self):
+        # The README's rollout: name the plugin in daemon.json, then systemctl reload docker (SIGHUP).
+        allowed, denied = f"{self.registry}/allowed/busybox:1", f"{self.registry}/denied/busybox:1"
+        self.docker_ok("pull", allowed)
+        container = self.docker_ok("run", "--detach", "--network", "none", allowed, "busybox", "sleep", "600")
+        self.addCleanup(self.docker, CLIS[0], "rm", "--force", container)
+        self.addCleanup(self.remove, denied)
+
+        def reload_dockerd(plugins: list[str]) -> None:
+            self.daemon_json.write_text(json.dumps({"authorization-plugins": plugins}))
+            with open(self.dir / "dockerd.log") as log:
+                log.seek(0, os.SEEK_END)
+                self.dockerd_process.send_signal(signal.SIGHUP)
+                wait_for(lambda: "Reloaded configuration" in log.read(), "dockerd's reload")
+        self.addCleanup(reload_dockerd, [self.name])
+        reload_dockerd([])
+        self.assertEqual(self.docker(CLIS[0], "pull", denied).returncode, 0)   # no plugin: anything goes
+        self.remove(denied)
+        reload_dockerd([self.name])
+        self.denied(self.docker(CLIS[0], "pull", denied), f"pull of {denied} denied")
+        self.assertEqual(self.docker_ok("inspect", "--format", "{{.State.Running}}", container), "true")
+        # A broken policy file: the reload fails visibly and the running policy stays.
+        self.config.write_text('{"whitelist": [')
+        self.plugin.send_signal(signal.SIGHUP)
+        wait_for(lambda: "docker_image_policy_config_last_reload_successful 0" in self.admin_get("/metrics"),
+                 "the failed reload in /metrics")
+        self.assertIn("line 1 column 16: invalid JSON", json.loads(self.admin_get("/status"))["lastReload"]["error"])
+        self.denied(self.docker(CLIS[-1], "pull", denied), f"pull of {denied} denied")
+        self.apply_policy(self.test_policy)
 
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
