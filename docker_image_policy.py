@@ -654,6 +654,7 @@ def policy_warnings(policy: Policy) -> list[str]:
             warnings += _name_warnings(policy, rule)
         if backtracks(rule.regex):
             warnings.append(f"{rule}: {BACKTRACKING}")
+    bases = [text for text, _ in (_leading_text(rule.regex) for rule in policy.whitelist.rules) if text]
     for blocked in policy.blacklist.rules:
         for allowed in policy.whitelist.rules:
             if (allowed.only_prefix and allowed.prefix is not None and blocked.prefix is not None
@@ -663,7 +664,7 @@ def policy_warnings(policy: Policy) -> list[str]:
                 break
         else:
             if not policy.default_allow:
-                warnings.append(_futile_warning(policy, blocked))
+                warnings.append(_futile_warning(policy, blocked, bases))
     return warnings
 
 
@@ -745,12 +746,12 @@ def _name_warnings(policy: Policy, rule: Rule) -> list[str]:
     return warnings
 
 
-def _futile_warning(policy: Policy, rule: Rule) -> str:
+def _futile_warning(policy: Policy, rule: Rule, bases: list[str]) -> str:
     """With defaultAllow false, a blacklist rule only renames the reason for a deny."""
     why = (f"{rule} can never change a decision: defaultAllow is false, so what no whitelist rule allows is"
            " denied anyway")
     refused = None
-    for example in _blacklist_examples(policy, rule):
+    for example in _blacklist_examples(rule, bases):
         try:
             reference = parse_reference(example)
         except InvalidReference:
@@ -773,17 +774,18 @@ def _futile_warning(policy: Policy, rule: Rule) -> str:
     return f"{why} ({refused} is denied with or without it); remove it" if refused else f"{why}; remove it"
 
 
-def _blacklist_examples(policy: Policy, rule: Rule) -> list[str]:
-    """Names a blacklist rule may match: from its own text and the whitelist rules' leading text."""
+def _blacklist_examples(rule: Rule, bases: list[str]) -> list[str]:
+    """Names a blacklist rule may match, from its own leading text or, when
+    it has none (:latest$), from the whitelist rules' (bases)."""
     text, _ = _leading_text(rule.regex)
-    plain = re.sub(r"\\(.)", r"\1", rule.pattern.lstrip("^").rstrip("$"))   # the pattern read as plain text
-    examples = [text + suffix for suffix in _tags_after(text)] if text else []
-    for allowed in policy.whitelist.rules:
-        base, _ = _leading_text(allowed.regex)
-        if base:
-            examples += [base + suffix for suffix in _tags_after(base)]
-            examples += [base.rstrip(":@/") + plain, base + plain.lstrip(":@/")]
-    return examples + list(_SAMPLE_IMAGES)
+    if text:   # what it matches starts with text
+        examples = [text + suffix for suffix in _tags_after(text)]
+        examples += [base + suffix for base in bases if base.startswith(text) for suffix in _tags_after(base)]
+    else:
+        plain = re.sub(r"\\(.)", r"\1", rule.pattern.lstrip("^").rstrip("$"))   # the pattern read as plain text
+        examples = [name for base in bases for name in (base.rstrip(":@/") + plain, base + plain.lstrip(":@/"),
+                                                        *(base + suffix for suffix in _tags_after(base)))]
+    return list(dict.fromkeys(examples + list(_SAMPLE_IMAGES)))
 
 
 def _tags_after(text: str) -> tuple[str, ...]:
