@@ -678,38 +678,49 @@ def load_policy(path: str) -> Policy:
 _COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
 # ^ at the start, after any inline flags such as (?i).
 ANCHORED_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*(?:\^|\\A)")
+# The inline flags a pattern starts with: a suggested fix keeps them.
+INLINE_FLAGS_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*")
 # Canonical names of Docker Hub images that no familiar-name rule was written for.
 _HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
+# What may follow a whitelist rule's leading text in a name its author did not
+# mean: another Docker Hub user (nginxevil/miner), another repository
+# (quay.io/calico/node-evil), another registry (nginx:5000/evil/miner,
+# localhost:50000/evil/miner, registry.example.com.evil.example/miner).
+_NAME_PROBES = ("evil/miner", "-evil", ":5000/evil/miner", "{port}/evil/miner", ".evil.example/miner")
+# Images a blacklist rule may be shown refusing, when the rules suggest none.
+_SAMPLE_IMAGES = ("evil/miner:1", "ubuntu:latest")
+# The start of a digest pin as the original plugin saw it (nginx:sha256:…), and the hex digits each digest has.
+_DIGEST_AS_TAG_RE = re.compile(r":(?P<algorithm>sha256|sha384|sha512):(?P<hex>[0-9a-f]*)\Z")
+_DIGEST_LENGTHS = MappingProxyType({"sha256": 64, "sha384": 96, "sha512": 128})
+# A dot that matches any character: not escaped, not in a class, not repeated as in .*
+_DOT_RE = re.compile(r"""
+      \\.                          # an escaped character
+    | \[\^?\]?(?:\\.|[^]\\])*\]    # a character class, where . is a dot
+    | (?P<dot>\.)(?![*+?{])        # a dot standing for any character
+    | .
+    """, re.VERBOSE | re.DOTALL)
+# A repetition of at most this many pieces that can split a text in several
+# ways takes polynomial time of that degree: under 0.1 s on the longest name
+# dockerd accepts. More (or unbounded) pieces take exponential time.
+MAX_HARMLESS_REPEAT = 3
+# One text for --validate and for the daemon's log when it loads such a rule.
+BACKTRACKING = ("nested repetition, on which Python's re can take time exponential in the length of a name (a"
+                " second for some names of 24 characters, hours for 40): one pull of a crafted name stalls every"
+                " Docker API call on this host, which the Go plugin's RE2 engine never did; rewrite it so that each"
+                " character can be matched one way only, e.g. [a-z0-9._-]+ instead of ([a-z0-9]+[._-]?)*")
 
 
 def policy_warnings(policy: Policy) -> list[str]:
-    """Likely mistakes in a valid configuration, for --validate."""
+    """Likely mistakes in a valid configuration, for --validate: each names the
+    rule, an image it wrongly allows or refuses, or that it never matches, and a fix."""
     warnings = []
     for rule in policy.whitelist.rules + policy.blacklist.rules:
-        if rule.regex.search(""):
-            if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
-                warnings.append(f"{rule}: matches every image, so the whitelist allows everything")
-            continue
-        if rule.prefix is None:
-            if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\Z)$", rule.pattern):
-                warnings.append(f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name")
-            continue
-        forms: set[str] = set()
-        for completion in _COMPLETIONS:
-            try:
-                reference = parse_reference(rule.prefix + completion)
-            except InvalidReference:
-                continue
-            forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
-        if not any(form.startswith(rule.prefix) for form in forms):
-            warnings.append(f"{rule}: no image reference can match it (rules see familiar names such as"
-                            " nginx:1.25, and canonical ones such as docker.io/library/nginx:1.25 only when they"
-                            " name docker.io; index.docker.io is spelled docker.io)")
-        elif not rule.canonical and any(rule.regex.search(probe) for probe in _HUB_PROBES):
-            what = "allow" if rule.kind == "whitelist" else "refuse"
-            warnings.append(f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did,"
-                            f" so it does not {what} every Docker Hub image; a rule that names docker.io,"
-                            f" such as ^docker\\.io/, is matched against canonical names too")
+        warnings += _pattern_warnings(rule)
+        if rule.kind == "whitelist":
+            warnings += _name_warnings(policy, rule)
+        if backtracks(rule.regex):
+            warnings.append(f"{rule}: {BACKTRACKING}")
+    bases = [text for text, _ in (_leading_text(rule.regex) for rule in policy.whitelist.rules) if text]
     for blocked in policy.blacklist.rules:
         for allowed in policy.whitelist.rules:
             if (allowed.only_prefix and allowed.prefix is not None and blocked.prefix is not None
@@ -717,7 +728,453 @@ def policy_warnings(policy: Policy) -> list[str]:
                     and (allowed.canonical or not blocked.canonical)):
                 warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
                 break
+        else:
+            if not policy.default_allow:
+                warnings.append(_futile_warning(policy, blocked, bases))
     return warnings
+
+
+def backtracking_rules(policy: Policy) -> tuple[Rule, ...]:
+    """Rules that can take exponential time on a crafted name: warned about at load and by --validate."""
+    return tuple(rule for rule in policy.whitelist.rules + policy.blacklist.rules if backtracks(rule.regex))
+
+
+def _pattern_warnings(rule: Rule) -> list[str]:
+    """Patterns that match everything, anywhere, or nothing at all."""
+    if rule.regex.search(""):
+        if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
+            return [f"{rule}: matches every image, so the whitelist allows everything"]
+        return []
+    if rule.prefix is None:
+        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\Z)$", rule.pattern):
+            return [f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name"]
+    else:
+        forms: set[str] = set()
+        for name in [rule.prefix + completion for completion in _COMPLETIONS] + [_pinned(rule.prefix)]:
+            try:
+                reference = parse_reference(name)
+            except InvalidReference:
+                continue
+            forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
+        if not any(form.startswith(rule.prefix) for form in forms):
+            return [f"{rule}: no image reference can match it (rules see familiar names such as nginx:1.25, and"
+                    " canonical ones such as docker.io/library/nginx:1.25 only when they name docker.io;"
+                    " index.docker.io is spelled docker.io)"]
+        if not rule.canonical and any(rule.regex.search(probe) for probe in _HUB_PROBES):
+            what = "allow" if rule.kind == "whitelist" else "refuse"
+            return [f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did, so it does"
+                    f" not {what} every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is"
+                    f" matched against canonical names too"]
+    text = _exact_text(rule.regex)
+    if text is None or any(_seen_by(rule, candidate) for candidate in {text, text.lower()}):
+        return []
+    flags = _inline_flags(rule)
+    try:
+        reference = parse_reference(text.lower() if rule.regex.flags & re.IGNORECASE else text)
+    except InvalidReference:
+        return [f"{rule}: never matches: no image reference is spelled {text}"]
+    seen = reference.canonical if rule.canonical else reference.familiar
+    name = reference.repository if rule.canonical else reference.familiar_repository
+    return [f"{rule}: never matches: every image reference has a tag or digest, and {text} is matched as {seen};"
+            f" use {flags}^{_escaped(seen)}$ for that tag, or {_name_fix(flags, name)}"]
+
+
+def _name_warnings(policy: Policy, rule: Rule) -> list[str]:
+    """Images a whitelist rule allows whose names its author did not mean."""
+    text, wildcards = _leading_text(rule.regex)
+    if not text:
+        return []
+    flags = _inline_flags(rule)
+    warnings = []
+    for position in wildcards:
+        example = _dot_example(policy, rule, text, position)
+        if example:
+            warnings.append(f"{rule}: allows {example}: an unescaped . matches any character; escape the dots:"
+                            f" {_escape_dots(rule.pattern)}")
+            break
+    found: dict[str, tuple[str, Reference]] = {}
+    for suffix in _NAME_PROBES:
+        example = text + suffix.format(port="5000" if text.endswith(":") else "0")
+        reference = _allowed_by(policy, rule, example)
+        kind = _overreach(rule, reference, len(text)) if reference else None
+        if reference and kind:
+            found.setdefault(kind, (example, reference))
+    if "name" in found:
+        example, _ = found["name"]
+        warnings.append(f"{rule}: allows {example}, another name that begins with {text}; end the name, e.g."
+                        f" {_name_fix(flags, text)}")
+    elif "port" in found:   # (the fix for a name also ends the rule at the tag)
+        example, reference = found["port"]
+        tag = _escaped(text) + ("" if ":" in text else ":")
+        warnings.append(f"{rule}: allows {example}, an image from the registry {reference.domain}, not a tag of"
+                        f" {reference.domain.partition(':')[0]}; end the rule at the tag, e.g. {flags}^{tag}[^/]*$"
+                        " (a tag has no /)")
+    return warnings
+
+
+def _futile_warning(policy: Policy, rule: Rule, bases: list[str]) -> str:
+    """With defaultAllow false, a blacklist rule only renames the reason for a deny."""
+    why = (f"{rule} can never change a decision: defaultAllow is false, so what no whitelist rule allows is"
+           " denied anyway")
+    refused = None
+    for example in _blacklist_examples(rule, bases):
+        try:
+            reference = parse_reference(example)
+        except InvalidReference:
+            continue
+        spellings = (reference, reference.alias) if reference.alias else (reference,)
+        if not any(rule.regex.search(form) for spelling in spellings for form in _forms_seen(rule, spelling)):
+            continue
+        verdict = policy.evaluate(reference)
+        if verdict.allow and not rule.regex.search(""):
+            allowed = next(allowed for allowed in policy.whitelist.rules if str(allowed) == verdict.rule)
+            narrowed = f"{allowed.pattern}(?!{_escaped(reference.tag)}$)" if (
+                allowed.only_prefix and reference.tag and allowed.prefix is not None
+                and allowed.prefix.endswith(":") and reference.familiar == allowed.prefix + reference.tag) \
+                else "a lookahead (?!…)"
+            return (f"{why}, and what one allows is allowed whatever the blacklist says: {example} is allowed by"
+                    f" {allowed}; narrow that rule so that it does not allow {example}, e.g. with {narrowed},"
+                    " and remove this one")
+        if refused is None and not verdict.allow:
+            refused = example
+    return f"{why} ({refused} is denied with or without it); remove it" if refused else f"{why}; remove it"
+
+
+def _blacklist_examples(rule: Rule, bases: list[str]) -> list[str]:
+    """Names a blacklist rule may match, from its own leading text or, when
+    it has none (:latest$), from the whitelist rules' (bases)."""
+    text, _ = _leading_text(rule.regex)
+    if text:   # what it matches starts with text
+        examples = [text + suffix for suffix in _tags_after(text)]
+        examples += [base + suffix for base in bases if base.startswith(text) for suffix in _tags_after(base)]
+    else:
+        plain = re.sub(r"\\(.)", r"\1", rule.pattern.lstrip("^").rstrip("$"))   # the pattern read as plain text
+        examples = [name for base in bases for name in (base.rstrip(":@/") + plain, base + plain.lstrip(":@/"),
+                                                        *(base + suffix for suffix in _tags_after(base)))]
+    return list(dict.fromkeys(examples + list(_SAMPLE_IMAGES)))
+
+
+def _tags_after(text: str) -> tuple[str, ...]:
+    return ("latest", "1") if text.endswith(":") else (":latest", ":1", "/a:1", "a:1", "")
+
+
+def _seen_by(rule: Rule, text: str) -> bool:
+    """Whether a rule matches text as some image reference's form."""
+    for name in (text, _pinned(text)):
+        try:
+            reference = parse_reference(name)
+        except InvalidReference:
+            continue
+        if any(rule.regex.search(form) for form in _forms_seen(rule, reference)):
+            return True
+    return False
+
+
+def _pinned(text: str) -> str:
+    """The name pinned by digest whose form the original plugin saw begins as text does (nginx:sha256:…)."""
+    match = _DIGEST_AS_TAG_RE.search(text)
+    if not match:
+        return ""
+    padding = "0" * (_DIGEST_LENGTHS[match["algorithm"]] - len(match["hex"]))
+    return f"{text[:match.start()]}@{match['algorithm']}:{match['hex']}{padding}"
+
+
+def _forms_seen(rule: Rule, reference: Reference) -> tuple[str, ...]:
+    return reference.all_forms if rule.canonical else reference.familiar_forms
+
+
+def _allowed_by(policy: Policy, rule: Rule, text: str) -> Reference | None:
+    """The reference text names, if this very rule is what allows it."""
+    try:
+        reference = parse_reference(text)
+    except InvalidReference:
+        return None
+    verdict = policy.evaluate(reference)
+    return reference if verdict.allow and verdict.rule == str(rule) else None
+
+
+def _overreach(rule: Rule, reference: Reference, length: int) -> str | None:
+    """Whether a rule's leading text (of this length) ends inside the name it
+    matched: "port" when a tag it meant is read as a registry's port, "name"
+    when the name merely begins with it."""
+    form = next((form for form in _forms_seen(rule, reference) if rule.regex.search(form)), None)
+    if form is None:
+        return None
+    name = reference.familiar_repository if form in reference.familiar_forms else reference.repository
+    if length >= len(name) or "/" in form[length - 1:length + 1]:
+        return None
+    host, colon, _ = reference.domain.partition(":")
+    in_domain = name.startswith(reference.domain + "/") and len(host) <= length <= len(reference.domain)
+    return "port" if in_domain and colon and "." not in host and host != "localhost" else "name"
+
+
+def _dot_example(policy: Policy, rule: Rule, text: str, position: int) -> str | None:
+    """An image the rule allows because the dot at position matches another character."""
+    for replacement in "-x":
+        for tail in ("/evil/miner", "evil/miner", "", "1"):
+            example = text[:position] + replacement + text[position + 1:] + tail
+            try:
+                meant = parse_reference(text + tail)
+            except InvalidReference:
+                continue
+            reference = _allowed_by(policy, rule, example)
+            if reference and reference.repository != meant.repository:
+                return example
+    return None
+
+
+def _name_fix(flags: str, name: str) -> str:
+    """Rules for a repository name (or a registry) that end where the name ends."""
+    rule = flags + "^" + _escaped(name)
+    first = name.split("/", 1)[0]
+    if "/" not in name and (any(c in first for c in ".:") or first == "localhost"):
+        return f"{rule}/ for the repositories on that registry"
+    if "/" not in name:
+        return f"{rule}:[^/]*$ for its tags and digests, or {rule}/ for the repositories under it"
+    return f"{rule}[:@] for its tags and digests, or {rule}/ for the repositories under it"
+
+
+def _escaped(text: str) -> str:
+    """text as a pattern: re.escape would also escape - and /, which rules do not need."""
+    return re.sub(r"[.^$*+?{}\[\]\\|()]", r"\\\g<0>", text)
+
+
+def _inline_flags(rule: Rule) -> str:
+    match = INLINE_FLAGS_RE.match(rule.pattern)
+    return match[0] if match else ""
+
+
+def _escape_dots(pattern: str) -> str:
+    return _DOT_RE.sub(lambda match: "\\." if match["dot"] else match[0], pattern)
+
+
+def _leading_text(regex: re.Pattern[str]) -> tuple[str, tuple[int, ...]]:
+    """The characters every match of a ^-anchored pattern starts with, "."
+    where any character may stand (and those positions); ("", ()) if none."""
+    if regex_parser is None:
+        return "", ()
+    parsed = regex_parser.parse(regex.pattern, regex.flags)
+    items = list(parsed)
+    if not items or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                                     (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
+        return "", ()
+    text: list[str] = []
+    wildcards = []
+    for op, value in items[1:]:
+        if op is regex_parser.ANY:
+            wildcards.append(len(text))
+            text.append(".")
+        elif op is regex_parser.LITERAL:
+            text.append(chr(value))
+        else:
+            break
+    joined = "".join(text)
+    return (joined.lower() if parsed.state.flags & re.IGNORECASE else joined), tuple(wildcards)
+
+
+def _exact_text(regex: re.Pattern[str]) -> str | None:
+    """The one text a pattern such as ^nginx$ matches, if it is one."""
+    if regex_parser is None:
+        return None
+    items = list(regex_parser.parse(regex.pattern, regex.flags))
+    if (len(items) < 2 or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                                           (regex_parser.AT, regex_parser.AT_BEGINNING_STRING))
+            or items[-1] not in ((regex_parser.AT, regex_parser.AT_END),
+                                 (regex_parser.AT, regex_parser.AT_END_STRING))
+            or any(op is not regex_parser.LITERAL for op, _ in items[1:-1])):
+        return None
+    return "".join(chr(value) for _, value in items[1:-1])
+
+
+# Nested repetition. Python's re tries every way a text can be split among
+# the pieces of a repetition before it gives up, so a repetition whose pieces
+# can split the same text in several ways takes exponential time on a text
+# that almost matches. The check below finds such repetitions from the parsed
+# pattern: a variable-length piece whose last characters can also begin what
+# follows it (the next piece, or the next round of the repetition), and
+# alternatives that can match the same text. It errs towards silence: a single
+# repetition such as [a-z0-9-]+, or one whose rounds end at a separator such as
+# (?:[a-z0-9]+/)*, is fine.
+
+_ANY_CHARACTER = frozenset(range(129))   # ASCII, and 128 standing for every other character
+# \d, \s, \w and their opposites, by the parser's names for them.
+_CATEGORIES = MappingProxyType({"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_SPACE": r"\s",
+                                "CATEGORY_NOT_SPACE": r"\S", "CATEGORY_WORD": r"\w", "CATEGORY_NOT_WORD": r"\W"})
+
+
+@dataclass(frozen=True)
+class _Span:
+    """What a piece of a pattern matches: how many characters, which first and which last."""
+
+    shortest: float
+    longest: float
+    first: frozenset[int]
+    last: frozenset[int]
+
+
+_EMPTY_SPAN = _Span(0, 0, frozenset(), frozenset())   # an anchor, a lookaround, nothing
+_UNKNOWN_SPAN = _Span(0, float("inf"), _ANY_CHARACTER, _ANY_CHARACTER)   # a backreference: anything
+
+
+def backtracks(regex: re.Pattern[str]) -> bool:
+    """Whether a pattern has a repetition that can take exponential time."""
+    if regex_parser is None:
+        return False
+    parsed = regex_parser.parse(regex.pattern, regex.flags)
+    fold = bool(parsed.state.flags & re.IGNORECASE)
+    try:
+        return any(_ambiguous_repeat(value, fold) for op, value in _nodes(list(parsed))
+                   if op in (regex_parser.MAX_REPEAT, regex_parser.MIN_REPEAT))
+    except RecursionError:
+        return False
+
+
+def _nodes(items: list[Any]) -> list[tuple[Any, Any]]:
+    """Every (op, value) of a parsed pattern, nested ones too."""
+    nodes = []
+    for op, value in items:
+        nodes.append((op, value))
+        if op in (regex_parser.MAX_REPEAT, regex_parser.MIN_REPEAT, regex_parser.POSSESSIVE_REPEAT):
+            nodes += _nodes(list(value[2]))
+        elif op is regex_parser.SUBPATTERN:
+            nodes += _nodes(list(value[-1]))
+        elif op is regex_parser.ATOMIC_GROUP:
+            nodes += _nodes(list(value))
+        elif op in (regex_parser.ASSERT, regex_parser.ASSERT_NOT):
+            nodes += _nodes(list(value[1]))
+        elif op in (regex_parser.BRANCH, regex_parser.GROUPREF_EXISTS):
+            for alternative in value[1] if op is regex_parser.BRANCH else value[1:]:
+                nodes += _nodes(list(alternative or ()))
+    return nodes
+
+
+def _ambiguous_repeat(repeat: tuple[int, int, Any], fold: bool) -> bool:
+    _, high, body = repeat
+    if high != regex_parser.MAXREPEAT and high <= MAX_HARMLESS_REPEAT:
+        return False
+    pieces = _pieces(list(body))
+    spans = [_span([piece], fold) for piece in pieces]
+    for index, span in enumerate(spans):
+        if span.shortest == span.longest:
+            continue
+        follows: set[int] = set()
+        for step in range(1, len(spans) + 1):   # round the repetition, back to this piece
+            following = spans[(index + step) % len(spans)]
+            follows |= following.first
+            if following.shortest:
+                break
+        if span.last & follows:
+            return True
+    for op, value in _nodes(list(body)):
+        if op is regex_parser.BRANCH:
+            texts = [_fixed_text(list(alternative), fold) for alternative in value[1]]
+            known = [text for text in texts if text is not None]
+            for index, text in enumerate(known):
+                if any(len(text) == len(other) and all(a & b for a, b in zip(text, other))
+                       for other in known[index + 1:]):
+                    return True
+    return False
+
+
+def _pieces(items: list[Any]) -> list[Any]:
+    """A sequence with its groups opened up: (a(b)c) is a, b, c."""
+    pieces = []
+    for op, value in items:
+        if op is regex_parser.SUBPATTERN:
+            pieces += _pieces(list(value[-1]))
+        else:
+            pieces.append((op, value))
+    return pieces
+
+
+def _span(items: list[Any], fold: bool) -> _Span:
+    spans = [_piece_span(op, value, fold) for op, value in items]
+    first: set[int] = set()
+    for span in spans:
+        first |= span.first
+        if span.shortest:
+            break
+    last: set[int] = set()
+    for span in reversed(spans):
+        last |= span.last
+        if span.shortest:
+            break
+    return _Span(sum(span.shortest for span in spans), sum(span.longest for span in spans),
+                 frozenset(first), frozenset(last))
+
+
+def _piece_span(op: Any, value: Any, fold: bool) -> _Span:
+    chars = _characters(op, value, fold)
+    if chars is not None:
+        return _Span(1, 1, chars, chars)
+    if op in (regex_parser.MAX_REPEAT, regex_parser.MIN_REPEAT, regex_parser.POSSESSIVE_REPEAT):
+        low, high, body = value
+        span = _span(list(body), fold)
+        longest = float("inf") if high == regex_parser.MAXREPEAT else high * span.longest
+        return _Span(low * span.shortest, longest, span.first, span.last) if high else _EMPTY_SPAN
+    if op is regex_parser.SUBPATTERN:
+        return _span(list(value[-1]), fold)
+    if op is regex_parser.ATOMIC_GROUP:
+        return _span(list(value), fold)
+    if op in (regex_parser.AT, regex_parser.ASSERT, regex_parser.ASSERT_NOT):
+        return _EMPTY_SPAN
+    if op in (regex_parser.BRANCH, regex_parser.GROUPREF_EXISTS):
+        alternatives = value[1] if op is regex_parser.BRANCH else value[1:]
+        spans = [_span(list(alternative or ()), fold) for alternative in alternatives]
+        return _Span(min(span.shortest for span in spans), max(span.longest for span in spans),
+                     frozenset().union(*(span.first for span in spans)),
+                     frozenset().union(*(span.last for span in spans)))
+    return _UNKNOWN_SPAN
+
+
+@functools.lru_cache(maxsize=None)
+def _category(name: str) -> frozenset[int]:
+    return frozenset(c for c in range(128) if re.match(_CATEGORIES[name], chr(c))) | {128}
+
+
+def _fixed_text(items: list[Any], fold: bool) -> list[frozenset[int]] | None:
+    """The characters at each position of an alternative of fixed length made of single characters."""
+    text: list[frozenset[int]] = []
+    for op, value in _pieces(items):
+        chars = _characters(op, value, fold)
+        if chars is not None:
+            text.append(chars)
+        elif op is regex_parser.MAX_REPEAT and value[0] == value[1] <= 8:
+            repeated = _fixed_text(list(value[2]), fold)
+            if repeated is None:
+                return None
+            text += repeated * value[0]
+        elif op is not regex_parser.AT:
+            return None
+    return text
+
+
+def _characters(op: Any, value: Any, fold: bool) -> frozenset[int] | None:
+    """The characters one single-character piece matches; None for other pieces."""
+    if op is regex_parser.LITERAL:
+        chars = frozenset({min(value, 128)})
+    elif op is regex_parser.NOT_LITERAL:
+        chars = _ANY_CHARACTER - {value} if value < 128 else _ANY_CHARACTER
+    elif op is regex_parser.ANY:
+        chars = _ANY_CHARACTER
+    elif op is regex_parser.CATEGORY:
+        chars = _category(value.name)
+    elif op is regex_parser.IN:
+        members: set[int] = set()
+        negate = False
+        for member_op, member in value:
+            if member_op is regex_parser.NEGATE:
+                negate = True
+            elif member_op is regex_parser.RANGE:
+                members.update(range(min(member[0], 128), min(member[1], 128) + 1))
+            else:
+                members |= _characters(member_op, member, False) or _ANY_CHARACTER
+        chars = _ANY_CHARACTER - members if negate else frozenset(members)
+    else:
+        return None
+    if fold:
+        chars |= {ord(chr(c).swapcase()) for c in chars if c < 128 and chr(c).isalpha()}
+    return chars
 
 
 # --------------------------------------------------------------------------
@@ -1988,6 +2445,7 @@ class Plugin:
         self.config_path, self.log, self.docker = config_path, log, docker
         self.metrics = Metrics()
         self.current = Running(load_tested_policy(config_path))
+        self.warn_backtracking(self.current.policy)
         self.metrics.reloaded(True)
         self.started = _now()
         self.reload_status: dict[str, Any] = {"time": self.started, "ok": True, "error": None}
@@ -2007,7 +2465,12 @@ class Plugin:
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
+            self.warn_backtracking(policy)
             return True
+
+    def warn_backtracking(self, policy: Policy) -> None:
+        for rule in backtracking_rules(policy):
+            self.log.event("warning", f"{rule}: {BACKTRACKING}")
 
     @property
     def policy(self) -> Policy:
@@ -2524,6 +2987,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag-target", metavar="NAME", help="the new name, for --check --operation tag")
     parser.add_argument("--validate", action="store_true",
                         help="check the configuration, print warnings, run its tests, exit 0 (valid) or 2 (invalid)")
+    parser.add_argument("--strict", action="store_true",
+                        help="with --validate: exit 1 when there is any warning, as CI checks before a rollout")
     parser.add_argument("--scan", action="store_true",
                         help="judge every image, container and service on --docker-host and print what the policy"
                              " refuses: exit 0 nothing, 1 something, 2 bad config or unreachable daemon")
@@ -2551,6 +3016,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.format != "text" and not (args.check or args.scan or args.replay is not None):
         parser.error("--format goes with --check, --scan or --replay")
     docker_host_given = args.docker_host is not None
+    if args.strict and not args.validate:
+        parser.error("--strict is valid only with --validate")
     args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
     try:
         address = parse_addr(args.addr)
@@ -2572,12 +3039,13 @@ def main(argv: list[str] | None = None) -> int:
         return scan_command(policy, args.docker_host, args.format)
     if args.replay is not None:
         return replay_command(policy, args.replay, args.format)
-    for warning in policy_warnings(policy):
+    warnings = policy_warnings(policy)
+    for warning in warnings:
         print(f"warning: {warning}")
     if not report_policy_tests(policy, args.config):
         return 2
     print(f"{args.config}: valid, {policy.summary()}")
-    return 0
+    return 1 if args.strict and warnings else 0
 
 
 if __name__ == "__main__":

@@ -524,7 +524,8 @@ class TestPolicy(unittest.TestCase):
     def test_warnings(self):
         policy = policy_of({"whitelist": ["^quay\\.io/", "nginx", "^library/nginx:", "^index\\.docker\\.io/", "x*",
                                           "^Docker\\.io/", "^docker"],
-                            "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"]})
+                            "blacklist": ["^quay\\.io/evil", "^docker\\.io/library/ubuntu", ":latest$", ".*"],
+                            "defaultAllow": True})
         never = ("no image reference can match it (rules see familiar names such as nginx:1.25, and canonical ones"
                  " such as docker.io/library/nginx:1.25 only when they name docker.io; index.docker.io is spelled"
                  " docker.io)")
@@ -540,7 +541,152 @@ class TestPolicy(unittest.TestCase):
             'blacklist[0] "^quay\\\\.io/evil" is unreachable: whitelist[0] "^quay\\\\.io/" allows everything it'
             ' matches first',
         ])
-        self.assertEqual(dip.policy_warnings(policy_of(ORIGINAL_CONFIG)), [])
+        self.assertEqual(dip.policy_warnings(policy_of(ORIGINAL_CONFIG)), [
+            'whitelist[0] "^nginx:": allows nginx:5000/evil/miner, an image from the registry nginx:5000, not a tag'
+            ' of nginx; end the rule at the tag, e.g. ^nginx:[^/]*$ (a tag has no /)',
+            'whitelist[1] "^docker:": allows docker:5000/evil/miner, an image from the registry docker:5000, not a'
+            ' tag of docker; end the rule at the tag, e.g. ^docker:[^/]*$ (a tag has no /)',
+            'whitelist[2] "^quay\\\\.io/calico/node": allows quay.io/calico/nodeevil/miner, another name that begins'
+            ' with quay.io/calico/node; end the name, e.g. ^quay\\.io/calico/node[:@] for its tags and digests, or'
+            ' ^quay\\.io/calico/node/ for the repositories under it',
+            'blacklist[0] "^ubuntu:" can never change a decision: defaultAllow is false, so what no whitelist rule'
+            ' allows is denied anyway (ubuntu:latest is denied with or without it); remove it',
+        ])
+
+    def assert_warns(self, config: dict[str, Any], expected: list[str],
+                     decided: dict[str, tuple[bool, str]] | None = None) -> None:
+        """The warnings, and that each image they name is decided as they say."""
+        policy = policy_of(config)
+        self.assertEqual(dip.policy_warnings(policy), expected)
+        for image, (allow, rule) in (decided or {}).items():
+            verdict = policy.evaluate(parse_reference(image))
+            self.assertEqual((verdict.allow, verdict.rule), (allow, rule), image)
+
+    def test_warnings_name_an_image_a_whitelist_rule_wrongly_allows(self):
+        self.assert_warns({"whitelist": ["^nginx"]}, [
+            'whitelist[0] "^nginx": allows nginxevil/miner, another name that begins with nginx; end the name, e.g.'
+            ' ^nginx:[^/]*$ for its tags and digests, or ^nginx/ for the repositories under it',
+        ], {"nginxevil/miner": (True, 'whitelist[0] "^nginx"')})
+        self.assert_warns({"whitelist": ["^registry.example.com/"]}, [
+            'whitelist[0] "^registry.example.com/": allows registry-example.com/evil/miner: an unescaped . matches'
+            ' any character; escape the dots: ^registry\\.example\\.com/',
+        ], {"registry-example.com/evil/miner": (True, 'whitelist[0] "^registry.example.com/"')})
+        self.assert_warns({"whitelist": ["^quay.io/calico/node:v3.", "^registry\\.example\\.com"]}, [
+            'whitelist[0] "^quay.io/calico/node:v3.": allows quay-io/calico/node:v3.: an unescaped . matches any'
+            ' character; escape the dots: ^quay\\.io/calico/node:v3\\.',
+            'whitelist[1] "^registry\\\\.example\\\\.com": allows registry.example.comevil/miner, another name that'
+            ' begins with registry.example.com; end the name, e.g. ^registry\\.example\\.com/ for the repositories'
+            ' on that registry',
+        ], {"quay-io/calico/node:v3.": (True, 'whitelist[0] "^quay.io/calico/node:v3."'),
+            "registry.example.comevil/miner": (True, 'whitelist[1] "^registry\\\\.example\\\\.com"')})
+        self.assert_warns({"whitelist": ["^nginx:", "^localhost:5000", "^postgres:16"]}, [
+            'whitelist[0] "^nginx:": allows nginx:5000/evil/miner, an image from the registry nginx:5000, not a tag'
+            ' of nginx; end the rule at the tag, e.g. ^nginx:[^/]*$ (a tag has no /)',
+            'whitelist[1] "^localhost:5000": allows localhost:50000/evil/miner, another name that begins with'
+            ' localhost:5000; end the name, e.g. ^localhost:5000/ for the repositories on that registry',
+            'whitelist[2] "^postgres:16": allows postgres:160/evil/miner, an image from the registry postgres:160,'
+            ' not a tag of postgres; end the rule at the tag, e.g. ^postgres:16[^/]*$ (a tag has no /)',
+        ], {"nginx:5000/evil/miner": (True, 'whitelist[0] "^nginx:"'),
+            "localhost:50000/evil/miner": (True, 'whitelist[1] "^localhost:5000"'),
+            "postgres:160/evil/miner": (True, 'whitelist[2] "^postgres:16"')})
+        # A name another whitelist rule allows first is that rule's, not this one's.
+        self.assert_warns({"whitelist": ["^nginx[:/@]", "^nginx"], "defaultAllow": True}, [
+            'whitelist[0] "^nginx[:/@]": allows nginx:5000/evil/miner, an image from the registry nginx:5000, not a'
+            ' tag of nginx; end the rule at the tag, e.g. ^nginx:[^/]*$ (a tag has no /)',
+            'whitelist[1] "^nginx": allows nginxevil/miner, another name that begins with nginx; end the name, e.g.'
+            ' ^nginx:[^/]*$ for its tags and digests, or ^nginx/ for the repositories under it',
+        ])
+
+    def test_warnings_for_rules_that_never_match(self):
+        self.assert_warns({"whitelist": ["^nginx$", "^quay\\.io/calico/node\\Z", "^Nginx$", "^nginx:1\\.25$",
+                                         f"^nginx:{DIGEST}$", "^docker\\.io/library/nginx:latest$"]}, [
+            'whitelist[0] "^nginx$": never matches: every image reference has a tag or digest, and nginx is matched'
+            ' as nginx:latest; use ^nginx:latest$ for that tag, or ^nginx:[^/]*$ for its tags and digests, or'
+            ' ^nginx/ for the repositories under it',
+            'whitelist[1] "^quay\\\\.io/calico/node\\\\Z": never matches: every image reference has a tag or digest,'
+            ' and quay.io/calico/node is matched as quay.io/calico/node:latest; use ^quay\\.io/calico/node:latest$'
+            ' for that tag, or ^quay\\.io/calico/node[:@] for its tags and digests, or ^quay\\.io/calico/node/ for'
+            ' the repositories under it',
+            'whitelist[2] "^Nginx$": never matches: no image reference is spelled Nginx',
+        ])
+        self.assertTrue(self.verdict({"whitelist": [f"^nginx:{DIGEST}$"]}, f"nginx@{DIGEST}").allow)
+        self.assertEqual(dip.policy_warnings(policy_of({"whitelist": ["^nginx:sha256:", "^nginx:sha512:ab"]})), [])
+
+    def test_no_false_warnings(self):
+        # Anchored after inline flags, and ending at a boundary: only the registry-port warning applies.
+        for pattern in ["^nginx:", "(?i)^nginx:"]:
+            with self.subTest(pattern):
+                self.assertEqual([warning.split(": ", 1)[1] for warning in dip.policy_warnings(
+                    policy_of({"whitelist": [pattern]}))], [
+                    "allows nginx:5000/evil/miner, an image from the registry nginx:5000, not a tag of nginx; end the"
+                    f" rule at the tag, e.g. {pattern}[^/]*$ (a tag has no /)"])
+        for pattern in ["^nginx:[^/]*$", "(?i)^nginx:[^/]*$", "(?i)^NGINX:[^/]+$", "^nginx:1\\.", "^nginx:1\\.25$",
+                        "^quay\\.io/calico/node:v3\\.", "^quay\\.io/calico/node[:@]", "^quay\\.io/calico/",
+                        "^registry\\.example\\.com/", "^registry\\.example\\.com:5000/", "^localhost:5000/",
+                        "^registry\\.example\\.com/team/[a-z0-9-]+:v[0-9]+$", "^docker\\.io/",
+                        "^registry\\.example\\.com/.*@sha256:[0-9a-f]{64}$", "^[a-z0-9]+(?:[._-][a-z0-9]+)*:1\\.",
+                        "^nginx:(?!latest$)[^/]+$", "^quay\\.io/calico/node:(?!latest$)", "^(?:nginx|redis):[^/]*$"]:
+            with self.subTest(pattern):
+                self.assertEqual(dip.policy_warnings(policy_of({"whitelist": [pattern]})), [])
+                self.assertEqual(dip.policy_warnings(policy_of({"blacklist": [pattern], "defaultAllow": True})), [])
+
+    def test_blacklist_rules_that_never_change_a_decision(self):
+        self.assert_warns({"whitelist": ["^nginx:[^/]*$", "^quay\\.io/calico/"],
+                           "blacklist": [":latest$", "^ubuntu:", "^quay\\.io/calico/", ".*"]}, [
+            'blacklist[0] ":latest$" can never change a decision: defaultAllow is false, so what no whitelist rule'
+            ' allows is denied anyway, and what one allows is allowed whatever the blacklist says: nginx:latest is'
+            ' allowed by whitelist[0] "^nginx:[^/]*$"; narrow that rule so that it does not allow nginx:latest, e.g.'
+            ' with a lookahead (?!…), and remove this one',
+            'blacklist[1] "^ubuntu:" can never change a decision: defaultAllow is false, so what no whitelist rule'
+            ' allows is denied anyway (ubuntu:latest is denied with or without it); remove it',
+            'blacklist[2] "^quay\\\\.io/calico/" is unreachable: whitelist[1] "^quay\\\\.io/calico/" allows everything'
+            ' it matches first',
+            'blacklist[3] ".*" can never change a decision: defaultAllow is false, so what no whitelist rule allows'
+            ' is denied anyway (evil/miner:1 is denied with or without it); remove it',
+        ], {"nginx:latest": (True, 'whitelist[0] "^nginx:[^/]*$"'), "ubuntu:latest": (False, 'blacklist[0] ":latest$"'),
+            "evil/miner:1": (False, 'blacklist[3] ".*"')})
+        # The lookahead that excludes the tag, when the whitelist rule is a plain prefix ending at the tag.
+        self.assertEqual(dip.policy_warnings(policy_of({"whitelist": ["^quay\\.io/calico/node:"],
+                                                        "blacklist": [":latest$"]})), [
+            'blacklist[0] ":latest$" can never change a decision: defaultAllow is false, so what no whitelist rule'
+            ' allows is denied anyway, and what one allows is allowed whatever the blacklist says:'
+            ' quay.io/calico/node:latest is allowed by whitelist[0] "^quay\\\\.io/calico/node:"; narrow that rule so'
+            ' that it does not allow quay.io/calico/node:latest, e.g. with ^quay\\.io/calico/node:(?!latest$), and'
+            ' remove this one'])
+        self.assertEqual(dip.policy_warnings(policy_of({"whitelist": ["^nginx:[^/]*$"], "blacklist": [":latest$"],
+                                                        "defaultAllow": True})), [])
+
+    # Ordinary rules, and rules with repetitions that can split one text in many ways.
+    LINEAR = ["^registry\\.example\\.com/team/[a-z0-9-]+:v[0-9]+$", "^registry\\.example\\.com/.*@sha256:[0-9a-f]{64}$",
+              "^(?:[a-z0-9]+/)*[a-z0-9]+:", "^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*:1",
+              "^([a-z0-9]+\\.)+example\\.com/", "^(?:[a-z0-9]+(?:-[a-z0-9]+)*\\.)+[a-z]{2,}/",
+              "^quay\\.io/calico/(node|cni|kube-controllers):v3\\.[0-9]+$",
+              "(?i)^nginx:", "^nginx:(?!latest$)[^/]+$", ":latest$", "^(?:nginx|node)*:", "^(a|ab)*:", "^(-+[a-z]+)*:",
+              "^(?:[a-z0-9]{1,63}\\.)*[a-z]+/", "^(a+){0,3}:", ".*", "^nginx:1\\.2[0-9](?:\\.[0-9]+)?(?:-alpine)?$"]
+    EXPONENTIAL = ["^([a-z0-9]+[._-]?)*:1\\.", "^(a+)+$", "^(\\w+)*:", "^([a-z]+/?)+:", "^(\\d+\\.?)+:", "^(a|aa)+:",
+                   "^((a|a)/)*:", "^(?:[a-z]+|[0-9]+)*:", "^(a+){0,10}:", "^[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*:1",
+                   "^(x+x+)+y", "^(a|a?)+:", "^(?!(a+)+b)nginx:", "^([a-z]*-[a-z]*)*:", "^([a-z]+/[0-9a-z]+)*:",
+                   "(?i)^([A-Z]+[a-z]?)*:", "^(.*)*:", "^(?:[^/]+/?)*:$"]
+
+    def test_nested_repetition(self):
+        for pattern in self.LINEAR:
+            with self.subTest(pattern):
+                self.assertFalse(dip.backtracks(re.compile(pattern)))
+        for pattern in self.EXPONENTIAL:
+            with self.subTest(pattern):
+                self.assertTrue(dip.backtracks(re.compile(pattern)))
+        policy = policy_of({"whitelist": ["^nginx:[^/]*$", "^([a-z0-9]+[._-]?)*:1\\."], "blacklist": ["^(\\w+)*:"],
+                            "defaultAllow": True})
+        self.assertEqual(dip.backtracking_rules(policy), (policy.whitelist.rules[1], policy.blacklist.rules[0]))
+        self.assertEqual(dip.policy_warnings(policy), [
+            'whitelist[1] "^([a-z0-9]+[._-]?)*:1\\\\.": nested repetition, on which Python\'s re can take time'
+            ' exponential in the length of a name (a second for some names of 24 characters, hours for 40): one pull'
+            ' of a crafted name stalls every Docker API call on this host, which the Go plugin\'s RE2 engine never did;'
+            ' rewrite it so that each character can be matched one way only, e.g. [a-z0-9._-]+ instead of'
+            ' ([a-z0-9]+[._-]?)*',
+            f'blacklist[0] "^(\\\\w+)*:": {dip.BACKTRACKING}'])
+        with mock.patch.object(dip, "regex_parser", None):   # without the stdlib's parser, no check
+            self.assertFalse(dip.backtracks(re.compile("^(a+)+$")))
 
     def test_policy_tests_are_read_at_load(self):
         policy = policy_of({"whitelist": ["^nginx:"], "tests": [
@@ -2591,7 +2737,7 @@ class TestOperations(unittest.TestCase):
                  {"image": "nginx", "operation": "pull-all-tags", "expect": "allow"}]
         self.fixture.write_config(dict(ORIGINAL_CONFIG, tests=tests))
         result = run_module("--config", self.fixture.config_path, "--validate")
-        self.assertEqual((result.returncode, result.stdout.splitlines()), (0, [
+        self.assertEqual((result.returncode, result.stdout.splitlines()[-2:]), (0, [
             f"{self.fixture.config_path}: all 3 tests pass",
             f"{self.fixture.config_path}: valid, 3 whitelist and 1 blacklist rules, mode enforce"]))
         self.fixture.write_config(dict(ORIGINAL_CONFIG, tests=tests + [
@@ -2599,7 +2745,7 @@ class TestOperations(unittest.TestCase):
         result = run_module("--config", self.fixture.config_path, "--validate")
         failure = ('"tests"[3] (pull of redis:7): expected allow, but pull of redis:7 denied: no whitelist rule matches'
                    ' and defaultAllow is false [defaultAllow] (the cache)')
-        self.assertEqual((result.returncode, result.stdout, result.stderr), (
+        self.assertEqual((result.returncode, result.stdout.splitlines()[-1] + "\n", result.stderr), (
             2, f"fail: {failure}\n",
             f'docker-image-policy: error: {self.fixture.config_path}: "tests": 1 of 4 tests fail: {failure}\n'))
 
@@ -2740,6 +2886,42 @@ class TestOperations(unittest.TestCase):
         self.assertEqual((result.returncode, result.stderr.strip()), (2, f'docker-image-policy: error:'
                          f' {self.fixture.config_path}: "whitelist"[0]: must be a string, not 1'))
 
+    def test_validate_strict_fails_on_any_warning(self):
+        config = self.fixture.config_path
+        self.fixture.write_config({"whitelist": ["^nginx", "^registry.example.com/"], "blacklist": [":latest$"]})
+        expected = [
+            'warning: whitelist[0] "^nginx": allows nginxevil/miner, another name that begins with nginx; end the'
+            ' name, e.g. ^nginx:[^/]*$ for its tags and digests, or ^nginx/ for the repositories under it',
+            'warning: whitelist[1] "^registry.example.com/": allows registry-example.com/evil/miner: an unescaped .'
+            ' matches any character; escape the dots: ^registry\\.example\\.com/',
+            'warning: blacklist[0] ":latest$" can never change a decision: defaultAllow is false, so what no'
+            ' whitelist rule allows is denied anyway, and what one allows is allowed whatever the blacklist says:'
+            ' nginx:latest is allowed by whitelist[0] "^nginx"; narrow that rule so that it does not allow'
+            ' nginx:latest, e.g. with a lookahead (?!…), and remove this one',
+            f"{config}: valid, 2 whitelist and 1 blacklist rules, mode enforce"]
+        for strict, status in [((), 0), (("--strict",), 1)]:
+            with self.subTest(strict=strict):
+                result = run_module("--config", config, "--validate", *strict)
+                self.assertEqual((result.returncode, result.stdout.splitlines(), result.stderr), (status, expected, ""))
+        self.fixture.write_config({"whitelist": ["^nginx:[^/]*$", "^registry\\.example\\.com/"]})
+        result = run_module("--config", config, "--validate", "--strict")
+        self.assertEqual((result.returncode, result.stdout), (0, f"{config}: valid, 2 whitelist and 0 blacklist"
+                                                                 " rules, mode enforce\n"))
+        self.fixture.write_config({"whitelist": ["^nginx:("]})
+        result = run_module("--config", config, "--validate", "--strict")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn('"whitelist"[0]: invalid regular expression "^nginx:(":', result.stderr)
+
+    def test_nested_repetition_is_logged_at_start_and_reload(self):
+        dangerous = {"whitelist": ["^nginx:[^/]*$", "^([a-z0-9]+[._-]?)*:1\\."]}
+        warning = f'docker-image-policy: warning: whitelist[1] "^([a-z0-9]+[._-]?)*:1\\\\.": {dip.BACKTRACKING}\n'
+        self.fixture.write_config(dangerous)
+        self.assertTrue(self.fixture.plugin.reload())
+        self.assertTrue(self.fixture.log.getvalue().endswith(warning), self.fixture.log.getvalue())
+        stream = io.StringIO()
+        dip.Plugin(self.fixture.config_path, dip.Log("info", stream), dip.DockerAPI("unix:///nonexistent"))
+        self.assertEqual(stream.getvalue(), warning)
+
     def test_daemon_refuses_bad_config_with_status_2(self):
         self.fixture.write_config({"defaultAllow": "no"})
         result = run_module("--config", self.fixture.config_path, "--socket", self.fixture.dir + "/x.sock")
@@ -2788,6 +2970,8 @@ class TestOperations(unittest.TestCase):
             (["--check", "nginx", "--tag-target", "x"], "--tag-target NAME goes with --operation tag, and"
                                                         " --operation tag needs it"),
             (["--validate", "--format", "json"], "--format goes with --check, --scan or --replay"),
+            (["--strict"], "--strict is valid only with --validate"),
+            (["--check", "nginx", "--strict"], "--strict is valid only with --validate"),
             (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
             (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
             (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
@@ -3033,8 +3217,20 @@ class TestOperations(unittest.TestCase):
         self.assertTrue(result.stdout.startswith("Success"), result.stdout)
 
     def test_example_config_is_valid(self):
-        result = run_module("--config", str(HERE / "docker-image-policy.json"), "--validate")
-        self.assertEqual(result.returncode, 0, result.stderr)
+        path = str(HERE / "docker-image-policy.json")
+        result = run_module("--config", path, "--validate", "--strict")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(result.stdout, f"{path}: all 8 tests pass\n"   # the tests the file carries
+                                        f"{path}: valid, 3 whitelist and 0 blacklist rules, mode enforce\n")
+        # Approved nginx, docker and calico images, by tag or digest; never :latest, nor a look-alike.
+        policy = dip.load_policy(path)
+        for image, allow in [("nginx:1.25", True), (f"nginx@{DIGEST}", True), ("docker:24-dind", True),
+                             ("quay.io/calico/node:v3.27.0", True), (f"quay.io/calico/node@{DIGEST}", True),
+                             ("nginx", False), ("nginx:latest", False), ("docker:latest", False),
+                             ("quay.io/calico/node", False), ("redis:7", False), ("nginx:5000/evil/miner:1", False),
+                             ("nginxevil/miner:1", False), ("quay.io/calico/node-evil:v3", False)]:
+            with self.subTest(image):
+                self.assertEqual(policy.evaluate(parse_reference(image)).allow, allow)
 
 
 # --------------------------------------------------------------------------
