@@ -174,7 +174,11 @@ IMAGE_ID_RE = re.compile(r"[a-f0-9]{64}")
 # dockerd looks any hex string up as a short image ID when no image has that
 # name, so such names are resolved through the Docker API, never trusted.
 IMAGE_ID_LIKE_RE = re.compile(r"(?:sha256:)?[a-f0-9]+")
-MAX_PATH = 255
+# distribution/reference's limit on a whole name (registry and path); with a
+# tag and a digest, no reference is longer than MAX_REFERENCE. Rules never
+# see longer text, which keeps a quadratic pattern such as .*:latest$ cheap.
+MAX_NAME = 255
+MAX_REFERENCE = MAX_NAME + 1 + 128 + 1 + len("sha512:") + 128
 
 
 # distribution/reference recognizes Docker Hub by exact, lower-case comparison:
@@ -187,7 +191,7 @@ HUB_NAMES = frozenset({"docker.io", "index.docker.io"})
 # HTTP fallback of an insecure registry, and a dotless host such as vm:443,
 # would make it something else.
 HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
-HTTPS_PORT = ":443"
+DEFAULT_PORTS = frozenset({443, 80})
 # The containerd image store keeps an image that lost its last name while in
 # use as moby-dangling@<digest>: a placeholder, never a name a rule may admit.
 DANGLING_REPOSITORY = "docker.io/library/moby-dangling"
@@ -238,8 +242,7 @@ class Reference:
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
         object.__setattr__(self, "canonical", self.repository + suffix)
         object.__setattr__(self, "familiar", self.familiar_repository + suffix)
-        usual = self.domain.removesuffix(HTTPS_PORT)
-        usual = "docker.io" if usual in HUB_ALIASES else usual
+        usual = usual_host(self.domain)
         object.__setattr__(self, "alias", Reference(usual, self.path, self.tag, self.digest)
                            if usual != self.domain else None)
         familiar, canonical = self.forms(False), self.forms(True)
@@ -249,22 +252,26 @@ class Reference:
     def forms(self, canonical: bool) -> tuple[str, ...]:
         """The strings rules are matched against: familiar, or canonical.
 
-        A reference pinned by digest alone is also matched as the original
-        plugin saw it (nginx:sha256:…, from fromImage and tag), so that a
-        rule like ^nginx: admits its digest pins while :latest$ does not.
+        A reference pinned by a digest is matched by the digest alone, as
+        nginx@sha256:… and as the original plugin saw it (nginx:sha256:…,
+        from fromImage and tag): dockerd fetches and runs the digest and
+        ignores a tag written beside it, so ^nginx:1\.25 must not admit
+        nginx:1.25@sha256:<anything>, while ^nginx: admits digest pins and
+        :latest$ does not.
         """
         if not canonical and not self.has_familiar_form:
             return ()
-        text = self.canonical if canonical else self.familiar
-        if self.digest and self.tag is None:
-            repository = self.repository if canonical else self.familiar_repository
-            return text, f"{repository}:{self.digest}"
-        return (text,)
+        repository = self.repository if canonical else self.familiar_repository
+        if self.digest:
+            return f"{repository}@{self.digest}", f"{repository}:{self.digest}"
+        return (self.canonical if canonical else self.familiar,)
 
 
 @functools.lru_cache(maxsize=4096)
 def parse_reference(text: str) -> Reference:
     """Parse a reference the way dockerd does (ParseNormalizedNamed)."""
+    if len(text) > MAX_REFERENCE:
+        raise InvalidReference(f"invalid reference {text[:80]!r}…: longer than any valid reference")
     if IMAGE_ID_RE.fullmatch(text):
         raise InvalidReference(f"{text!r} is an image ID, not a repository name")
     slash = text.find("/")
@@ -281,13 +288,25 @@ def parse_reference(text: str) -> Reference:
     match = REFERENCE_RE.fullmatch(f"{domain}/{remainder}")
     if not match:
         raise InvalidReference(f"invalid reference format: {text!r}")
-    if len(match["path"]) > MAX_PATH:
-        raise InvalidReference(f"invalid reference {text!r}: repository name longer than {MAX_PATH} characters")
+    if len(match["name"]) > MAX_NAME:
+        raise InvalidReference(f"invalid reference {text[:80]!r}…: repository name longer than {MAX_NAME} characters")
     if match["digest"] and not DIGEST_RE.fullmatch(match["digest"]):
         raise InvalidReference(f"invalid reference {text!r}: unsupported or malformed digest")
     if match["domain"] is None:   # distribution would read "my_host.example/app" as a path with no registry
         raise InvalidReference(f"invalid reference {text!r}: {domain!r} is not a valid registry host name")
     return Reference(registry_host(match["domain"]), match["path"], match["tag"], match["digest"])
+
+
+def usual_host(domain: str) -> str:
+    """The usual name of a registry host: the port as a number, without :443 or :80, Docker Hub as docker.io.
+
+    Go reads ":0443" as port 443, HTTPS is 443, and the HTTP fallback of an
+    insecure registry is 80: each spelling reaches the same registry.
+    """
+    host, colon, port = domain.rpartition(":")
+    if colon and host and port.isdigit():
+        domain = host if int(port) in DEFAULT_PORTS else f"{host}:{int(port)}"
+    return "docker.io" if domain in HUB_ALIASES else domain
 
 
 def registry_host(domain: str) -> str:
@@ -1746,8 +1765,8 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
     """Decide on an image given by name, digest, ID or short ID.
 
     pulled_first: dockerd pulls the name before it looks it up, as a swarm
-    task does for anything but sha256:<hex>, so a name that is also a short
-    ID must be allowed as a name too.
+    task does for anything but a whole sha256:<64 hex>, so a name that is
+    also a short ID (3f9a, sha256:3f9a) must be allowed as a name too.
     """
     if not image:
         raise Unreadable(f"the {operation} request names no image")
@@ -1764,7 +1783,7 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
     if not images and image.startswith("sha256:"):
         return Decision(False, operation, image, image, "image-id", "no such image", named=image)
     decisions = [decide_local_image(policy, operation, image, local) for local in images]
-    if not images or (pulled_first and not IMAGE_ID_RE.fullmatch(image) and not image.startswith("sha256:")):
+    if not images or (pulled_first and not IMAGE_ID_RE.fullmatch(image) and not DIGEST_RE.fullmatch(image)):
         # No such image: dockerd answers 404 and the CLI pulls the name; or the name is pulled first.
         reference = parse_reference(image)
         decisions.insert(0, decision_for(operation, reference, policy.evaluate(reference), image))

@@ -192,6 +192,11 @@ class TestReference(unittest.TestCase):
             ("registry-1.docker.io:443/library/nginx:1", "registry-1.docker.io:443/library/nginx:1", "nginx:1"),
             ("QUAY.IO:443/evil/x:1", "quay.io:443/evil/x:1", "quay.io/evil/x:1"),
             ("vm:443/evil:2", "vm:443/evil:2", "vm/evil:2"),          # a dotless host keeps its port
+            ("127.0.0.1:0443/app:bad", "127.0.0.1:0443/app:bad", "127.0.0.1/app:bad"),   # Go reads 0443 as 443
+            ("registry-1.docker.io:0443/library/nginx:1", "registry-1.docker.io:0443/library/nginx:1", "nginx:1"),
+            ("localhost:80/x:1", "localhost:80/x:1", "localhost/x:1"),   # an insecure registry's HTTP port
+            ("quay.io:05000/x:1", "quay.io:05000/x:1", "quay.io:5000/x:1"),
+            ("[::1]:443/app:1", "[::1]:443/app:1", "[::1]/app:1"),
             ("quay.io:4430/evil/x:1", "quay.io:4430/evil/x:1", None),
             ("quay.io/evil/x:1", "quay.io/evil/x:1", None),
             ("docker.io:443/nginx", "docker.io:443/nginx:latest", "docker.io/nginx:latest"),
@@ -214,8 +219,16 @@ class TestReference(unittest.TestCase):
         self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(False), (f"nginx@{DIGEST}", f"nginx:{DIGEST}"))
         self.assertEqual(parse_reference(f"nginx@{DIGEST}").forms(True),
                          (f"docker.io/library/nginx@{DIGEST}", f"docker.io/library/nginx:{DIGEST}"))
-        self.assertEqual(parse_reference(f"nginx:1@{DIGEST}").forms(False), (f"nginx:1@{DIGEST}",))
+        # dockerd ignores a tag beside a digest: so do the rules.
+        self.assertEqual(parse_reference(f"nginx:1@{DIGEST}").forms(False), (f"nginx@{DIGEST}", f"nginx:{DIGEST}"))
         self.assertEqual(parse_reference("nginx:1").forms(True), ("docker.io/library/nginx:1",))
+
+    def test_no_reference_is_longer_than_a_valid_one(self):
+        # distribution/reference caps a whole name at 255 characters; rules never see more.
+        self.assertEqual(parse_reference("a." * 124 + "io/x:1").domain, "a." * 124 + "io")
+        for text in ["a." * 127 + "io/x:1", "a." * 100000 + "io/x:1", "x" * 300, "nginx:" + "1" * 10**6]:
+            with self.subTest(len(text)), self.assertRaisesRegex(InvalidReference, "longer than"):
+                parse_reference(text)
 
     def test_invalid_references(self):
         for text in ["Ubuntu", "foo..bar", "alpine:", "a:b:c", "a" * 64, "", "nginx@sha256:abc",
@@ -326,7 +339,11 @@ class TestPolicy(unittest.TestCase):
             ({"blacklist": [":latest$"], "defaultAllow": True}, "redis", False),
             ({"whitelist": ["@sha256:"]}, f"redis@{DIGEST}", True),
             ({"whitelist": ["^redis:sha256:"]}, f"redis@{DIGEST}", True),
-            ({"whitelist": ["^redis:sha256:"]}, f"redis:1@{DIGEST}", False),
+            ({"whitelist": ["^redis:sha256:"]}, f"redis:1@{DIGEST}", True),
+            # dockerd fetches the digest and ignores the tag beside it: the tag admits nothing.
+            ({"whitelist": ["^app:good"]}, f"app:good@{DIGEST}", False),
+            ({"whitelist": ["^app:good"]}, "app:good", True),
+            ({"whitelist": ["^nginx:1\\.25"]}, f"nginx:1.25@{DIGEST}", False),
         ]:
             with self.subTest(config=config, image=image):
                 self.assertEqual(self.verdict(config, image).allow, allow)
@@ -1124,10 +1141,12 @@ class TestRequests(unittest.TestCase):
                     "PreviousSpec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}},
             "new": {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1"}}}}})
         service = lambda image: {"TaskTemplate": {"ContainerSpec": {"Image": image}}}
-        for image, allow, reason in [(refused_id, False, "for redis:7"), ("sha256:ffff", False, "for redis:7"),
-                                     ("sha256:0000", False, "no such image"),
+        for image, allow, reason in [(refused_id, False, "for redis:7"), ("sha256:0000", False, "no such image"),
                                      ("nginx:1", True, "service of nginx:1 allowed"),
-                                     (allowed_id, True, "for its name nginx:3"), ("sha256:aaaa", True, "nginx:3"),
+                                     (allowed_id, True, "for its name nginx:3"),
+                                     # Only a whole sha256:<64 hex> is not pulled by name first.
+                                     ("sha256:ffff", False, "service of sha256:ffff denied: no whitelist rule"),
+                                     ("sha256:aaaa", False, "service of sha256:aaaa denied: no whitelist rule"),
                                      # A swarm task pulls a short ID's name first: docker.io/library/aaaa.
                                      ("ffff", False, "service of ffff:latest denied: no whitelist rule"),
                                      ("aaaa", False, "service of aaaa:latest denied: no whitelist rule")]:
