@@ -2358,7 +2358,7 @@ class TestAdmin(unittest.TestCase):
         self.assertEqual(json.loads(body), {   # the configuration object at the top level, as the original's
             **ORIGINAL_CONFIG, "mode": "enforce", "checkRun": True, "allowBuild": False, "allowCommit": False,
             "allowImport": False, "allowLoad": False, "allowPluginCreate": False, "allowSwarm": False,
-            "message": ""})
+            "message": "", "tests": []})
         self.assertTrue(body.startswith('{\n    "whitelist": [\n        "^nginx:",'), body)
         status = json.loads(self.fixture.get("/status?pretty=1")[1])
         digest = hashlib.sha256(Path(self.fixture.config_path).read_bytes()).hexdigest()
