@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import hashlib
 import http.client
 import importlib
 import json
@@ -65,6 +64,16 @@ from urllib.parse import quote, unquote_to_bytes
 if sys.version_info < (3, 11):
     raise SystemExit(f"docker-image-policy needs Python 3.11 or newer, not {sys.version.split()[0]}"
                      " (Debian 12 and Ubuntu 24.04 have it)")
+
+# One SHA-256 per policy load: CPython's own, as hashlib would load OpenSSL (4 MB resident).
+sha256: Any
+try:
+    sha256 = importlib.import_module("_sha256").sha256         # CPython 3.11
+except ImportError:
+    try:
+        sha256 = importlib.import_module("_sha2").sha256       # CPython 3.12 and newer
+    except ImportError:
+        sha256 = importlib.import_module("hashlib").sha256
 
 try:   # the stdlib's own parser gives exact literal prefixes; trusted_prefix checks them
     regex_parser: Any = importlib.import_module("re._parser")
@@ -600,7 +609,7 @@ def compile_policy(text: str, path: str) -> Policy:
         operations[operation] = Verdict(allowed, key, f"{origin}; {why}")
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
                   settings["checkRun"], settings["message"], MappingProxyType(operations),
-                  hashlib.sha256(text.encode()).hexdigest(), tests)
+                  sha256(text.encode()).hexdigest(), tests)
 
 
 @dataclass(frozen=True)
