@@ -2028,7 +2028,7 @@ def check_operation(policy: Policy, operation: str, images: list[str], target: s
             print(f"  operation: {decision.operation}")
         if decision.image:
             print(f"  canonical: {decision.image}\n  familiar:  {decision.familiar}")
-        verdict = "allow" if decision.allow else "deny"
+        verdict = _verdict_word(decision)
         if policy.audit and not decision.allow:
             verdict += " (audit mode: logged as would-deny and allowed)"
         print(f"  decision:  {verdict}")
