@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import quote, unquote_to_bytes
 
 if sys.version_info < (3, 11):
@@ -340,6 +340,171 @@ def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
 
 
 # --------------------------------------------------------------------------
+# Go's encoding/json: how dockerd reads request bodies, and the Go plugin its file
+# --------------------------------------------------------------------------
+
+# encoding/json matches keys to fields case-insensitively, but only ASCII
+# letters fold, plus two runes whose case orbit reaches one: U+017F (ſ) and
+# U+212A (Kelvin sign). Python's upper() folds far more (ı to I): never use it.
+_GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
+
+
+class JSONObject(list):
+    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
+
+
+@dataclass(frozen=True)
+class GoStruct:
+    """The fields of a Go struct that matter, by folded JSON key."""
+
+    fields: MappingProxyType[str, tuple[str, GoType]]
+    pointer: bool = False   # a *T field: null sets it to nil
+
+    @classmethod
+    def of(cls, pointer: bool = False, **fields: GoType) -> GoStruct:
+        return cls(MappingProxyType({name.upper(): (name, kind) for name, kind in fields.items()}), pointer)
+
+
+@dataclass(frozen=True)
+class GoSlice:
+    element: GoType
+
+
+# The scalar kinds: a Go string, a bool, and a *bool (null sets it to nil).
+STRING, BOOL, OPTIONAL_BOOL = "string", "bool", "*bool"
+GoType = Any   # STRING, BOOL, OPTIONAL_BOOL, GoStruct or GoSlice
+_ZERO = MappingProxyType({STRING: "", BOOL: False})
+
+
+@dataclass(frozen=True)
+class SliceValue:
+    """A decoded Go slice: its first length elements, and what its array still holds past them."""
+
+    backing: tuple[Any, ...]
+    length: int
+
+    @property
+    def items(self) -> tuple[Any, ...]:
+        return self.backing[:self.length]
+
+
+class GoDecodeError(ImagePolicyError):
+    """A value encoding/json refuses to store, and where it is (JSON keys and indexes)."""
+
+    def __init__(self, value: Any, kind: GoType) -> None:
+        self.where: list[str] = []
+        self.value = value
+        self.expected = "true or false" if kind is BOOL or kind is OPTIONAL_BOOL else "a string" if kind is STRING \
+            else f"a list of {'strings' if kind.element is STRING else 'objects'}" if isinstance(kind, GoSlice) \
+            else "an object"
+        super().__init__(f"{_shown(value)} where {self.expected} belongs")
+
+    def place(self) -> str:
+        """Where the value is, as '"tests"[0]."image"'."""
+        return "".join(part if part.startswith("[") else ("." if index else "") + json.dumps(part)
+                       for index, part in enumerate(self.where))
+
+
+class GoAmbiguity(GoDecodeError):
+    """An array that repeats shorter then longer: Go reuses what the longer one left
+    only while the array has capacity, and how much it has depends on the Go version."""
+
+    def __init__(self, value: Any, kind: GoType) -> None:
+        super().__init__(value, kind)
+        self.args = ("an array that repeats shorter then longer is ambiguous: what Go reads depends on"
+                     " the Go version",)
+
+
+def go_decode(value: Any, kind: GoType, current: Any) -> Any:
+    """Decode a JSON value into a Go value of kind that already holds current.
+
+    As encoding/json does: null leaves a string, bool or struct as it is and
+    sets a pointer or slice to nil; an object is decoded into the struct
+    already there (fields set before survive); an array is decoded element by
+    element into the slice's existing elements. A wrong type is an error
+    (dockerd answers 400; the Go plugin refused to start).
+    """
+    if value is None:
+        pointer = kind is OPTIONAL_BOOL or isinstance(kind, GoSlice) or (isinstance(kind, GoStruct) and kind.pointer)
+        return None if pointer else _ZERO.get(kind, current) if current is None and isinstance(kind, str) else current
+    if kind is STRING:
+        if not isinstance(value, str):
+            raise GoDecodeError(value, kind)
+        return value if value.isascii() else _LONE_SURROGATE_RE.sub("\ufffd", value)   # Go's \ud800: U+FFFD
+    if kind is BOOL or kind is OPTIONAL_BOOL:
+        if not isinstance(value, bool):
+            raise GoDecodeError(value, kind)
+        return value
+    if isinstance(kind, GoStruct):
+        if not isinstance(value, JSONObject):
+            raise GoDecodeError(value, kind)
+        fields = dict(current or {})
+        for key, item in value:
+            field = kind.fields.get(key.translate(_GO_FOLD))
+            if field:
+                name, field_kind = field
+                try:
+                    fields[name] = go_decode(item, field_kind, fields.get(name))
+                except GoDecodeError as error:
+                    error.where.insert(0, name)
+                    raise
+        return fields
+    if not isinstance(value, list) or isinstance(value, JSONObject):
+        raise GoDecodeError(value, kind)
+    if not value:
+        return SliceValue((), 0)
+    backing, length = (current.backing, current.length) if current else ((), 0)
+    if len(value) > length and len(backing) > length:
+        raise GoAmbiguity(value, kind)
+    elements = list(backing)
+    for index, item in enumerate(value):
+        try:
+            if index < length:
+                elements[index] = go_decode(item, kind.element, elements[index])
+            else:
+                decoded = go_decode(item, kind.element, None)
+                elements.append((_ZERO[kind.element] if isinstance(kind.element, str) else {})
+                                if decoded is None else decoded)
+        except GoDecodeError as error:
+            error.where.insert(0, f"[{index}]")
+            raise
+    return SliceValue(tuple(elements), len(value))
+
+
+def _go_replace(error: UnicodeError) -> tuple[str, int]:
+    # Go decodes each byte of an invalid UTF-8 sequence as one U+FFFD.
+    return "\ufffd", error.start + 1   # type: ignore[attr-defined]
+
+
+codecs.register_error("docker-image-policy-go", _go_replace)
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=JSONObject)
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _plain(value: Any) -> Any:
+    """A decoded JSON value with its objects as dicts again, to show it."""
+    if isinstance(value, JSONObject):
+        return {key: _plain(item) for key, item in value}
+    return [_plain(item) for item in value] if isinstance(value, list) else value
+
+
+def first_json_value(text: str) -> tuple[Any, str]:
+    """The first JSON value in text, objects as JSONObject, and the text after it.
+
+    As json.Decoder.Decode reads it (dockerd's request bodies, the Go
+    plugin's file): what follows the value is not read. ValueError or
+    RecursionError when there is no such value.
+    """
+    value, end = _JSON_DECODER.raw_decode(text, len(text) - len(text.lstrip(" \t\r\n")))
+    return value, text[end:]
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(_plain(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------
 # Policy
 # --------------------------------------------------------------------------
 
@@ -490,6 +655,8 @@ class Policy:
     operations: MappingProxyType[str, Verdict]   # every opaque operation's verdict, resolved at load
     sha256: str = ""     # of the file's contents: logs and metrics say which policy decided
     tests: tuple[PolicyTest, ...] = ()             # the file's own expectations, run by load_tested_policy
+    keys: frozenset[str] = frozenset()             # the settings the file gives, by their names in CONFIG_DEFAULTS
+    notes: tuple[str, ...] = ()                    # what reading the file as Go does may surprise its author with
 
     @property
     def audit(self) -> bool:
@@ -542,63 +709,66 @@ class Policy:
                 "message": self.message, "tests": [test.document() for test in self.tests]}
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise DuplicateKey(key)
-    return dict(pairs)
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def _line_of_second(text: str, key: str) -> int:
-    """The line of a key's second appearance as an object key."""
-    found = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
-    return text.count("\n", 0, found[1].start()) + 1 if len(found) > 1 else 1
+# The policy file as Go's encoding/json reads it: the Go plugin's Config
+# struct (whitelist, blacklist, defaultAllow) with this plugin's keys beside it.
+POLICY_TEST_KEYS = ("image", "operation", "target", "expect", "note")
+_TEST_FIELDS: dict[str, GoType] = dict.fromkeys(POLICY_TEST_KEYS, STRING)
+_OPERATION_FIELDS: dict[str, GoType] = {key: OPTIONAL_BOOL for key in CONFIG_DEFAULTS if key.startswith("allow")}
+POLICY_TEST = GoStruct.of(**_TEST_FIELDS)
+POLICY_FILE = GoStruct.of(
+    whitelist=GoSlice(STRING), blacklist=GoSlice(STRING), defaultAllow=BOOL, mode=STRING, checkRun=BOOL,
+    **_OPERATION_FIELDS, message=STRING, tests=GoSlice(POLICY_TEST))
+# The keys the Go plugin read: a file with no others was written for it.
+GO_PLUGIN_KEYS = frozenset({"whitelist", "blacklist", "defaultAllow"})
 
 
 def compile_policy(text: str, path: str) -> Policy:
-    """Build a Policy from a configuration file's text; ConfigError says why not."""
+    """Build a Policy from a configuration file's text; ConfigError says why not.
+
+    The file is read as the Go plugin read it (json.Decoder into its Config
+    struct): keys match case-insensitively, null leaves a default, a later
+    duplicate is decoded over an earlier one, and text after the object is
+    ignored. Unknown keys are refused instead of ignored: a misspelt
+    "blacklist" must not drop a blacklist. Every problem is reported at once.
+    """
     if not text.strip():
         raise ConfigError(path, "", "the file is empty (an empty policy is {})")
     try:
-        document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        document, after = first_json_value(text)
     except json.JSONDecodeError as error:
         raise ConfigError(path, f"line {error.lineno} column {error.colno}", f"invalid JSON: {error.msg}") from None
-    except DuplicateKey as error:
-        key = error.args[0]
-        raise ConfigError(path, f"line {_line_of_second(text, key)}", f"duplicate key {json.dumps(key)}") from None
     except (ValueError, RecursionError) as error:
         raise ConfigError(path, "", f"invalid JSON: {error}") from None
-    if not isinstance(document, dict):
+    if not isinstance(document, JSONObject):
         raise ConfigError(path, "", "the configuration must be a JSON object")
-    unknown = [key for key in document if key not in CONFIG_DEFAULTS]
-    if unknown:
-        raise ConfigError(path, "", "; ".join(_unknown_key(key) for key in unknown)
-                          + " (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
-    settings = {**CONFIG_DEFAULTS, **document}
-    tests = compile_tests(path, settings.pop("tests"))
-    for key, value in settings.items():
-        default = CONFIG_DEFAULTS[key]
-        if isinstance(default, list):
-            if not isinstance(value, list):
-                raise ConfigError(path, json.dumps(key), f"must be a list of strings, not {_shown(value)}")
-            for index, item in enumerate(value):
-                if not isinstance(item, str):
-                    raise ConfigError(path, f"{json.dumps(key)}[{index}]", f"must be a string, not {_shown(item)}")
-        elif key.startswith("allow") or isinstance(default, bool):
-            if not isinstance(value, bool) and not (value is None and default is None):
-                raise ConfigError(path, json.dumps(key), f"must be true or false, not {_shown(value)}")
-        elif not isinstance(value, str):
-            raise ConfigError(path, json.dumps(key), f"must be a string, not {_shown(value)}")
+    problems = _unknown_keys(document)
+    settings: dict[str, Any] = dict(CONFIG_DEFAULTS, whitelist=None, blacklist=None, tests=None)
+    try:
+        settings = go_decode(document, POLICY_FILE, settings)
+    except GoAmbiguity as error:
+        problems.append((error.place(), str(error)))
+    except GoDecodeError as error:
+        such = ' such as {"image": "nginx:1.25", "expect": "allow"}' if error.place().startswith('"tests"[') \
+            and error.expected == "an object" else ""
+        problems.append((error.place(), f"must be {error.expected}{such}, not {_shown(error.value)}"))
     if settings["mode"] not in MODES:
-        raise ConfigError(path, '"mode"', f'must be "enforce" or "audit", not {json.dumps(settings["mode"])}')
-    lists = {kind: build_rule_set([compile_rule(path, kind, index, pattern)
-                                   for index, pattern in enumerate(settings[kind])])
-             for kind in ("whitelist", "blacklist")}
+        problems.append(('"mode"', f'must be "enforce" or "audit", not {_shown(settings["mode"])}'))
+    lists = {}
+    for kind in ("whitelist", "blacklist"):
+        rules = []
+        for index, pattern in enumerate(settings[kind].items if settings[kind] else ()):
+            try:
+                rules.append(compile_rule(path, kind, index, pattern))
+            except ConfigError as error:
+                problems.append((error.where, error.problem))
+        lists[kind] = build_rule_set(rules)
+    try:
+        tests = compile_tests(path, settings["tests"].items if settings["tests"] else ())
+    except ConfigError as error:
+        problems.append((error.where, error.problem))
+    if problems:
+        raise ConfigError(path, *problems[0]) if len(problems) == 1 else \
+            ConfigError(path, "", "; ".join(f"{where}: {problem}" if where else problem for where, problem in problems))
     default_allow = settings["defaultAllow"]
     operations = {}
     for operation, (key, why) in OPAQUE_OPERATIONS.items():
@@ -607,9 +777,37 @@ def compile_policy(text: str, path: str) -> Policy:
         origin = f"{key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
             else f"{key!r} is {str(allowed).lower()}"
         operations[operation] = Verdict(allowed, key, f"{origin}; {why}")
+    given = [POLICY_FILE.fields[key.translate(_GO_FOLD)][0] for key, _ in document]
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
                   settings["checkRun"], settings["message"], MappingProxyType(operations),
-                  sha256(text.encode()).hexdigest(), tests)
+                  sha256(text.encode()).hexdigest(), tests, frozenset(given), _reading_notes(text, given, after))
+
+
+def _unknown_keys(document: JSONObject) -> list[tuple[str, str]]:
+    """Keys that name no setting, at the top and in each test: the one place this plugin is stricter than Go."""
+    unknown = [("", _unknown_key(key, CONFIG_DEFAULTS)) for key, _ in document
+               if key.translate(_GO_FOLD) not in POLICY_FILE.fields]
+    if unknown:
+        unknown[-1] = ("", unknown[-1][1] + " (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
+    for key, tests in document:
+        if key.translate(_GO_FOLD) == "TESTS" and isinstance(tests, list):
+            for index, test in enumerate(tests):
+                for name in [name for name, _ in test if name.translate(_GO_FOLD) not in
+                             POLICY_TEST.fields] if isinstance(test, JSONObject) else ():
+                    unknown.append((f'"tests"[{index}]', _unknown_key(name, POLICY_TEST_KEYS)
+                                    + " (known keys: " + ", ".join(POLICY_TEST_KEYS) + ")"))
+    return unknown
+
+
+def _reading_notes(text: str, given: list[str], after: str) -> tuple[str, ...]:
+    """What Go's reading of the file does that its author may not expect: logged at load, shown by --validate."""
+    notes = [f"{json.dumps(key)} is given {given.count(key)} times: as Go's decoder does, each is decoded over"
+             " the one before, so the last decides" for key in dict.fromkeys(given) if given.count(key) > 1]
+    if after.strip():
+        line = text.count("\n", 0, len(text) - len(after)) + 1
+        notes.append(f"the text after the configuration object (from line {line}) is ignored, as the Go plugin's"
+                     " decoder ignored it")
+    return tuple(notes)
 
 
 @dataclass(frozen=True)
@@ -633,29 +831,16 @@ class PolicyTest:
         return f'"tests"[{self.index}] ({what}' + (f" as {self.target}" if self.target else "") + ")"
 
 
-POLICY_TEST_KEYS = ("image", "operation", "target", "expect", "note")
-
-
-def compile_tests(path: str, tests: Any) -> tuple[PolicyTest, ...]:
-    """The "tests" list: each an object with image, expect, and optionally operation, target and note."""
-    if not isinstance(tests, list):
-        raise ConfigError(path, '"tests"', f"must be a list of objects, not {_shown(tests)}")
+def compile_tests(path: str, tests: tuple[dict[str, str], ...]) -> tuple[PolicyTest, ...]:
+    """The "tests" list, decoded: each with image and expect, and optionally operation, target and note."""
     compiled = []
     for index, test in enumerate(tests):
         where = f'"tests"[{index}]'
-        if not isinstance(test, dict):
-            raise ConfigError(path, where, 'must be an object such as {"image": "nginx:1.25", "expect": "allow"},'
-                                           f" not {_shown(test)}")
-        unknown = [key for key in test if key not in POLICY_TEST_KEYS]
-        if unknown:
-            raise ConfigError(path, where, f"unknown key {json.dumps(unknown[0])} (known keys: "
-                                           + ", ".join(POLICY_TEST_KEYS) + ")")
-        for key in POLICY_TEST_KEYS:
-            if key in test and not isinstance(test[key], str):
-                raise ConfigError(path, where, f"{json.dumps(key)} must be a string, not {_shown(test[key])}")
-        if test.get("expect") not in ("allow", "deny"):
-            raise ConfigError(path, where, f'"expect" must be "allow" or "deny", not {_shown(test.get("expect"))}')
-        given = test.get("operation", "pull")
+        expect = test.get("expect", "")
+        if expect not in ("allow", "deny"):
+            raise ConfigError(path, where, '"expect" must be "allow" or "deny", '
+                                           + (f"not {_shown(expect)}" if expect else "and is missing"))
+        given = test.get("operation") or "pull"
         operation = OPERATION_ALIASES.get(given, given)
         if operation not in CLIENT_REQUESTS:
             raise ConfigError(path, where, f'"operation" must be one of {", ".join(CLIENT_REQUESTS)},'
@@ -668,18 +853,13 @@ def compile_tests(path: str, tests: Any) -> tuple[PolicyTest, ...]:
             raise ConfigError(path, where, f'"image" is missing: a {operation} names an image')
         if (operation == "tag") != bool(target):
             raise ConfigError(path, where, '"target", the new name, is needed for a tag and only for a tag')
-        compiled.append(PolicyTest(index, operation, image, target, test["expect"] == "allow", test.get("note", "")))
+        compiled.append(PolicyTest(index, operation, image, target, expect == "allow", test.get("note", "")))
     return tuple(compiled)
 
 
-def _unknown_key(key: str) -> str:
-    close = difflib.get_close_matches(key, CONFIG_DEFAULTS, n=1, cutoff=0.6)
+def _unknown_key(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"unknown key {json.dumps(key)}" + (f" (did you mean {json.dumps(close[0])}?)" if close else "")
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
@@ -694,11 +874,11 @@ def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
 
 def load_policy(path: str) -> Policy:
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as error:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
         raise ConfigError(path, "", f"cannot read the configuration: {error}") from None
-    return compile_policy(text, path)
+    return compile_policy(data.decode("utf-8", "docker-image-policy-go"), path)
 
 
 # Suffixes that complete a literal prefix into a reference, to see whether a
@@ -1324,49 +1504,6 @@ def parse_query(query: str) -> dict[str, str]:
 # JSON bodies, decoded the way Go's encoding/json fills dockerd's structs
 # --------------------------------------------------------------------------
 
-# encoding/json matches keys to fields case-insensitively, but only ASCII
-# letters fold, plus two runes whose case orbit reaches one: U+017F (ſ) and
-# U+212A (Kelvin sign). Python's upper() folds far more (ı to I): never use it.
-_GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
-
-
-class JSONObject(list):
-    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
-
-
-@dataclass(frozen=True)
-class GoStruct:
-    """The fields of a Go struct that matter, by folded JSON key."""
-
-    fields: MappingProxyType[str, tuple[str, GoType]]
-    pointer: bool = False   # a *T field: null sets it to nil
-
-    @classmethod
-    def of(cls, pointer: bool = False, **fields: GoType) -> GoStruct:
-        return cls(MappingProxyType({name.upper(): (name, kind) for name, kind in fields.items()}), pointer)
-
-
-@dataclass(frozen=True)
-class GoSlice:
-    element: GoStruct
-
-
-GoType = Any   # str (a Go string), GoStruct or GoSlice
-
-
-@dataclass(frozen=True)
-class SliceValue:
-    """A decoded Go slice: its first length elements, and what its array still holds past them."""
-
-    backing: tuple[dict[str, Any], ...]
-    length: int
-
-    @property
-    def items(self) -> tuple[dict[str, Any], ...]:
-        return self.backing[:self.length]
-
-
-STRING = "string"
 MOUNTS = GoSlice(GoStruct.of(Type=STRING, Source=STRING))
 # The parts of dockerd's request types that name images: CreateRequest
 # (an embedded *Config, HostConfig *HostConfig) and swarm's ServiceSpec.
@@ -1377,71 +1514,20 @@ SERVICE_SPEC = GoStruct.of(TaskTemplate=GoStruct.of(
     Runtime=STRING))
 
 
-def go_decode(value: Any, kind: GoType, current: Any) -> Any:
-    """Decode a JSON value into a Go value of kind that already holds current.
-
-    As encoding/json does: null leaves a string or struct as it is and sets a
-    pointer or slice to nil; an object is decoded into the struct already
-    there (fields set before survive); an array is decoded element by element
-    into the slice's existing elements. A wrong type is an error dockerd
-    answers with 400.
-    """
-    if value is None:
-        return None if isinstance(kind, GoSlice) or (isinstance(kind, GoStruct) and kind.pointer) else current
-    if kind is STRING:
-        if not isinstance(value, str):
-            raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where a string belongs")
-        return value if value.isascii() else _LONE_SURROGATE_RE.sub("\ufffd", value)   # Go's \ud800: U+FFFD
-    if isinstance(kind, GoStruct):
-        if not isinstance(value, JSONObject):
-            raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where an object belongs")
-        fields = dict(current or {})
-        for key, item in value:
-            field = kind.fields.get(key.translate(_GO_FOLD))
-            if field:
-                name, field_kind = field
-                fields[name] = go_decode(item, field_kind, fields.get(name))
-        return fields
-    if not isinstance(value, list) or isinstance(value, JSONObject):
-        raise Unreadable(f"dockerd rejects this body: {json.dumps(value)[:40]} where an array belongs")
-    if not value:
-        return SliceValue((), 0)
-    backing, length = (current.backing, current.length) if current else ((), 0)
-    if len(value) > length and len(backing) > length:
-        # Go reuses the array an earlier, longer value left behind only while
-        # it has capacity, and how much it has depends on dockerd's Go version.
-        raise Unreadable("an array that repeats shorter then longer is ambiguous: what dockerd reads"
-                         " depends on the Go version it was built with")
-    elements = list(backing)
-    for index, item in enumerate(value):
-        if index < length:
-            elements[index] = go_decode(item, kind.element, elements[index])
-        else:
-            elements.append(go_decode(item, kind.element, None) or {})
-    return SliceValue(tuple(elements), len(value))
-
-
-def _go_replace(error: UnicodeError) -> tuple[str, int]:
-    # Go decodes each byte of an invalid UTF-8 sequence as one U+FFFD.
-    return "\ufffd", error.start + 1   # type: ignore[attr-defined]
-
-
-codecs.register_error("docker-image-policy-go", _go_replace)
-_JSON_DECODER = json.JSONDecoder(object_pairs_hook=JSONObject)
-_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
-
 def decode_body(body: bytes, kind: GoStruct) -> dict[str, Any]:
     """Decode a body as dockerd's json.Decoder does: the first JSON value, into kind."""
-    text = body.decode("utf-8", "docker-image-policy-go").lstrip(" \t\r\n")
     try:
         # Engines before 25 ignore what follows the value; newer ones reject it.
-        document, _ = _JSON_DECODER.raw_decode(text)
+        document, _ = first_json_value(body.decode("utf-8", "docker-image-policy-go"))
+        return go_decode(document, kind, None) or {}
+    except GoAmbiguity as error:
+        raise Unreadable(f"{error}: dockerd's own build decides") from None
+    except GoDecodeError as error:
+        raise Unreadable(f"dockerd rejects this body: {error}") from None
     except ValueError as error:
         raise Unreadable(f"the request body is not valid JSON ({error})") from None
     except RecursionError:
         raise Unreadable("the request body is nested too deeply to read") from None
-    return go_decode(document, kind, None) or {}
 
 
 def _field(struct: dict[str, Any] | None, name: str) -> Any:

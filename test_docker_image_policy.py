@@ -88,6 +88,10 @@ def policy_of(config: dict[str, Any]) -> dip.Policy:
     return dip.compile_policy(json.dumps(config), "test.json")
 
 
+def policy_of_text(text: str) -> dip.Policy:
+    return dip.compile_policy(text, "test.json")
+
+
 def authz(method: str, uri: str, body: Any = None, headers: dict[str, str] | None = None,
           **extra: Any) -> dict[str, Any]:
     """An AuthZReq as dockerd builds it."""
@@ -416,7 +420,7 @@ class TestPolicy(unittest.TestCase):
                          ' missing ), unterminated subpattern at position 4')
         self.assertEqual(self.config_error('{"whitelst": [], "defaultallow": true, "colour": 1}'),
                          '/etc/docker/p.json: unknown key "whitelst" (did you mean "whitelist"?); unknown key'
-                         ' "defaultallow" (did you mean "defaultAllow"?); unknown key "colour" (known keys: whitelist,'
+                         ' "colour" (known keys: whitelist,'
                          ' blacklist, defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
                          ' allowPluginCreate, allowSwarm, message, tests)')
         self.assertEqual(self.config_error('{"whitelist": ["^a", "^b", "^c", 5]}'),
@@ -432,8 +436,45 @@ class TestPolicy(unittest.TestCase):
                          '/etc/docker/p.json: "mode": must be "enforce" or "audit", not "warn"')
         self.assertEqual(self.config_error('{\n  "whitelist": [\n  "a",\n}'),
                          "/etc/docker/p.json: line 4 column 1: invalid JSON: Expecting value")
-        self.assertEqual(self.config_error('{\n"mode": "audit",\n"whitelist": [],\n"mode": "enforce"}'),
-                         '/etc/docker/p.json: line 4: duplicate key "mode"')
+        self.assertEqual(self.config_error('{"colour": 1, "whitelist": ["^ok", "("], "mode": "warn"}'),
+                         '/etc/docker/p.json: unknown key "colour" (known keys: whitelist, blacklist, defaultAllow,'
+                         ' mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad, allowPluginCreate,'
+                         ' allowSwarm, message, tests); "mode": must be "enforce" or "audit", not "warn";'
+                         ' "whitelist"[1]: invalid regular expression "(": missing ), unterminated subpattern at'
+                         ' position 0')
+        self.assertEqual(self.config_error('{"whitelist": ["^a", "^b"], "whitelist": ["^c"], "whitelist": [null, null]}'),
+                         '/etc/docker/p.json: "whitelist": an array that repeats shorter then longer is ambiguous:'
+                         ' what Go reads depends on the Go version')
+
+    def test_the_file_is_read_as_the_go_plugin_read_it(self):
+        # Keys fold as encoding/json folds them, ſ and the Kelvin sign included.
+        policy = policy_of_text('{"Whitelist": ["^a:"], "DEFAULTALLOW": true, "blackli\u017ft": ["^b"],'
+                                ' "chec\u212aRun": false}')
+        self.assertEqual(([r.pattern for r in policy.whitelist.rules], [r.pattern for r in policy.blacklist.rules],
+                          policy.default_allow, policy.check_run), (["^a:"], ["^b"], True, False))
+        self.assertEqual(policy.keys, {"whitelist", "blacklist", "defaultAllow", "checkRun"})
+        # null: no list, and every other setting keeps its default.
+        policy = policy_of_text('{"whitelist": null, "blacklist": null, "defaultAllow": null, "checkRun": null,'
+                                ' "mode": null, "allowBuild": null, "message": null, "tests": null}')
+        self.assertEqual((policy.whitelist.rules, policy.blacklist.rules, policy.default_allow, policy.check_run,
+                          policy.mode, policy.message, policy.tests), ((), (), False, True, "enforce", "", ()))
+        self.assertEqual(policy.operations["build"].reason.split(";")[0], "'allowBuild' is not set and defaultAllow"
+                                                                          " is false")
+        # A null in a list is Go's empty string, a rule that matches every name.
+        self.assertEqual([r.pattern for r in policy_of_text('{"blacklist": [null, "^x"]}').blacklist.rules], ["", "^x"])
+        # A later duplicate is decoded over the earlier one; text after the object is not read. Both are noted.
+        policy = policy_of_text('{\n"mode": "audit",\n"whitelist": [],\n"MODE": "enforce"}\n{"defaultAllow": true}')
+        self.assertEqual((policy.mode, policy.default_allow), ("enforce", False))
+        self.assertEqual(policy.notes, ('"mode" is given 2 times: as Go\'s decoder does, each is decoded over the one'
+                                        ' before, so the last decides',
+                                        "the text after the configuration object (from line 4) is ignored, as the Go"
+                                        " plugin's decoder ignored it"))
+        self.assertEqual(policy_of(ORIGINAL_CONFIG).notes, ())
+        # Invalid UTF-8 is read as Go reads it, one U+FFFD per byte.
+        with tempfile.NamedTemporaryFile("wb", suffix=".json") as file:
+            file.write(b'{"message": "caf\xe9 \xff"}')
+            file.flush()
+            self.assertEqual(dip.load_policy(file.name).message, "caf\ufffd \ufffd")
         self.assertEqual(self.config_error('[]'), "/etc/docker/p.json: the configuration must be a JSON object")
 
     def test_all_tags_pull_needs_a_prefix_rule_covering_every_tag(self):
@@ -725,11 +766,12 @@ class TestPolicy(unittest.TestCase):
             ([["nginx"]], '"tests"[0]: must be an object such as {"image": "nginx:1.25", "expect": "allow"},'
                           ' not ["nginx"]'),
             ([{"image": "nginx", "expect": "allow", "expected": "deny"}],
-             '"tests"[0]: unknown key "expected" (known keys: image, operation, target, expect, note)'),
+             '"tests"[0]: unknown key "expected" (did you mean "expect"?) (known keys: image, operation, target,'
+             ' expect, note)'),
             ([{"image": "nginx", "expect": "allow"}, {"image": "nginx", "expect": "yes"}],
              '"tests"[1]: "expect" must be "allow" or "deny", not "yes"'),
-            ([{"image": "nginx"}], '"tests"[0]: "expect" must be "allow" or "deny", not null'),
-            ([{"image": 7, "expect": "deny"}], '"tests"[0]: "image" must be a string, not 7'),
+            ([{"image": "nginx"}], '"tests"[0]: "expect" must be "allow" or "deny", and is missing'),
+            ([{"image": 7, "expect": "deny"}], '"tests"[0]."image": must be a string, not 7'),
             ([{"image": "nginx", "operation": "push", "expect": "deny"}],
              f'"tests"[0]: "operation" must be one of {operations}, not "push"'),
             ([{"operation": "run", "expect": "deny"}], '"tests"[0]: "image" is missing: a run names an image'),
@@ -1079,7 +1121,7 @@ class TestRequests(unittest.TestCase):
         for body, reason in [(b"{", "not valid JSON"), (b"[1]", "where an object belongs"),
                              (b'{"Image": 7}', "where a string belongs"), (b'{"Image": null}', "names no image"),
                              (b"null", "names no image"), (b"\xff\xfe", "not valid JSON"),
-                             (b'{"HostConfig": {"Mounts": {}}}', "where an array belongs"),
+                             (b'{"HostConfig": {"Mounts": {}}}', "{} where a list of objects belongs"),
                              (b"[" * 5000, "nested too deeply"),
                              # dockerd reads the first value (engines before 25) or rejects the rest.
                              (b'{"Image":"redis:7"} {"Image":"nginx:1"}', "run of redis:7 denied")]:
@@ -1784,15 +1826,15 @@ class BodyGenerator:
         return bytes(mutated)
 
 
-def go_decoder(directory: str) -> str:
-    """Build GO_DECODER with the machine's Go, offline, in a temporary directory."""
+def go_decoder(directory: str, program: str = GO_DECODER) -> str:
+    """Build a Go program (GO_DECODER) with the machine's Go, offline, in a temporary directory."""
     go = shutil.which("go")
     if go is None:
         message = "Go is not installed (apt-get install golang-go): the differential test against encoding/json"
         if REQUIRE_E2E:
             raise AssertionError(message + " is required")
         raise unittest.SkipTest(message + " cannot run")
-    Path(directory, "main.go").write_text(GO_DECODER)
+    Path(directory, "main.go").write_text(program)
     env = dict(os.environ, GOCACHE=f"{directory}/cache", GOPATH=f"{directory}/gopath", GO111MODULE="off",
                GOTOOLCHAIN="local", GOFLAGS="", GOENV="off", CGO_ENABLED="0")
     build = subprocess.run([go, "build", "-o", "decoder", "main.go"], cwd=directory, env=env,
@@ -1826,6 +1868,187 @@ def judge(kind: str, body: bytes, answer: dict[str, Any], images: Any) -> str | 
     if isinstance(images, tuple) and all(isinstance(image, str) for image in images):
         return f"{kind}: decode error, read anyway"
     return None
+
+
+GO_CONFIG_DECODER = r"""package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"os"
+)
+
+type policyTest struct {
+	Image     string `json:"image"`
+	Operation string `json:"operation"`
+	Target    string `json:"target"`
+	Expect    string `json:"expect"`
+	Note      string `json:"note"`
+}
+
+// The Go plugin's Config, with this plugin's keys beside its three.
+type config struct {
+	Whitelist         []string     `json:"whitelist"`
+	Blacklist         []string     `json:"blacklist"`
+	DefaultAllow      bool         `json:"defaultAllow"`
+	Mode              string       `json:"mode"`
+	CheckRun          bool         `json:"checkRun"`
+	AllowBuild        *bool        `json:"allowBuild"`
+	AllowCommit       *bool        `json:"allowCommit"`
+	AllowImport       *bool        `json:"allowImport"`
+	AllowLoad         *bool        `json:"allowLoad"`
+	AllowPluginCreate *bool        `json:"allowPluginCreate"`
+	AllowSwarm        *bool        `json:"allowSwarm"`
+	Message           string       `json:"message"`
+	Tests             []policyTest `json:"tests"`
+}
+
+func main() {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<24)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		file, _ := base64.StdEncoding.DecodeString(in.Text())
+		cfg := config{Mode: "enforce", CheckRun: true}
+		if err := json.NewDecoder(bytes.NewReader(file)).Decode(&cfg); err != nil {
+			out.Encode(map[string]string{"error": err.Error()})
+			continue
+		}
+		out.Encode(map[string]config{"config": cfg})
+	}
+}
+"""
+
+
+class ConfigGenerator:
+    """Policy files in the Go plugin's format and this plugin's, spelt as Go's decoder accepts them."""
+
+    KEYS = ("whitelist", "blacklist", "defaultAllow", "mode", "checkRun", "allowBuild", "allowLoad", "message", "tests")
+    TEST_KEYS = ("image", "operation", "expect", "note")
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def spelling(self, key: str) -> str:
+        rng = self.rng
+        if rng.random() < 0.5:
+            return key
+        spelt = "".join(c.swapcase() if rng.random() < 0.4 else c for c in key)
+        spelt = spelt.replace("s", "\u017f") if rng.random() < 0.2 else spelt   # ſ folds to S
+        return spelt.replace("k", "\u212a") if rng.random() < 0.3 else spelt    # the Kelvin sign folds to K
+
+    def value(self, key: str) -> Any:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.1:
+            return None
+        if roll < 0.15:
+            return rng.choice([1, "yes", [], {}, [1], True, 0.5])
+        if key in ("whitelist", "blacklist"):
+            return [None if rng.random() < 0.1 else rng.choice(["^nginx:", "^a", "b$", "^quay\\.io/", "x"])
+                    for _ in range(rng.randint(0, 3))]
+        if key in ("defaultAllow", "checkRun", "allowBuild", "allowLoad"):
+            return rng.random() < 0.5
+        if key == "mode":
+            return rng.choice(["enforce", "audit"])
+        if key == "message":
+            return rng.choice(["", "See the wiki.", "\u00e9t\u00e9"])
+        return [self.test() for _ in range(rng.randint(0, 3))]
+
+    def test(self) -> Any:
+        rng = self.rng
+        pairs = [("image", rng.choice(["nginx:1", "redis:7"])), ("expect", rng.choice(["allow", "deny"]))]
+        if rng.random() < 0.3:
+            pairs.append(("operation", rng.choice(["pull", "run"])))
+        if rng.random() < 0.3:
+            pairs.append(("note", "why"))
+        if rng.random() < 0.2:
+            pairs.append((rng.choice(self.TEST_KEYS), rng.choice([None, "nginx:2", "deny", 5])))
+        rng.shuffle(pairs)
+        return JSONPairs((self.spelling(key), value) for key, value in pairs)
+
+    def file(self) -> bytes:
+        rng = self.rng
+        keys = rng.sample(self.KEYS, rng.randint(0, len(self.KEYS)))
+        keys += [rng.choice(self.KEYS) for _ in range(rng.randint(0, 2))]   # duplicates
+        if rng.random() < 0.05:
+            keys.append(rng.choice(["_comment", "whitelists", "Blacklist "]))
+        data = write_json(JSONPairs((self.spelling(key), self.value(key if key in self.KEYS else "message"))
+                                    for key in keys), rng)
+        if rng.random() < 0.15:
+            data += rng.choice([b"\n", b" {}", b"\ngarbage", b', "x": 1}', b"]"])
+        return data
+
+
+def python_settings(policy: dip.Policy) -> dict[str, Any]:
+    """What compile_policy made of a file, in the Go program's terms."""
+    raw = {key: None if "is not set" in policy.operations[operation].reason else policy.operations[operation].allow
+           for operation, (key, _) in dip.OPAQUE_OPERATIONS.items()}
+    return {"whitelist": [rule.pattern for rule in policy.whitelist.rules],
+            "blacklist": [rule.pattern for rule in policy.blacklist.rules],
+            "defaultAllow": policy.default_allow, "mode": policy.mode, "checkRun": policy.check_run,
+            **raw, "message": policy.message,
+            "tests": [{"image": test.image, "operation": test.operation, "target": test.target,
+                       "expect": "allow" if test.allow else "deny", "note": test.note} for test in policy.tests]}
+
+
+def go_settings(config: dict[str, Any]) -> dict[str, Any]:
+    config = {key: value for key, value in config.items()}
+    for key in ("whitelist", "blacklist", "tests"):
+        config[key] = config[key] or []
+    for test in config["tests"]:
+        test["operation"] = test["operation"] or "pull"
+    return config
+
+
+# The deliberate differences: what this plugin refuses in a file Go reads.
+CONFIG_REFUSALS = ("unknown key", "is missing", 'must be "allow" or "deny"', 'must be "enforce" or "audit"', "ambiguous",
+                   "invalid regular expression", '"operation" must be one of')
+
+
+class TestGoConfigDecoding(unittest.TestCase):
+    """compile_policy against Go's encoding/json decoding the same files into the Go plugin's Config."""
+
+    count = 3_000 * (10 if LONG else 1)
+
+    def test_files_mean_what_go_reads(self):
+        directory = tempfile.mkdtemp(prefix="dip-go-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        decoder = go_decoder(directory, GO_CONFIG_DECODER)
+        generator = ConfigGenerator(seed=20261)
+        files = [generator.file() for _ in range(self.count)]
+        result = subprocess.run([decoder], input="".join(base64.b64encode(file).decode() + "\n" for file in files),
+                                capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        answers = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual(len(answers), len(files))
+        counts: dict[str, int] = {}
+        mismatches = []
+        for file, answer in zip(files, answers):
+            try:
+                policy = dip.compile_policy(file.decode("utf-8", "docker-image-policy-go"), "p.json")
+            except dip.ConfigError as error:
+                if "error" in answer:
+                    outcome = "refused by both"
+                elif any(refusal in str(error) for refusal in CONFIG_REFUSALS):
+                    outcome = "refused here only: " + next(r for r in CONFIG_REFUSALS if r in str(error))
+                else:
+                    outcome = None
+                    mismatches.append(f"{file!r}\n    Go: {answer}\n    Python: {error}")
+            else:
+                outcome = "read alike" if "config" in answer and go_settings(answer["config"]) == \
+                    python_settings(policy) else None
+                if outcome is None:
+                    mismatches.append(f"{file!r}\n    Go: {answer}\n    Python: {python_settings(policy)}")
+            if outcome:
+                counts[outcome] = counts.get(outcome, 0) + 1
+        summary = ", ".join(f"{key}: {value}" for key, value in sorted(counts.items()))
+        if mismatches:
+            self.fail(f"{len(mismatches)} of {len(files)} files read unlike Go ({summary}):\n" + "\n".join(mismatches[:5]))
+        self.assertGreater(counts.get("read alike", 0), len(files) // 4, summary)
+        self.assertGreater(counts.get("refused by both", 0), len(files) // 20, summary)
 
 
 class TestGoDecoding(unittest.TestCase):
