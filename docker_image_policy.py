@@ -810,6 +810,25 @@ def _reading_notes(text: str, given: list[str], after: str) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def go_era_warning(policy: Policy) -> str | None:
+    """For a file with only the Go plugin's keys: what this plugin decides that the Go plugin never looked at,
+    and the keys that keep the Go plugin's behaviour."""
+    if policy.keys - GO_PLUGIN_KEYS:
+        return None
+    refused = {operation.replace("-", " "): verdict.rule for operation, verdict in policy.operations.items()
+               if not verdict.allow}
+    restore = ['"checkRun": false'] + [f'"{key}": true' for key in refused.values() if key != "allowImport"]
+    return ("this file has only the Go plugin's keys (whitelist, blacklist, defaultAllow), and this plugin decides"
+            " more than pulls: it judges runs, creates, image mounts and tags by image name (\"checkRun\", default"
+            " true), and services and plugin installs too; build, commit, import, load, plugin create and swarm"
+            f" init/join follow allowBuild, allowCommit, allowImport, allowLoad, allowPluginCreate and allowSwarm,"
+            f" which follow defaultAllow ({str(policy.default_allow).lower()}"
+            + (": " + ", ".join(refused) + " are refused" if refused else "")
+            + "). The Go plugin let all of these through unchecked, except imports, which it failed. To decide only"
+            " what it decided, add " + ", ".join(restore) + " (services and plugin installs stay judged by name);"
+            " to keep the new checks, add them with the values you mean")
+
+
 @dataclass(frozen=True)
 class PolicyTest:
     """One expectation a policy file carries: {"image": "nginx:1.25", "expect": "allow"}."""
@@ -2555,10 +2574,11 @@ class Running:
 class Plugin:
     """State shared by both listeners. Requests read self.current once."""
 
-    def __init__(self, config_path: str, log: Log, docker: DockerAPI) -> None:
+    def __init__(self, config_path: str, log: Log, docker: DockerAPI, mode: str | None = None) -> None:
         self.config_path, self.log, self.docker = config_path, log, docker
+        self.mode = mode   # --mode: overrides the file's, at every reload
         self.metrics = Metrics()
-        self.current = Running(load_tested_policy(config_path))
+        self.current = Running(self.load())
         self.warn_backtracking(self.current.policy)
         self.metrics.reloaded(True)
         self.started = _now()
@@ -2569,7 +2589,7 @@ class Plugin:
         """Replace the policy from the file; a bad file keeps the running one."""
         with self.reload_lock:
             try:
-                policy = load_tested_policy(self.config_path)
+                policy = self.load()
             except ConfigError as error:
                 self.reload_status = {"time": _now(), "ok": False, "error": str(error)}
                 self.metrics.reloaded(False)
@@ -2581,6 +2601,12 @@ class Plugin:
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
             self.warn_backtracking(policy)
             return True
+
+    def load(self) -> Policy:
+        policy = load_tested_policy(self.config_path)
+        for note in policy.notes:
+            self.log.event("warning", f"{self.config_path}: {note}")
+        return dataclasses.replace(policy, mode=self.mode) if self.mode else policy
 
     def warn_backtracking(self, policy: Policy) -> None:
         for rule in backtracking_rules(policy):
@@ -2640,6 +2666,7 @@ class Plugin:
         """What GET /status answers: the running policy and how the last reload went."""
         policy = self.policy
         return {"version": __version__, "started": self.started, "mode": policy.mode,
+                "modeFrom": "--mode" if self.mode else "policy" if "mode" in policy.keys else "default",
                 "policy": {"file": policy.path, "sha256": policy.sha256,
                            "rules": {"whitelist": len(policy.whitelist.rules), "blacklist": len(policy.blacklist.rules)}},
                 "lastReload": self.reload_status}
@@ -3038,7 +3065,7 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     log = Log(args.log_level, decisions=args.log_decisions)
     log.buffer(LOG_FLUSH_INTERVAL)
     try:
-        plugin = Plugin(args.config, log, DockerAPI(args.docker_host))
+        plugin = Plugin(args.config, log, DockerAPI(args.docker_host), args.mode)
     except ConfigError as error:
         log.event("error", str(error))
         return 2
@@ -3060,7 +3087,8 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
     host, port = str(admin_server.server_address[0]), admin_server.server_address[1]
     admin = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"   # the port bound, for --addr …:0
     log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {admin}, policy"
-              f" {args.config} ({policy.summary()}, sha256 {policy.sha256[:12]})")
+              f" {args.config} ({policy.summary()}{' set by --mode' if args.mode else ''}, sha256"
+              f" {policy.sha256[:12]})")
     notify_systemd("READY=1", log)
     while True:
         signum = signal.sigwait(handled)
@@ -3088,6 +3116,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="admin listener for /health, /config, /version, /metrics (default: %(default)s)")
     parser.add_argument("--docker-host", metavar="URL",
                         help=f"Docker API used to look up image IDs, and read by --scan (default: {DEFAULT_DOCKER_HOST})")
+    parser.add_argument("--mode", metavar="MODE", choices=sorted(MODES),
+                        help="enforce or audit, in place of the policy's \"mode\" (which reloads do not change);"
+                             " for a first rollout in audit mode whatever the file says")
     parser.add_argument("--log-level", metavar="LEVEL", default="info", choices=list(LOG_LEVELS),
                         help="debug, info, warning or error (default: %(default)s)")
     parser.add_argument("--log-decisions", metavar="WHICH", default="all", choices=DECISION_LOGGING,
@@ -3146,6 +3177,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
         return 2
+    if args.mode:
+        policy = dataclasses.replace(policy, mode=args.mode)
     if args.check:
         return check_operation(policy, args.operation or "pull", args.check, args.tag_target or "",
                                DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
@@ -3153,7 +3186,7 @@ def main(argv: list[str] | None = None) -> int:
         return scan_command(policy, args.docker_host, args.format)
     if args.replay is not None:
         return replay_command(policy, args.replay, args.format)
-    warnings = policy_warnings(policy)
+    warnings = [*policy.notes, *filter(None, [go_era_warning(policy)]), *policy_warnings(policy)]
     for warning in warnings:
         print(f"warning: {warning}")
     if not report_policy_tests(policy, args.config):

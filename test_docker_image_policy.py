@@ -3115,7 +3115,8 @@ class TestOperations(unittest.TestCase):
         self.assertEqual((replay.decisions, replay.changed), (5, 2))   # the audit's would-deny lines now allowed
 
 
-        self.fixture.write_config({"whitelist": ["^quay\\.io/", "nginx"], "blacklist": ["^quay\\.io/bad"]})
+        self.fixture.write_config({"whitelist": ["^quay\\.io/", "nginx"], "blacklist": ["^quay\\.io/bad"],
+                                   "checkRun": True})
         result = run_module("--config", self.fixture.config_path, "--validate")
         self.assertEqual(result.returncode, 0)
         self.assertEqual(result.stdout.splitlines(), [
@@ -3128,9 +3129,55 @@ class TestOperations(unittest.TestCase):
         self.assertEqual((result.returncode, result.stderr.strip()), (2, f'docker-image-policy: error:'
                          f' {self.fixture.config_path}: "whitelist"[0]: must be a string, not 1'))
 
+    def test_a_go_era_file_is_explained_and_audit_mode_comes_from_the_command_line(self):
+        config = self.fixture.config_path
+        Path(config).write_text(ORIGINAL_README_CONFIG)
+        result = run_module("--config", config, "--validate")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        explained = [line for line in result.stdout.splitlines() if "only the Go plugin's keys" in line]
+        self.assertEqual(len(explained), 1, result.stdout)
+        self.assertIn("(false: build, commit, import, load, plugin create, swarm are refused)", explained[0])
+        restore = ('add "checkRun": false, "allowBuild": true, "allowCommit": true, "allowLoad": true,'
+                   ' "allowPluginCreate": true, "allowSwarm": true (services and plugin installs stay judged by name)')
+        self.assertIn(restore, explained[0])
+        # With those keys, every operation the Go plugin let through is allowed again, and imports stay refused.
+        keys = json.loads("{" + restore[4:restore.index(" (")] + "}")
+        Path(config).write_text(ORIGINAL_README_CONFIG.replace('"defaultAllow": false', '"defaultAllow": false, '
+                                                               + json.dumps(keys)[1:-1]))
+        result = run_module("--config", config, "--validate")
+        self.assertNotIn("only the Go plugin's keys", result.stdout)
+        policy = dip.load_policy(config)
+        for operation, image, allow in [("run", "evil/miner:1", True), ("tag", "evil/miner:1", True),
+                                        ("build", "", True), ("load", "", True), ("commit", "", True),
+                                        ("import", "", False), ("pull", "evil/miner:1", False),
+                                        ("pull", "nginx:1.25", True)]:
+            with self.subTest(operation=operation):
+                target = "evil/other:1" if operation == "tag" else ""
+                self.assertEqual(dip.judge(policy, operation, image, target).allow, allow)
+        # --mode overrides the file's mode wherever the file is read: the daemon, --check, --validate.
+        Path(config).write_text(ORIGINAL_README_CONFIG)
+        result = run_module("--config", config, "--mode", "audit", "--check", "redis:7")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("decision:  deny (audit mode: logged as would-deny and allowed)", result.stdout)
+        self.assertTrue(run_module("--config", config, "--mode", "audit", "--validate").stdout.endswith(
+            ", mode audit\n"))
+        plugin = dip.Plugin(config, dip.Log("info", io.StringIO()), dip.DockerAPI("unix:///nonexistent"), "audit")
+        self.assertEqual((plugin.policy.mode, plugin.status()["mode"], plugin.status()["modeFrom"]), ("audit",) * 2
+                         + ("--mode",))
+        Path(config).write_text(json.dumps({"mode": "enforce"}))
+        self.assertTrue(plugin.reload())
+        self.assertEqual((plugin.policy.mode, plugin.status()["modeFrom"]), ("audit", "--mode"))
+        self.assertIn('mode="audit"', plugin.metrics.render(plugin.policy))
+        unset = dip.Plugin(config, dip.Log("info", io.StringIO()), dip.DockerAPI("unix:///nonexistent"))
+        self.assertEqual((unset.policy.mode, unset.status()["modeFrom"]), ("enforce", "policy"))
+        Path(config).write_text("{}")
+        self.assertTrue(unset.reload())
+        self.assertEqual((unset.policy.mode, unset.status()["modeFrom"]), ("enforce", "default"))
+
     def test_validate_strict_fails_on_any_warning(self):
         config = self.fixture.config_path
-        self.fixture.write_config({"whitelist": ["^nginx", "^registry.example.com/"], "blacklist": [":latest$"]})
+        self.fixture.write_config({"whitelist": ["^nginx", "^registry.example.com/"], "blacklist": [":latest$"],
+                                   "checkRun": True})
         expected = [
             'warning: whitelist[0] "^nginx": allows nginxevil/miner, another name that begins with nginx; end the'
             ' name, e.g. ^nginx:[^/]*$ for its tags and digests, or ^nginx/ for the repositories under it',
@@ -3145,7 +3192,7 @@ class TestOperations(unittest.TestCase):
             with self.subTest(strict=strict):
                 result = run_module("--config", config, "--validate", *strict)
                 self.assertEqual((result.returncode, result.stdout.splitlines(), result.stderr), (status, expected, ""))
-        self.fixture.write_config({"whitelist": ["^nginx:[^/]*$", "^registry\\.example\\.com/"]})
+        self.fixture.write_config({"whitelist": ["^nginx:[^/]*$", "^registry\\.example\\.com/"], "checkRun": True})
         result = run_module("--config", config, "--validate", "--strict")
         self.assertEqual((result.returncode, result.stdout), (0, f"{config}: valid, 2 whitelist and 0 blacklist"
                                                                  " rules, mode enforce\n"))
