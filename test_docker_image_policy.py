@@ -4036,12 +4036,19 @@ class EndToEnd:
         wait_for(up, "the registry")
 
     @classmethod
-    def start_plugin(cls) -> None:
+    def start_plugin(cls, *options: str, config: Path | None = None) -> None:
         cls.admin_port = free_port()
-        cls.plugin = cls.spawn([sys.executable, str(MODULE), "--config", str(cls.config), "--socket",
+        cls.plugin = cls.spawn([sys.executable, str(MODULE), "--config", str(config or cls.config), "--socket",
                                 str(cls.plugin_socket), "--addr", f"127.0.0.1:{cls.admin_port}",
-                                "--docker-host", f"unix://{cls.docker_socket}"], "plugin.log")
+                                "--docker-host", f"unix://{cls.docker_socket}", *options], "plugin.log")
         wait_for(lambda: cls.admin_get("/health") == "HEALTHY", "the plugin")
+
+    @classmethod
+    def restart_plugin(cls, *options: str, config: Path | None = None) -> None:
+        """Stop the plugin and start it again, as systemctl restart does."""
+        cls.plugin.terminate()
+        cls.plugin.wait(30)
+        cls.start_plugin(*options, config=config)
 
     @classmethod
     def admin_get(cls, path: str) -> str:
@@ -4319,6 +4326,43 @@ class EndToEnd:
         self.remove(image)
         self.apply_policy(self.test_policy)
         self.denied(self.docker(CLIS[0], "pull", image), f"pull of {image} denied")
+
+    def test_migration_from_the_go_plugin_keeps_the_api_answering(self):
+        """README, Migrating from the Go plugin: its example file, audit mode from the command line, then enforce."""
+        go_file = self.dir / "go-plugin.json"
+        go_file.write_text(ORIGINAL_README_CONFIG)
+        result = subprocess.run([sys.executable, str(MODULE), "--config", str(go_file), "--validate"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("only the Go plugin's keys", result.stdout)
+        self.addCleanup(self.restart_plugin)
+        answered: list[int] = []
+        stop = threading.Event()
+
+        def callers() -> None:   # a Docker user's calls while the plugin is replaced
+            while not stop.is_set():
+                answered.append(self.docker(CLIS[0], "ps", "-q").returncode)
+        caller = threading.Thread(target=callers)
+        caller.start()
+        try:
+            self.restart_plugin("--mode", "audit", config=go_file)
+            status = json.loads(self.admin_get("/status"))
+            self.assertEqual((status["mode"], status["modeFrom"]), ("audit", "--mode"))
+            image = f"{self.registry}/denied/busybox:1"
+            self.addCleanup(self.remove, image)
+            self.assertEqual(self.docker(CLIS[0], "pull", image).returncode, 0)   # would-deny, allowed
+            built = self.docker(CLIS[0], "build", "-q", "-t", "migration-build:1", str(self.dir / "context"))
+            self.assertEqual(built.returncode, 0, built.stderr)
+            self.remove(image, "migration-build:1")
+            self.restart_plugin(config=go_file)   # the file has no "mode": enforce
+            self.assertEqual(json.loads(self.admin_get("/status"))["modeFrom"], "default")
+        finally:
+            stop.set()
+            caller.join()
+        self.assertGreater(len(answered), 2)
+        self.assertEqual(set(answered), {0}, "a docker call failed while the plugin was replaced")
+        self.denied(self.docker(CLIS[0], "pull", image), f"pull of {image} denied")
+        self.denied(self.docker(CLIS[0], "build", "-q", str(self.dir / "context")), "build denied")
 
     # ---- bodies, mounts, services and names read as dockerd reads them ----
 
