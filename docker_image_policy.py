@@ -38,6 +38,7 @@ import bisect
 import codecs
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import functools
 import http.client
@@ -118,6 +119,7 @@ SCAN_TIMEOUT = 60.0
 CONFIG_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "whitelist": [],
     "blacklist": [],
+    "scopes": [],            # see compile_scope_entry
     "defaultAllow": False,
     "mode": "enforce",
     "checkRun": True,
@@ -634,6 +636,288 @@ class Verdict:
 NAMELESS = Verdict(False, "nameless", "moby-dangling is the containerd image store's placeholder for an image that"
                    " lost its last name, and a nameless image has no name the policy could allow")
 
+# --------------------------------------------------------------------------
+# Policy: scopes (registries, namespaces and repositories by whole components)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request: the subject of the TLS client certificate dockerd
+    forwards (with --tlsverify), or nobody (the unix socket, ssh://)."""
+
+    identified: bool
+    cn: str = ""
+    o: tuple[str, ...] = ()
+    ou: tuple[str, ...] = ()
+    # A certificate the plugin cannot read: no allow entry's callers hold for it, every deny entry's do.
+    unreadable: bool = False
+
+    def __str__(self) -> str:
+        if not self.identified:
+            return "unidentified"
+        if self.unreadable:
+            return "an unreadable client certificate"
+        parts = ([f"cn:{self.cn}"] if self.cn else []) + [f"o:{o}" for o in self.o] + [f"ou:{ou}" for ou in self.ou]
+        return " ".join(parts) or "a certificate without CN, O or OU"
+
+    def document(self) -> dict[str, Any]:
+        """The caller in the decision log, as --replay reads it back."""
+        return {"cn": self.cn, "o": list(self.o), "ou": list(self.ou), "unreadable": self.unreadable}
+
+
+UNIDENTIFIED = Caller(False)
+
+
+def logged_caller(document: Any) -> Caller:
+    """The caller of a decision-log line (Caller.document); unidentified when the line names none."""
+    if document is None:
+        return UNIDENTIFIED
+    return Caller(True, str(document.get("cn", "")), tuple(document.get("o", ())), tuple(document.get("ou", ())),
+                  bool(document.get("unreadable")))
+CALLER_SELECTOR_RE = re.compile(r"(?P<kind>cn|o|ou):(?P<value>.+)|unidentified", re.S)
+
+
+def caller_of_selectors(selectors: Iterable[str]) -> Caller:
+    """The caller that --check --caller and a policy test's "caller" describe: cn:alice ou:team-a, or unidentified."""
+    fields: dict[str, Any] = {"cn": "", "o": (), "ou": ()}
+    selectors = list(selectors)
+    for selector in selectors:
+        match = CALLER_SELECTOR_RE.fullmatch(selector)
+        if not match or (selector == "unidentified" and len(selectors) > 1):
+            raise ValueError(f"a caller is cn:NAME, o:NAME, ou:NAME (several together) or unidentified,"
+                             f" not {selector!r}")
+        if match["kind"] == "cn":
+            fields["cn"] = match["value"]
+        elif match["kind"]:
+            fields[match["kind"]] += (match["value"],)
+    return Caller(True, **fields) if selectors and selectors != ["unidentified"] else UNIDENTIFIED
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S)
+
+
+@dataclass(frozen=True)
+class ScopeEntry:
+    """One entry of "scopes": allow or deny a scope, on conditions."""
+
+    index: int
+    allow: bool
+    scope: str
+    tags: tuple[str, ...] = ()
+    digest_only: bool = False
+    callers: tuple[str, ...] = ()
+    until: float | None = None   # a POSIX time: past it the entry is as if absent
+    until_text: str = ""
+    ticket: str = ""
+    note: str = ""
+    tag_patterns: tuple[re.Pattern[str], ...] = ()
+
+    def __str__(self) -> str:
+        return f"scopes[{self.index}] {'allow' if self.allow else 'deny'} {json.dumps(self.scope)}"
+
+    def active(self, now: float) -> bool:
+        return self.until is None or now < self.until
+
+    def failed_condition(self, reference: Reference, caller: Caller) -> str | None:
+        """None when the entry's conditions hold for reference and caller, else the first that does not."""
+        if self.digest_only and not reference.digest:
+            return "references by digest only"
+        if self.tags:
+            tag = None if reference.digest else reference.tag or "latest"   # dockerd ignores a tag beside a digest
+            if tag is None or not any(pattern.fullmatch(tag) for pattern in self.tag_patterns):
+                return f"tags {', '.join(self.tags)}" + ("" if tag else " (a digest has no tag)")
+        if self.callers and not self.caller_holds(caller):
+            return f"callers {', '.join(self.callers)}"
+        return None
+
+    def caller_holds(self, caller: Caller) -> bool:
+        if caller.unreadable:
+            return not self.allow   # fail closed: a deny holds, an allow does not
+        for selector in self.callers:
+            kind, _, value = selector.partition(":")
+            if (selector == "unidentified" and not caller.identified
+                    or kind == "cn" and caller.identified and _glob(value).fullmatch(caller.cn)
+                    or kind == "o" and value in caller.o or kind == "ou" and value in caller.ou):
+                return True
+        return False
+
+    def explanation(self) -> str:
+        """What the decision log says about the entry: its conditions, its end, its ticket and note."""
+        parts = [f"tags {', '.join(self.tags)}"] if self.tags else []
+        parts += ["by digest only"] if self.digest_only else []
+        parts += [f"for callers {', '.join(self.callers)}"] if self.callers else []
+        parts += [f"until {self.until_text}"] if self.until_text else []
+        parts += [f"ticket {self.ticket}"] if self.ticket else []
+        parts += [f"note: {self.note}"] if self.note else []
+        return f" ({'; '.join(parts)})" if parts else ""
+
+
+def scope_keys(domain: str, path: str) -> list[str]:
+    """The scopes that could govern a repository, most specific first: the exact
+    host with each shorter path, then each wildcard domain above the host, with
+    the port before without it."""
+    components = path.split("/")
+    keys = [domain + "".join("/" + c for c in components[:length]) for length in range(len(components), -1, -1)]
+    host, colon, port = domain.partition(":")
+    labels = host.split(".")
+    for start in range(1, len(labels)):
+        suffix = "*." + ".".join(labels[start:])
+        for wildcard in ([f"{suffix}:{port}", suffix] if colon else [suffix]):
+            keys += [wildcard + "".join("/" + c for c in components[:length])
+                     for length in range(len(components), -1, -1)]
+    return keys
+
+
+@dataclass(frozen=True)
+class ScopeTable:
+    """Scope entries by scope: a lookup is a few dictionary probes, flat in their number."""
+
+    entries: tuple[ScopeEntry, ...]
+    by_scope: MappingProxyType[str, tuple[ScopeEntry, ...]]
+    uses_callers: bool
+    ends: tuple[float, ...]   # every until, in order: answers are remembered until the next one
+
+    def governing(self, reference: Reference, now: float) -> tuple[str, list[ScopeEntry]] | None:
+        """The most specific scope with an active entry for reference, and those entries."""
+        if not self.by_scope:
+            return None
+        for key in scope_keys(reference.domain, reference.path):
+            entries = [entry for entry in self.by_scope.get(key, ()) if entry.active(now)]
+            if entries:
+                return key, entries
+        return None
+
+    def evaluate(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
+        """The verdict of the scope governing reference; None when no scope governs it.
+
+        Another spelling of the same registry (registry-1.docker.io, :443) is
+        governed under its usual name too, where only deny entries apply: deny
+        scopes catch aliases, allow scopes do not admit them.
+        """
+        governing = self.governing(reference, now)
+        if reference.alias:
+            usual = self.governing(reference.alias, now)
+            for entry in usual[1] if usual else ():
+                if not entry.allow and entry.failed_condition(reference.alias, caller) is None:
+                    return Verdict(False, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches"
+                                   f" {reference.alias.familiar}, the same repository under its usual name")
+        if governing is None:
+            return None
+        scope, entries = governing
+        for entry in entries:
+            if not entry.allow and entry.failed_condition(reference, caller) is None:
+                return Verdict(False, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
+        misses = []
+        for entry in entries:
+            if entry.allow:
+                failed = entry.failed_condition(reference, caller)
+                if failed is None:
+                    return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
+                misses.append(f"scopes[{entry.index}] is for {failed}")
+        why = f" ({'; '.join(misses)}{'; the caller is ' + str(caller) if self.uses_callers else ''})" if misses else ""
+        return Verdict(False, f"scope {scope}", f"scope {json.dumps(scope)} governs it and no entry there allows it{why}")
+
+    def evaluate_all_tags(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
+        """A pull of every tag: allowed by an allow entry with no tag or digest condition, unless a deny may hold."""
+        verdict = self.evaluate(dataclasses.replace(reference, tag="latest"), caller, now)
+        if verdict is None or not verdict.allow:
+            return verdict
+        governing = self.governing(reference, now)
+        entries = governing[1] if governing else []
+        for entry in entries:
+            untagged = dataclasses.replace(entry, tags=(), tag_patterns=())
+            if not entry.allow and untagged.failed_condition(reference, caller) is None:
+                return Verdict(False, f"scopes[{entry.index}]", f"a pull of all tags includes tags {entry} denies")
+        for entry in entries:
+            if entry.allow and not entry.tags and not entry.digest_only \
+                    and entry.failed_condition(reference, caller) is None:
+                return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches every tag")
+        return Verdict(False, "all-tags", "a pull of all tags is allowed only by a scope entry without tags or"
+                       " digestOnly; pull a tag or digest instead")
+
+    def next_end(self, now: float) -> float:
+        """When the next entry ends (inf if none does): no remembered answer outlives it."""
+        index = bisect.bisect_right(self.ends, now)
+        return self.ends[index] if index < len(self.ends) else float("inf")
+
+
+NO_SCOPES = ScopeTable((), MappingProxyType({}), False, ())
+# host[:port] or *.domain[:port], then path components, as distribution/reference spells them.
+SCOPE_RE = re.compile(rf"""
+    (?P<host>(?:\*\.)?{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?)
+    (?P<path>(?:/{_PATH_COMPONENT})*)
+""", re.VERBOSE)
+SCOPE_ENTRY_KEYS = ("allow", "deny", "tags", "digestOnly", "callers", "until", "ticket", "note")
+# A date is the end of that day in UTC; a time says its zone.
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def compile_scope_entry(path: str, index: int, entry: dict[str, Any]) -> ScopeEntry:
+    where = f'"scopes"[{index}]'
+    allow, deny = entry.get("allow", ""), entry.get("deny", "")
+    if bool(allow) == bool(deny):
+        raise ConfigError(path, where, 'needs exactly one of "allow" and "deny", the scope it allows or denies')
+    scope = allow or deny
+    match = SCOPE_RE.fullmatch(scope)
+    if not match or scope.lower() != scope:
+        raise ConfigError(path, where, f"{json.dumps(scope)} is not a scope: host[:port], host[:port]/namespace…"
+                                       " or *.domain, in lower case, as in registry.example.com:5000/team")
+    host = match["host"]
+    if "." not in host and ":" not in host and host != "localhost":
+        raise ConfigError(path, where, f"{json.dumps(scope)} does not start with a registry host: write the whole"
+                                       f" name, e.g. docker.io/library/{host} or docker.io/{scope}")
+    if host.removeprefix("*.").split(":")[0] in HUB_ALIASES - {"docker.io"}:
+        raise ConfigError(path, where, f"{json.dumps(scope)}: write Docker Hub as docker.io")
+    tags = entry["tags"].items if entry.get("tags") else ()
+    for tag in tags:
+        if not re.fullmatch(r"[0-9A-Za-z_.*?-]{1,128}", tag):
+            raise ConfigError(path, where, f"tag pattern {json.dumps(tag)} can match no tag: tags are letters,"
+                                           " digits, _ . and -, with * and ? as wildcards")
+    callers = entry["callers"].items if entry.get("callers") else ()
+    for selector in callers:
+        if not CALLER_SELECTOR_RE.fullmatch(selector):
+            raise ConfigError(path, where, f'caller {json.dumps(selector)} is not cn:NAME (a glob), o:NAME,'
+                                           ' ou:NAME or unidentified')
+    until_text = entry.get("until", "")
+    until = parse_time(until_text, end_of_day=True) if until_text else None
+    if until_text and until is None:
+        raise ConfigError(path, where, f'"until" must be a date (2027-01-31, the end of that day in UTC) or an'
+                                       f" RFC 3339 time with its zone, not {json.dumps(until_text)}")
+    return ScopeEntry(index, bool(allow), scope, tags, bool(entry.get("digestOnly")), callers, until, until_text,
+                      entry.get("ticket", ""), entry.get("note", ""), tuple(_glob(tag) for tag in tags))
+
+
+def entry_document(entry: ScopeEntry) -> dict[str, Any]:
+    """An entry as the file spells it, for /config."""
+    written = {"allow" if entry.allow else "deny": entry.scope, "tags": list(entry.tags),
+               "digestOnly": entry.digest_only, "callers": list(entry.callers), "until": entry.until_text,
+               "ticket": entry.ticket, "note": entry.note}
+    return {key: value for key, value in written.items() if value}
+
+
+def parse_time(text: str, end_of_day: bool = False) -> float | None:
+    """A POSIX time from a date (its start in UTC, or its end for "until") or an RFC 3339 time with its zone."""
+    try:
+        if _DATE_RE.fullmatch(text):
+            day = datetime.date.fromisoformat(text)
+            start = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc).timestamp()
+            return start + 86400 if end_of_day else start
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo else None
+
+
+def build_scope_table(entries: list[ScopeEntry]) -> ScopeTable:
+    by_scope: dict[str, list[ScopeEntry]] = {}
+    for entry in entries:
+        by_scope.setdefault(entry.scope, []).append(entry)
+    return ScopeTable(tuple(entries), MappingProxyType({k: tuple(v) for k, v in by_scope.items()}),
+                      any(entry.callers for entry in entries),
+                      tuple(sorted(entry.until for entry in entries if entry.until is not None)))
+
+
 # A rule that names Docker Hub's domain is about canonical names
 # (docker.io/library/nginx:1.25); any other rule is about the familiar names
 # the original plugin matched (nginx:1.25), so ^docker means docker:24 and
@@ -655,6 +939,9 @@ class Policy:
     operations: MappingProxyType[str, Verdict]   # every opaque operation's verdict, resolved at load
     sha256: str = ""     # of the file's contents: logs and metrics say which policy decided
     tests: tuple[PolicyTest, ...] = ()             # the file's own expectations, run by load_tested_policy
+    scopes: ScopeTable = NO_SCOPES
+    caller: Caller = UNIDENTIFIED                  # who asks: see asked_by
+    at: float | None = None                        # judge at this time, not now (--check --at, tests, --replay)
     keys: frozenset[str] = frozenset()             # the settings the file gives, by their names in CONFIG_DEFAULTS
     notes: tuple[str, ...] = ()                    # what reading the file as Go does may surprise its author with
 
@@ -663,8 +950,16 @@ class Policy:
         return self.mode == "audit"
 
     def summary(self) -> str:
-        return (f"{len(self.whitelist.rules)} whitelist and {len(self.blacklist.rules)} blacklist rules,"
+        scopes = f", {len(self.scopes.entries)} scope entries" if self.scopes.entries else ""
+        return (f"{len(self.whitelist.rules)} whitelist and {len(self.blacklist.rules)} blacklist rules{scopes},"
                 f" mode {self.mode}")
+
+    def asked_by(self, caller: Caller) -> Policy:
+        """The policy as it judges one caller's requests (the same policy when no entry names callers)."""
+        return dataclasses.replace(self, caller=caller) if self.scopes.uses_callers else self
+
+    def now(self) -> float:
+        return time.time() if self.at is None else self.at
 
     def evaluate(self, reference: Reference) -> Verdict:
         if reference.repository == DANGLING_REPOSITORY:
@@ -678,6 +973,10 @@ class Policy:
                 also = f" {spelling.familiar}, the same repository under its usual name" \
                     if spelling is not reference else ""
                 return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches{also}")
+        if self.scopes.entries:
+            verdict = self.scopes.evaluate(reference, self.caller, self.now())
+            if verdict:
+                return verdict
         if self.default_allow:
             return Verdict(True, "defaultAllow", "no rule matches and defaultAllow is true")
         return Verdict(False, "defaultAllow", "no whitelist rule matches and defaultAllow is false")
@@ -692,6 +991,10 @@ class Policy:
             forms = canonical if rule.canonical else familiar
             if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):   # type: ignore[arg-type]
                 return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches every tag")
+        if self.scopes.entries and not self.blacklist.rules:
+            verdict = self.scopes.evaluate_all_tags(reference, self.caller, self.now())
+            if verdict:
+                return verdict
         if self.default_allow and not self.blacklist.rules:
             return Verdict(True, "defaultAllow", "defaultAllow is true and the blacklist is empty")
         return Verdict(False, "all-tags", "a pull of all tags is allowed only when a whitelist rule of the"
@@ -704,6 +1007,7 @@ class Policy:
         """The configuration in force, every key spelled out as in the file."""
         return {"whitelist": [rule.pattern for rule in self.whitelist.rules],
                 "blacklist": [rule.pattern for rule in self.blacklist.rules],
+                "scopes": [entry_document(entry) for entry in self.scopes.entries],
                 "defaultAllow": self.default_allow, "mode": self.mode, "checkRun": self.check_run,
                 **{key: self.operations[operation].allow for operation, (key, _) in OPAQUE_OPERATIONS.items()},
                 "message": self.message, "tests": [test.document() for test in self.tests]}
@@ -711,13 +1015,15 @@ class Policy:
 
 # The policy file as Go's encoding/json reads it: the Go plugin's Config
 # struct (whitelist, blacklist, defaultAllow) with this plugin's keys beside it.
-POLICY_TEST_KEYS = ("image", "operation", "target", "expect", "note")
+POLICY_TEST_KEYS = ("image", "operation", "target", "caller", "at", "expect", "note")
 _TEST_FIELDS: dict[str, GoType] = dict.fromkeys(POLICY_TEST_KEYS, STRING)
 _OPERATION_FIELDS: dict[str, GoType] = {key: OPTIONAL_BOOL for key in CONFIG_DEFAULTS if key.startswith("allow")}
 POLICY_TEST = GoStruct.of(**_TEST_FIELDS)
+SCOPE_ENTRY = GoStruct.of(allow=STRING, deny=STRING, tags=GoSlice(STRING), digestOnly=BOOL, callers=GoSlice(STRING),
+                          until=STRING, ticket=STRING, note=STRING)
 POLICY_FILE = GoStruct.of(
-    whitelist=GoSlice(STRING), blacklist=GoSlice(STRING), defaultAllow=BOOL, mode=STRING, checkRun=BOOL,
-    **_OPERATION_FIELDS, message=STRING, tests=GoSlice(POLICY_TEST))
+    whitelist=GoSlice(STRING), blacklist=GoSlice(STRING), scopes=GoSlice(SCOPE_ENTRY), defaultAllow=BOOL,
+    mode=STRING, checkRun=BOOL, **_OPERATION_FIELDS, message=STRING, tests=GoSlice(POLICY_TEST))
 # The keys the Go plugin read: a file with no others was written for it.
 GO_PLUGIN_KEYS = frozenset({"whitelist", "blacklist", "defaultAllow"})
 
@@ -742,7 +1048,7 @@ def compile_policy(text: str, path: str) -> Policy:
     if not isinstance(document, JSONObject):
         raise ConfigError(path, "", "the configuration must be a JSON object")
     problems = _unknown_keys(document)
-    settings: dict[str, Any] = dict(CONFIG_DEFAULTS, whitelist=None, blacklist=None, tests=None)
+    settings: dict[str, Any] = dict(CONFIG_DEFAULTS, whitelist=None, blacklist=None, scopes=None, tests=None)
     try:
         settings = go_decode(document, POLICY_FILE, settings)
     except GoAmbiguity as error:
@@ -762,6 +1068,12 @@ def compile_policy(text: str, path: str) -> Policy:
             except ConfigError as error:
                 problems.append((error.where, error.problem))
         lists[kind] = build_rule_set(rules)
+    entries = []
+    for index, entry in enumerate(settings["scopes"].items if settings["scopes"] else ()):
+        try:
+            entries.append(compile_scope_entry(path, index, entry))
+        except ConfigError as error:
+            problems.append((error.where, error.problem))
     try:
         tests = compile_tests(path, settings["tests"].items if settings["tests"] else ())
     except ConfigError as error:
@@ -780,7 +1092,8 @@ def compile_policy(text: str, path: str) -> Policy:
     given = [POLICY_FILE.fields[key.translate(_GO_FOLD)][0] for key, _ in document]
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
                   settings["checkRun"], settings["message"], MappingProxyType(operations),
-                  sha256(text.encode()).hexdigest(), tests, frozenset(given), _reading_notes(text, given, after))
+                  sha256(text.encode()).hexdigest(), tests, build_scope_table(entries),
+                  keys=frozenset(given), notes=_reading_notes(text, given, after))
 
 
 def _unknown_keys(document: JSONObject) -> list[tuple[str, str]]:
@@ -789,13 +1102,15 @@ def _unknown_keys(document: JSONObject) -> list[tuple[str, str]]:
                if key.translate(_GO_FOLD) not in POLICY_FILE.fields]
     if unknown:
         unknown[-1] = ("", unknown[-1][1] + " (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
-    for key, tests in document:
-        if key.translate(_GO_FOLD) == "TESTS" and isinstance(tests, list):
-            for index, test in enumerate(tests):
-                for name in [name for name, _ in test if name.translate(_GO_FOLD) not in
-                             POLICY_TEST.fields] if isinstance(test, JSONObject) else ():
-                    unknown.append((f'"tests"[{index}]', _unknown_key(name, POLICY_TEST_KEYS)
-                                    + " (known keys: " + ", ".join(POLICY_TEST_KEYS) + ")"))
+    for key, items in document:
+        for list_key, struct, known in (("tests", POLICY_TEST, POLICY_TEST_KEYS),
+                                        ("scopes", SCOPE_ENTRY, SCOPE_ENTRY_KEYS)):
+            if key.translate(_GO_FOLD) == list_key.upper() and isinstance(items, list):
+                for index, item in enumerate(items):
+                    for name in [name for name, _ in item if name.translate(_GO_FOLD) not in
+                                 struct.fields] if isinstance(item, JSONObject) else ():
+                        unknown.append((f'"{list_key}"[{index}]', _unknown_key(name, known)
+                                        + " (known keys: " + ", ".join(known) + ")"))
     return unknown
 
 
@@ -839,15 +1154,23 @@ class PolicyTest:
     target: str        # a tag's new name
     allow: bool
     note: str
+    caller: str = ""   # a caller selector: judged as that caller
+    at: str = ""       # a date or time: judged then
+
+    def policy(self, policy: Policy) -> Policy:
+        """policy as it judges this test: for its caller, at its time."""
+        at = parse_time(self.at) if self.at else None
+        return dataclasses.replace(policy.asked_by(caller_of_selectors([self.caller] if self.caller else [])), at=at)
 
     def document(self) -> dict[str, str]:
-        written = {"image": self.image, "operation": self.operation, "target": self.target,
-                   "expect": "allow" if self.allow else "deny", "note": self.note}
+        written = {"image": self.image, "operation": self.operation, "target": self.target, "caller": self.caller,
+                   "at": self.at, "expect": "allow" if self.allow else "deny", "note": self.note}
         return {key: value for key, value in written.items() if value and (key, value) != ("operation", "pull")}
 
     def __str__(self) -> str:
         what = f"{self.operation} of {self.image}" if self.image else self.operation
-        return f'"tests"[{self.index}] ({what}' + (f" as {self.target}" if self.target else "") + ")"
+        return (f'"tests"[{self.index}] ({what}' + (f" as {self.target}" if self.target else "")
+                + (f" by {self.caller}" if self.caller else "") + (f" at {self.at}" if self.at else "") + ")")
 
 
 def compile_tests(path: str, tests: tuple[dict[str, str], ...]) -> tuple[PolicyTest, ...]:
@@ -872,7 +1195,21 @@ def compile_tests(path: str, tests: tuple[dict[str, str], ...]) -> tuple[PolicyT
             raise ConfigError(path, where, f'"image" is missing: a {operation} names an image')
         if (operation == "tag") != bool(target):
             raise ConfigError(path, where, '"target", the new name, is needed for a tag and only for a tag')
-        compiled.append(PolicyTest(index, operation, image, target, expect == "allow", test.get("note", "")))
+        if image and not IMAGE_ID_LIKE_RE.fullmatch(image):
+            try:
+                parse_reference(image)
+            except InvalidReference as error:
+                raise ConfigError(path, where, f'"image": {error}: a test of a name dockerd refuses proves'
+                                               " nothing") from None
+        caller, at = test.get("caller", ""), test.get("at", "")
+        if caller and not CALLER_SELECTOR_RE.fullmatch(caller):
+            raise ConfigError(path, where, f'"caller" must be cn:NAME, o:NAME, ou:NAME or unidentified, not'
+                                           f" {_shown(caller)}")
+        if at and parse_time(at) is None:
+            raise ConfigError(path, where, f'"at" must be a date (2027-01-31) or an RFC 3339 time with its zone,'
+                                           f" not {_shown(at)}")
+        compiled.append(PolicyTest(index, operation, image, target, expect == "allow", test.get("note", ""),
+                                   caller, at))
     return tuple(compiled)
 
 
@@ -1421,11 +1758,13 @@ class Decision:
     user: str = ""       # the TLS client user dockerd reports, if any
     named: str = ""      # the image as the request named it (a run's, service's or tag's), if not image
     target: str = ""     # a tag's new name, canonical
+    caller: Caller = UNIDENTIFIED   # who asked, when dockerd identified the client by its TLS certificate
     log_fields: str = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # The decision log's fields, rendered once: a remembered decision is logged again and again.
-        fields = {"operation": self.operation, "image": self.image, "rule": self.rule, "reason": self.reason}
+        fields: dict[str, Any] = {"operation": self.operation, "image": self.image, "rule": self.rule,
+                                  "reason": self.reason}
         # What --replay needs to decide it again: the name a run, service or tag gave (an image ID, a
         # short ID, a tag's source) when image does not already say it, and a tag's new name.
         if self.named and (IMAGE_ID_LIKE_RE.fullmatch(self.named) or not _names_image(self.named, self.image)):
@@ -1434,6 +1773,8 @@ class Decision:
             fields["target"] = self.target
         if self.user:
             fields["user"] = self.user
+        if self.caller.identified:
+            fields["caller"] = self.caller.document()
         object.__setattr__(self, "log_fields", json.dumps(fields)[1:])
 
     def message(self, policy: Policy | None) -> str:
@@ -1656,6 +1997,77 @@ class Request:
                          " form values from it")
 
 
+# The subject attributes a caller selector reads: CN, O and OU (RFC 5280).
+_SUBJECT_OIDS = MappingProxyType({bytes.fromhex("550403"): "cn", bytes.fromhex("55040a"): "o",
+                                  bytes.fromhex("55040b"): "ou"})
+
+
+def caller_of(authz: dict[str, Any]) -> Caller:
+    """The caller dockerd identified: the subject of the first TLS client certificate it forwards.
+
+    dockerd sets UserAuthNMethod "TLS", User (the certificate's CN) and
+    RequestPeerCertificates (base64 of PEM) only for a client that presented
+    a certificate it verified (--tlsverify); anything else is unidentified.
+    """
+    if not authz.get("User") and not authz.get("UserAuthNMethod") and not authz.get("RequestPeerCertificates"):
+        return UNIDENTIFIED
+    try:
+        certificates = authz["RequestPeerCertificates"]
+        pem = base64.b64decode(certificates[0], validate=True).decode("ascii")
+        der = base64.b64decode("".join(pem.strip().splitlines()[1:-1]), validate=True)
+        subject = certificate_subject(der)
+        common_name = subject["cn"][-1] if subject["cn"] else ""   # Go's pkix.Name keeps the last CN
+        if authz.get("UserAuthNMethod") != "TLS" or authz.get("User") != common_name:
+            raise ValueError("the User dockerd reports is not the certificate's CN")
+        return Caller(True, common_name, tuple(subject["o"]), tuple(subject["ou"]))
+    except (KeyError, IndexError, TypeError, ValueError, UnicodeError, binascii.Error):
+        return Caller(True, unreadable=True)
+
+
+def _der(data: bytes, at: int) -> tuple[int, int, int]:
+    """The tag, value start and value end of the DER element at data[at]."""
+    tag, length = data[at], data[at + 1]
+    at += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 3:
+            raise ValueError("unsupported DER length")
+        length = int.from_bytes(data[at:at + count], "big")
+        at += count
+    if at + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, at, at + length
+
+
+def certificate_subject(der: bytes) -> dict[str, list[str]]:
+    """CN, O and OU of an X.509 certificate's subject."""
+    _, start, _ = _der(der, 0)                   # Certificate
+    tag, at, end = _der(der, start)              # TBSCertificate
+    elements = []
+    while at < end:
+        element = _der(der, at)
+        elements.append(element)
+        at = element[2]
+    fields = elements[1:] if elements[0][0] == 0xA0 else elements   # [0] version
+    tag, at, end = fields[4]                     # serial, signature, issuer, validity, subject
+    if tag != 0x30:
+        raise ValueError("no subject")
+    subject: dict[str, list[str]] = {"cn": [], "o": [], "ou": []}
+    while at < end:                              # RDNs: SET OF AttributeTypeAndValue
+        _, rdn, rdn_end = _der(der, at)
+        at = rdn_end
+        while rdn < rdn_end:
+            _, pair, pair_end = _der(der, rdn)
+            rdn = pair_end
+            oid_tag, oid, oid_end = _der(der, pair)
+            value_tag, value, value_end = _der(der, oid_end)
+            name = _SUBJECT_OIDS.get(der[oid:oid_end]) if oid_tag == 0x06 else None
+            if name:
+                encoding = "utf-16-be" if value_tag == 0x1E else "latin-1" if value_tag == 0x14 else "utf-8"
+                subject[name].append(der[value:value_end].decode(encoding))
+    return subject
+
+
 def go_lower(text: str) -> str:
     """Go's strings.ToLower, which mime.ParseMediaType applies: one rune to one.
 
@@ -1719,7 +2131,12 @@ def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Deci
         if found is None:
             return BENIGN
         (operation, route), match = found
-        return route(policy, request, match, docker)
+        caller = caller_of(authz)
+        if caller.identified:
+            policy = policy.asked_by(caller)
+        decision = route(policy, request, match, docker)
+        caller = caller if caller.identified else policy.caller
+        return dataclasses.replace(decision, caller=caller) if caller.identified else decision
     except (Unreadable, InvalidReference) as error:
         return Decision(False, operation, rule="unreadable", reason=str(error))
 
@@ -2103,7 +2520,7 @@ def policy_test_failures(policy: Policy) -> list[str]:
     """Each of the policy's tests that its rules contradict, with the rule that decided."""
     failures = []
     for test in policy.tests:
-        decision = judge(policy, test.operation, test.image, test.target)
+        decision = judge(test.policy(policy), test.operation, test.image, test.target)
         if decision.allow != test.allow:
             failures.append(f"{test}: expected {'allow' if test.allow else 'deny'}, but {decision.message(None)}"
                             f" [{decision.rule}]" + (f" ({test.note})" if test.note else ""))
@@ -2306,8 +2723,11 @@ def replay_decision(policy: Policy, record: dict[str, Any]) -> Decision:
     if replay is None:
         raise NotReplayable("not an image operation")
     try:
+        if policy.scopes.entries:   # judged at the time it was made, for the caller who asked
+            policy = dataclasses.replace(policy.asked_by(logged_caller(record.get("caller"))),
+                                         at=parse_time(record.get("time", "")))
         return replay(policy, record)
-    except (KeyError, TypeError, InvalidReference) as error:
+    except (KeyError, TypeError, AttributeError, InvalidReference) as error:
         raise NotReplayable("a line without a readable image") from error
 
 
@@ -2569,6 +2989,12 @@ class Running:
 
     policy: Policy
     answers: dict[bytes, Answer] = dataclasses.field(default_factory=dict)
+    # When the next scope entry ends: its answers must not outlive it.
+    fresh_until: float = float("inf")
+
+    @classmethod
+    def of(cls, policy: Policy) -> Running:
+        return cls(policy, fresh_until=policy.scopes.next_end(time.time()))
 
 
 class Plugin:
@@ -2578,7 +3004,7 @@ class Plugin:
         self.config_path, self.log, self.docker = config_path, log, docker
         self.mode = mode   # --mode: overrides the file's, at every reload
         self.metrics = Metrics()
-        self.current = Running(self.load())
+        self.current = Running.of(self.load())
         self.warn_backtracking(self.current.policy)
         self.metrics.reloaded(True)
         self.started = _now()
@@ -2595,7 +3021,7 @@ class Plugin:
                 self.metrics.reloaded(False)
                 self.log.event("error", f"reload failed, the running policy stays in force: {error}")
                 return False
-            self.current = Running(policy)  # one reference: no request sees half of each
+            self.current = Running.of(policy)  # one reference: no request sees half of each
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
@@ -2620,6 +3046,8 @@ class Plugin:
         """Answer one AuthZReq body with a complete HTTP response."""
         started = time.perf_counter()
         running = self.current
+        if running.fresh_until <= time.time():   # a scope entry ended: forget what it decided
+            self.current = running = Running.of(running.policy)
         policy, remembered = running.policy, running.answers
         answer = remembered.get(body)
         if answer is None:
@@ -3130,6 +3558,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="what --check judges: " + ", ".join(CHECK_OPERATIONS) + " (default: pull); a run"
                              " by image ID is looked up on --docker-host when it is given")
     parser.add_argument("--tag-target", metavar="NAME", help="the new name, for --check --operation tag")
+    parser.add_argument("--caller", metavar="SELECTOR", action="append",
+                        help="judge --check as this caller: cn:NAME, o:NAME, ou:NAME (repeat to combine) or"
+                             " unidentified (default: unidentified, as on the unix socket)")
+    parser.add_argument("--at", metavar="TIME",
+                        help="judge --check at this date (2027-01-31) or RFC 3339 time instead of now")
     parser.add_argument("--validate", action="store_true",
                         help="check the configuration, print warnings, run its tests, exit 0 (valid) or 2 (invalid)")
     parser.add_argument("--strict", action="store_true",
@@ -3154,8 +3587,15 @@ def main(argv: list[str] | None = None) -> int:
                                       ("--replay", args.replay is not None)] if given]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} cannot be combined")
-    if (args.operation or args.tag_target) and not args.check:
-        parser.error("--operation and --tag-target go with --check")
+    if (args.operation or args.tag_target or args.caller or args.at) and not args.check:
+        parser.error("--operation, --tag-target, --caller and --at go with --check")
+    try:
+        caller = caller_of_selectors(args.caller or [])
+    except ValueError as error:
+        parser.error(f"--caller: {error}")
+    at = parse_time(args.at) if args.at else None
+    if args.at and at is None:
+        parser.error(f"--at: expected a date (2027-01-31) or an RFC 3339 time with its zone, not {args.at!r}")
     if (args.operation == "tag") != (args.tag_target is not None):
         parser.error("--tag-target NAME goes with --operation tag, and --operation tag needs it")
     if args.format != "text" and not (args.check or args.scan or args.replay is not None):
@@ -3180,6 +3620,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode:
         policy = dataclasses.replace(policy, mode=args.mode)
     if args.check:
+        policy = dataclasses.replace(policy.asked_by(caller), at=at)
         return check_operation(policy, args.operation or "pull", args.check, args.tag_target or "",
                                DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
     if args.scan:
