@@ -836,6 +836,11 @@ class ScopeTable:
         return Verdict(False, "all-tags", "a pull of all tags is allowed only by a scope entry without tags or"
                        " digestOnly; pull a tag or digest instead")
 
+    def entry_of(self, rule: str) -> ScopeEntry | None:
+        """The entry a verdict's rule label (scopes[3]) names."""
+        match = re.fullmatch(r"scopes\[([0-9]+)\]", rule)
+        return self.entries[int(match[1])] if match and int(match[1]) < len(self.entries) else None
+
     def next_end(self, now: float) -> float:
         """When the next entry ends (inf if none does): no remembered answer outlives it."""
         index = bisect.bisect_right(self.ends, now)
@@ -1142,6 +1147,54 @@ def go_era_warning(policy: Policy) -> str | None:
             + "). The Go plugin let all of these through unchecked, except imports, which it failed. To decide only"
             " what it decided, add " + ", ".join(restore) + " (services and plugin installs stay judged by name);"
             " to keep the new checks, add them with the values you mean")
+
+
+# Registries anyone can push to: an allow over every host under one of them admits strangers' images.
+PUBLIC_REGISTRY_DOMAINS = frozenset({"docker.io", "docker.com", "gcr.io", "pkg.dev", "amazonaws.com", "ecr.aws",
+                                     "azurecr.io", "ghcr.io", "github.com", "quay.io", "gitlab.com", "icr.io",
+                                     "ocir.io", "k8s.io"})
+# Exceptions that end this soon are named by --validate, so that they are renewed or retired in time.
+EXCEPTION_NOTICE = 14 * 86400
+
+
+def scope_warnings(policy: Policy, now: float) -> list[str]:
+    """Mistakes scopes still allow: entries that ended or end soon, that no image reaches, that admit strangers."""
+    warnings = []
+    entries = policy.scopes.entries
+    for entry in entries:
+        if entry.until is not None and entry.until <= now:
+            warnings.append(f"{entry} ended at {entry.until_text}: it decides nothing now; remove it")
+        elif entry.until is not None and entry.until - now < EXCEPTION_NOTICE:
+            days = (entry.until - now) / 86400
+            warnings.append(f"{entry} ends at {entry.until_text}, in {days:.1f} days"
+                            + (f" (ticket {entry.ticket})" if entry.ticket else ""))
+        for tag in entry.tags:
+            if tag[0] in ".-":
+                warnings.append(f"{entry}: tags {json.dumps(tag)} matches no tag (a tag starts with a letter, digit"
+                                " or _)")
+        host = entry.scope.split("/")[0]
+        domain = host.removeprefix("*.").split(":")[0]
+        if entry.allow and host.startswith("*.") and ("." not in domain or any(
+                domain == public or domain.endswith("." + public) for public in PUBLIC_REGISTRY_DOMAINS)):
+            warnings.append(f"{entry} allows every registry under {domain}, where anyone can publish images; name"
+                            " your own registry or namespace instead")
+        components = entry.scope.split("/")
+        if components[0] == "docker.io" and len(components) == 2 and components[1] != "library":
+            warnings.append(f"{entry} is the Docker Hub namespace {components[1]} ({components[1]}/…), not the"
+                            f" official image {components[1]}, which is docker.io/library/{components[1]}")
+        blocker = next((other for other in entries if other.scope == entry.scope and not other.allow
+                        and not (other.tags or other.digest_only or other.callers or other.until)), None)
+        if entry.allow and blocker:
+            warnings.append(f"{entry} can never allow: {blocker} denies everything in its scope")
+        probes = [f"{entry.scope.replace('*.', 'zz0.')}/zz0:1", f"{entry.scope.replace('*.', 'zz0.')}/zz0/zz0:1"]
+        probes += [f"{entry.scope}:1"] if "/" in entry.scope and not host.startswith("*.") else []
+        for rules in (policy.whitelist, policy.blacklist):
+            decisive = {rules.first_match(parse_reference(probe)) for probe in probes}
+            if None not in decisive:
+                rule = min(decisive, key=_rule_index)   # type: ignore[arg-type]
+                warnings.append(f"{entry} is dead: {rule} decides every image in its scope first")
+                break
+    return warnings
 
 
 @dataclass(frozen=True)
@@ -2615,6 +2668,15 @@ class Scan:
     def refused(self) -> list[Finding]:
         return [finding for finding in self.findings if not finding.decision.allow]
 
+    def excepted(self, policy: Policy) -> list[tuple[Finding, ScopeEntry]]:
+        """What only an exception allows: a scope entry with an end."""
+        found = []
+        for finding in self.findings:
+            entry = policy.scopes.entry_of(finding.decision.rule) if finding.decision.allow else None
+            if entry and entry.until is not None:
+                found.append((finding, entry))
+        return found
+
 
 def scan_host(policy: Policy, docker: DockerAPI) -> Scan:
     """Judge every image name (a pull), nameless image (a run by ID), container (a run of the image it
@@ -2645,11 +2707,18 @@ def print_scan(policy: Policy, scan: Scan, output: str) -> int:
             "refused": [{"kind": finding.kind, "id": finding.id, "name": finding.name,
                          "operation": finding.decision.operation, "image": finding.decision.image,
                          "rule": finding.decision.rule, "reason": finding.decision.reason}
-                        for finding in refused]}, indent=2))
+                        for finding in refused],
+            "exceptions": [{"kind": finding.kind, "id": finding.id, "name": finding.name, "rule": f"scopes[{entry.index}]",
+                            "until": entry.until_text, "ticket": entry.ticket}
+                           for finding, entry in scan.excepted(policy)]}, indent=2))
         return 1 if refused else 0
     for finding in refused:
         short = finding.id.removeprefix("sha256:")[:12]
         print(f"{finding.kind} {finding.name} ({short}): {finding.decision.message(None)} [{finding.decision.rule}]")
+    for finding, entry in scan.excepted(policy):
+        short = finding.id.removeprefix("sha256:")[:12]
+        print(f"{finding.kind} {finding.name} ({short}): allowed only by the exception {entry}, until"
+              f" {entry.until_text}" + (f" (ticket {entry.ticket})" if entry.ticket else ""))
     services = "no services (not a swarm manager)" if scan.services is None else f"{scan.services} services"
     print(f"{len(refused)} refused of {len(scan.findings)} judged: {scan.images} images, {scan.containers}"
           f" containers, {services}; policy {policy.path}, mode {policy.mode}")
@@ -2954,6 +3023,7 @@ class Metrics:
                       f"# TYPE {name}_rules gauge",
                       f'{name}_rules{{list="whitelist"}} {len(policy.whitelist.rules)}',
                       f'{name}_rules{{list="blacklist"}} {len(policy.blacklist.rules)}',
+                      f'{name}_rules{{list="scopes"}} {len(policy.scopes.entries)}',
                       f"# HELP {name}_authz_request_seconds Time to decide an AuthZReq.",
                       f"# TYPE {name}_authz_request_seconds histogram"]
             total = 0
@@ -2963,6 +3033,11 @@ class Metrics:
                 lines.append(f'{name}_authz_request_seconds_bucket{{le="{label}"}} {total}')
             lines += [f"{name}_authz_request_seconds_sum {self.latency_sum:.6f}",
                       f"{name}_authz_request_seconds_count {total}"]
+        next_end = policy.scopes.next_end(time.time())
+        if next_end != float("inf"):
+            lines += [f"# HELP {name}_exception_expiry_seconds Seconds until the next scope entry with \"until\""
+                      " ends.", f"# TYPE {name}_exception_expiry_seconds gauge",
+                      f"{name}_exception_expiry_seconds {next_end - time.time():.0f}"]
         return "\n".join(lines) + "\n"
 
 
@@ -3627,7 +3702,8 @@ def main(argv: list[str] | None = None) -> int:
         return scan_command(policy, args.docker_host, args.format)
     if args.replay is not None:
         return replay_command(policy, args.replay, args.format)
-    warnings = [*policy.notes, *filter(None, [go_era_warning(policy)]), *policy_warnings(policy)]
+    warnings = [*policy.notes, *filter(None, [go_era_warning(policy)]), *scope_warnings(policy, time.time()),
+                *policy_warnings(policy)]
     for warning in warnings:
         print(f"warning: {warning}")
     if not report_policy_tests(policy, args.config):
