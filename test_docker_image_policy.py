@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import datetime
 import hashlib
 import functools
 import http.client
@@ -830,6 +832,266 @@ class TestPolicy(unittest.TestCase):
 # --------------------------------------------------------------------------
 # Request classification
 # --------------------------------------------------------------------------
+
+def client_certificate(directory: str, name: str, subject: str, ca: tuple[str, str] | None = None) -> tuple[str, str]:
+    """A P-256 key and certificate made with openssl: self-signed (a CA) or signed by ca (key, certificate)."""
+    key, certificate = f"{directory}/{name}.key", f"{directory}/{name}.pem"
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", key, "-out", certificate, "-subj", subject, "-days", "2"],
+                       check=True, capture_output=True)
+        return key, certificate
+    extensions = f"{directory}/{name}.ext"
+    Path(extensions).write_text("extendedKeyUsage = clientAuth, serverAuth\nsubjectAltName = IP:127.0.0.1\n")
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+                    key, "-out", f"{directory}/{name}.csr", "-subj", subject], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", f"{directory}/{name}.csr", "-CA", ca[1], "-CAkey", ca[0],
+                    "-CAcreateserial", "-out", certificate, "-days", "2", "-extfile", extensions],
+                   check=True, capture_output=True)
+    return key, certificate
+
+
+def tls_fields(certificate: str, user: str) -> dict[str, Any]:
+    """What dockerd adds to an AuthZReq for a client it verified (moby's authorization middleware)."""
+    return {"User": user, "UserAuthNMethod": "TLS",
+            "RequestPeerCertificates": [base64.b64encode(Path(certificate).read_bytes()).decode()]}
+
+
+class TestScopes(unittest.TestCase):
+    """The scopes key: whole components, the most specific scope governing, conditions, callers, exceptions."""
+
+    def decide(self, policy: dip.Policy, image: str) -> tuple[bool, str]:
+        verdict = policy.evaluate(parse_reference(image))
+        return verdict.allow, verdict.rule.split()[0]
+
+    def test_the_regex_mistakes_written_as_scopes_admit_nothing_else(self):
+        policy = policy_of({"scopes": [{"allow": "docker.io/library/docker"}, {"allow": "docker.io/library/nginx"},
+                                       {"allow": "docker.io/library/redis"}, {"allow": "registry.example.com"},
+                                       {"allow": "quay.io/calico/node"}]})
+        for image, allow in [("docker:24", True), ("docker/compose:2", False), ("dockerevil:1", False),
+                             ("nginx:1.25", True), ("nginx:5000/evil/miner:1", False), ("nginx-evil:1", False),
+                             ("nginxevil/miner:1", False), ("docker.io/nginxevil/miner:1", False),
+                             ("redis:7", True), ("redisevil/miner:1", False),
+                             ("registry.example.com/team/app:1", True), ("registry-example.com/team/app:1", False),
+                             ("registry.example.com.evil.example/app:1", False),
+                             ("registry.example.com:5000/app:1", False),
+                             ("quay.io/calico/node:v3", True), ("quay.io/calico/node-evil:1", False),
+                             ("quay.io/calico/node/evil:1", True), ("quay.io/calico/nodes:1", False),
+                             ("quay.io/calico:1", False), ("localhost/evil:1", False)]:
+            with self.subTest(image):
+                self.assertEqual(self.decide(policy, image)[0], allow)
+
+    def test_the_most_specific_scope_with_entries_governs_whatever_the_order(self):
+        entries = [{"allow": "quay.io"}, {"deny": "quay.io/evil"}, {"allow": "quay.io/evil/good"},
+                   {"deny": "*.corp.example.com"}, {"allow": "registry.corp.example.com"},
+                   {"allow": "*.eu.corp.example.com:5000"}, {"deny": "*.example.com"}]
+        expected = [("quay.io/calico/node:1", True, '"quay.io"'), ("quay.io/evil/miner:1", False, '"quay.io/evil"'),
+                    ("quay.io/evil/good:1", True, '"quay.io/evil/good"'),
+                    ("quay.io/evil/good/sub:1", True, '"quay.io/evil/good"'),
+                    ("registry.corp.example.com/app:1", True, '"registry.corp.example.com"'),
+                    ("other.corp.example.com/app:1", False, '"*.corp.example.com"'),
+                    ("registry.corp.example.com:5000/app:1", False, '"*.corp.example.com"'),
+                    ("a.eu.corp.example.com:5000/app:1", True, '"*.eu.corp.example.com:5000"'),
+                    ("a.eu.corp.example.com/app:1", False, '"*.corp.example.com"'),
+                    ("example.com/app:1", False, "defaultAllow"), ("other.example.com/app:1", False, '"*.example.com"')]
+        rng = random.Random(7)
+        for _ in range(5):
+            shuffled = rng.sample(entries, len(entries))
+            policy = policy_of({"scopes": shuffled, "defaultAllow": False})
+            for image, allow, scope in expected:
+                with self.subTest(image=image, order=shuffled):
+                    verdict = policy.evaluate(parse_reference(image))
+                    self.assertEqual(verdict.allow, allow, verdict.reason)
+                    self.assertIn(scope, verdict.reason if scope != "defaultAllow" else verdict.rule)
+        self.assertEqual(self.decide(policy_of({"scopes": entries, "defaultAllow": True}), "ghcr.io/x/y:1"),
+                         (True, "defaultAllow"))
+
+    def test_conditions_tags_digests_and_the_governed_scope_denies_what_nothing_allows(self):
+        digest = "sha256:" + "a" * 64
+        policy = policy_of({"scopes": [{"allow": "docker.io/library/nginx", "tags": ["1.*", "stable"]},
+                                       {"deny": "docker.io/library/nginx", "tags": ["*-debug"]},
+                                       {"allow": "registry.example.com/releases", "digestOnly": True}],
+                            "defaultAllow": True})
+        for image, allow, why in [
+                ("nginx:1.25", True, "scopes[0]"), ("nginx:stable", True, "scopes[0]"),
+                ("nginx:1.25-debug", False, "scopes[1]"), ("nginx:2", False, "no entry there allows it"),
+                ("nginx", False, "tags 1.*, stable"), (f"nginx@{digest}", False, "a digest has no tag"),
+                (f"nginx:1.25@{digest}", False, "a digest has no tag"),
+                ("registry.example.com/releases/app:1", False, "references by digest only"),
+                (f"registry.example.com/releases/app@{digest}", True, "scopes[2]"),
+                ("redis:7", True, "defaultAllow")]:
+            with self.subTest(image):
+                verdict = policy.evaluate(parse_reference(image))
+                self.assertEqual(verdict.allow, allow, verdict.reason)
+                self.assertIn(why, verdict.reason + verdict.rule)
+        nginx = parse_reference("nginx")
+        self.assertFalse(policy.evaluate_all_tags(nginx).allow)
+        self.assertTrue(policy_of({"scopes": [{"allow": "docker.io/library/nginx"}]}).evaluate_all_tags(nginx).allow)
+        self.assertFalse(policy_of({"scopes": [{"allow": "docker.io/library/nginx"},
+                                               {"deny": "docker.io/library/nginx", "tags": ["*-debug"]}]})
+                         .evaluate_all_tags(nginx).allow)
+
+    def test_regex_rules_decide_first_and_aliases_are_caught_by_denies_only(self):
+        policy = policy_of({"whitelist": ["^quay\\.io/calico/"], "blacklist": ["^evil/"],
+                            "scopes": [{"deny": "quay.io"}, {"allow": "docker.io/evil"}, {"allow": "docker.io/library"},
+                                       {"deny": "docker.io/library/redis"}], "defaultAllow": True})
+        for image, allow, rule in [("quay.io/calico/node:1", True, "whitelist[0]"),
+                                   ("quay.io/other/x:1", False, "scopes[0]"),
+                                   ("quay.io:443/other/x:1", False, "scopes[0]"),
+                                   ("evil/miner:1", False, "blacklist[0]"), ("nginx:1", True, "scopes[2]"),
+                                   ("registry-1.docker.io/library/nginx:1", True, "defaultAllow"),
+                                   ("registry-1.docker.io/library/redis:7", False, "scopes[3]"),
+                                   ("index.docker.io/library/redis:7", False, "scopes[3]")]:
+            with self.subTest(image):
+                self.assertEqual(self.decide(policy, image), (allow, rule))
+        # An allow scope does not admit another spelling of its registry.
+        strict = policy_of({"scopes": [{"allow": "quay.io/calico"}]})
+        self.assertEqual(self.decide(strict, "quay.io:443/calico/node:1"), (False, "defaultAllow"))
+        self.assertEqual(self.decide(strict, "quay.io/calico/node:1"), (True, "scopes[0]"))
+
+    def test_exceptions_end_on_time_and_the_scope_falls_back(self):
+        now = time.time()
+        soon = datetime.datetime.fromtimestamp(now + 60, datetime.timezone.utc).isoformat()
+        policy = policy_of({"scopes": [{"deny": "ghcr.io"},
+                                       {"allow": "ghcr.io/vendor/tool", "until": soon, "ticket": "SEC-142",
+                                        "note": "until 2.0"},
+                                       {"allow": "ghcr.io/vendor/old", "until": "2020-01-31"}]})
+        verdict = dataclasses.replace(policy, at=now).evaluate(parse_reference("ghcr.io/vendor/tool:1"))
+        self.assertEqual((verdict.allow, verdict.rule), (True, "scopes[1]"))
+        self.assertIn(f"until {soon}; ticket SEC-142; note: until 2.0", verdict.reason)
+        for at in (now + 61, now + 86400):
+            verdict = dataclasses.replace(policy, at=at).evaluate(parse_reference("ghcr.io/vendor/tool:1"))
+            self.assertEqual((verdict.allow, verdict.rule), (False, "scopes[0]"))
+        self.assertEqual(self.decide(policy, "ghcr.io/vendor/old:1"), (False, "scopes[0]"))
+        day = policy_of({"scopes": [{"allow": "ghcr.io/x", "until": "2027-01-31"}]})
+        end = datetime.datetime(2027, 2, 1, tzinfo=datetime.timezone.utc).timestamp()
+        self.assertTrue(dataclasses.replace(day, at=end - 1).evaluate(parse_reference("ghcr.io/x/y:1")).allow)
+        self.assertFalse(dataclasses.replace(day, at=end).evaluate(parse_reference("ghcr.io/x/y:1")).allow)
+
+    def test_a_remembered_answer_does_not_outlive_the_exception_that_gave_it(self):
+        directory = tempfile.mkdtemp(prefix="dip")
+        self.addCleanup(shutil.rmtree, directory)
+        config = Path(directory, "policy.json")
+        start = time.time()
+        until = datetime.datetime.fromtimestamp(start + 100, datetime.timezone.utc).isoformat()
+        config.write_text(json.dumps({"scopes": [{"allow": "ghcr.io/vendor", "until": until}]}))
+        plugin = dip.Plugin(str(config), dip.Log("info", io.StringIO()), dip.DockerAPI("unix:///nonexistent"))
+        body = json.dumps(pull("/v1.41/images/create?fromImage=ghcr.io/vendor/tool&tag=1")).encode()
+
+        def allowed(at: float) -> bool:
+            with mock.patch.object(dip.time, "time", return_value=at):
+                return json.loads(plugin.authorize(body).partition(b"\r\n\r\n")[2])["Allow"]
+        self.assertTrue(allowed(start + 1))
+        self.assertTrue(allowed(start + 2))   # remembered
+        self.assertIn(body, plugin.current.answers)
+        self.assertFalse(allowed(start + 101))
+        self.assertFalse(allowed(start + 102))
+
+    def test_callers_come_from_the_client_certificate_dockerd_verified(self):
+        directory = tempfile.mkdtemp(prefix="dip")
+        self.addCleanup(shutil.rmtree, directory)
+        ca = client_certificate(directory, "ca", "/CN=test CA")
+        _, alice = client_certificate(directory, "alice", "/O=Corp/OU=team-a/OU=ops/CN=alice", ca)
+        _, bob = client_certificate(directory, "bob", "/O=Corp/OU=team-b/CN=bob", ca)
+        self.assertEqual(dip.caller_of(tls_fields(alice, "alice")),
+                         dip.Caller(True, "alice", ("Corp",), ("team-a", "ops")))
+        for fields in [tls_fields(alice, "bob"), dict(tls_fields(alice, "alice"), UserAuthNMethod="basic"),
+                       dict(tls_fields(alice, "alice"), RequestPeerCertificates=["bm90IGEgY2VydA=="]),
+                       dict(tls_fields(alice, "alice"), RequestPeerCertificates=None), {"User": "alice"}]:
+            with self.subTest(fields):
+                self.assertEqual(dip.caller_of(fields), dip.Caller(True, unreadable=True))
+        self.assertEqual(dip.caller_of({}), dip.UNIDENTIFIED)
+        policy = policy_of({"scopes": [{"allow": "registry.example.com/team-a", "callers": ["ou:team-a"]},
+                                       {"allow": "registry.example.com/team-a", "callers": ["cn:ci-*"]},
+                                       {"deny": "registry.example.com/team-a", "callers": ["cn:mallory"]},
+                                       {"allow": "registry.example.com/public", "callers": ["unidentified", "o:Corp"]}],
+                            "defaultAllow": True})
+        uri = "/v1.41/images/create?fromImage=registry.example.com/team-a/app&tag=1"
+        public = "/v1.41/images/create?fromImage=registry.example.com/public/app&tag=1"
+        for fields, team, everyone in [(tls_fields(alice, "alice"), True, True), (tls_fields(bob, "bob"), False, True),
+                                       ({}, False, True), (tls_fields(alice, "bob"), False, False)]:
+            with self.subTest(fields.get("User")):
+                decision = dip.decide(policy, dict(pull(uri), **fields), NO_DOCKER)
+                self.assertEqual(decision.allow, team, decision.reason)
+                self.assertEqual(dip.decide(policy, dict(pull(public), **fields), NO_DOCKER).allow, everyone)
+        decision = dip.decide(policy, dict(pull(uri), **tls_fields(bob, "bob")), NO_DOCKER)
+        self.assertIn("the caller is cn:bob o:Corp ou:team-b", decision.reason)
+        self.assertIn('"caller": {"cn": "bob", "o": ["Corp"], "ou": ["team-b"], "unreadable": false}',
+                      decision.log_fields)
+        # An unreadable certificate: no allow holds for it, every deny does.
+        denying = policy_of({"scopes": [{"deny": "registry.example.com", "callers": ["cn:mallory"]},
+                                        {"allow": "registry.example.com"}]})
+        self.assertFalse(dip.decide(denying, dict(pull(uri), **tls_fields(alice, "bob")), NO_DOCKER).allow)
+        self.assertTrue(dip.decide(denying, dict(pull(uri), **tls_fields(alice, "alice")), NO_DOCKER).allow)
+        # --check --caller and a policy test's caller judge as that caller.
+        judged = dataclasses.replace(policy.asked_by(dip.caller_of_selectors(["cn:ci-runner"])))
+        self.assertTrue(dip.judge(judged, "pull", "registry.example.com/team-a/app:1").allow)
+        self.assertFalse(dip.judge(policy, "pull", "registry.example.com/team-a/app:1").allow)
+
+    def test_scope_configuration_errors(self):
+        for entry, error in [
+                ({"allow": "nginx"}, 'does not start with a registry host: write the whole name, e.g.'
+                                     ' docker.io/library/nginx or docker.io/nginx'),
+                ({"allow": "Quay.io/calico"}, "is not a scope"), ({"allow": "quay.io/calico/"}, "is not a scope"),
+                ({"allow": "quay.io/Calico"}, "is not a scope"), ({"allow": "quay.io/calico:v1"}, "is not a scope"),
+                ({"allow": "*.*.example.com"}, "is not a scope"), ({"allow": "registry-1.docker.io/x"}, "as docker.io"),
+                ({"allow": "quay.io", "deny": "quay.io"}, 'needs exactly one of "allow" and "deny"'), ({}, "exactly one"),
+                ({"allow": "quay.io", "until": "tomorrow"}, '"until" must be a date'),
+                ({"allow": "quay.io", "until": "2027-01-31T10:00:00"}, "with its zone"),
+                ({"allow": "quay.io", "tags": ["1.*/x"]}, "can match no tag"),
+                ({"allow": "quay.io", "callers": ["team-a"]}, 'caller "team-a" is not cn:NAME'),
+                ({"allow": "quay.io", "tag": ["1"]}, 'unknown key "tag" (did you mean "tags"?)'),
+                ({"allow": "quay.io", "digestOnly": "yes"}, '"scopes"[0]."digestOnly": must be true or false')]:
+            with self.subTest(entry):
+                with self.assertRaises(dip.ConfigError) as caught:
+                    policy_of({"scopes": [entry]})
+                self.assertIn(error, str(caught.exception))
+        policy = policy_of({"SCOPES": [{"Allow": "quay.io", "TAGS": None, "until": "2027-01-31T10:00:00Z"}]})
+        self.assertEqual(policy.configuration()["scopes"], [{"allow": "quay.io", "until": "2027-01-31T10:00:00Z"}])
+
+    def test_policy_tests_judge_as_a_caller_and_at_a_time(self):
+        policy = policy_of({"scopes": [{"allow": "ghcr.io/team", "callers": ["ou:team-a"], "until": "2027-01-31"}],
+                            "tests": [{"image": "ghcr.io/team/app:1", "caller": "ou:team-a", "at": "2027-01-31",
+                                       "expect": "allow"},
+                                      {"image": "ghcr.io/team/app:1", "caller": "ou:team-a", "at": "2027-02-01",
+                                       "expect": "allow"},
+                                      {"image": "ghcr.io/team/app:1", "at": "2027-01-01", "expect": "allow"}]})
+        failures = dip.policy_test_failures(policy)
+        self.assertEqual(len(failures), 2, failures)
+        self.assertTrue(failures[0].startswith('"tests"[1] (pull of ghcr.io/team/app:1 by ou:team-a at 2027-02-01):'
+                                               " expected allow, but pull of ghcr.io/team/app:1 denied"), failures)
+        self.assertIn("is for callers ou:team-a; the caller is unidentified", failures[1])
+        for test, error in [({"image": "NGINX", "expect": "deny"}, '"image": invalid reference'),
+                            ({"image": "x", "caller": "team", "expect": "deny"}, '"caller" must be cn:NAME'),
+                            ({"image": "x", "at": "soon", "expect": "deny"}, '"at" must be a date')]:
+            with self.subTest(test), self.assertRaises(dip.ConfigError) as caught:
+                policy_of({"tests": [test]})
+            self.assertIn(error, str(caught.exception))
+
+    def test_validate_names_the_mistakes_scopes_still_allow(self):
+        now = datetime.datetime(2026, 12, 7, tzinfo=datetime.timezone.utc).timestamp()
+        policy = policy_of({"whitelist": ["^quay\\.io/"], "scopes": [
+            {"allow": "quay.io/calico"}, {"allow": "*.amazonaws.com"}, {"deny": "*.amazonaws.com"},
+            {"allow": "docker.io/nginx"}, {"allow": "docker.io/library/nginx", "tags": ["-x"]},
+            {"deny": "docker.io/library/nginx"}, {"allow": "ghcr.io/vendor/tool", "until": "2026-01-31"},
+            {"allow": "ghcr.io/vendor/other", "until": "2026-12-10", "ticket": "SEC-1"},
+            {"allow": "ghcr.io/vendor/later", "until": "2027-12-10"}]})
+        self.assertEqual(dip.scope_warnings(policy, now), [
+            'scopes[0] allow "quay.io/calico" is dead: whitelist[0] "^quay\\\\.io/" decides every image in its scope'
+            " first",
+            'scopes[1] allow "*.amazonaws.com" allows every registry under amazonaws.com, where anyone can publish'
+            " images; name your own registry or namespace instead",
+            'scopes[1] allow "*.amazonaws.com" can never allow: scopes[2] deny "*.amazonaws.com" denies everything'
+            " in its scope",
+            'scopes[3] allow "docker.io/nginx" is the Docker Hub namespace nginx (nginx/…), not the official image'
+            " nginx, which is docker.io/library/nginx",
+            'scopes[4] allow "docker.io/library/nginx": tags "-x" matches no tag (a tag starts with a letter, digit'
+            " or _)",
+            'scopes[4] allow "docker.io/library/nginx" can never allow: scopes[5] deny "docker.io/library/nginx"'
+            " denies everything in its scope",
+            'scopes[6] allow "ghcr.io/vendor/tool" ended at 2026-01-31: it decides nothing now; remove it',
+            'scopes[7] allow "ghcr.io/vendor/other" ends at 2026-12-10, in 4.0 days (ticket SEC-1)'])
+
 
 class TestRequests(unittest.TestCase):
     policy = policy_of({"whitelist": ["^localhost:5000/ok/", "^nginx:"], "defaultAllow": False,
