@@ -422,9 +422,9 @@ class TestPolicy(unittest.TestCase):
                          ' missing ), unterminated subpattern at position 4')
         self.assertEqual(self.config_error('{"whitelst": [], "defaultallow": true, "colour": 1}'),
                          '/etc/docker/p.json: unknown key "whitelst" (did you mean "whitelist"?); unknown key'
-                         ' "colour" (known keys: whitelist,'
-                         ' blacklist, defaultAllow, mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad,'
-                         ' allowPluginCreate, allowSwarm, message, tests)')
+                         ' "colour" (known keys: whitelist, blacklist, scopes, defaultAllow, mode, checkRun,'
+                         ' allowBuild, allowCommit, allowImport, allowLoad, allowPluginCreate, allowSwarm, message,'
+                         ' tests)')
         self.assertEqual(self.config_error('{"whitelist": ["^a", "^b", "^c", 5]}'),
                          '/etc/docker/p.json: "whitelist"[3]: must be a string, not 5')
         self.assertEqual(self.config_error(' \n'), "/etc/docker/p.json: the file is empty (an empty policy is {})")
@@ -439,7 +439,7 @@ class TestPolicy(unittest.TestCase):
         self.assertEqual(self.config_error('{\n  "whitelist": [\n  "a",\n}'),
                          "/etc/docker/p.json: line 4 column 1: invalid JSON: Expecting value")
         self.assertEqual(self.config_error('{"colour": 1, "whitelist": ["^ok", "("], "mode": "warn"}'),
-                         '/etc/docker/p.json: unknown key "colour" (known keys: whitelist, blacklist, defaultAllow,'
+                         '/etc/docker/p.json: unknown key "colour" (known keys: whitelist, blacklist, scopes, defaultAllow,'
                          ' mode, checkRun, allowBuild, allowCommit, allowImport, allowLoad, allowPluginCreate,'
                          ' allowSwarm, message, tests); "mode": must be "enforce" or "audit", not "warn";'
                          ' "whitelist"[1]: invalid regular expression "(": missing ), unterminated subpattern at'
@@ -769,7 +769,7 @@ class TestPolicy(unittest.TestCase):
                           ' not ["nginx"]'),
             ([{"image": "nginx", "expect": "allow", "expected": "deny"}],
              '"tests"[0]: unknown key "expected" (did you mean "expect"?) (known keys: image, operation, target,'
-             ' expect, note)'),
+             ' caller, at, expect, note)'),
             ([{"image": "nginx", "expect": "allow"}, {"image": "nginx", "expect": "yes"}],
              '"tests"[1]: "expect" must be "allow" or "deny", not "yes"'),
             ([{"image": "nginx"}], '"tests"[0]: "expect" must be "allow" or "deny", and is missing'),
@@ -2841,7 +2841,7 @@ class TestAdmin(unittest.TestCase):
         self.assertEqual(self.fixture.get("/version")[:2], (200, dip.__version__))   # as the original answered
         status, body, _ = self.fixture.get("/config")
         self.assertEqual(json.loads(body), {   # the configuration object at the top level, as the original's
-            **ORIGINAL_CONFIG, "mode": "enforce", "checkRun": True, "allowBuild": False, "allowCommit": False,
+            **ORIGINAL_CONFIG, "scopes": [], "mode": "enforce", "checkRun": True, "allowBuild": False, "allowCommit": False,
             "allowImport": False, "allowLoad": False, "allowPluginCreate": False, "allowSwarm": False,
             "message": "", "tests": []})
         self.assertTrue(body.startswith('{\n    "whitelist": [\n        "^nginx:",'), body)
@@ -3021,8 +3021,10 @@ class TestOperations(unittest.TestCase):
         lines = [json.loads(line) for line in self.fixture.log.getvalue().splitlines()]
         self.assertEqual(len(lines), 1)
         self.assertEqual(set(lines[0]), {"time", "operation", "image", "decision", "rule", "reason", "mode", "user",
-                                         "policy"})
+                                         "caller", "policy"})
         self.assertEqual(lines[0]["policy"], self.fixture.plugin.policy.sha256[:12])
+        # A User without the certificate dockerd sends with it is an identity the plugin cannot read.
+        self.assertEqual(lines[0]["caller"], {"cn": "", "o": [], "ou": [], "unreadable": True})
         self.assertEqual((lines[0]["user"], lines[0]["decision"]), ("alice", "allow"))
         self.assertNotIn("hunter2", self.fixture.log.getvalue())
         self.assertNotIn("c2VjcmV0", self.fixture.log.getvalue())
@@ -3515,7 +3517,11 @@ class TestOperations(unittest.TestCase):
         for argv, message in [
             (["--check", "nginx", "--validate"], "--check and --validate cannot be combined"),
             (["--scan", "--replay", "-"], "--scan and --replay cannot be combined"),
-            (["--scan", "--operation", "run"], "--operation and --tag-target go with --check"),
+            (["--scan", "--operation", "run"], "--operation, --tag-target, --caller and --at go with --check"),
+            (["--check", "nginx", "--caller", "team-a"], "--caller: a caller is cn:NAME, o:NAME, ou:NAME (several"
+                                                         " together) or unidentified, not 'team-a'"),
+            (["--check", "nginx", "--at", "tomorrow"], "--at: expected a date (2027-01-31) or an RFC 3339 time with"
+                                                       " its zone, not 'tomorrow'"),
             (["--check", "nginx", "--operation", "tag"], "--tag-target NAME goes with --operation tag, and"
                                                          " --operation tag needs it"),
             (["--check", "nginx", "--tag-target", "x"], "--tag-target NAME goes with --operation tag, and"
@@ -4339,10 +4345,20 @@ class EndToEnd:
         # The plugin is named in daemon.json, as the README says: a reload of dockerd re-reads it.
         cls.daemon_json = cls.dir / "daemon.json"
         cls.daemon_json.write_text(json.dumps({"authorization-plugins": [cls.name]}))
+        # TLS with client certificates as well: dockerd then names the caller (team-a, team-b) to the plugin.
+        pki = str(cls.dir / "pki")
+        os.mkdir(pki)
+        cls.ca = client_certificate(pki, "ca", "/CN=docker-image-policy test CA")
+        server = client_certificate(pki, "server", "/CN=127.0.0.1", cls.ca)
+        cls.clients = {team: client_certificate(pki, team, f"/O=Example/OU={team}/CN={team}-user", cls.ca)
+                       for team in ("team-a", "team-b")}
+        cls.tls_port = free_port()
         cls.dockerd_process = cls.spawn(
             [cls.dockerd, *cls.storage, "--iptables=false", "--ip-masq=false", "--bridge=none",
              "--data-root", str(cls.dir / "data"), "--exec-root", str(cls.dir / "exec"),
              "--pidfile", str(cls.dir / "docker.pid"), "-H", f"unix://{cls.docker_socket}",
+             "-H", f"tcp://127.0.0.1:{cls.tls_port}", "--tlsverify", f"--tlscacert={cls.ca[1]}",
+             f"--tlscert={server[1]}", f"--tlskey={server[0]}",
              f"--containerd={containerd / 'sock'}", f"--config-file={cls.daemon_json}"], "dockerd.log", env=env)
         wait_for(lambda: cls.docker(CLIS[0], "version").returncode == 0, "dockerd", timeout=60)
 
@@ -4358,6 +4374,15 @@ class EndToEnd:
         environment = dict(os.environ, DOCKER_CONFIG=str(cls.dir / "cli"), DOCKER_BUILDKIT="0", **(env or {}))
         return subprocess.run([cli, "-H", f"unix://{cls.docker_socket}", *args], capture_output=True, text=True,
                               timeout=120, env=environment)
+
+    @classmethod
+    def docker_as(cls, team: str, *args: str) -> subprocess.CompletedProcess:
+        """The machine's CLI over TLS with team's client certificate."""
+        key, certificate = cls.clients[team]
+        return subprocess.run([CLIS[0], "-H", f"tcp://127.0.0.1:{cls.tls_port}", "--tlsverify",
+                               f"--tlscacert={cls.ca[1]}", f"--tlscert={certificate}", f"--tlskey={key}", *args],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, DOCKER_CONFIG=str(cls.dir / "cli")))
 
     @classmethod
     def docker_ok(cls, *args: str) -> str:
@@ -4568,6 +4593,47 @@ class EndToEnd:
         self.assertGreaterEqual(status, 400, text)
         if status == 403:
             self.assertIn("run denied: dockerd did not forward the request body", text)
+
+    def test_callers_by_client_certificate_and_exceptions_that_end(self):
+        image = f"{self.registry}/allowed/busybox:1"
+        scope = f"{self.registry}/allowed"
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.addCleanup(self.remove, image)
+        self.apply_policy({"scopes": [{"allow": scope, "callers": ["ou:team-a"]}],
+                           "message": "Ask the platform team for approved images."})
+        for team, allowed in [("team-a", True), ("team-b", False)]:
+            with self.subTest(team):
+                self.remove(image)
+                result = self.docker_as(team, "pull", image)
+                if allowed:
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    created = self.docker_as(team, "create", "--name", "dip-caller-run", image, "true")
+                    self.assertEqual(created.returncode, 0, created.stderr)
+                    self.docker_ok("rm", "dip-caller-run")
+                else:
+                    self.denied(result, f"pull of {image} denied: scope \"{scope}\" governs it and no entry"
+                                        " there allows it")
+                    self.assertIn("the caller is cn:team-b-user o:Example ou:team-b", result.stderr)
+                    self.denied(self.docker_as(team, "create", image, "true"), f"run of {image} denied")
+        result = self.docker(CLIS[0], "pull", image)   # the unix socket
+        self.denied(result, f"pull of {image} denied")
+        self.assertIn("the caller is unidentified", result.stderr)
+        self.denied(self.docker(CLIS[0], "create", image, "true"), f"run of {image} denied")
+        logged = [json.loads(line) for line in (self.dir / "plugin.log").read_text().splitlines()
+                  if line.startswith("{") and '"caller"' in line]
+        self.assertIn({"cn": "team-a-user", "o": ["Example"], "ou": ["team-a"], "unreadable": False},
+                      [record["caller"] for record in logged])
+        # An exception a few seconds long: allowed, then refused once it ends, with no reload.
+        self.remove(image)
+        ends = time.time() + 4
+        until = datetime.datetime.fromtimestamp(ends, datetime.timezone.utc).isoformat()
+        self.apply_policy({"scopes": [{"allow": scope, "until": until, "ticket": "SEC-1"}]})
+        result = self.docker(CLIS[0], "pull", image)
+        self.assertLess(time.time(), ends, "the pull took longer than the exception lasts")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.remove(image)
+        time.sleep(max(0.0, ends - time.time()) + 0.1)   # the exception's end is a time: nothing else to wait on
+        self.denied(self.docker(CLIS[0], "pull", image), f"pull of {image} denied")
 
     def test_reload_and_audit_without_restarting_dockerd(self):
         image = f"{self.registry}/denied/busybox:1"
