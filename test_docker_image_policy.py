@@ -3777,15 +3777,17 @@ class TestOperations(unittest.TestCase):
         path = str(HERE / "docker-image-policy.json")
         result = run_module("--config", path, "--validate", "--strict")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
-        self.assertEqual(result.stdout, f"{path}: all 8 tests pass\n"   # the tests the file carries
-                                        f"{path}: valid, 3 whitelist and 0 blacklist rules, mode enforce\n")
+        self.assertEqual(result.stdout, f"{path}: all 10 tests pass\n"   # the tests the file carries
+                                        f"{path}: valid, 0 whitelist and 0 blacklist rules, 6 scope entries,"
+                                        " mode enforce\n")
         # Approved nginx, docker and calico images, by tag or digest; never :latest, nor a look-alike.
         policy = dip.load_policy(path)
         for image, allow in [("nginx:1.25", True), (f"nginx@{DIGEST}", True), ("docker:24-dind", True),
                              ("quay.io/calico/node:v3.27.0", True), (f"quay.io/calico/node@{DIGEST}", True),
                              ("nginx", False), ("nginx:latest", False), ("docker:latest", False),
                              ("quay.io/calico/node", False), ("redis:7", False), ("nginx:5000/evil/miner:1", False),
-                             ("nginxevil/miner:1", False), ("quay.io/calico/node-evil:v3", False)]:
+                             ("nginxevil/miner:1", False), ("quay.io/calico/node-evil:v3", False),
+                             ("registry-1.docker.io/library/nginx:1.25", False), ("nginx-evil:1", False)]:
             with self.subTest(image):
                 self.assertEqual(policy.evaluate(parse_reference(image)).allow, allow)
 
@@ -5199,6 +5201,20 @@ def benchmark(argv: list[str]) -> int:
             for process in pair.values():
                 stop(process)
         print(f"{'':<44} 10,000 rules vs 10 rules (python): {own_rps[10000] / own_rps[10]:.2f}x")
+        # Scopes beside the Go peer's regex rules: the same registries and repositories, as scope entries.
+        for count in (10, 10000):
+            rules = [f"^registry-{i}\\.example\\.com/" if i % 10 else f"^docker\\.io/team-{i}/app-[0-9]+:v"
+                     for i in range(count)]
+            scopes = [{"allow": f"registry-{i}.example.com"} if i % 10 else
+                      {"allow": f"docker.io/team-{i}/app", "tags": ["v*"]} for i in range(count)]
+            pair = {"python": start("python", {"scopes": scopes}, sockets["python"]),
+                    "go": start("go", {"whitelist": rules}, sockets["go"])}
+            compare(f"pulls only, {count} scopes (go: rules), 1 conn", sockets["python"], sockets["go"],
+                    "-c", "1", "-pull", "100", "-image", "evil")
+            compare(f"pulls only, {count} scopes, distinct, 1 conn", sockets["python"], sockets["go"],
+                    "-c", "1", "-pull", "100", "-image", "evil", "-unique")
+            for process in pair.values():
+                stop(process)
         # Repeated pulls are answered from the decision memory; this is the rule evaluation itself.
         for count in (10, 1000, 10000):
             rules = [f"^registry-{i}\\.example\\.com/" if i % 10 else f"^docker\\.io/team-{i}/app-[0-9]+:v"
@@ -5216,6 +5232,12 @@ def benchmark(argv: list[str]) -> int:
             loop = (time.perf_counter() - started) / 10
             print(f"rule evaluation, {count} rules, not remembered:  indexed {indexed * 1e6:8.1f} us"
                   f"   rule by rule {loop * 1e6:8.1f} us")
+            scoped = policy_of({"scopes": [{"allow": f"registry-{i}.example.com"} if i % 10 else
+                                           {"allow": f"docker.io/team-{i}/app", "tags": ["v*"]} for i in range(count)]})
+            started = time.perf_counter()
+            for reference in references * 10:
+                scoped.evaluate(reference)
+            print(f"scope evaluation, {count} entries, not remembered: {(time.perf_counter() - started) / 1000 * 1e6:8.1f} us")
         benchmark_scan(work, python)
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
