@@ -3171,7 +3171,8 @@ class Plugin:
         return {"version": __version__, "started": self.started, "mode": policy.mode,
                 "modeFrom": "--mode" if self.mode else "policy" if "mode" in policy.keys else "default",
                 "policy": {"file": policy.path, "sha256": policy.sha256,
-                           "rules": {"whitelist": len(policy.whitelist.rules), "blacklist": len(policy.blacklist.rules)}},
+                           "rules": {"whitelist": len(policy.whitelist.rules), "blacklist": len(policy.blacklist.rules),
+                                     "scopes": len(policy.scopes.entries)}},
                 "lastReload": self.reload_status}
 
 

@@ -2848,7 +2848,7 @@ class TestAdmin(unittest.TestCase):
         status = json.loads(self.fixture.get("/status?pretty=1")[1])
         digest = hashlib.sha256(Path(self.fixture.config_path).read_bytes()).hexdigest()
         self.assertEqual(status["policy"], {"file": self.fixture.config_path, "sha256": digest,
-                                            "rules": {"whitelist": 3, "blacklist": 1}})
+                                            "rules": {"whitelist": 3, "blacklist": 1, "scopes": 0}})
         self.assertEqual((status["version"], status["mode"], status["lastReload"]["ok"], status["lastReload"]["error"]),
                          (dip.__version__, "enforce", True, None))
         self.assertRegex(status["started"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
