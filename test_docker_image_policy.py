@@ -2593,11 +2593,15 @@ class TestOperations(unittest.TestCase):
                 for number, body in enumerate(pulls[:-1]):
                     self.assertEqual(answer(body), {"Allow": False, "Msg": denied.format(number), "Err": ""})
             self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES, dip.CACHE_ENTRIES))
-            # One more is more than it keeps: it forgets everything and starts again.
-            self.assertEqual(answer(pulls[-1])["Msg"], denied.format(dip.CACHE_ENTRIES))
-            self.assertEqual(list(memory), [pulls[-1]])
+            # One more is more than it keeps: the least recently used one is forgotten (the
+            # second: the first was just used again), and decided again when it comes back.
             self.assertEqual(answer(pulls[0])["Msg"], denied.format(0))
-            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES + 2, 2))
+            self.assertEqual(answer(pulls[-1])["Msg"], denied.format(dip.CACHE_ENTRIES))
+            self.assertEqual(memory.bodies(), pulls[2:-1] + [pulls[0], pulls[-1]])
+            self.assertEqual(decide.call_count, dip.CACHE_ENTRIES + 1)
+            self.assertEqual(answer(pulls[1])["Msg"], denied.format(1))
+            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES + 2, dip.CACHE_ENTRIES))
+            self.assertNotIn(pulls[2], memory)
             # Bodies up to CACHE_BODY_MAX bytes are remembered, longer ones decided every time.
             for size, remembered in [(dip.CACHE_BODY_MAX, True), (dip.CACHE_BODY_MAX + 1, False)]:
                 request = pull("/v1.41/images/create?fromImage=redis&tag=big")
@@ -2618,7 +2622,7 @@ class TestOperations(unittest.TestCase):
                 self.assertEqual(answer(run), {"Allow": True, "Msg": "", "Err": ""})
             self.assertEqual((decide.call_count - calls, docker.looked_up, run in memory), (2, ["abcd", "abcd"], False))
         # Remembered or not, every answer is logged and counted.
-        pulls_asked = 2 * dip.CACHE_ENTRIES + 2 + 4
+        pulls_asked = 2 * dip.CACHE_ENTRIES + 3 + 4
         self.assertEqual(len(self.fixture.log.getvalue().splitlines()), pulls_asked + 2)
         self.assertEqual(plugin.metrics.decisions, {("pull", "deny"): pulls_asked, ("run", "allow"): 2})
 
@@ -2633,12 +2637,16 @@ class TestOperations(unittest.TestCase):
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
         self.assertEqual([line["image"] for line in lines], [f"docker.io/library/redis:{n}" for n in range(1000)])
         self.assertEqual({thread for thread, _ in stream.writes}, {flusher})   # never the deciding thread
-        # An event is written at once, after the decision lines still waiting.
+        # An event wakes the flush thread at once, and follows the decision lines still waiting.
+        written = len(stream.writes)
         log.decision(decision_number(1000), "deny", ENFORCE)
         log.event("info", "reloaded")
+        self.assertEqual(len(stream.writes), written)   # the calling thread never writes
+        wait_for(lambda: stream.getvalue().endswith("reloaded\n"), "the event", timeout=dip.LOG_FLUSH_INTERVAL / 2)
         *_, waiting, event = stream.getvalue().splitlines()
         self.assertEqual((json.loads(waiting)["image"], event),
                          ("docker.io/library/redis:1000", "docker-image-policy: info: reloaded"))
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
 
     def test_stalled_stderr_blocks_no_decision_and_drops_beyond_the_bound(self):
         stream = Stream()
@@ -2646,24 +2654,32 @@ class TestOperations(unittest.TestCase):
         stream.open.clear()   # journald stops reading
         log.decision(decision_number(0), "deny", ENFORCE)
         self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
+        line = len(f'{{"time": "{dip._now()}", "decision": "deny", "mode": "enforce", "policy":'
+                   f' "{ENFORCE.sha256[:12]}", {decision_number(100_000).log_fields}\n')
+        kept = dip.MAX_PENDING_BYTES // line   # decisions 100000 on: every line has the same length
         extra = 7
 
         def decide() -> None:
-            for number in range(1, dip.MAX_PENDING_LINES + extra + 1):
+            for number in range(100_000, 100_000 + kept + extra):
                 log.decision(decision_number(number), "deny", ENFORCE)
+            log.event("error", "internal error: " + "x" * line)   # events wait in the same bound, dropped alike
         deciding = threading.Thread(target=decide)
         deciding.start()
         deciding.join(20)
         self.assertFalse(deciding.is_alive(), "decisions waited for a stalled stderr")
         self.assertEqual(stream.writes, [])
+        self.assertEqual((log.dropped_total, log.pending_bytes), (extra + 1, kept * line))
         stream.open.set()
-        warning = f"docker-image-policy: warning: {extra} decision lines dropped while stderr did not keep up"
+        warning = f"docker-image-policy: warning: {extra + 1} log lines dropped while stderr did not keep up"
         wait_for(lambda: stream.getvalue().endswith(warning + "\n"), "the dropped-lines warning")
         lines = stream.getvalue().splitlines()
-        self.assertEqual(len(lines), 1 + dip.MAX_PENDING_LINES + 1)
+        self.assertEqual(len(lines), 1 + kept + 1)
         self.assertEqual([json.loads(line)["image"] for line in (lines[0], lines[1], lines[-2])],
-                         [f"docker.io/library/redis:{n}" for n in (0, 1, dip.MAX_PENDING_LINES)])
+                         [f"docker.io/library/redis:{n}" for n in (0, 100_000, 100_000 + kept - 1)])
         self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
+        self.assertEqual(log.dropped_total, extra + 1)   # since the start, for the metrics
+        log.decision(decision_number(1), "deny", ENFORCE)   # taken again once stderr is
+        wait_for(lambda: stream.getvalue().endswith('defaultAllow is false"}\n'), "a later decision")
 
     def test_closed_stderr_never_breaks_a_decision(self):
         closed = io.StringIO()
@@ -2991,8 +3007,10 @@ class TestOperations(unittest.TestCase):
             (["--validate", "--format", "json"], "--format goes with --check, --scan or --replay"),
             (["--strict"], "--strict is valid only with --validate"),
             (["--check", "nginx", "--strict"], "--strict is valid only with --validate"),
-            (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
-            (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
+            (["--addr", "5006"], "--addr: expected HOST:PORT or unix:PATH, not '5006'"),
+            (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT or unix:PATH, not '127.0.0.1:http'"),
+            (["--addr", "unix:admin.sock"], "--addr: expected unix:/ABSOLUTE/PATH, not 'unix:admin.sock'"),
+            (["--health", "--check", "nginx"], "--check and --health cannot be combined"),
             (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
                                                 " not 'ssh://docker'"),
             (["--docker-host", "/var/run/docker.sock"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
