@@ -1551,7 +1551,7 @@ class Request:
         for key, value in headers.items():
             if key.isascii() and key.lower() == name.lower():   # Go canonicalizes ASCII names only
                 if not isinstance(value, str):
-                    raise Unreadable(f"header {shown(key)} is not a string")
+                    raise Unreadable(f"header {key} is not a string")
                 return value
         return None
 
@@ -2558,7 +2558,8 @@ class Answers:
                 self.entries.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        with self.lock:
+            return len(self.entries)
 
     def __contains__(self, body: bytes) -> bool:
         return body in self.entries
@@ -3213,33 +3214,35 @@ def serve_plugin(args: argparse.Namespace, address: AdminAddress, log: Log, hand
 
 def health_command(socket_path: str) -> int:
     """--health: ask the plugin socket, then check that the admin listener it names is its own."""
+    connection = _UnixHTTPConnection(socket_path, DOCKER_API_TIMEOUT)
     try:
-        connection = _UnixHTTPConnection(socket_path, DOCKER_API_TIMEOUT)
         connection.request("POST", HEALTH_ENDPOINT, body=b"")
         status = json.loads(connection.getresponse().read())
         admin = status["admin"]
     except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as error:
         print(f"unhealthy: the plugin socket {socket_path} does not answer: {error}")
         return 1
+    finally:
+        connection.close()
     plugin = f"the plugin answers on {socket_path} (policy {status['policy']['sha256'][:12]}, {status['mode']})"
     if not admin["listening"]:
         print(f"unhealthy: {plugin}, but its admin listener is not bound on {admin['address']} after"
-              f" {admin['failedBinds']} attempts ({admin['lastError']}): another process may hold the address")
+              f" {admin['failedBinds']} failed binds ({admin['lastError']}): another process may hold the address")
         return 1
     try:
         found = admin_status(admin["address"])
-    except (OSError, ValueError, http.client.HTTPException) as error:
+    except (OSError, http.client.HTTPException) as error:
         print(f"unhealthy: {plugin}, but its admin listener on {admin['address']} does not answer: {error}")
         return 1
-    if not isinstance(found, dict) or found.get("instance") != status["instance"]:
+    if found.get("instance") != status["instance"]:
         print(f"unhealthy: {plugin}, but the admin listener on {admin['address']} is not the plugin's")
         return 1
     print(f"healthy: {plugin}; its admin listener is on {admin['address']}")
     return 0
 
 
-def admin_status(address: str) -> Any:
-    """GET /status from an admin listener at address, as --addr spells it."""
+def admin_status(address: str) -> dict[str, Any]:
+    """GET /status from an admin listener at address, as --addr spells it; {} if it is no JSON object."""
     if address.startswith("unix:"):
         connection: http.client.HTTPConnection = _UnixHTTPConnection(address[len("unix:"):], DOCKER_API_TIMEOUT)
     else:
@@ -3247,7 +3250,11 @@ def admin_status(address: str) -> Any:
         connection = http.client.HTTPConnection(host, port, timeout=DOCKER_API_TIMEOUT)
     try:
         connection.request("GET", "/status")
-        return json.loads(connection.getresponse().read())
+        try:
+            found = json.loads(connection.getresponse().read())
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
     finally:
         connection.close()
 

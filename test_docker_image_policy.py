@@ -2429,6 +2429,31 @@ class TestAdmin(unittest.TestCase):
 # Operating it: reload, audit, decision log, metrics, CLI, service
 # --------------------------------------------------------------------------
 
+def answer_healthy(listener: socket.socket) -> None:
+    """Answer every connection with HEALTHY, as a process squatting the admin port can, until closed."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(10)
+            with contextlib.suppress(OSError):
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nHEALTHY")
+                connection.recv(1)   # the client closes first: no TIME_WAIT holds the port after the squatter
+
+
+def http_get(address: str, path: str) -> str:
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
 def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MODULE), *args], capture_output=True, text=True, timeout=60, **kwargs)
 
@@ -2527,6 +2552,76 @@ class TestOperations(unittest.TestCase):
                           "image": "docker.io/library/redis:7", "rule": "defaultAllow"})
         self.assertIn('docker_image_policy_decisions_total{operation="pull",decision="would-deny"} 1',
                       self.fixture.get("/metrics")[1])
+
+    def test_request_text_is_cut_in_reasons_and_log_lines(self):
+        query = "fromImage=" + "%zz" * 300_000
+        answer = self.ask(pull("/v1.41/images/create?" + query))
+        self.assertEqual(answer["Msg"], f"pull or import denied: invalid %-escape in {'%zz' * 66 + '%z'!r}…"
+                                        f" ({len(query) - len('fromImage=')} characters)")
+        target = "\ufffd" * 100_000
+        answer = self.ask(authz("POST", target))
+        self.assertEqual(answer["Msg"], f"request denied: request target {target[:200]!r}… (100000 characters) is"
+                                        " neither a path nor an absolute URL")
+        for line in self.fixture.log.getvalue().splitlines():
+            self.assertLess(len(line), 1024, line[:100])
+            self.assertEqual(json.loads(line)["rule"], "unreadable")
+
+    def test_longest_decision_line(self):
+        # Every field at its longest and costliest to encode (a control character is
+        # \u0000, a character outside the BMP two \u escapes), in the longest outcome.
+        worst = "\x00\U0001f600\ud800\u2028\"" * 100_000
+        decision = dip.Decision(False, "pull (all tags)", *[worst] * 4, user=worst, named="n" + worst, target=worst)
+        log = io.StringIO()
+        with mock.patch.dict(os.environ, JOURNAL_STREAM="x"), mock.patch.object(dip, "stderr_is_journal",
+                                                                                return_value=True):
+            dip.Log("info", log).decision(decision, "would-deny", dip.compile_policy('{"mode": "audit"}', "p.json"))
+        line = log.getvalue()
+        self.assertTrue(line.startswith("<5>{"), line[:10])
+        record = json.loads(line[3:])
+        self.assertEqual(set(record), {"time", "decision", "mode", "policy", "operation", "image", "rule", "reason",
+                                       "name", "target", "user"})
+        for key in ("image", "rule", "reason", "name", "target", "user"):
+            self.assertTrue(record[key].endswith(f"… (cut, {len(worst) + (key == 'name')} characters)"), key)
+            self.assertLessEqual(len(json.dumps(record[key])), dip.MAX_LOG_FIELD)
+        self.assertLess(len(line.encode()), 8 * 1024)   # the bound the README states; journald's LineMax is 48 KiB
+        # Short fields are left whole.
+        self.assertNotIn("cut", dip.Decision(False, "pull", "docker.io/library/redis:7", "redis:7", "r", "x" * 900)
+                         .log_fields)
+
+    def test_remembered_answers_under_concurrent_threads(self):
+        answers = dip.Answers(64)
+        answer = (dip.BENIGN, "allow", dip.ALLOW_RESPONSE)
+        hot = [b"hot-%d" % n for n in range(8)]
+        errors: list[BaseException] = []
+
+        def use(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for step in range(20_000):
+                    body = hot[step % len(hot)]
+                    if answers.get(body) is None:
+                        answers.put(body, answer)
+                    distinct = b"cold-%d" % rng.randrange(10_000)
+                    if answers.get(distinct) is None:
+                        answers.put(distinct, answer)
+                    self.assertLessEqual(len(answers), 64)
+            except BaseException as error:   # reported by the main thread
+                errors.append(error)
+        threads = [threading.Thread(target=use, args=(seed,)) for seed in range(8)]
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)   # switch threads as often as possible
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            sys.setswitchinterval(previous)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(answers), 64)
+        self.assertEqual(len(answers.bodies()), len(set(answers.bodies())))
+        for body in hot:   # used all the time: never the least recently used
+            self.assertIn(body, answers)
 
     def test_decision_log_has_no_secrets_and_skips_benign_calls(self):
         secret_body = {"Image": "nginx:1", "Env": ["PASSWORD=hunter2"]}
@@ -2984,15 +3079,102 @@ class TestOperations(unittest.TestCase):
                 result = run_module("--config", self.fixture.config_path, "--socket", path, "--addr", "127.0.0.1:0")
                 self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: {error}\n"))
         self.assertEqual(Path(regular).read_text(), "keep me")
-        with socket.socket() as taken:   # an admin address another process listens on
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            address = f"127.0.0.1:{taken.getsockname()[1]}"
-            sock = os.path.join(directory, "d.sock")
-            result = run_module("--config", self.fixture.config_path, "--socket", sock, "--addr", address)
-        self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: cannot listen on"
-                                                                f" {address}: [Errno 98] Address already in use\n"))
-        self.assertFalse(os.path.lexists(sock))   # the plugin socket it had bound is gone
+
+    def test_taken_admin_address_leaves_the_plugin_serving(self):
+        sock = os.path.join(self.fixture.dir, "d.sock")
+        taken = socket.socket()   # an admin address another process listens on, and answers
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        squatter = threading.Thread(target=answer_healthy, args=(taken,), daemon=True)
+        squatter.start()
+        stderr = Path(self.fixture.dir) / "stderr"
+        with open(stderr, "w") as output:
+            daemon = subprocess.Popen([sys.executable, str(MODULE), "--config", self.fixture.config_path,
+                                       "--socket", sock, "--addr", address], stderr=output)
+        self.addCleanup(stop_processes, [daemon])
+        wait_for(lambda: os.path.exists(sock), "the plugin socket")
+        with socket.socket(socket.AF_UNIX) as plugin:   # dockerd's handshake and a decision
+            plugin.connect(sock)
+            self.assertEqual(exchange(plugin, post("/Plugin.Activate", b""))[2], b'{"Implements": ["authz"]}')
+            request = json.dumps(pull("/v1.41/images/create?fromImage=redis&tag=7")).encode()
+            self.assertFalse(json.loads(exchange(plugin, post("/AuthZPlugin.AuthZReq", request))[2])["Allow"])
+        self.assertEqual(http_get(address, "/health"), "HEALTHY")   # the squatter's answer
+        health = run_module("--health", "--socket", sock)
+        self.assertEqual(health.returncode, 1, health.stdout)
+        self.assertRegex(health.stdout, rf"^unhealthy: the plugin answers on {re.escape(sock)} \(policy \w{{12}},"
+                                        rf" enforce\), but its admin listener is not bound on {address} after \d+"
+                                        r" failed binds \(\[Errno 98\] Address already in use\): another process may"
+                                        r" hold the address\n$")
+        wait_for(lambda: "error: cannot listen" in stderr.read_text(), "the error")
+        self.assertIn(f"docker-image-policy: error: cannot listen on {address}: [Errno 98] Address already in use;"
+                      " the plugin socket serves dockerd, and the admin listener is retried every 2 s\n",
+                      stderr.read_text())
+        self.assertIn(f"admin listener not bound on {address} (retrying), policy", stderr.read_text())
+        taken.shutdown(socket.SHUT_RDWR)   # the squatter leaves (wakes its accept()): the plugin takes its address
+        taken.close()
+        squatter.join(10)
+        wait_for(lambda: run_module("--health", "--socket", sock).returncode == 0, "the admin listener")
+        self.assertRegex(run_module("--health", "--socket", sock).stdout,
+                         rf"^healthy: the plugin answers on .*; its admin listener is on {address}\n$")
+        status = json.loads(http_get(address, "/status"))
+        self.assertEqual((status["admin"]["address"], status["admin"]["listening"]), (address, True))
+        self.assertGreaterEqual(status["admin"]["failedBinds"], 1)
+        self.assertIn("Address already in use", status["admin"]["lastError"])
+        failures = re.search(r"^docker_image_policy_admin_bind_failures_total (\d+)$", http_get(address, "/metrics"),
+                             re.M)
+        self.assertEqual(int(failures[1]), status["admin"]["failedBinds"])
+        wait_for(lambda: "info: admin listener on" in stderr.read_text(), "the info line")
+        daemon.terminate()
+        self.assertEqual(daemon.wait(20), 0)
+        self.assertFalse(os.path.lexists(sock))
+        self.assertNotIn("Traceback", stderr.read_text())
+
+    def test_health_check_is_not_fooled_by_another_listener(self):
+        # The plugin says it listens on an address where something else answers (as
+        # if the plugin's own listener were gone): --health compares its instance.
+        impostor = socket.socket()
+        self.addCleanup(impostor.close)
+        impostor.bind(("127.0.0.1", 0))
+        impostor.listen()
+        threading.Thread(target=answer_healthy, args=(impostor,), daemon=True).start()
+        plugin = self.fixture.plugin
+        plugin.admin.address = f"127.0.0.1:{impostor.getsockname()[1]}"
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", self.fixture.socket_path]), 1)
+        self.assertRegex(output.getvalue(), rf"^unhealthy: the plugin answers on .*, but the admin listener on"
+                                            rf" {plugin.admin.address} is not the plugin's\n$")
+        plugin.admin.address = self.fixture.admin.name()
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", self.fixture.socket_path]), 0)
+        self.assertRegex(output.getvalue(), r"^healthy: the plugin answers on .* \(policy \w{12}, enforce\); its admin"
+                                            rf" listener is on 127.0.0.1:{self.fixture.admin.server_address[1]}\n$")
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", os.path.join(self.fixture.dir, "none.sock")]), 1)
+        self.assertRegex(output.getvalue(), r"^unhealthy: the plugin socket .*none.sock does not answer: \[Errno 2\]")
+
+    def test_admin_listener_on_a_unix_socket_for_root_only(self):
+        path = os.path.join(self.fixture.dir, "admin", "admin.sock")
+        admin = dip.AdminServer(dip.parse_addr(f"unix:{path}"), self.fixture.plugin)
+        thread = threading.Thread(target=admin.serve_forever, args=(0.05,))
+        thread.start()
+
+        def stop() -> None:
+            admin.shutdown()
+            admin.server_close()
+            thread.join()
+        self.addCleanup(stop)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(self.fixture.plugin.admin.address, f"unix:{path}")
+        self.assertEqual(dip.admin_status(f"unix:{path}")["instance"], self.fixture.plugin.instance)
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", self.fixture.socket_path]), 0)
+        self.assertIn(f"its admin listener is on unix:{path}\n", output.getvalue())
+        with self.assertRaisesRegex(dip.ImagePolicyError, "another process is already serving"):
+            dip.AdminServer(path, self.fixture.plugin)
+        stop()
+        self.assertFalse(os.path.lexists(path))   # removed on close
 
     def test_command_line_errors(self):
         config = self.fixture.config_path
@@ -3028,7 +3210,7 @@ class TestOperations(unittest.TestCase):
         result = run_module("--config", config, "--addr", "nowhere")   # and as a process
         self.assertEqual(result.returncode, 2)
         self.assertTrue(result.stderr.startswith("usage: docker-image-policy "), result.stderr)
-        self.assertTrue(result.stderr.endswith("docker-image-policy: error: --addr: expected HOST:PORT,"
+        self.assertTrue(result.stderr.endswith("docker-image-policy: error: --addr: expected HOST:PORT or unix:PATH,"
                                                " not 'nowhere'\n"), result.stderr)
 
     def test_daemon_signals_ready_reloads_and_stops(self):
