@@ -3968,10 +3968,33 @@ class EndToEnd:
     @classmethod
     def start_plugin(cls) -> None:
         cls.admin_port = free_port()
-        cls.plugin = cls.spawn([sys.executable, str(MODULE), "--config", str(cls.config), "--socket",
-                                str(cls.plugin_socket), "--addr", f"127.0.0.1:{cls.admin_port}",
-                                "--docker-host", f"unix://{cls.docker_socket}"], "plugin.log")
+        cls.plugin = cls.spawn(cls.plugin_command(), "plugin.log")
         wait_for(lambda: cls.admin_get("/health") == "HEALTHY", "the plugin")
+
+    @classmethod
+    def plugin_command(cls) -> list[str]:
+        return [sys.executable, str(MODULE), "--config", str(cls.config), "--socket", str(cls.plugin_socket),
+                "--addr", f"127.0.0.1:{cls.admin_port}", "--docker-host", f"unix://{cls.docker_socket}"]
+
+    def replace_plugin(self, **popen: Any) -> subprocess.Popen:
+        """Stop the class's plugin and start one with popen's arguments (its stderr, say), under the
+        running dockerd; the cleanup starts one as the class does again."""
+        cls = type(self)
+        cls.plugin.terminate()
+        cls.plugin.wait(30)
+        cls.plugin = subprocess.Popen(self.plugin_command(), **popen)
+        cls.processes.append(cls.plugin)
+
+        def restore() -> None:
+            cls.plugin.terminate()
+            cls.plugin.wait(30)
+            cls.start_plugin()
+            cls.apply_policy(self.test_policy)
+        self.addCleanup(restore)
+        return cls.plugin
+
+    def health(self) -> subprocess.CompletedProcess:
+        return run_module("--health", "--socket", str(self.plugin_socket))
 
     @classmethod
     def admin_get(cls, path: str) -> str:
@@ -4569,6 +4592,101 @@ class EndToEnd:
         self.denied(self.docker(CLIS[0], "pull", f"{self.registry}/denied/busybox:1"),
                     f"pull of {self.registry}/denied/busybox:1 denied")   # the running policy stays
         self.assertIn('"tests": 1 of 1 tests fail: "tests"[0]', (self.dir / "plugin.log").read_text())
+
+    def test_admin_port_held_by_another_user(self):
+        # An unprivileged user listens on the admin port first, and answers /health as the plugin would.
+        type(self).admin_port = free_port()
+        squatter = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+             "import http.server, sys\n"
+             "class Liar(http.server.BaseHTTPRequestHandler):\n"
+             "    def do_GET(self):\n"
+             "        self.send_response(200); self.end_headers(); self.wfile.write(b'HEALTHY')\n"
+             "    def log_message(self, *args):\n"
+             "        pass\n"
+             "server = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Liar)\n"
+             "print('listening', flush=True)\n"
+             "server.serve_forever()\n", str(self.admin_port)], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(squatter.stdout.close)
+        self.addCleanup(stop_processes, [squatter])
+        self.assertEqual(squatter.stdout.readline(), "listening\n")
+        log = self.dir / "plugin.log"
+        start = len(log.read_bytes())
+        with open(log, "ab") as output:
+            self.replace_plugin(stderr=output)
+        wait_for(lambda: "the plugin answers" in self.health().stdout, "the plugin socket")
+        # dockerd keeps answering, with the plugin enforcing.
+        denied = f"{self.registry}/denied/busybox:1"
+        self.denied(self.docker(CLIS[0], "pull", denied), f"pull of {denied} denied")
+        self.assertEqual(self.docker(CLIS[-1], "ps").returncode, 0)
+        self.assertEqual(self.admin_get("/health"), "HEALTHY")   # the squatter's answer
+        health = self.health()
+        self.assertEqual(health.returncode, 1, health.stdout)
+        self.assertIn(f"but its admin listener is not bound on 127.0.0.1:{self.admin_port} after", health.stdout)
+        self.assertIn(f"error: cannot listen on 127.0.0.1:{self.admin_port}: [Errno 98] Address already in use;"
+                      " the plugin socket serves dockerd", log.read_bytes()[start:].decode())
+        squatter.terminate()
+        squatter.wait(10)
+        wait_for(lambda: self.health().returncode == 0, "the plugin's own admin listener")
+        status = json.loads(self.admin_get("/status"))
+        self.assertEqual(status["admin"]["listening"], True)
+        self.assertGreaterEqual(status["admin"]["failedBinds"], 1)
+        self.assertIn(f"admin_bind_failures_total {status['admin']['failedBinds']}\n", self.admin_get("/metrics"))
+        self.assertNotIn("Traceback", log.read_bytes()[start:].decode())
+
+    def test_flood_of_long_requests_under_a_stalled_stderr(self):
+        reader, writer = os.pipe()   # a stderr nobody reads, already full
+        self.addCleanup(os.close, reader)
+        os.set_blocking(writer, False)
+        for chunk in (b"x" * 4096, b"x"):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(writer, chunk)
+        os.set_blocking(writer, True)
+        plugin = self.replace_plugin(stderr=writer)
+        os.close(writer)
+        wait_for(lambda: self.health().returncode == 0, "the plugin")
+        # 1,000 requests of 900 KB: a query whose reason would otherwise embed all of it.
+        query = "fromImage=%zz" + "\u00ff" * ((900_000 - 40) // 2)
+        answers: list[tuple[int, str]] = []
+
+        def flood() -> None:
+            for _ in range(250):
+                answers.append(self.api("POST", "/v1.41/images/create?" + query))
+        threads = [threading.Thread(target=flood) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        self.assertEqual(len(answers), 1000)
+        for status, text in answers:
+            self.assertEqual(status, 403, text[:200])
+            self.assertIn("characters)", text)
+            self.assertLess(len(text), 1024)
+        self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)   # stderr is still stalled
+        peak = int(re.search(r"^VmHWM:\s+(\d+) kB$", Path(f"/proc/{plugin.pid}/status").read_text(), re.M)[1])
+        dropped = int(re.search(r"^docker_image_policy_log_lines_dropped_total (\d+)$", self.admin_get("/metrics"),
+                                re.M)[1])
+        print(f"end-to-end {self.engine}: 1,000 requests of 900 KB with stderr stalled: peak resident"
+              f" {peak / 1024:.0f} MB, {dropped} log lines dropped", file=sys.stderr)
+        self.assertLess(peak, 100 * 1024)
+        self.assertGreater(dropped, 0)
+        output = bytearray()   # journald reads again
+
+        def drain() -> None:
+            while chunk := os.read(reader, 1 << 16):
+                output.extend(chunk)
+        threading.Thread(target=drain, daemon=True).start()
+        wait_for(lambda: b"log lines dropped" in output, "the dropped-lines warning")
+        lines = bytes(output).lstrip(b"x").decode().splitlines()
+        warned = sum(int(n) for n in re.findall(r"^docker-image-policy: warning: (\d+) log lines dropped", "\n".join(lines),
+                                                re.M))
+        self.assertEqual(warned, dropped)
+        decisions = [json.loads(line) for line in lines if line.startswith("{")]
+        self.assertEqual(sum("invalid %-escape" in decision["reason"] for decision in decisions) + dropped, 1000)
+        longest = max(len(line.encode()) for line in lines)
+        print(f"end-to-end {self.engine}: longest log line {longest} bytes", file=sys.stderr)
+        self.assertLess(longest, 16 * 1024)
 
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
