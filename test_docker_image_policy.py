@@ -3311,7 +3311,8 @@ class TestOperations(unittest.TestCase):
                      "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always", "RestartPreventExitStatus=2",
                      "SyslogIdentifier=docker-image-policy", "CapabilityBoundingSet=", "NoNewPrivileges=yes",
                      "ProtectSystem=strict", "ReadWritePaths=/run/docker/plugins", "ProtectHome=yes",
-                     "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]:
+                     "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                     "RuntimeDirectory=docker-image-policy", "RuntimeDirectoryMode=0700"]:
             self.assertIn(line + "\n", unit)
         self.assertRegex(unit, r"\nDocumentation=\S+")
         if not shutil.which("systemd-analyze"):
