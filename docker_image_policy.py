@@ -94,6 +94,10 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # (about 5.5 MB), and AuthZRes adds the response it captured. 16 MiB holds
 # both with room to spare; an AuthZRes beyond it is discarded unread.
 MAX_BODY = 16 * 1024 * 1024
+# dockerd (Go's net/http) reads at most 1 MiB and 4 KiB of request line and
+# headers, so no RequestUri it forwards is longer: a longer one is denied
+# before it is parsed, which bounds the copies parsing makes.
+MAX_TARGET = 1024 * 1024 + 4096
 # dockerd's requests are a short line and a few headers; anything near these
 # limits is not dockerd, and is answered with an error instead of memory.
 MAX_REQUEST_LINE = 8192
@@ -1534,6 +1538,8 @@ class Request:
         method, target = authz.get("RequestMethod"), authz.get("RequestUri")
         if not isinstance(method, str) or not isinstance(target, str):
             raise Unreadable("the AuthZ request has no RequestMethod or RequestUri string")
+        if len(target) > MAX_TARGET:
+            raise Unreadable(f"a request target of {len(target)} characters, longer than dockerd reads")
         self.method, self.target = method, target
         self.path, self.raw_query = split_target(target)
         self._query: dict[str, str] | None = None

@@ -2562,6 +2562,10 @@ class TestOperations(unittest.TestCase):
         answer = self.ask(authz("POST", target))
         self.assertEqual(answer["Msg"], f"request denied: request target {target[:200]!r}… (100000 characters) is"
                                         " neither a path nor an absolute URL")
+        # Longer than dockerd reads (1 MiB with the headers): denied before it is parsed.
+        target = "/v1.41/images/create?fromImage=nginx&tag=" + "1" * dip.MAX_TARGET
+        self.assertEqual(self.ask(pull(target))["Msg"], f"request denied: a request target of {len(target)}"
+                                                        " characters, longer than dockerd reads")
         for line in self.fixture.log.getvalue().splitlines():
             self.assertLess(len(line), 1024, line[:100])
             self.assertEqual(json.loads(line)["rule"], "unreadable")
