@@ -2780,6 +2780,31 @@ class TestOperations(unittest.TestCase):
         log.decision(decision_number(1), "deny", ENFORCE)   # taken again once stderr is
         wait_for(lambda: stream.getvalue().endswith('defaultAllow is false"}\n'), "a later decision")
 
+    def test_internal_error_never_waits_on_a_stalled_stderr(self):
+        stream = Stream()
+        log, flusher = buffered_log(self, stream, 0.01)
+        stream.open.clear()   # journald stops reading
+        log.event("info", "started")
+        self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
+        plugin = self.fixture.plugin
+        plugin.log = log
+        answers: list[dict[str, Any]] = []
+        request = json.dumps(pull("/v1.41/images/create?fromImage=nginx&tag=1")).encode()
+
+        def ask() -> None:
+            answers.append(json.loads(plugin.authorize(request).partition(b"\r\n\r\n")[2]))
+        with mock.patch.object(dip, "decide_pull", side_effect=KeyError("x" * 100_000)):
+            asking = threading.Thread(target=ask)
+            asking.start()
+            asking.join(20)
+        self.assertFalse(asking.is_alive(), "a request waited for a stalled stderr")
+        self.assertEqual(answers, [{"Allow": False, "Err": "", "Msg": "request denied: internal error: KeyError('"
+                                    + "x" * 190 + "… (100012 characters)"}])
+        stream.open.set()
+        wait_for(lambda: "internal error deciding a request" in stream.getvalue(), "the error line")
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
+        self.assertLess(max(len(line) for line in stream.getvalue().splitlines()), 1024)
+
     def test_closed_stderr_never_breaks_a_decision(self):
         closed = io.StringIO()
         closed.close()
