@@ -36,6 +36,7 @@ import base64
 import binascii
 import bisect
 import codecs
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -94,6 +95,10 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # (about 5.5 MB), and AuthZRes adds the response it captured. 16 MiB holds
 # both with room to spare; an AuthZRes beyond it is discarded unread.
 MAX_BODY = 16 * 1024 * 1024
+# dockerd (Go's net/http) reads at most 1 MiB and 4 KiB of request line and
+# headers, so no RequestUri it forwards is longer: a longer one is denied
+# before it is parsed, which bounds the copies parsing makes.
+MAX_TARGET = 1024 * 1024 + 4096
 # dockerd's requests are a short line and a few headers; anything near these
 # limits is not dockerd, and is answered with an error instead of memory.
 MAX_REQUEST_LINE = 8192
@@ -107,9 +112,22 @@ IDLE_TIMEOUT = 60.0
 CACHE_BODY_MAX = 4096
 CACHE_ENTRIES = 512
 # Decision lines reach stderr within this many seconds, in batches; while
-# stderr does not take them (a stalled journald), at most this many wait.
+# stderr does not take them (a stalled journald), at most this many bytes
+# wait (about 4,000 decision lines) and later lines are dropped and counted.
 LOG_FLUSH_INTERVAL = 0.2
-MAX_PENDING_LINES = 100_000
+MAX_PENDING_BYTES = 1024 * 1024
+# Text a request controls (a query, a path, a header name) is shown in
+# reasons and log lines cut to this many characters, with its length: one
+# request cannot make the plugin write, keep or answer a long line.
+SHOWN_TEXT = 200
+# No field of a decision line is longer than this once JSON-encoded, whatever
+# its source (a long rule of the policy too), so that a decision line stays
+# under 8 KiB: journald splits lines longer than its LineMax (48 KiB by
+# default), which breaks one JSON object per line for --replay.
+MAX_LOG_FIELD = 1024
+# While another process holds the admin address, the plugin serves dockerd
+# and tries the address again this often: one bind() each time.
+ADMIN_RETRY_INTERVAL = 2.0
 # Image inspection runs while dockerd waits for our answer: keep it short.
 DOCKER_API_TIMEOUT = 3.0
 # --scan lists every image and container at once, with nobody waiting on it:
@@ -159,6 +177,18 @@ class ConfigError(ImagePolicyError):
 
 class InvalidReference(ImagePolicyError):
     """An image reference that dockerd would reject or that is ambiguous."""
+
+
+def shown(text: str) -> str:
+    """repr(text) for a reason or a log line, cut to SHOWN_TEXT characters with its length."""
+    if len(text) <= SHOWN_TEXT:
+        return repr(text)
+    return f"{text[:SHOWN_TEXT]!r}… ({len(text)} characters)"
+
+
+def cut(text: str) -> str:
+    """text (an error's repr, say) for a reason or a log line, cut as shown() cuts."""
+    return text if len(text) <= SHOWN_TEXT else f"{text[:SHOWN_TEXT]}… ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------
@@ -1828,7 +1858,10 @@ class Decision:
             fields["user"] = self.user
         if self.caller.identified:
             fields["caller"] = self.caller.document()
-        object.__setattr__(self, "log_fields", json.dumps(fields)[1:])
+        text = json.dumps(fields)
+        if len(text) > MAX_LOG_FIELD:
+            text = json.dumps({key: _capped(value) for key, value in fields.items()})
+        object.__setattr__(self, "log_fields", text[1:])
 
     def message(self, policy: Policy | None) -> str:
         what = f"{self.operation} of {self.familiar}" if self.familiar else self.operation
@@ -1836,6 +1869,19 @@ class Decision:
         if not self.allow and policy is not None and policy.message:
             text += f". {policy.message}"
         return text
+
+
+def _capped(text: Any) -> Any:
+    """text cut so that its JSON encoding takes at most MAX_LOG_FIELD bytes, saying how long it was."""
+    if len(json.dumps(text)) <= MAX_LOG_FIELD:
+        return text
+    if not isinstance(text, str):   # the caller's certificate subject
+        text = json.dumps(text)
+    note = f"… (cut, {len(text)} characters)"
+    keep = MAX_LOG_FIELD
+    while len(json.dumps(text[:keep] + note)) > MAX_LOG_FIELD:
+        keep = keep * 3 // 4
+    return text[:keep] + note
 
 
 def _names_image(name: str, canonical: str) -> bool:
@@ -1864,11 +1910,11 @@ def _unescape(text: str, plus_is_space: bool) -> str:
     if plus_is_space:
         text = text.replace("+", " ")
     if "%" in text and re.search(r"%(?![0-9A-Fa-f]{2})", text):
-        raise Unreadable(f"invalid %-escape in {text!r}")
+        raise Unreadable(f"invalid %-escape in {shown(text)}")
     try:
         return unquote_to_bytes(text).decode("utf-8")
     except UnicodeDecodeError:
-        raise Unreadable(f"invalid UTF-8 after unescaping {text!r}") from None
+        raise Unreadable(f"invalid UTF-8 after unescaping {shown(text)}") from None
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -1877,14 +1923,14 @@ def split_target(target: str) -> tuple[str, str]:
     if absolute:
         scheme = _SCHEME_RE.match(target)
         if not scheme:
-            raise Unreadable(f"request target {target!r} is neither a path nor an absolute URL")
+            raise Unreadable(f"request target {shown(target)} is neither a path nor an absolute URL")
         target = target[scheme.end():]
     raw_path, _, query = target.partition("?")  # '#' is not a fragment in a request target
     if absolute and raw_path.startswith("//"):   # http://host/path: drop the authority
         slash = raw_path.find("/", 2)
         raw_path = raw_path[slash:] if slash != -1 else ""
     if not raw_path.startswith("/"):
-        raise Unreadable(f"request target {target!r} has no absolute path")
+        raise Unreadable(f"request target {shown(target)} has no absolute path")
     path = _unescape(raw_path, plus_is_space=False) if "%" in raw_path else raw_path
     if "//" in path or "/." in path:
         # dockerd redirects unclean paths instead of serving them; judging
@@ -1978,7 +2024,7 @@ def images_in_body(kind: str, body: bytes) -> tuple[str, ...]:
         if task.get("PluginSpec") is None:
             raise Unreadable("dockerd rejects this service: its runtime is plugin and it has no PluginSpec")
         return (task["PluginSpec"].get("Remote") or "",)
-    raise Unreadable(f"dockerd rejects this service: unsupported runtime {runtime!r}")
+    raise Unreadable(f"dockerd rejects this service: unsupported runtime {shown(runtime)}")
 
 
 # --------------------------------------------------------------------------
@@ -1993,6 +2039,8 @@ class Request:
         method, target = authz.get("RequestMethod"), authz.get("RequestUri")
         if not isinstance(method, str) or not isinstance(target, str):
             raise Unreadable("the AuthZ request has no RequestMethod or RequestUri string")
+        if len(target) > MAX_TARGET:
+            raise Unreadable(f"a request target of {len(target)} characters, longer than dockerd reads")
         self.method, self.target = method, target
         self.path, self.raw_query = split_target(target)
         self._query: dict[str, str] | None = None
@@ -2072,7 +2120,7 @@ def caller_of(authz: dict[str, Any]) -> Caller:
         common_name = subject["cn"][-1] if subject["cn"] else ""   # Go's pkix.Name keeps the last CN
         if authz.get("UserAuthNMethod") != "TLS" or authz.get("User") != common_name:
             raise ValueError("the User dockerd reports is not the certificate's CN")
-        return Caller(True, common_name, tuple(subject["o"]), tuple(subject["ou"]))
+        return Caller(True, cut(common_name), tuple(map(cut, subject["o"][:8])), tuple(map(cut, subject["ou"][:8])))
     except (KeyError, IndexError, TypeError, ValueError, UnicodeError, binascii.Error):
         return Caller(True, unreadable=True)
 
@@ -2908,9 +2956,12 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.
 class Log:
     """One line per event on stderr, for journald; decisions as JSON objects.
 
-    Once buffer() is called, decision lines are written in batches by a
-    background thread: a write on the request path would hand the GIL to
-    another thread in the middle of every image decision.
+    Once buffer() is called, every line is written by a background thread
+    only, decisions in batches and events at once: a write on the request path
+    would hand the GIL to another thread in the middle of every decision, and
+    a stalled journald would stall every request that logs. While stderr does
+    not take them, at most MAX_PENDING_BYTES of lines wait; later ones are
+    dropped, counted, and the count is logged when stderr takes lines again.
     """
 
     def __init__(self, level: str = "info", stream: Any = None, decisions: str = "all") -> None:
@@ -2919,57 +2970,76 @@ class Log:
         self.stream = stream
         # journald reads a "<N>" prefix as the line's syslog priority, when stderr is the journal.
         self.priorities = SYSLOG_PRIORITIES if stderr_is_journal() else MappingProxyType({})
-        self.lock = threading.Lock()      # guards pending: decisions take it, briefly
+        self.lock = threading.Lock()      # guards pending and the counts: requests take it, briefly
         self.writing = threading.Lock()   # orders writes; a stalled journald holds only this one
         self.pending: list[str] | None = None
-        self.dropped = 0
+        self.pending_bytes = 0
+        self.dropped = 0         # since the last write, for the warning line
+        self.dropped_total = 0   # since the start, for the metrics
+        self.wake = threading.Event()
 
     def buffer(self, interval: float) -> None:
         self.pending = []
 
         def flush_periodically() -> None:
             while True:
-                time.sleep(interval)
-                self.write("")
+                self.wake.wait(interval)
+                self.wake.clear()
+                self.flush()
         threading.Thread(target=flush_periodically, name="log-flush", daemon=True).start()
 
-    def write(self, line: str) -> None:
-        """Write line (if any) after the pending decision lines."""
-        stream = self.stream or sys.stderr
-        with self.writing:
+    def flush(self, timeout: float = -1) -> None:
+        """Write the pending lines; give up after timeout seconds (-1: never) if a write is stalled."""
+        if not self.writing.acquire(timeout=timeout):
+            return
+        try:
             with self.lock:
                 pending, dropped = self.pending, self.dropped
                 if pending:
-                    self.pending, self.dropped = [], 0
+                    self.pending, self.pending_bytes, self.dropped = [], 0, 0
             text = "".join(pending or ())
             if dropped:
-                text += f"{PLUGIN_NAME}: warning: {dropped} decision lines dropped while stderr did not keep up\n"
-            if line:
-                text += line + "\n"
-            if text:
-                with contextlib.suppress(OSError, ValueError):   # stderr gone: nowhere left to report it
-                    stream.write(text)
-                    stream.flush()
+                text += (f"{self.priorities.get('warning', '')}{PLUGIN_NAME}: warning: {dropped} log lines dropped"
+                         " while stderr did not keep up\n")
+            self.write(text)
+        finally:
+            self.writing.release()
+
+    def write(self, text: str) -> None:
+        if text:
+            with contextlib.suppress(OSError, ValueError):   # stderr gone: nowhere left to report it
+                stream = self.stream or sys.stderr
+                stream.write(text)
+                stream.flush()
+
+    def line(self, text: str, now: bool) -> None:
+        """Write a line, or queue it for the flush thread (now: wake it up at once)."""
+        if self.pending is None:
+            with self.writing:
+                self.write(text + "\n")
+            return
+        size = len(text) + 1 if text.isascii() else len(text.encode(errors="replace")) + 1
+        with self.lock:
+            if self.pending_bytes + size <= MAX_PENDING_BYTES:
+                self.pending.append(text + "\n")
+                self.pending_bytes += size
+            else:
+                self.dropped += 1
+                self.dropped_total += 1
+        if now:
+            self.wake.set()
 
     def event(self, level: str, text: str) -> None:
         if LOG_LEVELS[level] >= self.level:
-            self.write(f"{self.priorities.get(level, '')}{PLUGIN_NAME}: {level}: {text}")
+            self.line(f"{self.priorities.get(level, '')}{PLUGIN_NAME}: {level}: {text}", now=True)
 
     def decision(self, decision: Decision, outcome: str, policy: Policy) -> None:
         """One JSON object per decision; never bodies, environment or credentials."""
         if self.decisions == "none" or (self.decisions == "denies" and outcome == "allow"):
             return
         now = _now()
-        line = (f'{self.priorities.get(outcome, "")}{{"time": "{now}", "decision": "{outcome}", "mode": "{policy.mode}",'
-                f' "policy": "{policy.sha256[:12]}", {decision.log_fields}')
-        if self.pending is None:
-            self.write(line)
-            return
-        with self.lock:
-            if len(self.pending) < MAX_PENDING_LINES:
-                self.pending.append(line + "\n")
-            else:
-                self.dropped += 1
+        self.line(f'{self.priorities.get(outcome, "")}{{"time": "{now}", "decision": "{outcome}",'
+                  f' "mode": "{policy.mode}", "policy": "{policy.sha256[:12]}", {decision.log_fields}', now=False)
 
 
 class Metrics:
@@ -2998,7 +3068,7 @@ class Metrics:
             if success:
                 self.last_reload = time.time()
 
-    def render(self, policy: Policy) -> str:
+    def render(self, policy: Policy, admin_bind_failures: int, dropped_lines: int) -> str:
         name = "docker_image_policy"
         lines = [f"# HELP {name}_decisions_total AuthZReq decisions by operation and result.",
                  f"# TYPE {name}_decisions_total counter"]
@@ -3038,6 +3108,13 @@ class Metrics:
             lines += [f"# HELP {name}_exception_expiry_seconds Seconds until the next scope entry with \"until\""
                       " ends.", f"# TYPE {name}_exception_expiry_seconds gauge",
                       f"{name}_exception_expiry_seconds {next_end - time.time():.0f}"]
+        lines += [f"# HELP {name}_admin_bind_failures_total Failed binds of the admin listener's address (held by"
+                  " another process).",
+                  f"# TYPE {name}_admin_bind_failures_total counter",
+                  f"{name}_admin_bind_failures_total {admin_bind_failures}",
+                  f"# HELP {name}_log_lines_dropped_total Log lines dropped while stderr did not take them.",
+                  f"# TYPE {name}_log_lines_dropped_total counter",
+                  f"{name}_log_lines_dropped_total {dropped_lines}"]
         return "\n".join(lines) + "\n"
 
 
@@ -3052,10 +3129,53 @@ def _plugin_response(payload: dict[str, Any]) -> bytes:
 
 
 ACTIVATE_RESPONSE = _plugin_response({"Implements": ["authz"]})
+# --health asks the plugin socket, which only root can reach, for the status
+# (and the admin listener's address): a process squatting the admin port cannot answer it.
+HEALTH_ENDPOINT = "/DockerImagePolicy.Status"
 ALLOW_RESPONSE = _plugin_response({"Allow": True, "Msg": "", "Err": ""})
 
 
 Answer = tuple[Decision, str, bytes]   # the decision, its outcome and the HTTP response
+
+
+class Answers:
+    """Answers remembered by request body, shared by the request threads.
+
+    At most CACHE_ENTRIES; when full, the least recently used is forgotten,
+    so that the calls a host repeats stay remembered under a flood of
+    distinct ones.
+    """
+
+    def __init__(self, size: int = CACHE_ENTRIES) -> None:
+        self.size = size
+        self.lock = threading.Lock()
+        self.entries: collections.OrderedDict[bytes, Answer] = collections.OrderedDict()
+
+    def get(self, body: bytes) -> Answer | None:
+        with self.lock:
+            answer = self.entries.get(body)
+            if answer is not None:
+                self.entries.move_to_end(body)
+            return answer
+
+    def put(self, body: bytes, answer: Answer) -> None:
+        with self.lock:
+            self.entries[body] = answer
+            self.entries.move_to_end(body)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.entries)
+
+    def __contains__(self, body: bytes) -> bool:
+        return body in self.entries
+
+    def bodies(self) -> list[bytes]:
+        """The bodies remembered, least recently used first."""
+        with self.lock:
+            return list(self.entries)
 
 
 @dataclass(frozen=True)
@@ -3063,13 +3183,38 @@ class Running:
     """The policy in force and the answers remembered for it: replaced together."""
 
     policy: Policy
-    answers: dict[bytes, Answer] = dataclasses.field(default_factory=dict)
+    answers: Answers = dataclasses.field(default_factory=Answers)
     # When the next scope entry ends: its answers must not outlive it.
     fresh_until: float = float("inf")
 
     @classmethod
     def of(cls, policy: Policy) -> Running:
         return cls(policy, fresh_until=policy.scopes.next_end(time.time()))
+
+
+class AdminListener:
+    """Where the admin listener serves, or why it does not yet: /status, the metrics and --health say so."""
+
+    def __init__(self, address: str = "") -> None:
+        self.address = address      # as --addr spells it
+        self.listening = False
+        self.since: str | None = None
+        self.failures = 0           # binds that failed
+        self.error: str | None = None
+        self.server: AdminServer | None = None
+
+    def bound(self, address: str) -> None:
+        self.address, self.listening, self.since = address, True, _now()
+
+    def failed(self, error: str) -> bool:
+        """Note a failed bind; whether it is the first, which is logged."""
+        self.failures += 1
+        self.error = error
+        return self.failures == 1
+
+    def state(self) -> dict[str, Any]:
+        return {"address": self.address, "listening": self.listening, "since": self.since,
+                "failedBinds": self.failures, "lastError": self.error}
 
 
 class Plugin:
@@ -3085,6 +3230,9 @@ class Plugin:
         self.started = _now()
         self.reload_status: dict[str, Any] = {"time": self.started, "ok": True, "error": None}
         self.reload_lock = threading.Lock()
+        self.admin = AdminListener()
+        # Names this process to --health, which checks that the admin listener is its own.
+        self.instance = os.urandom(8).hex()
 
     def reload(self) -> bool:
         """Replace the policy from the file; a bad file keeps the running one."""
@@ -3137,9 +3285,7 @@ class Plugin:
             # The same request under the same policy gets the same answer,
             # unless dockerd had to be asked what an image ID is.
             if cacheable and len(body) <= CACHE_BODY_MAX:
-                if len(remembered) >= CACHE_ENTRIES:
-                    remembered.clear()
-                remembered[body] = answer
+                remembered.put(body, answer)
         decision, outcome, response = answer
         if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
             self.log.decision(decision, outcome, policy)
@@ -3158,8 +3304,8 @@ class Plugin:
         try:
             decision = decide(policy, authz, docker)
         except Exception as error:  # the last line of defence: a fault is a deny, never a crash or an allow
-            self.log.event("error", f"internal error deciding a request: {error!r}")
-            return Decision(False, "request", rule="internal-error", reason=f"internal error: {error!r}"), False
+            self.log.event("error", f"internal error deciding a request: {cut(repr(error))}")
+            return Decision(False, "request", rule="internal-error", reason=f"internal error: {cut(repr(error))}"), False
         user = authz.get("User")
         if decision is not BENIGN and isinstance(user, str) and user:
             decision = dataclasses.replace(decision, user=user)
@@ -3168,12 +3314,16 @@ class Plugin:
     def status(self) -> dict[str, Any]:
         """What GET /status answers: the running policy and how the last reload went."""
         policy = self.policy
-        return {"version": __version__, "started": self.started, "mode": policy.mode,
+        return {"version": __version__, "started": self.started, "instance": self.instance, "mode": policy.mode,
                 "modeFrom": "--mode" if self.mode else "policy" if "mode" in policy.keys else "default",
                 "policy": {"file": policy.path, "sha256": policy.sha256,
                            "rules": {"whitelist": len(policy.whitelist.rules), "blacklist": len(policy.blacklist.rules),
                                      "scopes": len(policy.scopes.entries)}},
-                "lastReload": self.reload_status}
+                "lastReload": self.reload_status, "admin": self.admin.state(),
+                "log": {"droppedLines": self.log.dropped_total}}
+
+    def metrics_text(self) -> str:
+        return self.metrics.render(self.policy, self.admin.failures, self.log.dropped_total)
 
 
 @dataclass
@@ -3298,6 +3448,8 @@ class PluginHandler(BaseHTTPRequestHandler):
                 response = self.server.plugin.authorize(body)
             elif target == b"/Plugin.Activate":
                 response = ACTIVATE_RESPONSE
+            elif target == HEALTH_ENDPOINT.encode():
+                response = _plugin_response(self.server.plugin.status())
             else:
                 raise BadRequest(HTTPStatus.NOT_FOUND, f"no such plugin endpoint {target[:100]!r}")
         self.wfile.write(response)
@@ -3324,6 +3476,9 @@ class AdminHandler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
+    def address_string(self) -> str:
+        return self.client_address[0] if self.client_address else "admin-socket"   # unix peers have none
+
     def do_GET(self) -> None:
         self.answer(head=False)
 
@@ -3342,7 +3497,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         elif path == "/status":
             self.reply(json.dumps(plugin.status(), indent=2).encode() + b"\n", "application/json")
         elif path == "/metrics":
-            self.reply(plugin.metrics.render(plugin.policy).encode(), "text/plain; version=0.0.4; charset=utf-8")
+            self.reply(plugin.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             self.send_error(HTTPStatus.NOT_FOUND, "no such endpoint (try /health, /config, /version, /status,"
                                                   " /metrics)")
@@ -3361,7 +3516,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
-        self.server.plugin.log.event("debug", "admin: " + format % args)
+        self.server.plugin.log.event("debug", "admin: " + cut(format % args))
 
 
 # --------------------------------------------------------------------------
@@ -3410,7 +3565,7 @@ class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):   # type
         super().__init__(path, PluginHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        self.plugin.log.event("error", f"plugin socket: {sys.exc_info()[1]!r}")   # one line, for journald
+        self.plugin.log.event("error", f"plugin socket: {cut(repr(sys.exc_info()[1]))}")   # one line, for journald
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.workers_lock:
@@ -3430,38 +3585,100 @@ class PluginServer(socketserver.UnixStreamServer, ThreadingHTTPServer):   # type
                 self.idle_workers.append(inbox)
 
     def server_bind(self) -> None:
-        path = str(self.server_address)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
-        claim_socket_path(path)
-        previous = os.umask(0o177)  # no moment where the socket is open to others
-        try:
-            self.socket.bind(path)
-        finally:
-            os.umask(previous)
-        self.inode = os.stat(path).st_ino
+        self.inode = bind_private_socket(self.socket, str(self.server_address))
 
     def server_close(self) -> None:
         super().server_close()
-        path = str(self.server_address)
-        try:   # a successor may have bound the path since: leave its socket alone
-            if self.inode is not None and os.stat(path).st_ino == self.inode:
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+        release_socket(str(self.server_address), self.inode)
+
+
+def bind_private_socket(sock: socket.socket, path: str) -> int:
+    """Bind sock to path, readable and writable by root only; its inode, to release it later."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+    claim_socket_path(path)
+    previous = os.umask(0o177)  # no moment where the socket is open to others
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
+    return os.stat(path).st_ino
+
+
+def release_socket(path: str, inode: int | None) -> None:
+    try:   # a successor may have bound the path since: leave its socket alone
+        if inode is not None and os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+AdminAddress = tuple[str, int] | str   # HOST, PORT, or the path of a unix socket
 
 
 class AdminServer(ThreadingHTTPServer):
-    def __init__(self, address: tuple[str, int], plugin: Plugin) -> None:
+    """The admin listener, on TCP or on a unix socket that only root may use."""
+
+    def __init__(self, address: AdminAddress, plugin: Plugin) -> None:
         self.plugin = plugin
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, AdminHandler)
+        self.inode: int | None = None
+        if isinstance(address, str):
+            self.address_family = socket.AF_UNIX
+        else:
+            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, AdminHandler)   # type: ignore[arg-type]
+        plugin.admin.bound(self.name())
+
+    def name(self) -> str:
+        """The address bound (the port chosen, for --addr …:0), as --addr spells it."""
+        if self.address_family == socket.AF_UNIX:
+            return f"unix:{self.server_address}"
+        host, port = str(self.server_address[0]), self.server_address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        self.plugin.log.event("error", f"admin listener: {sys.exc_info()[1]!r}")
+        self.plugin.log.event("error", f"admin listener: {cut(repr(sys.exc_info()[1]))}")
 
     def server_bind(self) -> None:
+        if self.address_family == socket.AF_UNIX:
+            self.inode = bind_private_socket(self.socket, str(self.server_address))
+            self.server_name, self.server_port = str(self.server_address), 0
+            return
         socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup of the address
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.address_family == socket.AF_UNIX:
+            release_socket(str(self.server_address), self.inode)
+
+
+def bind_admin(address: AdminAddress, plugin: Plugin) -> AdminServer | None:
+    """The admin listener, or None while its address is taken (the first failure is logged)."""
+    try:
+        return AdminServer(address, plugin)
+    except (OSError, ImagePolicyError) as error:
+        if plugin.admin.failed(str(error)):
+            plugin.log.event("error", f"cannot listen on {plugin.admin.address}: {error}; the plugin socket serves"
+                                      f" dockerd, and the admin listener is retried every {ADMIN_RETRY_INTERVAL:g} s")
+        return None
+
+
+def serve_admin(address: AdminAddress, plugin: Plugin, server: AdminServer | None, stopping: threading.Event) -> None:
+    """Serve the admin listener, binding it first while its address is taken.
+
+    The plugin socket never waits for it: any local user can listen on a
+    loopback port first, and a plugin that exited then would take the
+    Docker API down with it.
+    """
+    while server is None:
+        if stopping.wait(ADMIN_RETRY_INTERVAL):
+            return
+        server = bind_admin(address, plugin)
+        if server is not None:
+            plugin.log.event("info", f"admin listener on {plugin.admin.address}, after {plugin.admin.failures}"
+                                     " failed binds")
+    plugin.admin.server = server
+    server.serve_forever()
 
 
 def notify_systemd(state: str, log: Log) -> None:
@@ -3487,10 +3704,15 @@ def notify_systemd(state: str, log: Log) -> None:
 # Command line
 # --------------------------------------------------------------------------
 
-def parse_addr(text: str) -> tuple[str, int]:
+def parse_addr(text: str) -> AdminAddress:
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f"expected unix:/ABSOLUTE/PATH, not {text!r}")
+        return path
     host, colon, port = text.rpartition(":")
     if not colon or not port.isdigit() or not host:
-        raise ValueError(f"expected HOST:PORT, not {text!r}")
+        raise ValueError(f"expected HOST:PORT or unix:PATH, not {text!r}")
     if int(port) > 65535:
         raise ValueError(f"port {port} is out of range (0 to 65535; 0 picks a free one)")
     return host.strip("[]"), int(port)
@@ -3561,13 +3783,20 @@ def replay_command(policy: Policy, source: str, output: str) -> int:
     return print_replay(policy, source, replay, output)
 
 
-def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
+def serve(args: argparse.Namespace, address: AdminAddress) -> int:
     # Signals are taken by sigwait() in the main thread only: block them
     # before any thread starts, as threads inherit the mask.
     handled = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     log = Log(args.log_level, decisions=args.log_decisions)
     log.buffer(LOG_FLUSH_INTERVAL)
+    try:
+        return serve_plugin(args, address, log, handled)
+    finally:
+        log.flush(timeout=5.0)   # a stalled stderr does not keep the plugin from stopping
+
+
+def serve_plugin(args: argparse.Namespace, address: AdminAddress, log: Log, handled: set[signal.Signals]) -> int:
     try:
         plugin = Plugin(args.config, log, DockerAPI(args.docker_host), args.mode)
     except ConfigError as error:
@@ -3579,18 +3808,15 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
         why = " (the plugin socket needs root)" if isinstance(error, PermissionError) and os.geteuid() else ""
         log.event("error", f"cannot serve the plugin socket {args.socket}: {error}{why}")
         return 1
-    try:
-        admin_server = AdminServer(address, plugin)
-    except OSError as error:
-        plugin_server.server_close()
-        log.event("error", f"cannot listen on {args.addr}: {error}")
-        return 1
-    for server in (plugin_server, admin_server):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=plugin_server.serve_forever, daemon=True).start()
+    plugin.admin.address = args.addr
+    stopping = threading.Event()
+    admin_server = bind_admin(address, plugin)
+    threading.Thread(target=serve_admin, args=(address, plugin, admin_server, stopping), daemon=True).start()
     policy = plugin.policy
-    host, port = str(admin_server.server_address[0]), admin_server.server_address[1]
-    admin = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"   # the port bound, for --addr …:0
-    log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, admin on {admin}, policy"
+    admin = f"admin on {plugin.admin.address}" if plugin.admin.listening else \
+        f"admin listener not bound on {plugin.admin.address} (retrying)"
+    log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, {admin}, policy"
               f" {args.config} ({policy.summary()}{' set by --mode' if args.mode else ''}, sha256"
               f" {policy.sha256[:12]})")
     notify_systemd("READY=1", log)
@@ -3602,11 +3828,61 @@ def serve(args: argparse.Namespace, address: tuple[str, int]) -> int:
         plugin.reload()
         notify_systemd("READY=1", log)
     notify_systemd("STOPPING=1", log)
-    for server in (plugin_server, admin_server):
-        server.shutdown()
-        server.server_close()
-    log.event("info", f"stopped on {signal.Signals(signum).name}")   # also writes pending decisions
+    stopping.set()
+    plugin_server.shutdown()
+    plugin_server.server_close()
+    if plugin.admin.server is not None:
+        plugin.admin.server.shutdown()
+        plugin.admin.server.server_close()
+    log.event("info", f"stopped on {signal.Signals(signum).name}")
     return 0
+
+
+def health_command(socket_path: str) -> int:
+    """--health: ask the plugin socket, then check that the admin listener it names is its own."""
+    connection = _UnixHTTPConnection(socket_path, DOCKER_API_TIMEOUT)
+    try:
+        connection.request("POST", HEALTH_ENDPOINT, body=b"")
+        status = json.loads(connection.getresponse().read())
+        admin = status["admin"]
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as error:
+        print(f"unhealthy: the plugin socket {socket_path} does not answer: {error}")
+        return 1
+    finally:
+        connection.close()
+    plugin = f"the plugin answers on {socket_path} (policy {status['policy']['sha256'][:12]}, {status['mode']})"
+    if not admin["listening"]:
+        print(f"unhealthy: {plugin}, but its admin listener is not bound on {admin['address']} after"
+              f" {admin['failedBinds']} failed binds ({admin['lastError']}): another process may hold the address")
+        return 1
+    try:
+        found = admin_status(admin["address"])
+    except (OSError, http.client.HTTPException) as error:
+        print(f"unhealthy: {plugin}, but its admin listener on {admin['address']} does not answer: {error}")
+        return 1
+    if found.get("instance") != status["instance"]:
+        print(f"unhealthy: {plugin}, but the admin listener on {admin['address']} is not the plugin's")
+        return 1
+    print(f"healthy: {plugin}; its admin listener is on {admin['address']}")
+    return 0
+
+
+def admin_status(address: str) -> dict[str, Any]:
+    """GET /status from an admin listener at address, as --addr spells it; {} if it is no JSON object."""
+    if address.startswith("unix:"):
+        connection: http.client.HTTPConnection = _UnixHTTPConnection(address[len("unix:"):], DOCKER_API_TIMEOUT)
+    else:
+        host, port = parse_addr(address)   # type: ignore[misc]
+        connection = http.client.HTTPConnection(host, port, timeout=DOCKER_API_TIMEOUT)
+    try:
+        connection.request("GET", "/status")
+        try:
+            found = json.loads(connection.getresponse().read())
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
+    finally:
+        connection.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3617,7 +3893,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
                         help="plugin socket; its name is the plugin's name for dockerd (default: %(default)s)")
     parser.add_argument("--addr", metavar="HOST:PORT", default=DEFAULT_ADDR,
-                        help="admin listener for /health, /config, /version, /metrics (default: %(default)s)")
+                        help="admin listener for /health, /config, /version, /status, /metrics; unix:PATH for a"
+                             " socket only root can use (default: %(default)s)")
     parser.add_argument("--docker-host", metavar="URL",
                         help=f"Docker API used to look up image IDs, and read by --scan (default: {DEFAULT_DOCKER_HOST})")
     parser.add_argument("--mode", metavar="MODE", choices=sorted(MODES),
@@ -3651,6 +3928,9 @@ def main(argv: list[str] | None = None) -> int:
                              " what would change: exit 0 nothing, 1 something, 2 bad config or unreadable FILE")
     parser.add_argument("--format", metavar="FORMAT", choices=("text", "json"), default="text",
                         help="output of --check, --scan and --replay: text or json (default: %(default)s)")
+    parser.add_argument("--health", action="store_true",
+                        help="ask the running plugin on --socket whether it serves, and whether the admin listener"
+                             " is its own: exit 0 healthy, 1 not")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--original-version", action="version", version=f"Version: {__version__}",
                         help=argparse.SUPPRESS)   # the original plugin's -version
@@ -3660,7 +3940,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     args = parser.parse_args(argv)
     modes = [flag for flag, given in [("--check", args.check), ("--validate", args.validate), ("--scan", args.scan),
-                                      ("--replay", args.replay is not None)] if given]
+                                      ("--replay", args.replay is not None), ("--health", args.health)] if given]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} cannot be combined")
     if (args.operation or args.tag_target or args.caller or args.at) and not args.check:
@@ -3688,6 +3968,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--docker-host: expected unix://PATH or tcp://HOST:PORT, not {args.docker_host!r}")
     if not modes:
         return serve(args, address)
+    if args.health:
+        return health_command(args.socket)
     try:
         policy = load_policy(args.config)
     except ConfigError as error:

@@ -2914,6 +2914,31 @@ class TestAdmin(unittest.TestCase):
 # Operating it: reload, audit, decision log, metrics, CLI, service
 # --------------------------------------------------------------------------
 
+def answer_healthy(listener: socket.socket) -> None:
+    """Answer every connection with HEALTHY, as a process squatting the admin port can, until closed."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(10)
+            with contextlib.suppress(OSError):
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nHEALTHY")
+                connection.recv(1)   # the client closes first: no TIME_WAIT holds the port after the squatter
+
+
+def http_get(address: str, path: str) -> str:
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
 def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MODULE), *args], capture_output=True, text=True, timeout=60, **kwargs)
 
@@ -3013,6 +3038,80 @@ class TestOperations(unittest.TestCase):
         self.assertIn('docker_image_policy_decisions_total{operation="pull",decision="would-deny"} 1',
                       self.fixture.get("/metrics")[1])
 
+    def test_request_text_is_cut_in_reasons_and_log_lines(self):
+        query = "fromImage=" + "%zz" * 300_000
+        answer = self.ask(pull("/v1.41/images/create?" + query))
+        self.assertEqual(answer["Msg"], f"pull or import denied: invalid %-escape in {'%zz' * 66 + '%z'!r}…"
+                                        f" ({len(query) - len('fromImage=')} characters)")
+        target = "\ufffd" * 100_000
+        answer = self.ask(authz("POST", target))
+        self.assertEqual(answer["Msg"], f"request denied: request target {target[:200]!r}… (100000 characters) is"
+                                        " neither a path nor an absolute URL")
+        # Longer than dockerd reads (1 MiB with the headers): denied before it is parsed.
+        target = "/v1.41/images/create?fromImage=nginx&tag=" + "1" * dip.MAX_TARGET
+        self.assertEqual(self.ask(pull(target))["Msg"], f"request denied: a request target of {len(target)}"
+                                                        " characters, longer than dockerd reads")
+        for line in self.fixture.log.getvalue().splitlines():
+            self.assertLess(len(line), 1024, line[:100])
+            self.assertEqual(json.loads(line)["rule"], "unreadable")
+
+    def test_longest_decision_line(self):
+        # Every field at its longest and costliest to encode (a control character is
+        # \u0000, a character outside the BMP two \u escapes), in the longest outcome.
+        worst = "\x00\U0001f600\ud800\u2028\"" * 100_000
+        decision = dip.Decision(False, "pull (all tags)", *[worst] * 4, user=worst, named="n" + worst, target=worst)
+        log = io.StringIO()
+        with mock.patch.dict(os.environ, JOURNAL_STREAM="x"), mock.patch.object(dip, "stderr_is_journal",
+                                                                                return_value=True):
+            dip.Log("info", log).decision(decision, "would-deny", dip.compile_policy('{"mode": "audit"}', "p.json"))
+        line = log.getvalue()
+        self.assertTrue(line.startswith("<5>{"), line[:10])
+        record = json.loads(line[3:])
+        self.assertEqual(set(record), {"time", "decision", "mode", "policy", "operation", "image", "rule", "reason",
+                                       "name", "target", "user"})
+        for key in ("image", "rule", "reason", "name", "target", "user"):
+            self.assertTrue(record[key].endswith(f"… (cut, {len(worst) + (key == 'name')} characters)"), key)
+            self.assertLessEqual(len(json.dumps(record[key])), dip.MAX_LOG_FIELD)
+        self.assertLess(len(line.encode()), 8 * 1024)   # the bound the README states; journald's LineMax is 48 KiB
+        # Short fields are left whole.
+        self.assertNotIn("cut", dip.Decision(False, "pull", "docker.io/library/redis:7", "redis:7", "r", "x" * 900)
+                         .log_fields)
+
+    def test_remembered_answers_under_concurrent_threads(self):
+        answers = dip.Answers(64)
+        answer = (dip.BENIGN, "allow", dip.ALLOW_RESPONSE)
+        hot = [b"hot-%d" % n for n in range(8)]
+        errors: list[BaseException] = []
+
+        def use(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for step in range(20_000):
+                    body = hot[step % len(hot)]
+                    if answers.get(body) is None:
+                        answers.put(body, answer)
+                    distinct = b"cold-%d" % rng.randrange(10_000)
+                    if answers.get(distinct) is None:
+                        answers.put(distinct, answer)
+                    self.assertLessEqual(len(answers), 64)
+            except BaseException as error:   # reported by the main thread
+                errors.append(error)
+        threads = [threading.Thread(target=use, args=(seed,)) for seed in range(8)]
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)   # switch threads as often as possible
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            sys.setswitchinterval(previous)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(answers), 64)
+        self.assertEqual(len(answers.bodies()), len(set(answers.bodies())))
+        for body in hot:   # used all the time: never the least recently used
+            self.assertIn(body, answers)
+
     def test_decision_log_has_no_secrets_and_skips_benign_calls(self):
         secret_body = {"Image": "nginx:1", "Env": ["PASSWORD=hunter2"]}
         self.ask(authz("POST", "/v1.41/containers/create", secret_body, User="alice", RequestHeaders={
@@ -3080,11 +3179,15 @@ class TestOperations(unittest.TestCase):
                 for number, body in enumerate(pulls[:-1]):
                     self.assertEqual(answer(body), {"Allow": False, "Msg": denied.format(number), "Err": ""})
             self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES, dip.CACHE_ENTRIES))
-            # One more is more than it keeps: it forgets everything and starts again.
-            self.assertEqual(answer(pulls[-1])["Msg"], denied.format(dip.CACHE_ENTRIES))
-            self.assertEqual(list(memory), [pulls[-1]])
+            # One more is more than it keeps: the least recently used one is forgotten (the
+            # second: the first was just used again), and decided again when it comes back.
             self.assertEqual(answer(pulls[0])["Msg"], denied.format(0))
-            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES + 2, 2))
+            self.assertEqual(answer(pulls[-1])["Msg"], denied.format(dip.CACHE_ENTRIES))
+            self.assertEqual(memory.bodies(), pulls[2:-1] + [pulls[0], pulls[-1]])
+            self.assertEqual(decide.call_count, dip.CACHE_ENTRIES + 1)
+            self.assertEqual(answer(pulls[1])["Msg"], denied.format(1))
+            self.assertEqual((decide.call_count, len(memory)), (dip.CACHE_ENTRIES + 2, dip.CACHE_ENTRIES))
+            self.assertNotIn(pulls[2], memory)
             # Bodies up to CACHE_BODY_MAX bytes are remembered, longer ones decided every time.
             for size, remembered in [(dip.CACHE_BODY_MAX, True), (dip.CACHE_BODY_MAX + 1, False)]:
                 request = pull("/v1.41/images/create?fromImage=redis&tag=big")
@@ -3105,7 +3208,7 @@ class TestOperations(unittest.TestCase):
                 self.assertEqual(answer(run), {"Allow": True, "Msg": "", "Err": ""})
             self.assertEqual((decide.call_count - calls, docker.looked_up, run in memory), (2, ["abcd", "abcd"], False))
         # Remembered or not, every answer is logged and counted.
-        pulls_asked = 2 * dip.CACHE_ENTRIES + 2 + 4
+        pulls_asked = 2 * dip.CACHE_ENTRIES + 3 + 4
         self.assertEqual(len(self.fixture.log.getvalue().splitlines()), pulls_asked + 2)
         self.assertEqual(plugin.metrics.decisions, {("pull", "deny"): pulls_asked, ("run", "allow"): 2})
 
@@ -3120,12 +3223,16 @@ class TestOperations(unittest.TestCase):
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
         self.assertEqual([line["image"] for line in lines], [f"docker.io/library/redis:{n}" for n in range(1000)])
         self.assertEqual({thread for thread, _ in stream.writes}, {flusher})   # never the deciding thread
-        # An event is written at once, after the decision lines still waiting.
+        # An event wakes the flush thread at once, and follows the decision lines still waiting.
+        written = len(stream.writes)
         log.decision(decision_number(1000), "deny", ENFORCE)
         log.event("info", "reloaded")
+        self.assertEqual(len(stream.writes), written)   # the calling thread never writes
+        wait_for(lambda: stream.getvalue().endswith("reloaded\n"), "the event", timeout=dip.LOG_FLUSH_INTERVAL / 2)
         *_, waiting, event = stream.getvalue().splitlines()
         self.assertEqual((json.loads(waiting)["image"], event),
                          ("docker.io/library/redis:1000", "docker-image-policy: info: reloaded"))
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
 
     def test_stalled_stderr_blocks_no_decision_and_drops_beyond_the_bound(self):
         stream = Stream()
@@ -3133,24 +3240,57 @@ class TestOperations(unittest.TestCase):
         stream.open.clear()   # journald stops reading
         log.decision(decision_number(0), "deny", ENFORCE)
         self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
+        line = len(f'{{"time": "{dip._now()}", "decision": "deny", "mode": "enforce", "policy":'
+                   f' "{ENFORCE.sha256[:12]}", {decision_number(100_000).log_fields}\n')
+        kept = dip.MAX_PENDING_BYTES // line   # decisions 100000 on: every line has the same length
         extra = 7
 
         def decide() -> None:
-            for number in range(1, dip.MAX_PENDING_LINES + extra + 1):
+            for number in range(100_000, 100_000 + kept + extra):
                 log.decision(decision_number(number), "deny", ENFORCE)
+            log.event("error", "internal error: " + "x" * line)   # events wait in the same bound, dropped alike
         deciding = threading.Thread(target=decide)
         deciding.start()
         deciding.join(20)
         self.assertFalse(deciding.is_alive(), "decisions waited for a stalled stderr")
         self.assertEqual(stream.writes, [])
+        self.assertEqual((log.dropped_total, log.pending_bytes), (extra + 1, kept * line))
         stream.open.set()
-        warning = f"docker-image-policy: warning: {extra} decision lines dropped while stderr did not keep up"
+        warning = f"docker-image-policy: warning: {extra + 1} log lines dropped while stderr did not keep up"
         wait_for(lambda: stream.getvalue().endswith(warning + "\n"), "the dropped-lines warning")
         lines = stream.getvalue().splitlines()
-        self.assertEqual(len(lines), 1 + dip.MAX_PENDING_LINES + 1)
+        self.assertEqual(len(lines), 1 + kept + 1)
         self.assertEqual([json.loads(line)["image"] for line in (lines[0], lines[1], lines[-2])],
-                         [f"docker.io/library/redis:{n}" for n in (0, 1, dip.MAX_PENDING_LINES)])
+                         [f"docker.io/library/redis:{n}" for n in (0, 100_000, 100_000 + kept - 1)])
         self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
+        self.assertEqual(log.dropped_total, extra + 1)   # since the start, for the metrics
+        log.decision(decision_number(1), "deny", ENFORCE)   # taken again once stderr is
+        wait_for(lambda: stream.getvalue().endswith('defaultAllow is false"}\n'), "a later decision")
+
+    def test_internal_error_never_waits_on_a_stalled_stderr(self):
+        stream = Stream()
+        log, flusher = buffered_log(self, stream, 0.01)
+        stream.open.clear()   # journald stops reading
+        log.event("info", "started")
+        self.assertTrue(stream.entered.wait(10))   # the flush thread is stuck writing it
+        plugin = self.fixture.plugin
+        plugin.log = log
+        answers: list[dict[str, Any]] = []
+        request = json.dumps(pull("/v1.41/images/create?fromImage=nginx&tag=1")).encode()
+
+        def ask() -> None:
+            answers.append(json.loads(plugin.authorize(request).partition(b"\r\n\r\n")[2]))
+        with mock.patch.object(dip, "decide_pull", side_effect=KeyError("x" * 100_000)):
+            asking = threading.Thread(target=ask)
+            asking.start()
+            asking.join(20)
+        self.assertFalse(asking.is_alive(), "a request waited for a stalled stderr")
+        self.assertEqual(answers, [{"Allow": False, "Err": "", "Msg": "request denied: internal error: KeyError('"
+                                    + "x" * 190 + "… (100012 characters)"}])
+        stream.open.set()
+        wait_for(lambda: "internal error deciding a request" in stream.getvalue(), "the error line")
+        self.assertEqual({thread for thread, _ in stream.writes}, {flusher})
+        self.assertLess(max(len(line) for line in stream.getvalue().splitlines()), 1024)
 
     def test_closed_stderr_never_breaks_a_decision(self):
         closed = io.StringIO()
@@ -3431,7 +3571,7 @@ class TestOperations(unittest.TestCase):
         Path(config).write_text(json.dumps({"mode": "enforce"}))
         self.assertTrue(plugin.reload())
         self.assertEqual((plugin.policy.mode, plugin.status()["modeFrom"]), ("audit", "--mode"))
-        self.assertIn('mode="audit"', plugin.metrics.render(plugin.policy))
+        self.assertIn('mode="audit"', plugin.metrics_text())
         unset = dip.Plugin(config, dip.Log("info", io.StringIO()), dip.DockerAPI("unix:///nonexistent"))
         self.assertEqual((unset.policy.mode, unset.status()["modeFrom"]), ("enforce", "policy"))
         Path(config).write_text("{}")
@@ -3502,15 +3642,102 @@ class TestOperations(unittest.TestCase):
                 result = run_module("--config", self.fixture.config_path, "--socket", path, "--addr", "127.0.0.1:0")
                 self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: {error}\n"))
         self.assertEqual(Path(regular).read_text(), "keep me")
-        with socket.socket() as taken:   # an admin address another process listens on
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            address = f"127.0.0.1:{taken.getsockname()[1]}"
-            sock = os.path.join(directory, "d.sock")
-            result = run_module("--config", self.fixture.config_path, "--socket", sock, "--addr", address)
-        self.assertEqual((result.returncode, result.stderr), (1, f"docker-image-policy: error: cannot listen on"
-                                                                f" {address}: [Errno 98] Address already in use\n"))
-        self.assertFalse(os.path.lexists(sock))   # the plugin socket it had bound is gone
+
+    def test_taken_admin_address_leaves_the_plugin_serving(self):
+        sock = os.path.join(self.fixture.dir, "d.sock")
+        taken = socket.socket()   # an admin address another process listens on, and answers
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        squatter = threading.Thread(target=answer_healthy, args=(taken,), daemon=True)
+        squatter.start()
+        stderr = Path(self.fixture.dir) / "stderr"
+        with open(stderr, "w") as output:
+            daemon = subprocess.Popen([sys.executable, str(MODULE), "--config", self.fixture.config_path,
+                                       "--socket", sock, "--addr", address], stderr=output)
+        self.addCleanup(stop_processes, [daemon])
+        wait_for(lambda: os.path.exists(sock), "the plugin socket")
+        with socket.socket(socket.AF_UNIX) as plugin:   # dockerd's handshake and a decision
+            plugin.connect(sock)
+            self.assertEqual(exchange(plugin, post("/Plugin.Activate", b""))[2], b'{"Implements": ["authz"]}')
+            request = json.dumps(pull("/v1.41/images/create?fromImage=redis&tag=7")).encode()
+            self.assertFalse(json.loads(exchange(plugin, post("/AuthZPlugin.AuthZReq", request))[2])["Allow"])
+        self.assertEqual(http_get(address, "/health"), "HEALTHY")   # the squatter's answer
+        health = run_module("--health", "--socket", sock)
+        self.assertEqual(health.returncode, 1, health.stdout)
+        self.assertRegex(health.stdout, rf"^unhealthy: the plugin answers on {re.escape(sock)} \(policy \w{{12}},"
+                                        rf" enforce\), but its admin listener is not bound on {address} after \d+"
+                                        r" failed binds \(\[Errno 98\] Address already in use\): another process may"
+                                        r" hold the address\n$")
+        wait_for(lambda: "error: cannot listen" in stderr.read_text(), "the error")
+        self.assertIn(f"docker-image-policy: error: cannot listen on {address}: [Errno 98] Address already in use;"
+                      " the plugin socket serves dockerd, and the admin listener is retried every 2 s\n",
+                      stderr.read_text())
+        self.assertIn(f"admin listener not bound on {address} (retrying), policy", stderr.read_text())
+        taken.shutdown(socket.SHUT_RDWR)   # the squatter leaves (wakes its accept()): the plugin takes its address
+        taken.close()
+        squatter.join(10)
+        wait_for(lambda: run_module("--health", "--socket", sock).returncode == 0, "the admin listener")
+        self.assertRegex(run_module("--health", "--socket", sock).stdout,
+                         rf"^healthy: the plugin answers on .*; its admin listener is on {address}\n$")
+        status = json.loads(http_get(address, "/status"))
+        self.assertEqual((status["admin"]["address"], status["admin"]["listening"]), (address, True))
+        self.assertGreaterEqual(status["admin"]["failedBinds"], 1)
+        self.assertIn("Address already in use", status["admin"]["lastError"])
+        failures = re.search(r"^docker_image_policy_admin_bind_failures_total (\d+)$", http_get(address, "/metrics"),
+                             re.M)
+        self.assertEqual(int(failures[1]), status["admin"]["failedBinds"])
+        wait_for(lambda: "info: admin listener on" in stderr.read_text(), "the info line")
+        daemon.terminate()
+        self.assertEqual(daemon.wait(20), 0)
+        self.assertFalse(os.path.lexists(sock))
+        self.assertNotIn("Traceback", stderr.read_text())
+
+    def test_health_check_is_not_fooled_by_another_listener(self):
+        # The plugin says it listens on an address where something else answers (as
+        # if the plugin's own listener were gone): --health compares its instance.
+        impostor = socket.socket()
+        self.addCleanup(impostor.close)
+        impostor.bind(("127.0.0.1", 0))
+        impostor.listen()
+        threading.Thread(target=answer_healthy, args=(impostor,), daemon=True).start()
+        plugin = self.fixture.plugin
+        plugin.admin.address = f"127.0.0.1:{impostor.getsockname()[1]}"
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", self.fixture.socket_path]), 1)
+        self.assertRegex(output.getvalue(), rf"^unhealthy: the plugin answers on .*, but the admin listener on"
+                                            rf" {plugin.admin.address} is not the plugin's\n$")
+        plugin.admin.address = self.fixture.admin.name()
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", self.fixture.socket_path]), 0)
+        self.assertRegex(output.getvalue(), r"^healthy: the plugin answers on .* \(policy \w{12}, enforce\); its admin"
+                                            rf" listener is on 127.0.0.1:{self.fixture.admin.server_address[1]}\n$")
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", os.path.join(self.fixture.dir, "none.sock")]), 1)
+        self.assertRegex(output.getvalue(), r"^unhealthy: the plugin socket .*none.sock does not answer: \[Errno 2\]")
+
+    def test_admin_listener_on_a_unix_socket_for_root_only(self):
+        path = os.path.join(self.fixture.dir, "admin", "admin.sock")
+        admin = dip.AdminServer(dip.parse_addr(f"unix:{path}"), self.fixture.plugin)
+        thread = threading.Thread(target=admin.serve_forever, args=(0.05,))
+        thread.start()
+
+        def stop() -> None:
+            admin.shutdown()
+            admin.server_close()
+            thread.join()
+        self.addCleanup(stop)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(self.fixture.plugin.admin.address, f"unix:{path}")
+        self.assertEqual(dip.admin_status(f"unix:{path}")["instance"], self.fixture.plugin.instance)
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            self.assertEqual(dip.main(["--health", "--socket", self.fixture.socket_path]), 0)
+        self.assertIn(f"its admin listener is on unix:{path}\n", output.getvalue())
+        with self.assertRaisesRegex(dip.ImagePolicyError, "another process is already serving"):
+            dip.AdminServer(path, self.fixture.plugin)
+        stop()
+        self.assertFalse(os.path.lexists(path))   # removed on close
 
     def test_command_line_errors(self):
         config = self.fixture.config_path
@@ -3529,8 +3756,10 @@ class TestOperations(unittest.TestCase):
             (["--validate", "--format", "json"], "--format goes with --check, --scan or --replay"),
             (["--strict"], "--strict is valid only with --validate"),
             (["--check", "nginx", "--strict"], "--strict is valid only with --validate"),
-            (["--addr", "5006"], "--addr: expected HOST:PORT, not '5006'"),
-            (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT, not '127.0.0.1:http'"),
+            (["--addr", "5006"], "--addr: expected HOST:PORT or unix:PATH, not '5006'"),
+            (["--addr", "127.0.0.1:http"], "--addr: expected HOST:PORT or unix:PATH, not '127.0.0.1:http'"),
+            (["--addr", "unix:admin.sock"], "--addr: expected unix:/ABSOLUTE/PATH, not 'unix:admin.sock'"),
+            (["--health", "--check", "nginx"], "--check and --health cannot be combined"),
             (["--docker-host", "ssh://docker"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
                                                 " not 'ssh://docker'"),
             (["--docker-host", "/var/run/docker.sock"], "--docker-host: expected unix://PATH or tcp://HOST:PORT,"
@@ -3548,7 +3777,7 @@ class TestOperations(unittest.TestCase):
         result = run_module("--config", config, "--addr", "nowhere")   # and as a process
         self.assertEqual(result.returncode, 2)
         self.assertTrue(result.stderr.startswith("usage: docker-image-policy "), result.stderr)
-        self.assertTrue(result.stderr.endswith("docker-image-policy: error: --addr: expected HOST:PORT,"
+        self.assertTrue(result.stderr.endswith("docker-image-policy: error: --addr: expected HOST:PORT or unix:PATH,"
                                                " not 'nowhere'\n"), result.stderr)
 
     def test_daemon_signals_ready_reloads_and_stops(self):
@@ -3649,7 +3878,8 @@ class TestOperations(unittest.TestCase):
                      "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always", "RestartPreventExitStatus=2",
                      "SyslogIdentifier=docker-image-policy", "CapabilityBoundingSet=", "NoNewPrivileges=yes",
                      "ProtectSystem=strict", "ReadWritePaths=/run/docker/plugins", "ProtectHome=yes",
-                     "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]:
+                     "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                     "RuntimeDirectory=docker-image-policy", "RuntimeDirectoryMode=0700"]:
             self.assertIn(line + "\n", unit)
         self.assertRegex(unit, r"\nDocumentation=\S+")
         if not shutil.which("systemd-analyze"):
@@ -4308,9 +4538,7 @@ class EndToEnd:
     @classmethod
     def start_plugin(cls, *options: str, config: Path | None = None) -> None:
         cls.admin_port = free_port()
-        cls.plugin = cls.spawn([sys.executable, str(MODULE), "--config", str(config or cls.config), "--socket",
-                                str(cls.plugin_socket), "--addr", f"127.0.0.1:{cls.admin_port}",
-                                "--docker-host", f"unix://{cls.docker_socket}", *options], "plugin.log")
+        cls.plugin = cls.spawn(cls.plugin_command(*options, config=config), "plugin.log")
         wait_for(lambda: cls.admin_get("/health") == "HEALTHY", "the plugin")
 
     @classmethod
@@ -4319,6 +4547,31 @@ class EndToEnd:
         cls.plugin.terminate()
         cls.plugin.wait(30)
         cls.start_plugin(*options, config=config)
+
+    @classmethod
+    def plugin_command(cls, *options: str, config: Path | None = None) -> list[str]:
+        return [sys.executable, str(MODULE), "--config", str(config or cls.config), "--socket", str(cls.plugin_socket),
+                "--addr", f"127.0.0.1:{cls.admin_port}", "--docker-host", f"unix://{cls.docker_socket}", *options]
+
+    def replace_plugin(self, **popen: Any) -> subprocess.Popen:
+        """Stop the class's plugin and start one with popen's arguments (its stderr, say), under the
+        running dockerd; the cleanup starts one as the class does again."""
+        cls = type(self)
+        cls.plugin.terminate()
+        cls.plugin.wait(30)
+        cls.plugin = subprocess.Popen(self.plugin_command(), **popen)
+        cls.processes.append(cls.plugin)
+
+        def restore() -> None:
+            cls.plugin.terminate()
+            cls.plugin.wait(30)
+            cls.start_plugin()
+            cls.apply_policy(self.test_policy)
+        self.addCleanup(restore)
+        return cls.plugin
+
+    def health(self) -> subprocess.CompletedProcess:
+        return run_module("--health", "--socket", str(self.plugin_socket))
 
     @classmethod
     def admin_get(cls, path: str) -> str:
@@ -5013,6 +5266,101 @@ class EndToEnd:
         self.denied(self.docker(CLIS[0], "pull", f"{self.registry}/denied/busybox:1"),
                     f"pull of {self.registry}/denied/busybox:1 denied")   # the running policy stays
         self.assertIn('"tests": 1 of 1 tests fail: "tests"[0]', (self.dir / "plugin.log").read_text())
+
+    def test_admin_port_held_by_another_user(self):
+        # An unprivileged user listens on the admin port first, and answers /health as the plugin would.
+        type(self).admin_port = free_port()
+        squatter = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+             "import http.server, sys\n"
+             "class Liar(http.server.BaseHTTPRequestHandler):\n"
+             "    def do_GET(self):\n"
+             "        self.send_response(200); self.end_headers(); self.wfile.write(b'HEALTHY')\n"
+             "    def log_message(self, *args):\n"
+             "        pass\n"
+             "server = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Liar)\n"
+             "print('listening', flush=True)\n"
+             "server.serve_forever()\n", str(self.admin_port)], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(squatter.stdout.close)
+        self.addCleanup(stop_processes, [squatter])
+        self.assertEqual(squatter.stdout.readline(), "listening\n")
+        log = self.dir / "plugin.log"
+        start = len(log.read_bytes())
+        with open(log, "ab") as output:
+            self.replace_plugin(stderr=output)
+        wait_for(lambda: "the plugin answers" in self.health().stdout, "the plugin socket")
+        # dockerd keeps answering, with the plugin enforcing.
+        denied = f"{self.registry}/denied/busybox:1"
+        self.denied(self.docker(CLIS[0], "pull", denied), f"pull of {denied} denied")
+        self.assertEqual(self.docker(CLIS[-1], "ps").returncode, 0)
+        self.assertEqual(self.admin_get("/health"), "HEALTHY")   # the squatter's answer
+        health = self.health()
+        self.assertEqual(health.returncode, 1, health.stdout)
+        self.assertIn(f"but its admin listener is not bound on 127.0.0.1:{self.admin_port} after", health.stdout)
+        self.assertIn(f"error: cannot listen on 127.0.0.1:{self.admin_port}: [Errno 98] Address already in use;"
+                      " the plugin socket serves dockerd", log.read_bytes()[start:].decode())
+        squatter.terminate()
+        squatter.wait(10)
+        wait_for(lambda: self.health().returncode == 0, "the plugin's own admin listener")
+        status = json.loads(self.admin_get("/status"))
+        self.assertEqual(status["admin"]["listening"], True)
+        self.assertGreaterEqual(status["admin"]["failedBinds"], 1)
+        self.assertIn(f"admin_bind_failures_total {status['admin']['failedBinds']}\n", self.admin_get("/metrics"))
+        self.assertNotIn("Traceback", log.read_bytes()[start:].decode())
+
+    def test_flood_of_long_requests_under_a_stalled_stderr(self):
+        reader, writer = os.pipe()   # a stderr nobody reads, already full
+        self.addCleanup(os.close, reader)
+        os.set_blocking(writer, False)
+        for chunk in (b"x" * 4096, b"x"):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(writer, chunk)
+        os.set_blocking(writer, True)
+        plugin = self.replace_plugin(stderr=writer)
+        os.close(writer)
+        wait_for(lambda: self.health().returncode == 0, "the plugin")
+        # 1,000 requests of 900 KB: a query whose reason would otherwise embed all of it.
+        query = "fromImage=%zz" + "\u00ff" * ((900_000 - 40) // 2)
+        answers: list[tuple[int, str]] = []
+
+        def flood() -> None:
+            for _ in range(250):
+                answers.append(self.api("POST", "/v1.41/images/create?" + query))
+        threads = [threading.Thread(target=flood) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        self.assertEqual(len(answers), 1000)
+        for status, text in answers:
+            self.assertEqual(status, 403, text[:200])
+            self.assertIn("characters)", text)
+            self.assertLess(len(text), 1024)
+        self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)   # stderr is still stalled
+        peak = int(re.search(r"^VmHWM:\s+(\d+) kB$", Path(f"/proc/{plugin.pid}/status").read_text(), re.M)[1])
+        dropped = int(re.search(r"^docker_image_policy_log_lines_dropped_total (\d+)$", self.admin_get("/metrics"),
+                                re.M)[1])
+        print(f"end-to-end {self.engine}: 1,000 requests of 900 KB with stderr stalled: peak resident"
+              f" {peak / 1024:.0f} MB, {dropped} log lines dropped", file=sys.stderr)
+        self.assertLess(peak, 100 * 1024)
+        self.assertGreater(dropped, 0)
+        output = bytearray()   # journald reads again
+
+        def drain() -> None:
+            while chunk := os.read(reader, 1 << 16):
+                output.extend(chunk)
+        threading.Thread(target=drain, daemon=True).start()
+        wait_for(lambda: b"log lines dropped" in output, "the dropped-lines warning")
+        lines = bytes(output).lstrip(b"x").decode().splitlines()
+        warned = sum(int(n) for n in re.findall(r"^docker-image-policy: warning: (\d+) log lines dropped", "\n".join(lines),
+                                                re.M))
+        self.assertEqual(warned, dropped)
+        decisions = [json.loads(line) for line in lines if line.startswith("{")]
+        self.assertEqual(sum("invalid %-escape" in decision["reason"] for decision in decisions) + dropped, 1000)
+        longest = max(len(line.encode()) for line in lines)
+        print(f"end-to-end {self.engine}: longest log line {longest} bytes", file=sys.stderr)
+        self.assertLess(longest, 16 * 1024)
 
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
