@@ -2395,9 +2395,9 @@ class TestSignatures(unittest.TestCase):
             for algorithm, options in others:
                 private = openssl("genpkey", "-algorithm", algorithm, *options)
                 public = openssl("pkey", "-pubout", input=private).decode()
-                with self.subTest(algorithm), self.assertRaisesRegex(dip.InvalidKey, "^k.pub: not an ECDSA P-256"):
+                with self.subTest(algorithm), self.assertRaisesRegex(dip.InvalidKey, "^not an ECDSA P-256"):
                     dip.public_key_from_pem(public, "k.pub")
-            with self.assertRaisesRegex(dip.InvalidKey, r"^k.key: a private key; name the public key \(cosign.pub\)"):
+            with self.assertRaisesRegex(dip.InvalidKey, r"^a private key; name the public key \(cosign.pub\)"):
                 dip.public_key_from_pem(keys[0].read_text(), "k.key")
 
     def test_strict_keys(self) -> None:
