@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import docker_image_policy as dip
 from docker_image_policy import InvalidReference, parse_reference, pull_reference
@@ -2447,6 +2447,213 @@ class TestSignatures(unittest.TestCase):
         ]:
             with self.subTest(name):
                 self.assertIsNone(dip.der_signature(signature))
+
+
+# --------------------------------------------------------------------------
+# Registry client and cosign signatures
+# --------------------------------------------------------------------------
+
+class LocalRegistry:
+    """A docker-registry on a free loopback port, written to through its API (no dockerd needed)."""
+
+    def __init__(self, directory: Path) -> None:
+        port = free_port()
+        self.host = f"localhost:{port}"
+        (directory / "registry.yml").write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {directory}/registry\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n")
+        self.log = open(directory / "registry.log", "ab")
+        self.process = subprocess.Popen(["docker-registry", "serve", str(directory / "registry.yml")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            return False
+        wait_for(up, "the registry")
+
+    def close(self) -> None:
+        stop_processes([self.process])
+        self.log.close()
+
+    def call(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+             expect: int = 200) -> tuple[http.client.HTTPResponse, bytes]:
+        connection = http.client.HTTPConnection(self.host, timeout=10)
+        try:
+            connection.request(method, path, body, headers or {})
+            response = connection.getresponse()
+            answer = response.read()
+        finally:
+            connection.close()
+        if response.status != expect:
+            raise AssertionError(f"{method} {path}: HTTP {response.status} {answer[:300]!r}")
+        return response, answer
+
+    def push_blob(self, repository: str, content: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(content).hexdigest()
+        response, _ = self.call("POST", f"/v2/{repository}/blobs/uploads/", expect=202)
+        location = urlsplit(response.getheader("Location") or "")
+        query = f"{location.query}&" if location.query else ""
+        self.call("PUT", f"{location.path}?{query}digest={digest}", content,
+                  {"Content-Type": "application/octet-stream"}, expect=201)
+        return {"mediaType": "application/octet-stream", "digest": digest, "size": len(content)}
+
+    def push_manifest(self, repository: str, name: str, manifest: bytes | dict[str, Any]) -> str:
+        content = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        media_type = json.loads(content)["mediaType"]
+        self.call("PUT", f"/v2/{repository}/manifests/{name}", content, {"Content-Type": media_type}, expect=201)
+        return "sha256:" + hashlib.sha256(content).hexdigest()
+
+    def push_image(self, repository: str, tag: str) -> str:
+        """A small image (a config and one layer) at a tag; its digest."""
+        layer = self.push_blob(repository, os.urandom(64))
+        layer["mediaType"] = "application/vnd.oci.image.layer.v1.tar"
+        config = self.push_blob(repository, json.dumps({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
+        config["mediaType"] = "application/vnd.oci.image.config.v1+json"
+        return self.push_manifest(repository, tag, {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config, "layers": [layer]})
+
+    def manifest(self, repository: str, name: str) -> dict[str, Any]:
+        accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+        return json.loads(self.call("GET", f"/v2/{repository}/manifests/{name}", headers={"Accept": accept})[1])
+
+    def blob(self, repository: str, digest: str) -> bytes:
+        return self.call("GET", f"/v2/{repository}/blobs/{digest}")[1]
+
+
+def cosign_tools() -> dict[str, Path]:
+    """cosign 2 (Debian trixie, classic .sig) and cosign 3 (sid, Sigstore bundles), downloaded like the engines."""
+    if UNIT_ONLY:
+        raise Missing("DOCKER_IMAGE_POLICY_UNIT_ONLY=1 asks for the unit tests only")
+    if not shutil.which("docker-registry"):
+        raise Missing("docker-registry is not installed (apt-get install docker-registry)")
+    (trixie,), (sid,) = debian_packages("trixie", ["cosign"]), debian_packages("sid", ["cosign"])
+    return {"2": trixie / "usr/bin/cosign", "3": sid / "usr/bin/cosign"}
+
+
+class TestCosign(unittest.TestCase):
+    """The plugin's verdicts against `cosign verify --key`'s, for images signed by real cosign 2 and 3."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        try:
+            cls.cosign = cosign_tools()
+        except Missing as missing:
+            if REQUIRE_E2E:
+                raise AssertionError(f"the cosign differential test is required but cannot run: {missing}") from None
+            raise unittest.SkipTest(f"cosign: {missing}") from None
+        cls.dir = Path(tempfile.mkdtemp(prefix="dip-cosign-"))
+        cls.addClassCleanup(shutil.rmtree, cls.dir, ignore_errors=True)
+        cls.registry = LocalRegistry(cls.dir)
+        cls.addClassCleanup(cls.registry.close)
+        # No password, a home of its own, and no transparency log or signing service anywhere.
+        cls.env = dict(os.environ, COSIGN_PASSWORD="", HOME=str(cls.dir), TUF_ROOT=str(cls.dir / "tuf"))
+        for name in ("release", "other", "unused"):
+            cls.run_cosign("2", "generate-key-pair", "--output-key-prefix", str(cls.dir / name))
+        cls.run_cosign("3", "signing-config", "create", "--no-default-fulcio", "--no-default-oidc",
+                       "--no-default-rekor", "--no-default-tsa", "--out", str(cls.dir / "signing-config.json"))
+        cls.keys = {name: dip.load_public_keys([str(cls.dir / f"{name}.pub")]) for name in ("release", "other", "unused")}
+
+    @classmethod
+    def run_cosign(cls, version: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(cls.cosign[version]), *args], env=cls.env, capture_output=True, text=True,
+                                timeout=120)
+        if check and result.returncode:
+            raise AssertionError(f"cosign {version} {args[0]}: {result.stderr[-1000:]}")
+        return result
+
+    def sign(self, version: str, reference: str, key: str) -> None:
+        flags = (["--tlog-upload=false"] if version == "2"
+                 else ["--signing-config", str(self.dir / "signing-config.json")])
+        self.run_cosign(version, "sign", "--key", str(self.dir / f"{key}.key"), *flags,
+                        "--allow-http-registry", "-y", reference)
+
+    def verdicts(self, version: str, reference: str, key: str) -> tuple[bool, dip.SignatureVerdict]:
+        """cosign's verdict (exit status 0) and the plugin's, with a client that remembers nothing yet."""
+        cosign = self.run_cosign(version, "verify", "--key", str(self.dir / f"{key}.pub"), "--insecure-ignore-tlog",
+                                 "--allow-http-registry", reference, check=False)
+        ours = dip.verify_image(dip.RegistryClient(), parse_reference(reference), self.keys[key])
+        return cosign.returncode == 0, ours
+
+    def tamper(self, version: str, repository: str, digest: str) -> None:
+        """Alter the signed payload of the image's signature and store it back, the signature unchanged."""
+        registry = self.registry
+        if version == "2":
+            tag = digest.replace(":", "-") + ".sig"
+            manifest = registry.manifest(repository, tag)
+            layer = manifest["layers"][0]
+            payload = json.loads(registry.blob(repository, layer["digest"]))
+            payload["optional"] = {"note": "altered"}
+            layer.update({k: v for k, v in registry.push_blob(repository, json.dumps(payload).encode()).items()
+                          if k != "mediaType"})
+            registry.push_manifest(repository, tag, manifest)
+            return
+        tag = digest.replace(":", "-")
+        index = registry.manifest(repository, tag)
+        entry = index["manifests"][0]
+        manifest = registry.manifest(repository, entry["digest"])
+        layer = manifest["layers"][0]
+        bundle = json.loads(registry.blob(repository, layer["digest"]))
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        statement["predicate"] = {"note": "altered"}
+        bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+        layer.update({k: v for k, v in registry.push_blob(repository, json.dumps(bundle).encode()).items()
+                      if k != "mediaType"})
+        content = json.dumps(manifest).encode()
+        entry.update(digest=registry.push_manifest(repository, "sha256:" + hashlib.sha256(content).hexdigest(), content),
+                     size=len(content))
+        registry.push_manifest(repository, tag, index)
+
+    def copy_signature(self, version: str, repository: str, source: str, target: str) -> None:
+        """Store the signature of one digest as the signature of another: a replayed signature."""
+        suffix = ".sig" if version == "2" else ""
+        name = source.replace(":", "-") + suffix
+        content = self.registry.call("GET", f"/v2/{repository}/manifests/{name}", headers={
+            "Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"})[1]
+        self.registry.push_manifest(repository, target.replace(":", "-") + suffix, content)
+
+    def test_verdicts_equal_cosign_verify(self) -> None:
+        other_key = {"2": dip.OTHER_KEY_OR_TAMPERED, "3": dip.OTHER_KEY}
+        tampered = {"2": dip.OTHER_KEY_OR_TAMPERED, "3": dip.TAMPERED}
+        for version in ("2", "3"):
+            repository = f"cosign{version}/app"
+            image = f"{self.registry.host}/{repository}"
+            digests = {case: self.registry.push_image(repository, case) for case in (
+                "signed", "unsigned", "other-key", "replayed", "another-digest", "tampered", "several")}
+            self.sign(version, f"{image}@{digests['signed']}", "release")
+            self.sign(version, f"{image}@{digests['other-key']}", "other")
+            self.sign(version, f"{image}@{digests['replayed']}", "release")
+            self.copy_signature(version, repository, digests["replayed"], digests["another-digest"])
+            self.sign(version, f"{image}@{digests['tampered']}", "release")
+            self.tamper(version, repository, digests["tampered"])
+            self.sign(version, f"{image}@{digests['several']}", "other")
+            self.sign(version, f"{image}@{digests['several']}", "release")
+            kind = "cosign signature" if version == "2" else "sigstore bundle"
+            for case, key, expected in [
+                ("signed", "release", dip.SignatureVerdict(True, f"signed ({kind})")),
+                ("unsigned", "release", dip.SignatureVerdict(False, dip.NO_SIGNATURE)),
+                ("other-key", "release", dip.SignatureVerdict(False, other_key[version])),
+                ("another-digest", "release", dip.SignatureVerdict(False, dip.OTHER_DIGEST)),
+                ("tampered", "release", dip.SignatureVerdict(False, tampered[version])),
+                ("several", "release", dip.SignatureVerdict(True, f"signed ({kind})")),
+                ("several", "other", dip.SignatureVerdict(True, f"signed ({kind})")),
+                ("several", "unused", dip.SignatureVerdict(False, other_key[version])),
+            ]:
+                with self.subTest(cosign=version, case=case, key=key):
+                    cosign, ours = self.verdicts(version, f"{image}@{digests[case]}", key)
+                    self.assertEqual(ours, expected)
+                    self.assertEqual(ours.ok, cosign)
+
+    def test_tags_resolve_to_the_digest_of_the_bytes(self) -> None:
+        digest = self.registry.push_image("resolve/app", "v1")
+        client = dip.RegistryClient()
+        self.assertEqual(dip.resolve_tag(client, parse_reference(f"{self.registry.host}/resolve/app:v1")), digest)
+        with self.assertRaisesRegex(dip.RegistryError, "resolve/app:v2 not found at the registry"):
+            dip.resolve_tag(client, parse_reference(f"{self.registry.host}/resolve/app:v2"))
 
 
 # --------------------------------------------------------------------------
