@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import functools
 import http.client
@@ -40,6 +41,7 @@ import threading
 import time
 import unittest
 import zlib
+from types import MappingProxyType
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -2352,6 +2354,11 @@ WYCHEPROOF_P256_SHA256 = (
 )
 
 
+WYCHEPROOF_FIRST_KEY = ("3059301306072a8648ce3d020106082a8648ce3d03010703420004"
+                        "04aaec73635726f213fb8a9e64da3b8632e41495a944d0045b522eba7240fad5"
+                        "87d9315798aaa3a5ba01775787ced05eaaf7b4e09fc81d6d1aa546e8365d525d")
+
+
 def openssl(*args: str, input: bytes | None = None) -> bytes:
     return subprocess.run(["openssl", *args], input=input, capture_output=True, check=True).stdout
 
@@ -2401,9 +2408,7 @@ class TestSignatures(unittest.TestCase):
                 dip.public_key_from_pem(keys[0].read_text(), "k.key")
 
     def test_strict_keys(self) -> None:
-        der = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004"   # Wycheproof's first key
-                            "04aaec73635726f213fb8a9e64da3b8632e41495a944d0045b522eba7240fad5"
-                            "87d9315798aaa3a5ba01775787ced05eaaf7b4e09fc81d6d1aa546e8365d525d")
+        der = bytes.fromhex(WYCHEPROOF_FIRST_KEY)
         wrapped = base64.encodebytes(der).decode()   # lines of 76, as openssl's are 64
         pem = f"-----BEGIN PUBLIC KEY-----\n{wrapped}-----END PUBLIC KEY-----\n"
         self.assertEqual(dip.public_key_from_pem(pem, "k").der, der)
@@ -2533,6 +2538,243 @@ def cosign_tools() -> dict[str, Path]:
         raise Missing("docker-registry is not installed (apt-get install docker-registry)")
     (trixie,), (sid,) = debian_packages("trixie", ["cosign"]), debian_packages("sid", ["cosign"])
     return {"2": trixie / "usr/bin/cosign", "3": sid / "usr/bin/cosign"}
+
+
+class StandInRegistryHandler(dip.BaseHTTPRequestHandler):
+    """A registry that wants a bearer token from its token service, which wants a password; blobs live elsewhere."""
+
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    seen: list[tuple[str, str, str]] = []   # (server, path, Authorization)
+    server_name = "registry"
+
+    def do_GET(self) -> None:
+        authorization = self.headers.get("Authorization", "")
+        self.seen.append((self.server_name, self.path, authorization))
+        if self.path.startswith("/v2/") and authorization != "Bearer T0K3N":
+            realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+            status, headers, body = 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="stand-in"'}, b"{}"
+        elif self.path.startswith("/token?"):
+            good = "Basic " + base64.b64encode(b"robot:s3cret").decode()
+            status, headers, body = ((200, {}, b'{"token": "T0K3N", "expires_in": 300}') if authorization == good
+                                     else (401, {}, b'{"details": "incorrect username or password"}'))
+        else:
+            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
+        self.send_response(status)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def signed_by(key_file: Path, message: bytes) -> bytes:
+    return openssl("dgst", "-sha256", "-sign", str(key_file), input=message)
+
+
+class TestRegistryClient(unittest.TestCase):
+    """The registry client and signature judging against a stand-in registry and openssl's signatures."""
+
+    def setUp(self) -> None:
+        StandInRegistryHandler.seen = []
+        servers = []
+        for name in ("registry", "storage"):
+            handler = type(f"{name.title()}Handler", (StandInRegistryHandler,), {"server_name": name})
+            server = dip.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.addCleanup(server.server_close)
+            self.addCleanup(server.shutdown)
+            servers.append(server)
+        self.host = f"127.0.0.1:{servers[0].server_address[1]}"
+        storage = f"http://localhost:{servers[1].server_address[1]}"   # another host: no credentials go there
+        self.manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                    "config": {}, "layers": []}).encode()
+        self.digest = "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+        self.blob = b"layer content"
+        blob_digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
+        oci = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+        StandInRegistryHandler.routes = {
+            "/v2/team/app/manifests/v1": (200, oci, self.manifest),
+            f"/v2/team/app/manifests/{self.digest}": (200, oci, self.manifest),
+            f"/v2/team/app/manifests/{DIGEST}": (200, oci, self.manifest),   # content that is not DIGEST's
+            f"/v2/team/app/blobs/{blob_digest}": (307, {"Location": f"{storage}/b?signature=x"}, b""),
+            "/b?signature=x": (200, {}, self.blob),
+            f"/v2/team/app/blobs/{DIGEST}": (200, {}, b"x" * (dip.MAX_SIGNATURE_BLOB + 1)),
+            "/v2/team/app/blobs/sha256:" + "b" * 64: (200, {}, self.blob),
+            "/v2/team/app/blobs/sha256:" + "c" * 64: (302, {"Location": "file:///etc/passwd"}, b""),
+            "/v2/team/app/blobs/sha256:" + "d" * 64: (302, {"Location": "/v2/team/app/blobs/sha256:" + "d" * 64}, b""),
+        }
+        self.blob_digest = blob_digest
+        self.credentials = MappingProxyType({self.host: ("robot", "s3cret")})
+        self.reference = parse_reference(f"{self.host}/team/app:v1")
+
+    def client(self, credentials: bool = True) -> dip.RegistryClient:
+        return dip.RegistryClient(credentials=self.credentials if credentials else MappingProxyType({}))
+
+    def test_token_flow_digests_and_redirects(self) -> None:
+        client = self.client()
+        self.assertEqual(dip.resolve_tag(client, self.reference), self.digest)
+        self.assertEqual(client.manifest(self.reference, self.digest).content, self.manifest)
+        self.assertEqual(client.blob(self.reference, self.blob_digest), self.blob)
+        tokens = [path for server, path, _ in StandInRegistryHandler.seen if path.startswith("/token")]
+        self.assertEqual(tokens, ["/token?service=stand-in&scope=repository%3Ateam%2Fapp%3Apull"])   # asked once
+        storage = [authorization for server, _, authorization in StandInRegistryHandler.seen if server == "storage"]
+        self.assertEqual(storage, [""])   # the redirect to another host carried no credentials
+
+    def test_refusals_never_show_credentials(self) -> None:
+        client = self.client()
+        messages = []
+        for action, message in [
+            (lambda: client.manifest(self.reference, DIGEST), f"answered team/app@{DIGEST} with other content"),
+            (lambda: client.blob(self.reference, DIGEST), f"with more than {dip.MAX_SIGNATURE_BLOB} bytes"),
+            (lambda: client.blob(self.reference, "sha256:" + "b" * 64), "with other content"),
+            (lambda: client.blob(self.reference, "sha256:" + "c" * 64), "where the plugin will not follow"),
+            (lambda: client.blob(self.reference, "sha256:" + "d" * 64), f"more than {dip.MAX_REDIRECTS} redirects"),
+            (lambda: client.blob(self.reference, "sha256:" + "e" * 64), "has no blob"),
+            (lambda: self.client(credentials=False).manifest(self.reference, "v1"),
+             r"the token service of 127.0.0.1:\d+ gave no token \(HTTP 401\)"),
+        ]:
+            with self.subTest(message), self.assertRaisesRegex(dip.RegistryError, message) as caught:
+                action()
+            messages.append(str(caught.exception))
+        self.assertFalse([m for m in messages if "s3cret" in m or "T0K3N" in m or "cm9ib3Q" in m])
+
+    def test_unreachable_registry(self) -> None:
+        reference = parse_reference(f"127.0.0.1:{free_port()}/team/app@{self.digest}")
+        with self.assertRaisesRegex(dip.RegistryUnreachable, "Connection refused"):
+            dip.resolve_tag(self.client(), dataclasses.replace(reference, digest=None, tag="v1"))
+        verdict = dip.verify_image(self.client(), reference, (openssl_key(self)[1],))
+        self.assertEqual(verdict, dip.SignatureVerdict(False, f"registry unreachable: {reference.domain}: Connection refused"))
+        self.assertIsNone(self.client().verdicts.get(reference))   # never remembered
+
+    def test_insecure_registries_as_dockerd_decides(self) -> None:
+        default = dip.RegistrySettings()
+        for domain, insecure in [("localhost:5000", True), ("127.0.0.2", True), ("[::1]:5000", True),
+                                 ("10.0.0.1:5000", False), ("registry.invalid", False)]:
+            with self.subTest(domain):
+                self.assertIs(default.insecure(domain), insecure)
+        settings = dip.RegistrySettings.from_info({"RegistryConfig": {
+            "InsecureRegistryCIDRs": ["10.0.0.0/8"],
+            "IndexConfigs": {"docker.io": {"Name": "docker.io", "Secure": True, "Mirrors": []},
+                             "registry.invalid:5000": {"Secure": False}, "localhost:5000": {"Secure": True}}}})
+        for domain, insecure in [("10.0.0.1:5000", True), ("registry.invalid:5000", True), ("registry.invalid", False),
+                                 ("localhost:5000", False), ("127.0.0.1", False), ("docker.io", False)]:
+            with self.subTest(domain):
+                self.assertIs(settings.insecure(domain), insecure)
+        with self.assertRaisesRegex(dip.ImagePolicyError, "unexpected RegistryConfig from the Docker API"):
+            dip.RegistrySettings.from_info({"RegistryConfig": {"InsecureRegistryCIDRs": ["not a network"]}})
+
+    def test_credentials_file(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory, "config.json")
+            auth = base64.b64encode(b"robot:pass:word").decode()
+            path.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": auth},
+                                                  "Registry.Example.com:5000": {"username": "u", "password": "p"}}}))
+            self.assertEqual(dict(dip.load_credentials(str(path))),
+                             {"docker.io": ("robot", "pass:word"), "registry.example.com:5000": ("u", "p")})
+            for document, message in [
+                ({"credsStore": "desktop"}, "credsStore: credential helpers are not run by the plugin"),
+                ({"auths": {"r.example": {"identitytoken": "x"}}}, "auths.r.example: identity tokens are not supported"),
+                ({"auths": {"r.example": {"auth": "bm9jb2xvbg=="}}}, r"auths.r.example.auth: not base64 of user:password"),
+                ({"auths": {"r.example": {"auth": "%%%"}}}, r"auths.r.example.auth: not base64 of user:password"),
+                ({"auths": {"r.example": {"username": "u"}}}, "auths.r.example: expected auth, or username and password"),
+                ({"auths": []}, "auths: expected an object of registries"),
+            ]:
+                path.write_text(json.dumps(document))
+                with self.subTest(message), self.assertRaisesRegex(dip.ConfigError, f"^{re.escape(str(path))}: {message}"):
+                    dip.load_credentials(str(path))
+            path.write_text('{"auths": {}, "auths": {}}')
+            with self.assertRaisesRegex(dip.ConfigError, "key auths: appears twice"):
+                dip.load_credentials(str(path))
+            with self.assertRaisesRegex(dip.ConfigError, "cannot read the registry credentials: No such file"):
+                dip.load_credentials(directory + "/absent.json")
+
+    def test_public_key_files(self) -> None:
+        key_file, key = openssl_key(self)
+        public = Path(key_file.parent, "k.pub")
+        public.write_text(openssl("ec", "-in", str(key_file), "-pubout").decode())
+        self.assertEqual([loaded.der for loaded in dip.load_public_keys([str(public), str(public)])], [key.der])
+        for path, message in [(str(key_file), "a private key; name the public key"),
+                              (str(public) + ".absent", "cannot read the public key: No such file")]:
+            with self.subTest(path), self.assertRaisesRegex(dip.ConfigError, f"^{re.escape(path)}: {message}"):
+                dip.load_public_keys([path])
+
+    def test_payloads_read_as_cosign_reads_them(self) -> None:
+        key_file, key = openssl_key(self)
+        digest = self.digest
+        simple = '{"critical":{"identity":{"docker-reference":"x"},"image":{"docker-manifest-digest":"%s"},' \
+                 '"type":"cosign container image signature"},"optional":null}'
+        for name, payload, failure in [
+            ("simple signing", simple % digest, ""),
+            ("another digest", simple % DIGEST, dip.OTHER_DIGEST),
+            ("Go folds key case", simple.replace('"critical"', '"CRITICAL"') % digest, ""),
+            ("two spellings", '{"critical":{"image":{"docker-manifest-digest":"%s"}},"Critical":{}}' % digest,
+             dip.TAMPERED),
+            ("a duplicate key", '{"critical":{"image":{"docker-manifest-digest":"%s"}},"critical":{}}' % digest,
+             dip.TAMPERED),
+            ("not JSON", "signed text", dip.TAMPERED),
+            ("no digest", '{"critical":{"image":{}}}', dip.TAMPERED),
+        ]:
+            message = payload.encode()
+            signature = dip.CosignSignature("cosign signature", message, signed_by(key_file, message), "",
+                                            functools.partial(dip._simple_signing_digests, message))
+            with self.subTest(name):
+                self.assertEqual(dip.judge_signature(signature, digest, (key,)), failure)
+        statement = {"_type": "https://in-toto.io/Statement/v1", "predicateType": "https://sigstore.dev/cosign/sign/v1",
+                     "subject": [{"digest": {"sha256": DIGEST[7:]}}, {"digest": {"sha256": digest[7:]}}], "predicate": {}}
+        hint = base64.b64encode(hashlib.sha256(key.der).digest()).decode()
+        for name, document, failure in [
+            ("in-toto", statement, ""),
+            ("another digest", {**statement, "subject": statement["subject"][:1]}, dip.OTHER_DIGEST),
+            ("not a statement", {**statement, "_type": "https://example.com/x"}, dip.TAMPERED),
+        ]:
+            payload = json.dumps(document).encode()
+            envelope = {"payloadType": "application/vnd.in-toto+json", "payload": base64.b64encode(payload).decode(),
+                        "signatures": [{"sig": base64.b64encode(signed_by(key_file, dip._dsse_message(
+                            "application/vnd.in-toto+json", payload))).decode()}]}
+            bundle = json.dumps({"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                                 "verificationMaterial": {"publicKey": {"hint": hint}}, "dsseEnvelope": envelope})
+            (signature,) = dip._bundle_signatures(bundle.encode())
+            with self.subTest(name):
+                self.assertEqual(dip.judge_signature(signature, digest, (key,)), failure)
+        other = dip.public_key_from_der(bytes.fromhex(WYCHEPROOF_FIRST_KEY), "other")
+        self.assertEqual(dip.judge_signature(signature, digest, (other,)), dip.OTHER_KEY)
+        altered = dataclasses.replace(signature, message=signature.message + b" ")
+        self.assertEqual(dip.judge_signature(altered, digest, (key,)), dip.TAMPERED)
+        self.assertEqual(dip.judge_signature(dataclasses.replace(altered, key_hint=""), digest, (key,)),
+                         dip.OTHER_KEY_OR_TAMPERED)
+        (unreadable,) = dip._bundle_signatures(b'{"dsseEnvelope": {"payloadType": "text/plain"}}')
+        self.assertEqual(dip.judge_signature(unreadable, digest, (key,)), dip.TAMPERED)
+
+    def test_verdicts_remembered(self) -> None:
+        memory = dip.VerdictMemory(entries=2)
+        verdicts = [dip.SignatureVerdict(n % 2 == 0, str(n)) for n in range(3)]
+        memory.put("a", verdicts[0], None)
+        memory.put("b", verdicts[1], 0.0)   # a negative verdict that has already expired
+        self.assertEqual((memory.get("a"), memory.get("b")), (verdicts[0], None))
+        memory.put("c", verdicts[2], None)
+        self.assertEqual((memory.get("a"), memory.get("c")), (None, verdicts[2]))   # the oldest forgotten
+        client = self.client()
+        reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
+        keys = (openssl_key(self)[1],)
+        self.assertEqual(dip.verify_image(client, reference, keys), dip.SignatureVerdict(False, dip.NO_SIGNATURE))
+        asked = len(StandInRegistryHandler.seen)
+        self.assertEqual(dip.verify_image(client, reference, keys), dip.SignatureVerdict(False, dip.NO_SIGNATURE))
+        self.assertEqual(len(StandInRegistryHandler.seen), asked)   # from memory, for NEGATIVE_VERDICT_SECONDS
+        with self.assertRaisesRegex(dip.ImagePolicyError, "needs a sha256 digest and a key"):
+            dip.verify_image(client, self.reference, keys)
+
+
+def openssl_key(test: unittest.TestCase) -> tuple[Path, dip.PublicKey]:
+    """A fresh P-256 private key file (removed after the test) and its public key."""
+    if not shutil.which("openssl"):
+        test.skipTest("openssl is not installed")
+    directory = Path(tempfile.mkdtemp(prefix="dip-key-"))
+    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "k.key"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(path))
+    return path, dip.public_key_from_pem(openssl("ec", "-in", str(path), "-pubout").decode(), str(path))
 
 
 class TestCosign(unittest.TestCase):
