@@ -2287,6 +2287,9 @@ class RegistryClient:
                  credentials: MappingProxyType[str, tuple[str, str]] = MappingProxyType({}),
                  timeout: float = REGISTRY_TIMEOUT) -> None:
         self.settings, self.credentials, self.timeout = settings, credentials, timeout
+        # Looked up once per host (a name is resolved to see whether it is in an insecure network).
+        self.insecure = functools.lru_cache(maxsize=VERDICT_CACHE_ENTRIES)(settings.insecure)
+        self.plain_http: set[str] = set()   # insecure registries that answered over HTTP: asked that way first
         self.tls = ssl.create_default_context()
         self.tls_unverified = ssl._create_unverified_context()   # dockerd's insecure registries: no verification
         self.lock = threading.Lock()
@@ -2341,7 +2344,7 @@ class RegistryClient:
             raise RegistryError(f"{reference.domain} asks for credentials the plugin does not have")
         realm = urlsplit(values["realm"])
         if realm.scheme not in ("https", "http") or not realm.hostname or realm.username or (
-                realm.scheme == "http" and not self.settings.insecure(realm.netloc)):
+                realm.scheme == "http" and not self.insecure(realm.netloc)):
             raise RegistryError(f"{reference.domain} names a token service the plugin will not use")
         query = urlencode({"service": values.get("service", ""), "scope": f"repository:{reference.path}:pull"})
         path = f"{realm.path or '/'}?{realm.query + '&' if realm.query else ''}{query}"
@@ -2368,10 +2371,15 @@ class RegistryClient:
                 scheme: str | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One GET, following redirects; Authorization goes to the host it was meant for and no other."""
         api_host = HUB_API_HOST if domain == "docker.io" else domain
-        schemes = (scheme,) if scheme else ("https", "http") if self.settings.insecure(domain) else ("https",)
+        schemes = (scheme,) if scheme else ("https", "http") if self.insecure(domain) else ("https",)
+        if domain in self.plain_http:
+            schemes = schemes[::-1]
         for index, current in enumerate(schemes):
             try:
-                return self._follow(current, api_host, path, headers, limit)
+                answer = self._follow(current, api_host, path, headers, limit)
+                if current == "http" and not scheme:
+                    self.plain_http.add(domain)
+                return answer
             except (OSError, http.client.HTTPException) as error:
                 if index == len(schemes) - 1:
                     raise RegistryUnreachable(f"{domain}: {_network_error(error)}") from None
@@ -2384,7 +2392,7 @@ class RegistryClient:
             sent = headers if (scheme, host) == origin else {k: v for k, v in headers.items() if k != "Authorization"}
             connection: http.client.HTTPConnection
             if scheme == "https":
-                insecure = self.settings.insecure(host)
+                insecure = self.insecure(host)
                 connection = http.client.HTTPSConnection(
                     host, timeout=self.timeout, context=self.tls_unverified if insecure else self.tls)
             else:
@@ -2401,7 +2409,7 @@ class RegistryClient:
             finally:
                 connection.close()
             if location.scheme not in ("https", "http") or not location.hostname or location.username or (
-                    location.scheme == "http" and scheme == "https" and not self.settings.insecure(location.netloc)):
+                    location.scheme == "http" and scheme == "https" and not self.insecure(location.netloc)):
                 raise RegistryError(f"{host} redirected GET {path.split('?')[0]} where the plugin will not follow")
             scheme, host = location.scheme, location.netloc
             path = location.path + (f"?{location.query}" if location.query else "")
