@@ -5446,6 +5446,7 @@ def benchmark(argv: list[str]) -> int:
             print(f"rule evaluation, {count} rules, not remembered:  indexed {indexed * 1e6:8.1f} us"
                   f"   rule by rule {loop * 1e6:8.1f} us")
         benchmark_scan(work, python)
+        benchmark_signatures(work)
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
     finally:
@@ -5454,6 +5455,67 @@ def benchmark(argv: list[str]) -> int:
             leftover.unlink()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def benchmark_signatures(work: Path) -> None:
+    """A cosign signature check: the ECDSA verification, a first check through a loopback registry, a remembered one."""
+    import statistics
+    key_file = work / "signing.key"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key_file))
+    key = dip.public_key_from_pem(openssl("ec", "-in", str(key_file), "-pubout").decode(), str(key_file))
+    digest = DIGEST
+    payload = json.dumps({"critical": {"identity": {"docker-reference": "bench/app"},
+                                       "image": {"docker-manifest-digest": digest},
+                                       "type": "cosign container image signature"}, "optional": None}).encode()
+    signature = signed_by(key_file, payload)
+    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {}, "layers": [{
+                               "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                               "digest": payload_digest, "size": len(payload),
+                               "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: base64.b64encode(signature).decode()}}]})
+
+    class Registry(StandInRegistryHandler):
+        routes = {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig":
+                  (200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest.encode()),
+                  f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
+
+        def do_GET(self) -> None:   # an anonymous registry: no token flow
+            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reference = parse_reference(f"127.0.0.1:{server.server_address[1]}/bench/app@{digest}")
+
+        def timed(action: Any, count: int) -> float:
+            times = []
+            for _ in range(count):
+                started = time.perf_counter()
+                action()
+                times.append(time.perf_counter() - started)
+            return statistics.median(times) * 1000
+
+        ecdsa = timed(lambda: key.verify(payload, signature), 100)
+        client = dip.RegistryClient()
+        verdict = dip.verify_image(client, reference, (key,))   # HTTPS refused, then plain HTTP, remembered
+        assert verdict.ok, verdict
+
+        def first_check() -> None:   # a digest not yet remembered, from a registry already known
+            client.verdicts = dip.VerdictMemory()
+            dip.verify_image(client, reference, (key,))
+        first = timed(first_check, 20)
+        remembered = timed(lambda: dip.verify_image(client, reference, (key,)), 1000)
+        print(f"cosign signature check (ms): ECDSA P-256 verification {ecdsa:.2f}, first check through a loopback"
+              f" registry {first:.2f}, remembered {remembered:.4f}")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def benchmark_scan(work: Path, python: str, count: int = 1000) -> float:
