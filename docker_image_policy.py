@@ -2152,6 +2152,10 @@ SIGSTORE_BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle"   # a prefix: v0.3+
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 IN_TOTO_STATEMENTS = frozenset({"https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1"})
 WWW_AUTHENTICATE_PARAMETER = re.compile(r'(\w+)="([^"]*)"')
+# The digests of signature manifests and blobs: what cosign writes, and what the client can check.
+SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A whole signature check, however many signatures an image has, while dockerd waits.
+SIGNATURE_CHECK_TIMEOUT = 20.0
 
 
 class RegistryError(ImagePolicyError):
@@ -2170,6 +2174,7 @@ class RegistrySettings:
         ipaddress.ip_network(network) for network in DEFAULT_INSECURE_NETWORKS)
     index_security: MappingProxyType[str, bool] = dataclasses.field(   # "host[:port]" -> Secure
         default_factory=lambda: MappingProxyType({}))
+    mirrors: tuple[str, ...] = ()   # Docker Hub's mirrors, as URLs: https://mirror.example.com
 
     @classmethod
     def from_info(cls, info: Any) -> RegistrySettings:
@@ -2178,9 +2183,12 @@ class RegistrySettings:
             config = info["RegistryConfig"]
             networks = tuple(ipaddress.ip_network(network) for network in config.get("InsecureRegistryCIDRs") or [])
             security = {name: bool(index["Secure"]) for name, index in (config.get("IndexConfigs") or {}).items()}
+            mirrors = tuple(str(mirror) for mirror in config.get("Mirrors") or [])
+            if not all(urlsplit(mirror).scheme in ("https", "http") and urlsplit(mirror).hostname for mirror in mirrors):
+                raise ValueError(f"a mirror that is not an HTTP(S) URL in {mirrors}")
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ImagePolicyError(f"unexpected RegistryConfig from the Docker API: {error!r}") from None
-        return cls(networks, MappingProxyType(security))
+        return cls(networks, MappingProxyType(security), mirrors)
 
     def insecure(self, domain: str) -> bool:
         """Whether dockerd would reach this registry over plain HTTP (moby's isSecureIndex)."""
@@ -2291,15 +2299,17 @@ class RegistryClient:
         self.insecure = functools.lru_cache(maxsize=VERDICT_CACHE_ENTRIES)(settings.insecure)
         self.plain_http: set[str] = set()   # insecure registries that answered over HTTP: asked that way first
         self.tls = ssl.create_default_context()
-        self.tls_unverified = ssl._create_unverified_context()   # dockerd's insecure registries: no verification
+        self.tls_unverified = ssl.create_default_context()   # dockerd's insecure registries: not verified
+        self.tls_unverified.check_hostname = False
+        self.tls_unverified.verify_mode = ssl.CERT_NONE
         self.lock = threading.Lock()
-        self.tokens: dict[tuple[str, str], tuple[str, float]] = {}   # (registry, repository) -> header, expiry
+        self.tokens: dict[tuple[str, str], tuple[str, float]] = {}   # (host, repository) -> header, expiry
         self.verdicts = VerdictMemory()
 
     def manifest(self, reference: Reference, name: str, accept: tuple[str, ...] = MANIFEST_TYPES) -> Fetched | None:
         """The manifest at a tag or digest (None when the registry has none); a digest is checked."""
         fetched = self.get(reference, f"manifests/{name}", MAX_MANIFEST, accept)
-        if fetched is not None and name.startswith("sha256:") and fetched.digest != name:
+        if fetched is not None and ":" in name and fetched.digest != name:   # a digest (tags have no colon)
             raise RegistryError(f"{reference.domain} answered {reference.path}@{name} with other content")
         return fetched
 
@@ -2314,25 +2324,48 @@ class RegistryClient:
 
     def get(self, reference: Reference, resource: str, limit: int, accept: tuple[str, ...] = (),
             absent: frozenset[int] = frozenset({HTTPStatus.NOT_FOUND})) -> Fetched | None:
-        """GET /v2/<repository>/<resource>, with a token when the registry asks for one; None for 404 (or absent)."""
-        key = (reference.domain, reference.path)
-        path = f"/v2/{reference.path}/{resource}"
-        headers = {"Accept": ", ".join(accept)} if accept else {}
-        with self.lock:
-            token, expiry = self.tokens.get(key, ("", 0.0))
-        if token and expiry > time.monotonic():
-            headers["Authorization"] = token
-        status, answer, body = self.request(reference.domain, path, headers, limit)
-        if status == HTTPStatus.UNAUTHORIZED:
-            headers["Authorization"] = self.authorize(reference, answer.get("WWW-Authenticate", ""))
-            status, answer, body = self.request(reference.domain, path, headers, limit)
+        """GET /v2/<repository>/<resource> (None for 404, or another status in absent).
+
+        Docker Hub's mirrors are asked first, as dockerd asks them; the next
+        endpoint only when one cannot be reached.
+        """
+        endpoints = self.endpoints(reference.domain)
+        for index, (scheme, host) in enumerate(endpoints):
+            try:
+                status, answer, body = self.get_from(scheme, host, reference, resource, limit, accept)
+                break
+            except RegistryUnreachable:
+                if index == len(endpoints) - 1:
+                    raise
         if status in absent:
             return None
         if status != HTTPStatus.OK:
-            raise RegistryError(f"{reference.domain} answered GET {path} with HTTP {status}")
+            raise RegistryError(f"{host} answered GET /v2/{reference.path}/{resource} with HTTP {status}")
         return Fetched(answer.get("Content-Type", "").split(";")[0].strip(), body)
 
-    def authorize(self, reference: Reference, challenge: str) -> str:
+    def endpoints(self, domain: str) -> tuple[tuple[str | None, str], ...]:
+        """(scheme, or None for dockerd's choice; host) of each API endpoint of a registry, in order."""
+        if domain != "docker.io":
+            return ((None, domain),)
+        mirrors = tuple((mirror.scheme, mirror.netloc) for mirror in map(urlsplit, self.settings.mirrors))
+        return mirrors + ((None, HUB_API_HOST),)
+
+    def get_from(self, scheme: str | None, host: str, reference: Reference, resource: str, limit: int,
+                 accept: tuple[str, ...]) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One endpoint's answer, with a token when it asks for one (tokens are kept per host and repository)."""
+        path = f"/v2/{reference.path}/{resource}"
+        headers = {"Accept": ", ".join(accept)} if accept else {}
+        with self.lock:
+            token, expiry = self.tokens.get((host, reference.path), ("", 0.0))
+        if token and expiry > time.monotonic():
+            headers["Authorization"] = token
+        status, answer, body = self.request(host, path, headers, limit, scheme)
+        if status == HTTPStatus.UNAUTHORIZED:
+            headers["Authorization"] = self.authorize(host, reference, answer.get("WWW-Authenticate", ""))
+            status, answer, body = self.request(host, path, headers, limit, scheme)
+        return status, answer, body
+
+    def authorize(self, host: str, reference: Reference, challenge: str) -> str:
         """The Authorization header a 401's challenge asks for (distribution's token flow)."""
         scheme, _, parameters = challenge.partition(" ")
         credentials = self.credentials.get(reference.domain)
@@ -2341,11 +2374,11 @@ class RegistryClient:
             return basic
         values = dict(WWW_AUTHENTICATE_PARAMETER.findall(parameters))
         if scheme.lower() != "bearer" or "realm" not in values:
-            raise RegistryError(f"{reference.domain} asks for credentials the plugin does not have")
+            raise RegistryError(f"{host} asks for credentials the plugin does not have")
         realm = urlsplit(values["realm"])
         if realm.scheme not in ("https", "http") or not realm.hostname or realm.username or (
                 realm.scheme == "http" and not self.insecure(realm.netloc)):
-            raise RegistryError(f"{reference.domain} names a token service the plugin will not use")
+            raise RegistryError(f"{host} names a token service the plugin will not use")
         query = urlencode({"service": values.get("service", ""), "scope": f"repository:{reference.path}:pull"})
         path = f"{realm.path or '/'}?{realm.query + '&' if realm.query else ''}{query}"
         status, _, body = self.request(realm.netloc, path, {"Authorization": basic} if basic else {},
@@ -2358,31 +2391,34 @@ class RegistryClient:
             if not isinstance(token, str) or not token:
                 raise ValueError("no token")
             lifetime = float(answer.get("expires_in") or TOKEN_LIFETIME)
-        except (ValueError, TypeError, AttributeError) as error:
-            raise RegistryError(f"the token service of {reference.domain} gave no token ({error})") from None
+        except (ValueError, TypeError, AttributeError, RecursionError) as error:
+            raise RegistryError(f"the token service of {host} gave no token ({error})") from None
         header = f"Bearer {token}"
         with self.lock:
-            self.tokens[(reference.domain, reference.path)] = (header, time.monotonic() + lifetime - 5)
+            self.tokens[(host, reference.path)] = (header, time.monotonic() + lifetime - 5)
             if len(self.tokens) > VERDICT_CACHE_ENTRIES:
                 self.tokens.pop(next(iter(self.tokens)))
         return header
 
-    def request(self, domain: str, path: str, headers: dict[str, str], limit: int,
+    def request(self, host: str, path: str, headers: dict[str, str], limit: int,
                 scheme: str | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """One GET, following redirects; Authorization goes to the host it was meant for and no other."""
-        api_host = HUB_API_HOST if domain == "docker.io" else domain
-        schemes = (scheme,) if scheme else ("https", "http") if self.insecure(domain) else ("https",)
-        if domain in self.plain_http:
+        """One GET, following redirects; Authorization goes to the host it was meant for and no other.
+
+        Without a scheme, HTTPS; an insecure registry is then asked over plain
+        HTTP when HTTPS fails, as dockerd asks it.
+        """
+        schemes = (scheme,) if scheme else ("https", "http") if self.insecure(host) else ("https",)
+        if host in self.plain_http:
             schemes = schemes[::-1]
         for index, current in enumerate(schemes):
             try:
-                answer = self._follow(current, api_host, path, headers, limit)
+                answer = self._follow(current, host, path, headers, limit)
                 if current == "http" and not scheme:
-                    self.plain_http.add(domain)
+                    self.plain_http.add(host)
                 return answer
             except (OSError, http.client.HTTPException) as error:
                 if index == len(schemes) - 1:
-                    raise RegistryUnreachable(f"{domain}: {_network_error(error)}") from None
+                    raise RegistryUnreachable(f"{host}: {_network_error(error)}") from None
         raise AssertionError("unreachable")
 
     def _follow(self, scheme: str, host: str, path: str, headers: dict[str, str],
@@ -2392,19 +2428,15 @@ class RegistryClient:
             sent = headers if (scheme, host) == origin else {k: v for k, v in headers.items() if k != "Authorization"}
             connection: http.client.HTTPConnection
             if scheme == "https":
-                insecure = self.insecure(host)
                 connection = http.client.HTTPSConnection(
-                    host, timeout=self.timeout, context=self.tls_unverified if insecure else self.tls)
+                    host, timeout=self.timeout, context=self.tls_unverified if self.insecure(host) else self.tls)
             else:
                 connection = http.client.HTTPConnection(host, timeout=self.timeout)
             try:
                 connection.request("GET", path, headers={"User-Agent": f"{PLUGIN_NAME}/{__version__}", **sent})
                 response = connection.getresponse()
                 if response.status not in REDIRECTS:
-                    body = response.read(limit + 1)
-                    if len(body) > limit:
-                        raise RegistryError(f"{host} answered GET {path.split('?')[0]} with more than {limit} bytes")
-                    return response.status, response.headers, body
+                    return response.status, response.headers, self._body(response, host, path, limit)
                 location = urlsplit(urljoin(f"{scheme}://{host}{path}", response.getheader("Location") or ""))
             finally:
                 connection.close()
@@ -2414,6 +2446,18 @@ class RegistryClient:
             scheme, host = location.scheme, location.netloc
             path = location.path + (f"?{location.query}" if location.query else "")
         raise RegistryError(f"more than {MAX_REDIRECTS} redirects from {origin[1]}")
+
+    def _body(self, response: http.client.HTTPResponse, host: str, path: str, limit: int) -> bytes:
+        """At most limit bytes, within the timeout as a whole: a registry that trickles is as good as none."""
+        body = bytearray()
+        until = time.monotonic() + self.timeout
+        while chunk := response.read1(65536):
+            body += chunk
+            if len(body) > limit:
+                raise RegistryError(f"{host} answered GET {path.split('?')[0]} with more than {limit} bytes")
+            if time.monotonic() > until:
+                raise TimeoutError(f"{host} sent GET {path.split('?')[0]} too slowly")
+        return bytes(body)
 
 
 def _network_error(error: Exception) -> str:
@@ -2465,7 +2509,11 @@ def _go_field(value: Any, name: str) -> Any:
 
 
 def _signed_json(payload: bytes) -> Any:
-    return json.loads(payload, object_pairs_hook=_reject_duplicate_keys)
+    """JSON that names one value per key; ValueError for anything else, deep nesting included."""
+    try:
+        return json.loads(payload, object_pairs_hook=_reject_duplicate_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _base64(text: Any) -> bytes:
@@ -2504,21 +2552,22 @@ def _dsse_message(payload_type: str, payload: bytes) -> bytes:
 
 def _manifest(fetched: Fetched, reference: Reference) -> dict[str, Any]:
     try:
-        manifest = json.loads(fetched.content, object_pairs_hook=_reject_duplicate_keys)
+        manifest = _signed_json(fetched.content)
         if not isinstance(manifest, dict):
             raise ValueError("not an object")
         descriptors = manifest.get("layers", manifest.get("manifests", []))
         if not isinstance(descriptors, list) or not all(
-                isinstance(d, dict) and isinstance(d.get("digest"), str) and DIGEST_RE.fullmatch(d["digest"])
+                isinstance(d, dict) and isinstance(d.get("digest"), str) and SHA256_DIGEST.fullmatch(d["digest"])
                 for d in descriptors):
-            raise ValueError("descriptors without a valid digest")
+            raise ValueError("descriptors without a sha256 digest")
     except ValueError as error:
         raise RegistryError(f"{reference.domain} has an unreadable manifest {fetched.digest} "
                             f"in {reference.path}: {error}") from None
     return manifest
 
 
-def classic_signatures(client: RegistryClient, reference: Reference, digest: str) -> list[CosignSignature]:
+def classic_signatures(client: RegistryClient, reference: Reference, digest: str,
+                       deadline: float = float("inf")) -> list[CosignSignature]:
     """cosign's signatures at the tag sha256-<hex>.sig: one simple-signing payload per layer."""
     fetched = client.manifest(reference, digest.replace(":", "-") + ".sig", MANIFEST_TYPES[1::2])
     if fetched is None:
@@ -2528,13 +2577,15 @@ def classic_signatures(client: RegistryClient, reference: Reference, digest: str
         annotations = layer.get("annotations")
         if not isinstance(annotations, dict) or COSIGN_SIGNATURE_ANNOTATION not in annotations:
             continue
+        _in_time(deadline, reference)
         payload = client.blob(reference, layer["digest"])
         found.append(CosignSignature("cosign signature", payload, _base64(annotations[COSIGN_SIGNATURE_ANNOTATION]),
                                      "", functools.partial(_simple_signing_digests, payload)))
     return found
 
 
-def bundle_signatures(client: RegistryClient, reference: Reference, digest: str) -> list[CosignSignature]:
+def bundle_signatures(client: RegistryClient, reference: Reference, digest: str,
+                      deadline: float = float("inf")) -> list[CosignSignature]:
     """cosign 3's Sigstore bundles: referrers of the digest (or the fallback tag sha256-<hex>), one bundle each."""
     index = client.get(reference, f"referrers/{digest}", MAX_MANIFEST, MANIFEST_TYPES[:1],
                        absent=frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.BAD_REQUEST}))
@@ -2544,12 +2595,18 @@ def bundle_signatures(client: RegistryClient, reference: Reference, digest: str)
         return []
     found = []
     for descriptor in _manifest(index, reference).get("manifests", [])[:MAX_SIGNATURES]:
+        _in_time(deadline, reference)
         fetched = client.manifest(reference, descriptor["digest"], MANIFEST_TYPES[1:2])
         layers = _manifest(fetched, reference).get("layers", []) if fetched is not None else []
         if len(layers) != 1 or not str(layers[0].get("mediaType", "")).startswith(SIGSTORE_BUNDLE_TYPE):
             continue   # another kind of referrer (an SBOM, a Notation signature): not cosign's to judge
         found.extend(_bundle_signatures(client.blob(reference, layers[0]["digest"])))
     return found
+
+
+def _in_time(deadline: float, reference: Reference) -> None:
+    if time.monotonic() > deadline:
+        raise RegistryUnreachable(f"{reference.domain}: reading the signatures took more than {SIGNATURE_CHECK_TIMEOUT:g} s")
 
 
 def _bundle_signatures(content: bytes) -> list[CosignSignature]:
@@ -2598,9 +2655,10 @@ def verify_image(client: RegistryClient, reference: Reference, keys: tuple[Publi
     remembered = client.verdicts.get(memory)
     if remembered is not None:
         return remembered
+    deadline = time.monotonic() + SIGNATURE_CHECK_TIMEOUT
     try:
-        signatures = (classic_signatures(client, reference, reference.digest)
-                      + bundle_signatures(client, reference, reference.digest))
+        signatures = (classic_signatures(client, reference, reference.digest, deadline)
+                      + bundle_signatures(client, reference, reference.digest, deadline))
     except RegistryError as error:
         return SignatureVerdict(False, f"registry unreachable: {error}" if isinstance(error, RegistryUnreachable)
                                 else f"registry answer unusable: {error}")

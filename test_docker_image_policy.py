@@ -2648,6 +2648,33 @@ class TestRegistryClient(unittest.TestCase):
         self.assertEqual(verdict, dip.SignatureVerdict(False, f"registry unreachable: {reference.domain}: Connection refused"))
         self.assertIsNone(self.client().verdicts.get(reference))   # never remembered
 
+    def test_docker_hub_mirrors_first(self) -> None:
+        settings = dip.RegistrySettings.from_info({"RegistryConfig": {
+            "Mirrors": [f"http://127.0.0.1:{free_port()}", f"http://{self.host}"], "IndexConfigs": {},
+            "InsecureRegistryCIDRs": ["127.0.0.0/8"]}})
+        client = dip.RegistryClient(settings, MappingProxyType({"docker.io": ("robot", "s3cret")}))
+        self.assertEqual(dip.resolve_tag(client, parse_reference("team/app:v1")), self.digest)   # the second mirror
+        with self.assertRaisesRegex(dip.ImagePolicyError, "a mirror that is not an HTTP\\(S\\) URL"):
+            dip.RegistrySettings.from_info({"RegistryConfig": {"Mirrors": ["mirror.example.com"]}})
+
+    def test_unusable_signature_manifests(self) -> None:
+        reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
+        keys = (openssl_key(self)[1],)
+        signature_tag = f"/v2/team/app/manifests/{self.digest.replace(':', '-')}.sig"
+        sha512 = json.dumps({"mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": [
+            {"digest": "sha512:" + "a" * 128, "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: "x"}}]}).encode()
+        for name, body, reason in [
+            ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+            ("a sha512 layer", sha512, "descriptors without a sha256 digest"),
+            ("not an object", b"[]", "not an object"),
+        ]:
+            StandInRegistryHandler.routes[signature_tag] = (200, {}, body)
+            with self.subTest(name):
+                verdict = dip.verify_image(self.client(), reference, keys)
+                self.assertFalse(verdict.ok)
+                self.assertRegex(verdict.reason, f"^registry answer unusable: 127.0.0.1:\\d+ has an unreadable manifest "
+                                                 f"sha256:[0-9a-f]{{64}} in team/app: {reason}$")
+
     def test_insecure_registries_as_dockerd_decides(self) -> None:
         default = dip.RegistrySettings()
         for domain, insecure in [("localhost:5000", True), ("127.0.0.2", True), ("[::1]:5000", True),
