@@ -2613,7 +2613,9 @@ def _bundle_signatures(content: bytes) -> list[CosignSignature]:
     """The DSSE signatures of one bundle; a bundle that is not one becomes a signature that fails."""
     try:
         bundle = _signed_json(content)
-        hint = _go_field(_go_field(_go_field(bundle, "verificationMaterial"), "publicKey"), "hint")
+        hint = bundle
+        for name in ("verificationMaterial", "publicKey", "hint"):   # absent from keyless bundles
+            hint = _go_field(hint, name) if hint is not None else None
         envelope = _go_field(bundle, "dsseEnvelope")
         payload_type = _go_field(envelope, "payloadType")
         payload = _base64(_go_field(envelope, "payload"))

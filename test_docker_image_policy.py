@@ -2657,6 +2657,41 @@ class TestRegistryClient(unittest.TestCase):
         with self.assertRaisesRegex(dip.ImagePolicyError, "a mirror that is not an HTTP\\(S\\) URL"):
             dip.RegistrySettings.from_info({"RegistryConfig": {"Mirrors": ["mirror.example.com"]}})
 
+    def test_bundles_found_through_the_referrers_api(self) -> None:
+        key_file, key = openssl_key(self)
+        reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
+        statement = json.dumps({"_type": "https://in-toto.io/Statement/v1", "subject": [
+            {"digest": {"sha256": self.digest[7:]}}], "predicateType": "https://sigstore.dev/cosign/sign/v1",
+            "predicate": {}}).encode()
+        signature = signed_by(key_file, dip._dsse_message("application/vnd.in-toto+json", statement))
+        bundle = json.dumps({"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "dsseEnvelope": {
+            "payloadType": "application/vnd.in-toto+json", "payload": base64.b64encode(statement).decode(),
+            "signatures": [{"sig": base64.b64encode(signature).decode()}]}}).encode()
+        bundle_digest = "sha256:" + hashlib.sha256(bundle).hexdigest()
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "layers": [{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                                           "digest": bundle_digest, "size": len(bundle)}]}).encode()
+        manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        sbom = json.dumps({"layers": [{"mediaType": "application/spdx+json", "digest": DIGEST}]}).encode()
+        sbom_digest = "sha256:" + hashlib.sha256(sbom).hexdigest()
+        index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+            {"digest": sbom_digest}, {"digest": manifest_digest}]}).encode()
+        StandInRegistryHandler.routes.update({
+            f"/v2/team/app/referrers/{self.digest}": (200, {}, index),
+            f"/v2/team/app/manifests/{manifest_digest}": (200, {}, manifest),
+            f"/v2/team/app/manifests/{sbom_digest}": (200, {}, sbom),
+            f"/v2/team/app/blobs/{bundle_digest}": (200, {}, bundle)})
+        self.assertEqual(dip.verify_image(self.client(), reference, (key,)),
+                         dip.SignatureVerdict(True, "signed (sigstore bundle)"))
+        for status in (400, 404):   # no referrers API: the fallback tag, here absent
+            StandInRegistryHandler.routes[f"/v2/team/app/referrers/{self.digest}"] = (status, {}, b"{}")
+            with self.subTest(status=status):
+                self.assertEqual(dip.verify_image(self.client(), reference, (key,)),
+                                 dip.SignatureVerdict(False, dip.NO_SIGNATURE))
+        StandInRegistryHandler.routes[f"/v2/team/app/referrers/{self.digest}"] = (500, {}, b"{}")
+        self.assertEqual(dip.verify_image(self.client(), reference, (key,)), dip.SignatureVerdict(
+            False, f"registry answer unusable: {self.host} answered GET /v2/team/app/referrers/{self.digest} with HTTP 500"))
+
     def test_unusable_signature_manifests(self) -> None:
         reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
         keys = (openssl_key(self)[1],)
