@@ -2115,12 +2115,10 @@ def der_signature(signature: bytes) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------
 
 # The manifests dockerd pulls: distribution's schema 2 and OCI's, single images and multi-platform lists.
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json", DOCKER_MANIFEST)
 # dockerd refuses manifests over 4 MiB; a simple-signing payload or a Sigstore
 # bundle is a few kilobytes, a token answer a few more.
 MAX_MANIFEST = 4 * 1024 * 1024
@@ -2147,10 +2145,12 @@ TOKEN_LIFETIME = 60.0
 VERDICT_CACHE_ENTRIES = 1024
 NEGATIVE_VERDICT_SECONDS = 30.0
 
+# cosign's formats (pkg/oci/static, pkg/cosign/bundle; sigstore's protobuf-specs and DSSE).
 COSIGN_SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIGSTORE_BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle"   # a prefix: v0.3+json and later
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 IN_TOTO_STATEMENTS = frozenset({"https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1"})
+# Bearer realm="https://auth.example.com/token",service="registry.example.com"
 WWW_AUTHENTICATE_PARAMETER = re.compile(r'(\w+)="([^"]*)"')
 # The digests of signature manifests and blobs: what cosign writes, and what the client can check.
 SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -2168,7 +2168,7 @@ class RegistryUnreachable(RegistryError):
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    """Which registries dockerd reaches over plain HTTP: its RegistryConfig (GET /info)."""
+    """Which registries dockerd reaches over plain HTTP, and Docker Hub's mirrors: its RegistryConfig (GET /info)."""
 
     insecure_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
         ipaddress.ip_network(network) for network in DEFAULT_INSECURE_NETWORKS)
@@ -2569,7 +2569,7 @@ def _manifest(fetched: Fetched, reference: Reference) -> dict[str, Any]:
 def classic_signatures(client: RegistryClient, reference: Reference, digest: str,
                        deadline: float = float("inf")) -> list[CosignSignature]:
     """cosign's signatures at the tag sha256-<hex>.sig: one simple-signing payload per layer."""
-    fetched = client.manifest(reference, digest.replace(":", "-") + ".sig", MANIFEST_TYPES[1::2])
+    fetched = client.manifest(reference, digest.replace(":", "-") + ".sig", (OCI_MANIFEST, DOCKER_MANIFEST))
     if fetched is None:
         return []
     found = []
@@ -2587,16 +2587,16 @@ def classic_signatures(client: RegistryClient, reference: Reference, digest: str
 def bundle_signatures(client: RegistryClient, reference: Reference, digest: str,
                       deadline: float = float("inf")) -> list[CosignSignature]:
     """cosign 3's Sigstore bundles: referrers of the digest (or the fallback tag sha256-<hex>), one bundle each."""
-    index = client.get(reference, f"referrers/{digest}", MAX_MANIFEST, MANIFEST_TYPES[:1],
+    index = client.get(reference, f"referrers/{digest}", MAX_MANIFEST, (OCI_INDEX,),
                        absent=frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.BAD_REQUEST}))
     if index is None:   # a registry without the referrers API (OCI distribution-spec 1.1's fallback)
-        index = client.manifest(reference, digest.replace(":", "-"), MANIFEST_TYPES[:1])
+        index = client.manifest(reference, digest.replace(":", "-"), (OCI_INDEX,))
     if index is None:
         return []
     found = []
     for descriptor in _manifest(index, reference).get("manifests", [])[:MAX_SIGNATURES]:
         _in_time(deadline, reference)
-        fetched = client.manifest(reference, descriptor["digest"], MANIFEST_TYPES[1:2])
+        fetched = client.manifest(reference, descriptor["digest"], (OCI_MANIFEST,))
         layers = _manifest(fetched, reference).get("layers", []) if fetched is not None else []
         if len(layers) != 1 or not str(layers[0].get("mediaType", "")).startswith(SIGSTORE_BUNDLE_TYPE):
             continue   # another kind of referrer (an SBOM, a Notation signature): not cosign's to judge
