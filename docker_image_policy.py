@@ -44,6 +44,7 @@ import difflib
 import functools
 import http.client
 import importlib
+import ipaddress
 import json
 import operator
 import os
@@ -52,6 +53,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import stat
 import sys
 import threading
@@ -61,7 +63,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
 from typing import Any, Callable, Iterable
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
 if sys.version_info < (3, 11):
     raise SystemExit(f"docker-image-policy needs Python 3.11 or newer, not {sys.version.split()[0]}"
@@ -2544,6 +2546,796 @@ class DockerAPI(Docker):
         if not isinstance(answer, dict):
             raise ImagePolicyError(f"unexpected service answer from {self.host}")
         return answer
+
+
+# --------------------------------------------------------------------------
+# Signatures: ECDSA P-256 with SHA-256 (cosign's keys), public-key arithmetic only
+# --------------------------------------------------------------------------
+
+# NIST P-256 (FIPS 186-4, D.1.2.3): y² = x³ - 3x + b over GF(p), a group of prime order n.
+P256_P = 0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff
+P256_N = 0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551
+P256_B = 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b
+P256_G = (0x6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296,
+          0x4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5)
+# SubjectPublicKeyInfo {id-ecPublicKey, prime256v1} with an uncompressed point
+# (04 X Y): DER allows one encoding of it, so a strict parse is this comparison.
+P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200" "04")
+# Compressed points (02/03 X) are refused, as Go's crypto/x509 (and so cosign) refuses them.
+P256_SPKI_COMPRESSED = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
+PEM_PUBLIC_KEY = re.compile(r"""
+    \s* -----BEGIN\ PUBLIC\ KEY-----\r?\n
+    ((?:[A-Za-z0-9+/=]{1,76}\r?\n)+)         # base64 in lines, as openssl and cosign write it
+    -----END\ PUBLIC\ KEY-----\s*""", re.VERBOSE)
+PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+# Windowed multiplication: 4-bit windows, 16 precomputed multiples per point.
+WINDOW_BITS = 4
+
+JacobianPoint = tuple[int, int, int]   # (X, Y, Z) for the affine point (X/Z², Y/Z³); Z = 0 is infinity
+INFINITY: JacobianPoint = (1, 1, 0)
+
+
+def _double(point: JacobianPoint) -> JacobianPoint:
+    """2P, with a = -3 (dbl-2001-b)."""
+    x, y, z = point
+    if not z:
+        return INFINITY
+    p = P256_P
+    delta = z * z % p
+    gamma = y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) * (y + z) - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _add(first: JacobianPoint, second: JacobianPoint) -> JacobianPoint:
+    """P + Q for any two points: infinity, equal and opposite points included."""
+    x1, y1, z1 = first
+    x2, y2, z2 = second
+    if not z1:
+        return second
+    if not z2:
+        return first
+    p = P256_P
+    z1z1 = z1 * z1 % p
+    if z2 == 1:   # the precomputed multiples are affine: fewer products
+        u1, s1 = x1, y1
+        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
+    else:
+        z2z2 = z2 * z2 % p
+        u1, s1 = x1 * z2z2 % p, y1 * z2 * z2z2 % p
+        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _double(first) if s1 == s2 else INFINITY
+    h = u2 - u1
+    r = s2 - s1
+    hh = h * h % p
+    hhh = h * hh % p
+    v = u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    y3 = (r * (v - x3) - s1 * hhh) % p
+    return x3, y3, z1 * z2 * h % p
+
+
+def _affine(point: JacobianPoint) -> JacobianPoint:
+    x, y, z = point
+    if not z:
+        return INFINITY
+    inverse = pow(z, -1, P256_P)
+    square = inverse * inverse % P256_P
+    return x * square % P256_P, y * square * inverse % P256_P, 1
+
+
+def _multiples(x: int, y: int) -> tuple[JacobianPoint, ...]:
+    """0P, 1P, ... 15P, affine, for the windowed multiplication."""
+    multiples = [INFINITY, (x, y, 1)]
+    for _ in range(2, 1 << WINDOW_BITS):
+        multiples.append(_affine(_add(multiples[-1], (x, y, 1))))
+    return tuple(multiples)
+
+
+@functools.cache
+def _generator_multiples() -> tuple[JacobianPoint, ...]:
+    return _multiples(*P256_G)
+
+
+def _shamir(u1: int, first: tuple[JacobianPoint, ...], u2: int, second: tuple[JacobianPoint, ...]) -> JacobianPoint:
+    """u1·P + u2·Q with one pass of doublings (Shamir's trick), a window at a time."""
+    mask = (1 << WINDOW_BITS) - 1
+    point = INFINITY
+    for shift in range(256 - WINDOW_BITS, -1, -WINDOW_BITS):
+        for _ in range(WINDOW_BITS):
+            point = _double(point)
+        point = _add(_add(point, first[u1 >> shift & mask]), second[u2 >> shift & mask])
+    return point
+
+
+class InvalidKey(ImagePolicyError):
+    """A public key this module cannot use; the message says why."""
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An ECDSA P-256 public key (a cosign key), with its multiples for verification."""
+
+    source: str          # the file it came from, for messages
+    der: bytes           # its SubjectPublicKeyInfo: what two keys are compared by
+    multiples: tuple[JacobianPoint, ...] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256:<hex> of the SubjectPublicKeyInfo, as `openssl pkey -pubin -outform DER | sha256sum` shows it."""
+        return "sha256:" + sha256(self.der).hexdigest()
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether signature (DER ECDSA-Sig-Value) is this key's over SHA-256(message)."""
+        values = der_signature(signature)
+        if values is None:
+            return False
+        r, s = values
+        digest = int.from_bytes(sha256(message).digest(), "big")
+        inverse = pow(s, -1, P256_N)
+        x, _, z = _shamir(digest * inverse % P256_N, _generator_multiples(), r * inverse % P256_N, self.multiples)
+        return bool(z) and x * pow(z, -2, P256_P) % P256_P % P256_N == r
+
+
+def public_key_from_der(der: bytes, source: str) -> PublicKey:
+    """The key in a DER SubjectPublicKeyInfo, which must be ECDSA P-256 with a point on the curve."""
+    if len(der) == len(P256_SPKI_COMPRESSED) + 33 and der.startswith(P256_SPKI_COMPRESSED) and der[-33] in (2, 3):
+        raise InvalidKey("a compressed point; only uncompressed P-256 keys are accepted, as by cosign")
+    if len(der) != len(P256_SPKI_PREFIX) + 64 or not der.startswith(P256_SPKI_PREFIX):
+        raise InvalidKey("not an ECDSA P-256 public key (cosign's key type) in SubjectPublicKeyInfo DER")
+    x = int.from_bytes(der[-64:-32], "big")
+    y = int.from_bytes(der[-32:], "big")
+    if x >= P256_P or y >= P256_P or (y * y - x * x * x + 3 * x - P256_B) % P256_P:
+        raise InvalidKey("the public key's point is not on the P-256 curve")
+    return PublicKey(source, der, _multiples(x, y))
+
+
+def public_key_from_pem(text: str, source: str) -> PublicKey:
+    """The key in one PEM PUBLIC KEY block (cosign.pub, or openssl's -pubout), and nothing else."""
+    match = PEM_PUBLIC_KEY.fullmatch(text)
+    if match is None:
+        labels = PEM_LABEL.findall(text)
+        if any("PRIVATE" in label for label in labels):
+            raise InvalidKey("a private key; name the public key (cosign.pub) instead")
+        found = f"found {', '.join(labels)}" if labels else "found no PEM block"
+        raise InvalidKey(f"not one PEM 'PUBLIC KEY' block ({found})")
+    try:
+        der = binascii.a2b_base64("".join(match[1].split()), strict_mode=True)
+    except binascii.Error as error:
+        raise InvalidKey(f"the PEM block is not valid base64 ({error})") from None
+    return public_key_from_der(der, source)
+
+
+def der_signature(signature: bytes) -> tuple[int, int] | None:
+    """(r, s) of a DER ECDSA-Sig-Value with 1 <= r, s < n; None for anything else (BER included)."""
+    if len(signature) < 8 or signature[0] != 0x30 or signature[1] != len(signature) - 2:
+        return None   # a P-256 signature is under 128 bytes: only the short length form is DER
+    values = []
+    position = 2
+    for _ in range(2):
+        if position + 2 > len(signature) or signature[position] != 0x02:
+            return None
+        length = signature[position + 1]
+        content = signature[position + 2:position + 2 + length]
+        if not 1 <= length <= 33 or len(content) != length:
+            return None
+        if content[0] & 0x80 or (length > 1 and content[0] == 0 and not content[1] & 0x80):
+            return None   # negative, or not minimal
+        values.append(int.from_bytes(content, "big"))
+        position += 2 + length
+    if position != len(signature) or not all(1 <= value < P256_N for value in values):
+        return None
+    return values[0], values[1]
+
+
+# --------------------------------------------------------------------------
+# Registry client and cosign signatures
+# --------------------------------------------------------------------------
+
+# The manifests dockerd pulls: distribution's schema 2 and OCI's, single images and multi-platform lists.
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json", DOCKER_MANIFEST)
+# dockerd refuses manifests over 4 MiB; a simple-signing payload or a Sigstore
+# bundle is a few kilobytes, a token answer a few more.
+MAX_MANIFEST = 4 * 1024 * 1024
+MAX_SIGNATURE_BLOB = 1024 * 1024
+# cosign reads at most 1000 signatures of an image (pkg/oci/remote, maxLayers): no more are fetched.
+MAX_SIGNATURES = 1000
+# Each registry connection, while dockerd waits for the plugin's answer.
+REGISTRY_TIMEOUT = 5.0
+# Blobs are commonly redirected to storage on another host (S3, a CDN): a short chain is normal.
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({HTTPStatus.MOVED_PERMANENTLY, HTTPStatus.FOUND, HTTPStatus.SEE_OTHER,
+                       HTTPStatus.TEMPORARY_REDIRECT, HTTPStatus.PERMANENT_REDIRECT})
+# dockerd talks plain HTTP to registries in these networks unless told otherwise
+# (moby registry/config.go); GET /info shows the daemon's own list.
+DEFAULT_INSECURE_NETWORKS = ("127.0.0.0/8", "::1/128")
+# Docker Hub's API host; the credentials file names Hub by its v1 index URL.
+HUB_API_HOST = "registry-1.docker.io"
+HUB_CREDENTIAL_NAMES = frozenset({"index.docker.io", "docker.io", "registry-1.docker.io"})
+# A bearer token without expires_in lasts 60 seconds (distribution's token spec).
+TOKEN_LIFETIME = 60.0
+# Verdicts remembered per repository, digest and key set: a valid signature for
+# as long as it stays in the cache, a missing or bad one briefly, as it may be
+# signed (or re-pushed) any moment. An unreachable registry is never remembered.
+VERDICT_CACHE_ENTRIES = 1024
+NEGATIVE_VERDICT_SECONDS = 30.0
+
+# cosign's formats (pkg/oci/static, pkg/cosign/bundle; sigstore's protobuf-specs and DSSE).
+COSIGN_SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
+SIGSTORE_BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle"   # a prefix: v0.3+json and later
+IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+IN_TOTO_STATEMENTS = frozenset({"https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1"})
+# Bearer realm="https://auth.example.com/token",service="registry.example.com"
+WWW_AUTHENTICATE_PARAMETER = re.compile(r'(\w+)="([^"]*)"')
+# The digests of signature manifests and blobs: what cosign writes, and what the client can check.
+SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A whole signature check, however many signatures an image has, while dockerd waits.
+SIGNATURE_CHECK_TIMEOUT = 20.0
+
+
+class RegistryError(ImagePolicyError):
+    """A registry answer the plugin cannot use; the message never carries credentials."""
+
+
+class RegistryUnreachable(RegistryError):
+    """No answer from a registry: a network error, a timeout, a TLS failure."""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Which registries dockerd reaches over plain HTTP, and Docker Hub's mirrors: its RegistryConfig (GET /info)."""
+
+    insecure_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(network) for network in DEFAULT_INSECURE_NETWORKS)
+    index_security: MappingProxyType[str, bool] = dataclasses.field(   # "host[:port]" -> Secure
+        default_factory=lambda: MappingProxyType({}))
+    mirrors: tuple[str, ...] = ()   # Docker Hub's mirrors, as URLs: https://mirror.example.com
+
+    @classmethod
+    def from_info(cls, info: Any) -> RegistrySettings:
+        """The settings in dockerd's GET /info answer; ImagePolicyError when it has none that can be read."""
+        try:
+            config = info["RegistryConfig"]
+            networks = tuple(ipaddress.ip_network(network) for network in config.get("InsecureRegistryCIDRs") or [])
+            security = {name: bool(index["Secure"]) for name, index in (config.get("IndexConfigs") or {}).items()}
+            mirrors = tuple(str(mirror) for mirror in config.get("Mirrors") or [])
+            if not all(urlsplit(mirror).scheme in ("https", "http") and urlsplit(mirror).hostname for mirror in mirrors):
+                raise ValueError(f"a mirror that is not an HTTP(S) URL in {mirrors}")
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ImagePolicyError(f"unexpected RegistryConfig from the Docker API: {error!r}") from None
+        return cls(networks, MappingProxyType(security), mirrors)
+
+    def insecure(self, domain: str) -> bool:
+        """Whether dockerd would reach this registry over plain HTTP (moby's isSecureIndex)."""
+        if domain in self.index_security:
+            return not self.index_security[domain]
+        host = _split_host(domain)[0]
+        try:
+            addresses = {ipaddress.ip_address(host)}
+        except ValueError:
+            try:
+                addresses = {ipaddress.ip_address(found[4][0].split("%")[0])
+                             for found in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+            except OSError:
+                return False   # dockerd, too, keeps HTTPS for a name it cannot resolve
+        return any(address in network for address in addresses for network in self.insecure_networks)
+
+
+def _split_host(domain: str) -> tuple[str, int | None]:
+    """("localhost", 5000) for localhost:5000, ("::1", 5000) for [::1]:5000."""
+    host, colon, port = domain.rpartition(":")
+    if not colon or not port.isdigit() or (host.count(":") and not host.endswith("]")):
+        host, port = domain, ""
+    return host.strip("[]"), int(port) if port else None
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object hook for JSON that must name each key once (signed payloads, credentials)."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise DuplicateKey(key)
+    return dict(pairs)
+
+
+def load_credentials(path: str) -> MappingProxyType[str, tuple[str, str]]:
+    """Registry credentials from a docker config.json-format file: registry -> (user, password)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file, object_pairs_hook=_reject_duplicate_keys)
+    except OSError as error:
+        raise ConfigError(path, "", f"cannot read the registry credentials: {error.strerror}") from None
+    except DuplicateKey as error:
+        raise ConfigError(path, f"key {error}", "appears twice") from None
+    except ValueError as error:
+        raise ConfigError(path, "", f"not JSON: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("auths", {}), dict):
+        raise ConfigError(path, "auths", "expected an object of registries, as in docker's config.json")
+    for helper in ("credsStore", "credHelpers"):
+        if document.get(helper):
+            raise ConfigError(path, helper, "credential helpers are not run by the plugin; "
+                                            "write the registry's credentials under auths")
+    credentials = {}
+    for name, entry in document.get("auths", {}).items():
+        where = f"auths.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(path, where, "expected an object with auth, or username and password")
+        if entry.get("identitytoken"):
+            raise ConfigError(path, where, "identity tokens are not supported; use a username and a password or access token")
+        if "auth" in entry:
+            try:
+                user, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+                colon = ""
+            if not colon:
+                raise ConfigError(path, f"{where}.auth", "not base64 of user:password") from None
+        else:
+            if not isinstance(entry.get("username"), str) or not isinstance(entry.get("password"), str):
+                raise ConfigError(path, where, "expected auth, or username and password")
+            user, password = entry["username"], entry["password"]
+        host = re.sub(r"^[a-z]+://", "", name).split("/")[0].lower()
+        credentials["docker.io" if host in HUB_CREDENTIAL_NAMES else host] = (user, password)
+    return MappingProxyType(credentials)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A manifest or blob as received, with the digest of the bytes received."""
+
+    media_type: str
+    content: bytes
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + sha256(self.content).hexdigest()
+
+
+class VerdictMemory:
+    """Signature verdicts shared by the plugin's threads: bounded, the oldest forgotten first."""
+
+    def __init__(self, entries: int = VERDICT_CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self.lock = threading.Lock()
+        self.verdicts: dict[Any, tuple[SignatureVerdict, float]] = {}
+
+    def get(self, key: Any) -> SignatureVerdict | None:
+        with self.lock:
+            verdict, expiry = self.verdicts.get(key, (None, 0.0))
+        return verdict if expiry > time.monotonic() else None
+
+    def put(self, key: Any, verdict: SignatureVerdict, lifetime: float | None) -> None:
+        expiry = float("inf") if lifetime is None else time.monotonic() + lifetime
+        with self.lock:
+            self.verdicts.pop(key, None)
+            self.verdicts[key] = (verdict, expiry)
+            while len(self.verdicts) > self.entries:
+                del self.verdicts[next(iter(self.verdicts))]
+
+
+class RegistryClient:
+    """Reads manifests and blobs of one registry API (distribution's /v2/), as dockerd would reach them."""
+
+    def __init__(self, settings: RegistrySettings = RegistrySettings(),
+                 credentials: MappingProxyType[str, tuple[str, str]] = MappingProxyType({}),
+                 timeout: float = REGISTRY_TIMEOUT) -> None:
+        self.settings, self.credentials, self.timeout = settings, credentials, timeout
+        # Looked up once per host (a name is resolved to see whether it is in an insecure network).
+        self.insecure = functools.lru_cache(maxsize=VERDICT_CACHE_ENTRIES)(settings.insecure)
+        self.plain_http: set[str] = set()   # insecure registries that answered over HTTP: asked that way first
+        self.tls = ssl.create_default_context()
+        self.tls_unverified = ssl.create_default_context()   # dockerd's insecure registries: not verified
+        self.tls_unverified.check_hostname = False
+        self.tls_unverified.verify_mode = ssl.CERT_NONE
+        self.lock = threading.Lock()
+        self.tokens: dict[tuple[str, str], tuple[str, float]] = {}   # (host, repository) -> header, expiry
+        self.verdicts = VerdictMemory()
+
+    def manifest(self, reference: Reference, name: str, accept: tuple[str, ...] = MANIFEST_TYPES) -> Fetched | None:
+        """The manifest at a tag or digest (None when the registry has none); a digest is checked."""
+        fetched = self.get(reference, f"manifests/{name}", MAX_MANIFEST, accept)
+        if fetched is not None and ":" in name and fetched.digest != name:   # a digest (tags have no colon)
+            raise RegistryError(f"{reference.domain} answered {reference.path}@{name} with other content")
+        return fetched
+
+    def blob(self, reference: Reference, digest: str, limit: int = MAX_SIGNATURE_BLOB) -> bytes:
+        """A blob, checked against its digest."""
+        fetched = self.get(reference, f"blobs/{digest}", limit)
+        if fetched is None:
+            raise RegistryError(f"{reference.domain} has no blob {digest} in {reference.path}")
+        if fetched.digest != digest:
+            raise RegistryError(f"{reference.domain} answered blob {digest} of {reference.path} with other content")
+        return fetched.content
+
+    def get(self, reference: Reference, resource: str, limit: int, accept: tuple[str, ...] = (),
+            absent: frozenset[int] = frozenset({HTTPStatus.NOT_FOUND})) -> Fetched | None:
+        """GET /v2/<repository>/<resource> (None for 404, or another status in absent).
+
+        Docker Hub's mirrors are asked first, as dockerd asks them; the next
+        endpoint only when one cannot be reached.
+        """
+        endpoints = self.endpoints(reference.domain)
+        for index, (scheme, host) in enumerate(endpoints):
+            try:
+                status, answer, body = self.get_from(scheme, host, reference, resource, limit, accept)
+                break
+            except RegistryUnreachable:
+                if index == len(endpoints) - 1:
+                    raise
+        if status in absent:
+            return None
+        if status != HTTPStatus.OK:
+            raise RegistryError(f"{host} answered GET /v2/{reference.path}/{resource} with HTTP {status}")
+        return Fetched(answer.get("Content-Type", "").split(";")[0].strip(), body)
+
+    def endpoints(self, domain: str) -> tuple[tuple[str | None, str], ...]:
+        """(scheme, or None for dockerd's choice; host) of each API endpoint of a registry, in order."""
+        if domain != "docker.io":
+            return ((None, domain),)
+        mirrors = tuple((mirror.scheme, mirror.netloc) for mirror in map(urlsplit, self.settings.mirrors))
+        return mirrors + ((None, HUB_API_HOST),)
+
+    def get_from(self, scheme: str | None, host: str, reference: Reference, resource: str, limit: int,
+                 accept: tuple[str, ...]) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One endpoint's answer, with a token when it asks for one (tokens are kept per host and repository)."""
+        path = f"/v2/{reference.path}/{resource}"
+        headers = {"Accept": ", ".join(accept)} if accept else {}
+        with self.lock:
+            token, expiry = self.tokens.get((host, reference.path), ("", 0.0))
+        if token and expiry > time.monotonic():
+            headers["Authorization"] = token
+        status, answer, body = self.request(host, path, headers, limit, scheme)
+        if status == HTTPStatus.UNAUTHORIZED:
+            headers["Authorization"] = self.authorize(host, reference, answer.get("WWW-Authenticate", ""))
+            status, answer, body = self.request(host, path, headers, limit, scheme)
+        return status, answer, body
+
+    def authorize(self, host: str, reference: Reference, challenge: str) -> str:
+        """The Authorization header a 401's challenge asks for (distribution's token flow)."""
+        scheme, _, parameters = challenge.partition(" ")
+        credentials = self.credentials.get(reference.domain)
+        basic = "Basic " + base64.b64encode(":".join(credentials).encode()).decode() if credentials else ""
+        if scheme.lower() == "basic" and basic:
+            return basic
+        values = dict(WWW_AUTHENTICATE_PARAMETER.findall(parameters))
+        if scheme.lower() != "bearer" or "realm" not in values:
+            raise RegistryError(f"{host} asks for credentials the plugin does not have")
+        realm = urlsplit(values["realm"])
+        if realm.scheme not in ("https", "http") or not realm.hostname or realm.username or (
+                realm.scheme == "http" and not self.insecure(realm.netloc)):
+            raise RegistryError(f"{host} names a token service the plugin will not use")
+        query = urlencode({"service": values.get("service", ""), "scope": f"repository:{reference.path}:pull"})
+        path = f"{realm.path or '/'}?{realm.query + '&' if realm.query else ''}{query}"
+        status, _, body = self.request(realm.netloc, path, {"Authorization": basic} if basic else {},
+                                       MAX_SIGNATURE_BLOB, realm.scheme)
+        try:
+            if status != HTTPStatus.OK:
+                raise ValueError(f"HTTP {status}")
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            if not isinstance(token, str) or not token:
+                raise ValueError("no token")
+            lifetime = float(answer.get("expires_in") or TOKEN_LIFETIME)
+        except (ValueError, TypeError, AttributeError, RecursionError) as error:
+            raise RegistryError(f"the token service of {host} gave no token ({error})") from None
+        header = f"Bearer {token}"
+        with self.lock:
+            self.tokens[(host, reference.path)] = (header, time.monotonic() + lifetime - 5)
+            if len(self.tokens) > VERDICT_CACHE_ENTRIES:
+                self.tokens.pop(next(iter(self.tokens)))
+        return header
+
+    def request(self, host: str, path: str, headers: dict[str, str], limit: int,
+                scheme: str | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One GET, following redirects; Authorization goes to the host it was meant for and no other.
+
+        Without a scheme, HTTPS; an insecure registry is then asked over plain
+        HTTP when HTTPS fails, as dockerd asks it.
+        """
+        schemes = (scheme,) if scheme else ("https", "http") if self.insecure(host) else ("https",)
+        if host in self.plain_http:
+            schemes = schemes[::-1]
+        for index, current in enumerate(schemes):
+            try:
+                answer = self._follow(current, host, path, headers, limit)
+                if current == "http" and not scheme:
+                    self.plain_http.add(host)
+                return answer
+            except (OSError, http.client.HTTPException) as error:
+                if index == len(schemes) - 1:
+                    raise RegistryUnreachable(f"{host}: {_network_error(error)}") from None
+        raise AssertionError("unreachable")
+
+    def _follow(self, scheme: str, host: str, path: str, headers: dict[str, str],
+                limit: int) -> tuple[int, http.client.HTTPMessage, bytes]:
+        origin = (scheme, host)
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = headers if (scheme, host) == origin else {k: v for k, v in headers.items() if k != "Authorization"}
+            connection: http.client.HTTPConnection
+            if scheme == "https":
+                connection = http.client.HTTPSConnection(
+                    host, timeout=self.timeout, context=self.tls_unverified if self.insecure(host) else self.tls)
+            else:
+                connection = http.client.HTTPConnection(host, timeout=self.timeout)
+            try:
+                connection.request("GET", path, headers={"User-Agent": f"{PLUGIN_NAME}/{__version__}", **sent})
+                response = connection.getresponse()
+                if response.status not in REDIRECTS:
+                    return response.status, response.headers, self._body(response, host, path, limit)
+                location = urlsplit(urljoin(f"{scheme}://{host}{path}", response.getheader("Location") or ""))
+            finally:
+                connection.close()
+            if location.scheme not in ("https", "http") or not location.hostname or location.username or (
+                    location.scheme == "http" and scheme == "https" and not self.insecure(location.netloc)):
+                raise RegistryError(f"{host} redirected GET {path.split('?')[0]} where the plugin will not follow")
+            scheme, host = location.scheme, location.netloc
+            path = location.path + (f"?{location.query}" if location.query else "")
+        raise RegistryError(f"more than {MAX_REDIRECTS} redirects from {origin[1]}")
+
+    def _body(self, response: http.client.HTTPResponse, host: str, path: str, limit: int) -> bytes:
+        """At most limit bytes, within the timeout as a whole: a registry that trickles is as good as none."""
+        body = bytearray()
+        until = time.monotonic() + self.timeout
+        while chunk := response.read1(65536):
+            body += chunk
+            if len(body) > limit:
+                raise RegistryError(f"{host} answered GET {path.split('?')[0]} with more than {limit} bytes")
+            if time.monotonic() > until:
+                raise TimeoutError(f"{host} sent GET {path.split('?')[0]} too slowly")
+        return bytes(body)
+
+
+def _network_error(error: Exception) -> str:
+    """What went wrong on the network, in words fit for a message (no URLs, no headers)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({error.verify_message})"
+    if isinstance(error, TimeoutError | socket.timeout):
+        return "timed out"
+    return error.strerror or type(error).__name__ if isinstance(error, OSError) else type(error).__name__
+
+
+# Why an image has no valid signature by a listed key, from the least to the
+# most telling: a verdict names the most telling one any signature shows.
+NO_SIGNATURE = "no signature"
+OTHER_KEY = "signed by another key"
+OTHER_KEY_OR_TAMPERED = "signed by another key, or its payload was altered"   # a .sig names no key: the two look alike
+TAMPERED = "payload tampered/invalid signature"
+OTHER_DIGEST = "signature for another digest"
+FAILURES = (NO_SIGNATURE, OTHER_KEY, OTHER_KEY_OR_TAMPERED, TAMPERED, OTHER_DIGEST)
+
+
+@dataclass(frozen=True)
+class SignatureVerdict:
+    """Whether a listed key signed an image's digest; if not, which check failed."""
+
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class CosignSignature:
+    """One signature found for an image, in either of cosign's formats."""
+
+    kind: str            # "cosign signature" (tag sha256-<hex>.sig) or "sigstore bundle" (cosign 3)
+    message: bytes       # the bytes signed
+    signature: bytes     # DER ECDSA, or b"" when the registry's text was not base64
+    key_hint: str        # a bundle's publicKey.hint: base64 of the key's SHA-256; "" for a .sig
+    digests: Callable[[], frozenset[str]]   # the image digests the signed payload names; ValueError if unreadable
+
+
+def _go_field(value: Any, name: str) -> Any:
+    """What Go's encoding/json puts in the struct field name; ValueError where it would read another key than we do."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object holding {name!r}")
+    keys = [key for key in value if key.translate(_GO_FOLD) == name.translate(_GO_FOLD)]
+    if len(keys) > 1:
+        raise ValueError(f"{name!r} spelled several ways")
+    return value[keys[0]] if keys else None
+
+
+def _signed_json(payload: bytes) -> Any:
+    """JSON that names one value per key; ValueError for anything else, deep nesting included."""
+    try:
+        return json.loads(payload, object_pairs_hook=_reject_duplicate_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _base64(text: Any) -> bytes:
+    """Standard base64 with padding, as Go's base64.StdEncoding reads it; b"" for anything else."""
+    try:
+        return base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _simple_signing_digests(payload: bytes) -> frozenset[str]:
+    """critical.image.docker-manifest-digest of a simple-signing payload (cosign's SimpleClaimVerifier)."""
+    digest = _go_field(_go_field(_go_field(_signed_json(payload), "critical"), "image"), "docker-manifest-digest")
+    if not isinstance(digest, str):
+        raise ValueError("no docker-manifest-digest")
+    return frozenset({digest})
+
+
+def _in_toto_digests(payload: bytes) -> frozenset[str]:
+    """The sha256 digests of an in-toto statement's subjects (cosign's IntotoSubjectClaimVerifier)."""
+    statement = _signed_json(payload)
+    if _go_field(statement, "_type") not in IN_TOTO_STATEMENTS:
+        raise ValueError("not an in-toto statement")
+    subjects = _go_field(statement, "subject")
+    if not isinstance(subjects, list) or not all(isinstance(subject, dict) for subject in subjects):
+        raise ValueError("no list of subjects")
+    digests = (_go_field(_go_field(subject, "digest"), "sha256") for subject in subjects)
+    return frozenset(f"sha256:{digest}" for digest in digests if isinstance(digest, str))
+
+
+def _dsse_message(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what a DSSE signature covers."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def _manifest(fetched: Fetched, reference: Reference) -> dict[str, Any]:
+    try:
+        manifest = _signed_json(fetched.content)
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+        descriptors = manifest.get("layers", manifest.get("manifests", []))
+        if not isinstance(descriptors, list) or not all(
+                isinstance(d, dict) and isinstance(d.get("digest"), str) and SHA256_DIGEST.fullmatch(d["digest"])
+                for d in descriptors):
+            raise ValueError("descriptors without a sha256 digest")
+    except ValueError as error:
+        raise RegistryError(f"{reference.domain} has an unreadable manifest {fetched.digest} "
+                            f"in {reference.path}: {error}") from None
+    return manifest
+
+
+def classic_signatures(client: RegistryClient, reference: Reference, digest: str,
+                       deadline: float = float("inf")) -> list[CosignSignature]:
+    """cosign's signatures at the tag sha256-<hex>.sig: one simple-signing payload per layer."""
+    fetched = client.manifest(reference, digest.replace(":", "-") + ".sig", (OCI_MANIFEST, DOCKER_MANIFEST))
+    if fetched is None:
+        return []
+    found = []
+    for layer in _manifest(fetched, reference).get("layers", [])[:MAX_SIGNATURES]:
+        annotations = layer.get("annotations")
+        if not isinstance(annotations, dict) or COSIGN_SIGNATURE_ANNOTATION not in annotations:
+            continue
+        _in_time(deadline, reference)
+        payload = client.blob(reference, layer["digest"])
+        found.append(CosignSignature("cosign signature", payload, _base64(annotations[COSIGN_SIGNATURE_ANNOTATION]),
+                                     "", functools.partial(_simple_signing_digests, payload)))
+    return found
+
+
+def bundle_signatures(client: RegistryClient, reference: Reference, digest: str,
+                      deadline: float = float("inf")) -> list[CosignSignature]:
+    """cosign 3's Sigstore bundles: referrers of the digest (or the fallback tag sha256-<hex>), one bundle each."""
+    index = client.get(reference, f"referrers/{digest}", MAX_MANIFEST, (OCI_INDEX,),
+                       absent=frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.BAD_REQUEST}))
+    if index is None:   # a registry without the referrers API (OCI distribution-spec 1.1's fallback)
+        index = client.manifest(reference, digest.replace(":", "-"), (OCI_INDEX,))
+    if index is None:
+        return []
+    found = []
+    for descriptor in _manifest(index, reference).get("manifests", [])[:MAX_SIGNATURES]:
+        _in_time(deadline, reference)
+        fetched = client.manifest(reference, descriptor["digest"], (OCI_MANIFEST,))
+        layers = _manifest(fetched, reference).get("layers", []) if fetched is not None else []
+        if len(layers) != 1 or not str(layers[0].get("mediaType", "")).startswith(SIGSTORE_BUNDLE_TYPE):
+            continue   # another kind of referrer (an SBOM, a Notation signature): not cosign's to judge
+        found.extend(_bundle_signatures(client.blob(reference, layers[0]["digest"])))
+    return found
+
+
+def _in_time(deadline: float, reference: Reference) -> None:
+    if time.monotonic() > deadline:
+        raise RegistryUnreachable(f"{reference.domain}: reading the signatures took more than {SIGNATURE_CHECK_TIMEOUT:g} s")
+
+
+def _bundle_signatures(content: bytes) -> list[CosignSignature]:
+    """The DSSE signatures of one bundle; a bundle that is not one becomes a signature that fails."""
+    try:
+        bundle = _signed_json(content)
+        hint = bundle
+        for name in ("verificationMaterial", "publicKey", "hint"):   # absent from keyless bundles
+            hint = _go_field(hint, name) if hint is not None else None
+        envelope = _go_field(bundle, "dsseEnvelope")
+        payload_type = _go_field(envelope, "payloadType")
+        payload = _base64(_go_field(envelope, "payload"))
+        signatures = _go_field(envelope, "signatures")
+        if payload_type != IN_TOTO_PAYLOAD_TYPE or not payload or not isinstance(signatures, list) or not signatures:
+            raise ValueError("not a DSSE envelope of an in-toto statement")
+        message = _dsse_message(payload_type, payload)
+        return [CosignSignature("sigstore bundle", message, _base64(_go_field(signature, "sig")),
+                                hint if isinstance(hint, str) else "", functools.partial(_in_toto_digests, payload))
+                for signature in signatures]
+    except ValueError:
+        return [CosignSignature("sigstore bundle", content, b"", "", frozenset)]
+
+
+def judge_signature(signature: CosignSignature, digest: str, keys: tuple[PublicKey, ...]) -> str:
+    """The check this signature fails for digest, or "" when a listed key signed it for digest."""
+    for key in keys:
+        if key.verify(signature.message, signature.signature):
+            try:
+                return "" if digest in signature.digests() else OTHER_DIGEST
+            except ValueError:   # signed, but not a payload cosign would read: another tool's, or a bug
+                return TAMPERED
+    if not signature.signature or der_signature(signature.signature) is None:
+        return TAMPERED
+    if signature.key_hint:
+        hints = {base64.b64encode(sha256(key.der).digest()).decode() for key in keys}
+        return TAMPERED if signature.key_hint in hints else OTHER_KEY
+    return OTHER_KEY_OR_TAMPERED
+
+
+def verify_image(client: RegistryClient, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
+    """Whether a cosign signature by one of keys covers the reference's digest, in either format.
+
+    Remembered per repository, digest and key set (see VERDICT_CACHE_ENTRIES).
+    """
+    if not reference.digest or not reference.digest.startswith("sha256:") or not keys:
+        raise ImagePolicyError(f"a signature check needs a sha256 digest and a key, not {reference.canonical!r}")
+    memory = (reference.domain, reference.path, reference.digest, frozenset(key.der for key in keys))
+    remembered = client.verdicts.get(memory)
+    if remembered is not None:
+        return remembered
+    deadline = time.monotonic() + SIGNATURE_CHECK_TIMEOUT
+    try:
+        signatures = (classic_signatures(client, reference, reference.digest, deadline)
+                      + bundle_signatures(client, reference, reference.digest, deadline))
+    except RegistryError as error:
+        return SignatureVerdict(False, f"registry unreachable: {error}" if isinstance(error, RegistryUnreachable)
+                                else f"registry answer unusable: {error}")
+    failures = []
+    for signature in signatures:
+        failure = judge_signature(signature, reference.digest, keys)
+        if not failure:
+            verdict = SignatureVerdict(True, f"signed ({signature.kind})")
+            client.verdicts.put(memory, verdict, None)
+            return verdict
+        failures.append(failure)
+    verdict = SignatureVerdict(False, max(failures, key=FAILURES.index, default=NO_SIGNATURE))
+    client.verdicts.put(memory, verdict, NEGATIVE_VERDICT_SECONDS)
+    return verdict
+
+
+def resolve_tag(client: RegistryClient, reference: Reference) -> str:
+    """The digest the registry serves for a tag now: the SHA-256 of the manifest received."""
+    fetched = client.manifest(reference, reference.tag or "latest")
+    if fetched is None:
+        raise RegistryError(f"{reference.repository}:{reference.tag or 'latest'} not found at the registry")
+    return fetched.digest
+
+
+def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...]:
+    """The keys in PEM files (cosign.pub); ConfigError naming the file that cannot be used."""
+    keys: dict[bytes, PublicKey] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as file:
+                key = public_key_from_pem(file.read(4 * MAX_HEADER_LINE), path)
+        except OSError as error:
+            raise ConfigError(path, "", f"cannot read the public key: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(path, "", "not a PEM public key (not ASCII text)") from None
+        except InvalidKey as error:
+            raise ConfigError(path, "", str(error)) from None
+        keys.setdefault(key.der, key)
+    return tuple(keys.values())
 
 
 # --------------------------------------------------------------------------

@@ -41,11 +41,13 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
+from types import MappingProxyType
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import docker_image_policy as dip
 from docker_image_policy import InvalidReference, parse_reference, pull_reference
@@ -2516,6 +2518,936 @@ class TestDockerAPI(unittest.TestCase):
             with self.subTest(name), self.assertRaises(dip.ImagePolicyError) as caught:
                 self.docker.service(name)
             self.assertIn(message, str(caught.exception))
+
+
+# --------------------------------------------------------------------------
+# Signatures: ECDSA P-256
+# --------------------------------------------------------------------------
+
+# Every test vector of Wycheproof's ecdsa_secp256r1_sha256_test.json (C2SP/wycheproof,
+# testvectors_v1, commit dac1dd4729fd1f8dd9e1e9f3dce51d783da6c166; Apache-2.0), as
+# zlib-compressed JSON of [publicKeyDer, [[tcId, msg, sig, result == "valid"], ...]] per group.
+WYCHEPROOF_P256_SHA256 = (
+    "eNrsncl6I0eWpd9Fay1sHp5FXy1sXPWquvr9+z8OMAJkgAxl0ZFC1QeXlCkxQPh18zucY3aHv/76w5tYvbHeJJNdKymUsfw0zlh+"
+    "Um5+wodMNj44Y0wwobU1sk8+Zpe2s3730upKYTbfS/JuBRtqbDWEyedjj86t3rILZrcZS57V25hraa35FnszNueYSx5rmrha27mH"
+    "Zeoexc40bWsxpFV8ijO6OP/486+/7J9//PEn8odonLPGdFddS7Z6X3daMeXGs40a7TBz9DGCmzatkJG27rpqWTlxh1lyNt2HxrcY"
+    "SbGSCdWN2IoLbue0Te57+ZRsnyvWNVyziBn7dLN11/rqc5faklvujz//6z//3/qPP/9yf/4RJuuTf4poojd9pm5GbdvNVHsrNe/U"
+    "4+6xphrH7tv7tldKs7c5duxlusZDRV+W85fHnCWuUOroudlk94xxzTVZtr7DGGaYWvLyy2+zkX+0VX0YmX9pfge/6g8RPZJZ77z3"
+    "wfN2L4Kmy01aWc1GM3oxluXOvtgRht128id1Lpet3bXajJIEk1r2M1ce09YVrS/l8i3bt153S6XPkGv2fKy7ifIUM1xvfL9zo05e"
+    "w3A2O1SpFFe9KzGEihb9EDX8+Yf5m9c7laglrYR++7XdmmGt2NpsFgWJrmdeSEXREktlWrXb1ZF4pBKqmTHvnq3emp+8kYl6T5Sr"
+    "1Okzb6KMvi1vofeODmxWnQeYaNpm2bNBXVtuqYZex/Uh/oPH+G8aG3qduzXRsma82YlmrJByccW6gqK4arxLvI3KrUsyqY4ywtwJ"
+    "A3XFl5Gxq5oCVjWMQYWd3R3rLC2ZzRtPOaXuZ00lYgAxFsyt5rCyD5a3uWRs8Z6yBK0PQvlW+kq9hhnXKKalWae11bTg09p7RSlt"
+    "s2utEnmvY6S2a59xuGWlKiaMmUwvMc6AycXuBw9sV08DH9BWxuT34nVs9ImV5YFayjvjb3Am6M8PRUkPFbN7Vzea3Byv3bQ4fEGn"
+    "WEnf7Y62pFYyyjXaiHMHgzOzPvRQbUwl5Nn/+HO3//N/JWe+J2c8SU75wm9Lel3QckfQYp9L1LdFrfdkdcY8p7TWfOZ/n09U+0iz"
+    "OldUd08JIu70uJ5UFe6F4lLfhH67nlT4cE94YNblekqR412Ry9tCP6PI6a7I+5lXOd81xb2fWui7Aa/sD9dTin4v/j2nqO5e7CtP"
+    "aXju19h384f3os3NH9+lWPl5HvNCmH6IG+6L+6Qu0cUnB9EfVjc9uzLEd+LepSgN1mhz9k+KRdw97x2q48meVuR6Vy2eTpPDXG32"
+    "tfZP0f1dBjNb44b8ypjPu+r+LqOZzrlyK/5Tiu7uin6GqDx+/fD454p+l+fYmw/cjUAdmVxrvT+tNt3lE+aZo5FP90W2TyzyrxHp"
+    "fcjyv3p/t55UY371+m4/p6jhjpd/0g3AcMeruycV9Vcvvp9VAe557Vu7C3e9duVD1jhtFD7hM8Wn3tG8EfT+icYTrujd3R7u8Uxb"
+    "2uZ1va7X9bpe1+t6Xa/rdb2u1/W6Xtfrel2v63W9rtf1ul7X63pdr+t1va7X9bpe1+t6Xf8LrpuEhfLkNQgfxK1PL+5PYeOz13co"
+    "cfD9+kb77CInU6xVj4J3Yrv/AVq8F8K8Sx2P/vnF/ihy+CRR3zxlmniMT15u8j6HMN7NcytPpBBq0nArcH5ygfvO+53A92tjnkfg"
+    "hh29T+iO9cl1uL3T4WT+B5Ty3Ih7L+JJzu+LenOTe/EpPZVdn7yqd2s+/Tcftp4uZjhTzPIwHY1niTkfakrpDDHLwy0+f9JypNgn"
+    "dE/lE+evli5PKG79rBrZPpuo2Xwiqt1PJ+rdOs2GEvxo6fJ8qpDvVmjCgX5t6fKEwvtPYOLPli5PJ3L4VOS3li5PJ3L8VOT9rKuc"
+    "PjXFn31Rnk7o/Emx9K8tXZ5O9PKJl35CUT+LfeXpDK/ci31vrTVPvM1dbhXk70++kfvseU5Y+pvbfNrJxn37NpcNtHNXJXwq7jNG"
+    "g/LAvbpHrG56nDLEB4h7v5MNwsZLN5tn3Jwpn3SycS64+Jw7zqV+1lPFnaTJP3rQnN459G5UUACzp9/qLqPpLFJ6a3PylL1V3Sf6"
+    "eNKhzQPcVPWfi+yfVORwXw8f4BXrJ93TnpCS1nRf1CfctKqfNHb2TyjqJ/ziCXtL1Pv8AiL0hF2dPwsl55uwNfZTkKDjSte1pfds"
+    "6+M+79pYn01W/6AOk/UBsoZPOtp8d1P3fEnjp5I+2/tPn/W0KTqGQJftKSjidb2u1/W6Xtfrel2v63W9rtf1ul7X63pdr+t1va7X"
+    "9bpe1+t6Xa/rdb2u1/W6Xtfrel3/06/TsxY+q/J09vlKR6y5l4bmkqnGlgesTb1/t6O5w+l3s3cLLc8pzviunO1WTvt8cpZ76+me"
+    "S0732Xv3zyNn/Uo/w2ee4oS8ymLPtqZHdrQ5ispPljc9cj61O1fW/EhZzbmylk8KUU/Rg5915SdrQ/2kKPwUqX8tLD9Xemce2Dzo"
+    "Z2X5uTLbh8r8M3XzTJndQ2XeD1ln/1B7/Fmhfa7U4WFjtO9Vl58re3ygtz5b1kdGwXKy9eVH9hvzZ7cEta48WN6zvVt99vV9137O"
+    "evMwz6Z6zx/Vx+fGav+4uKeaafeAYkSkfZg3du6s9g7mpgL5Vnb/Sa+Hc1jU7Z3uxqx+0irlm/rjk99ufKBGnrVL9MG3+vRYmf0j"
+    "ZM6P08QPnrE8LqqfzV18fZysZ+9xBPM4Wf3ZstrHyRrOltU9TNa9z5b1kfHknRWH8FCk8GNX/dTVeST3UUnnmbKmx8r6zXWN72TN"
+    "n1TlPscO4K2k5Yuq3HP2gq05Y3/1dbT5ul7X63pdr+t1va7X9bpe1+t6Xa/rdb2u1/W6Xtfrel2v63W9rtf1ul7X63pdr+t1/W+4"
+    "brMW6gNr7dzZWfvxsykGJ0h7VPbe3ss+7l4fhrbb6D6tjTZvvdzn9W7z4936GMMUfrOaVNJcbZTkYx+99h19On1Gs43+95Xc+ypt"
+    "/yDtDm4v62bebeZQZxjRumZ8GmZXU8b5eefxi6Fr9jp0LV/fZfr4Lh1/MHfvjtUsM80ws6vZzZ2cKTbvB1Sex88zyWaII+Zga0jd"
+    "NevzjtUlt1bavO+KHLZtl1tc1trcUsje12hScM1Pux4ga/pcb9+kNVdpwwdpDTe3a7piois9ue7bmnGP6rdJO/sH6O0XHQjWVVp3"
+    "ldZ9XNvAb+08Rk+75uowgsxNgw8pmDbqA/S2/N4nPE+/hPhpHekvNaDPN+jQJvPFWl/vU673SR/v43JaZoWGRqAyeIk9Jt84rEVZ"
+    "phvnS/t5hvP1Lu16l/DxLm02wtzaJoYUY/GF1S2mJFY+Olfa+bK6L73vcSd/vZP9cCd0g5vZge0Nv0cue/g4tdYxlzJxyOfXhKSv"
+    "YlsYM5leUpyBMBabH7lbu3oaaHpbuSLXGgRf33gVOxe/Rg89rVZzLwd2OFna8IVHu0qbr9LWj9LOUu22PYIXMD/imvFu8TbWAkq4"
+    "Gc6XNv7eyv77Wa2nS5t+Z2VPJGv+F7zv80l/L9KZH91vPmDlVH/36dvatGx+8+l9WzOX7W/78PysnL5cHyuq+wAxNPxstrmuErbv"
+    "WgS38QsOf3Z7N/fou92uW/aPvpu7vVv4V+9mP2Or+5Pr9m7xrLvZv8GZ746cv+qU/UVf7856f/fpdzpRfvPp98/9Rd8oe7q+3h9S"
+    "fubdbtet2Eff7VZfi/tX7/YdfS3+rLv9HX29O3b8olN8/0d9vTv1+92n3+lE+s2n3z93/vS59z5fX8uj7/Zu3eqj73arr9X8q3f7"
+    "jr5We9bd/o6+1s9s8Qz9+EXfq3/03W51soYH3+39e/sCcZ9wt5PttaZnl/ad3uRnl/advyj/bmm/5W/qs0j7N/yVM+ZxNv0L/3HG"
+    "Pvpu9vZu7sF3u33vzvjHvffT+Zsz4dmlfac38dmldbfSpn+3tN/wV87kZ5H2b/mr8jibdr/6q/rou93apDUPvtu7936/Q/FpdzvZ"
+    "X1n37NLe6o31zy7trb+y4d8t7Xf8lY3PIu3f8Vd3OxZ/YtP/8qr84q9sfvTd3tlkefDd3r/3fwFX/zfudrK/cubZpb3VG2efXdpb"
+    "f+Xcv1va7/gr559F2r/jr1z4vk1/ep9f/JWLj77bO5tMD77b+/eev//ev7jb2f6qPLu07/SmPru0t/7Km3+3tN/xV94+i7R/x1/d"
+    "7XJrrlmqphpfzF7vvMDd3rI/TtWrseHduwtffdp+8DA+/u7T72S/e/701uMvvv9s/uqz4/1nv8xJGMb6d5+uX3yzf7/ad3tpvq22"
+    "198fPfzdjpbX37B338/dvpI/TpE/vp/gv/r0x/cTwu8+/U72+PnK2A/vJ6SvPvv+/YQvT9U/vp+7vfnevvnj+6lfrPbd9xM/f6PY"
+    "5733cze3/Mep6cf3E91Xn/74fqL/3affyR4+XRk+/f79xPjVZ9+/n/jlufDH9xPzF9/84f3czYt9W+377+fuDlQ56TTh3vtN5pGn"
+    "fB/1I9lH3u2jfiX36Lvdvru7+ZhvmZTfvtt7/b6bTXnavd7bR4qPXMWP9nU3l/GsJ/tgn3dzEc+ytrv2fTd/8JM7/uvs8K5910fu"
+    "2ny072weebeP9p3to+92++7u50DGk+723r6zf+S93tt3Do9cxY/2fT//8aQn+2Dfd7Mfz7K2u/Z9P4Oy/bTMuzb6WSblYV2/2tgn"
+    "WcX2LgYu5vNP/8pR7mYymiDt/KChd7MQ+eT4hZ+UT1DeoRm/6Mf9DMCgN/vh7d7P/ms/38vdN3Q/C7DcvKFffiN/9XZ++XT56u38"
+    "8un61dv5+Om7mXS8l3jvs/b+Z8e9z7qv3tAvn777PqO/t+N3N4fMlJ9v5tff0FtNvvrC79WbHuopNNta17NOs4oh4C6CrXF9rlX7"
+    "Kpik5UZhud5smtbGkEfN2dpRajnmBKaGW4812zG8Ub2kbfxwBl67X6by4eya29XO7NGUvWcqhHUVVe6wbf/jz//6z/93EVNqFHiw"
+    "xP9mxOUXfLgR16a2WkVot1PkHmnnMood1e6RV0Homafnjr6EUOayy9Zm1ojF9A0KOop3oxszJ8dbGCmlPDa/mPsIebo8c/HVrsJS"
+    "jJjLtGP6MjwOzfu+qiur3ogrHc6sqGddE/8E/qne/qwU4S3UMWrpi+fIM6Tad8hp7uESK5C9n9tNx4OsHV1oLFJGqNjbGN35UYo7"
+    "Wr5XH3jqWFUZ52aZ2WSniqKQWAjLmxu25xJydXVas1rydrbRbeoxDe9uRL4YEk/jI6LqsoiO8DernH33o/KlLKWRa4/FcncX5lyl"
+    "Akf8HMvP1cyMfjfM3Ndat8mtl9auA2V3yt30slAFn1KNvedZ+jYtRVTHuDVdbL5GX3KPO9hShhnB5MhDJ730HyLLmj3ChuMfc2i+"
+    "9fHdnlrfrXtTCy+XZejo2W4s7S61V74x2pa3WZ3nycn7XLbPC1dj62St/ZzXb5kzBb2qVbzr1qAcbvL0vIwQZs3F8mVj9Z7icK1t"
+    "y8totZceasnL/9Rkf00Jk4FKn7XSRhp9O77AhMZX8sih8yK1OFqf0AJ3sMNu1LphmzaVjnlhVpmFHnFMZycqrO9gKccKNmUtMqo7"
+    "B9aYY2UNQy6ptGDSAAekvcDTOcbi9kpYhp2l9OhuBLbHKmfETMf62kOz3btVXjOlOXzYIPE2+K7kZ+CN72LRy9FxQLZh5/w2P/NY"
+    "AHbVDE+yVmvmOu+qgujxKfygduvHtJVndqrrnHFPvAzGqYK/tOIMM7XeC2oyeRkoSBn5Rmh3CK3SXJlfuRX5KNTC3fbMe10boxqp"
+    "lFpnCNv5mNph3pihSbwLP3Bew8TEG9jJNOezimwvAvO5kvCJLDAuCmXdY+TSuGkarUacTu8B0sVt/JYxdySPKly00ydrbgT2V7WI"
+    "0uBDKY41f7fKdSd0dxVVz0ecJHaXW8sof09juzqqXy0nrJPVqzxw72aUhZ+qOFb7pssuNT66glkxrmVKNaOGwBdArfAKFU3xfiVc"
+    "RJ82LnQpEh/wzHHVam5VIxzBIx4Cu0NkmWB65+YII/hIloPXl3vKvk23WSG+OSabFWb6Tnq7BfXGaaCdO/QGKN+4qcuwPcNj4mtX"
+    "KG23FLx0PaL92U8zeCV5Ht0MVp6Y+sRVtO3CKAPpEyZzI/IFxcQjkEhB5OIQ/J3Ie46sHamc0i5rEdsay1KhngQ4P2NiPWKMBkcb"
+    "/GxpeZebK7zVUv3sxzwa/HeUby6lmRJR59ztasQ1FKyuulAmLS74gEDVUKyMXWz5FqzYx1vVuMS+i7eIh8M7jPC9m4tEQBkXMXoB"
+    "DmaKPqMuaYRa0UZcV0xY5WDxBg9leERfNk+Q00r5+uC4dYIwyzGq62miDxNHniDfce25bcXUQp/49RiIKb2hJFiDUVkzGP1WNfI1"
+    "nNSrcqQ37b5xdF7dE3BsiYUJsQS3Rs+1hBlyRF/xSUjQ5VVDdVtVyyUOsNpyiGnaMT0lDKJlD7kRS80ubq6IeQ6tEX444hrt4VdG"
+    "3HpSQEGscQ9McNaKDt2IrAgYDyiUD1FxS6z6O4ExJ2BEXGjNjsGUgDMmOEdiw65rzlxZPQt8kVYnhdiNi+57orlz7EPgPGxssSGq"
+    "C11RLbbEcqvFRNurZxsMX0WwYcmN3lSvshCPx855zRuB69XJpcNfmMPV5XcB22NMvBk0urmBrwPMYMYFZJMS0bAut4oFdmB8c+Hn"
+    "kqZDgYBQr2R2vGCMlPkjnsZunDERG7yc+EzKW5WchEsW1k28QyJCbUXGiWv2PHTFN98IfKTgXaBmvnoMJ5FvBA6hgTN934cud49P"
+    "JkyNDBgCjAEoPfFqqgfDWiC57lysLGBHgsxaHivsZgBdOE8UXBXkaufkteF6vWt94X8DOmftjhn4C9khdoLF/AbFYJEl3Qh8iX3u"
+    "+OtQhuN/022wxsnHzgoBAM3KffPFmAnQoUaL6w+2E1o6q95ambyn1VkVsA3Iqeh3BKtmBKANLA1GiE+2fY+A1eF2AA+m8G6QErhW"
+    "2uIlhDVQGI9jMSrR3/VGYHd45MtfF2RxiPzeV8yGoKMf2BdFR898H56oUbLZfDPmiCqOSYQYhHIDhE/bRt4aWKS8pUUAVonWOIUV"
+    "AVfZ4AlMWgvdcjHjdUBSHgTQ+dpaeZmBOGwdaih1ug3W13y+N+ipCCi0XG7CdUSuwWsb+HmkssllmHo8xnBLLkwZzJCxbQBlwoOu"
+    "gRSWCGkEl976jgBQfcPVyog9UL7UubaglCAdeBCIyvKjGy1quVvDq2YeExgWsrtVjAvRKofxxYOPWIn+PowkC283CRcLfWrGEllN"
+    "wk2DL3C5QagUVxZznPwZUqAN1YXVJk4hmQPH+V3BbwRBfMucYecIzSEITmeW9AFUVTduEWRrE++Bn6GpPHwNuEON/fwhcjx02R6Q"
+    "6NDiyzq/RxiwW4BBTpGIisENxbM4GzADh2dAc8micwNkVjeYyBBviINTmMnxqcu3sN4oUzVhCeArzuy+UClQipdTlFfDakbH7RGN"
+    "Wlx540iwyzpYO3sjtGKfu2pzPtYbiPZRn7vCTxf4TkQtMwvopWXestTFdlOyj21Nzz2I1Og3GiEEzF8EiCssqhOkFGeHRcJsun59"
+    "gqHw3oqPBYgB4q9yI5DApXDKG0BwgMgw29wE7GueoBTDHXptjn+7patEOmyK0InfrAU/nwTcCkECSQFDIRAdwMa871gbLxRnNZKF"
+    "Z87NIxzsGlJFfIRmgC8q0ZhIB/zcJa2g7jTCCbunYsMAbHMzkADrKGkb7zDfRD57iXz5oKnm8M/aErh1c0S4DBgTPwcwm44+gFj4"
+    "StBVtGAkwEBFQaEIzu6M3bOkBLm6F/oQLyP64IV8A4gZGo4bhGkRhwcBgDhYLd4bpCWCg5cjwtjo0K5cBEchhvs2kNTDzV0Afr3S"
+    "qfdUNTroxhIMBK2hfzo/WB52jT/jddfcgJ4dfA7zXngpS0io41gk0PBlQyBFtWwRWCXigOyHXhagOixcMLwcfLKhUwE5K89LlEZB"
+    "k3hwExP2PwW+JizGI4T8dHW3Lk4v1DvornpgxckbRaA5Ylm7Y5SawNq9B7lkwD/ukFjFIjXxOd382mZozLVwvtstIFMHSQ5+E9YL"
+    "Wc1hJ9z1iNokIObB1aAGDjtssAp1qMnpxitfsxbNseECZTtUQ/D+VugUUQxuh/EXJfgG+STWD8MB2NneFaQ9DxYjftdD1JBPANQC"
+    "6PPb3nBDMfgDJ08yQVN8gTZoXMLVTIA07j7CvFZbfRTeVjkaAYEJXMdluJv4d01eNAfoTAe6iAfYL+88RosBR5MchBf9ma7vo7OU"
+    "1baKBSynkZatPaijWlH0gPeI1rJwwsHXxj2wIR4QK9iQEnxBqhiyWE7Gq0BiLawRZ7ADcADX0XSAw+e9SARe6UafjyzGN3D/hjPe"
+    "BxM4egeQxywUkbz2NLawQBAbtQ3iz09ETDCGlW0PowGICWNbOxrtAEYAtiaigo0V1q411A1N2MAiHD24IAAsStC+bMWzN2AAsheo"
+    "bwX6uxt4fyQy1kMxytVr+Hd7GJE4TcgoAbxQAGboloIWLxASNxOmWXGBuMbYsD1P/Kqxe8AuIbiUeDg4M/du82Ak4GSwB0wUlIof"
+    "6egrbn4BOwfgENhCTAE1piErTbkOHi7ciHuJfelY13TZPFQoeU9UzfDa6cRFzI5mdbE3aCjBBZcMzsoE7E3ALeCL5EATIcJTa2at"
+    "LFToeOwVMl/oW2mewEzwaLx+gjhyY7aeFcXcUgix2oMcdjwLrjnF4MKxgj9ETj80ORzimmMLJt5u0VqwQgmQykxYRdDJ/xsHbpOL"
+    "WugEdIK1im1ilC06zcuGpsL6ILOlXHb0cGwl7qjdRlzjtL1YiKhfM4Bnw1wWzwpOhbWG4oZrQsloWcVKjbvBF0dGZjygfTj+OnaU"
+    "38D9W4cjwE3iA8gFeC+QXWKU4oIRlwe0EIWgBgXB9wweKVnlufvE4eFmj0n2CbRW8AVgC94MSG40oiYain5ZFn4HWWWzZmu7cvHC"
+    "W0j4d/hUhCa0G5Eve571UIl4qIf7QFHFnl3ExYI5tXM6AzFg1qG9MpwIulCdSKyz2v1kmSJIT+Nk5yYizoNABYfTzsQR2DZLh2OA"
+    "WJhy2TaENFYetOrNERp5mywthHcPAMGEKtTbMPLG+MKhw/HYpg23uxcGPbWpa+e1lY0HI0S4QQyNPUJFBPIXrhlfRTToRXhLPEPw"
+    "bhP4unsDQykQHggOE9FrFsLEvNS4rMYZmjtITmBR8YG+otnaLV0Yc7EDT/1T5CM987IL566bLvaDN+4LyolHBFqCYcG0AIkM4EVL"
+    "18R9DNgRYdoXFI8wrh0ZyDTQ0RdIzL4GkQWhJ4CuBcAkOoD2oL14OVxEx3koqPgBqcxVrskofQB6CF2ArYC3b0zPv7G+dATreuzh"
+    "m3dxD54oJGNKRctRrqQ92wEJQUMhmHxqo3bO1bddUMcCDJYUkI9mXfc7idRoLhq8EVG7VWDcrn3Nhl8unY8P1BgqSzTCh/AVuGHi"
+    "Fivkq3U3inEkal70+NgCuG693EJOH7W9Ev0uc8M1Ddwsbrw9CMdp2xfF4CkRhoXfwIxjMz2OQdSwINKDjVgPQt0NKoYriEATC64Y"
+    "0aHhzQ7PCido0hoTFqLtOYgfxLaApCfRf9wQqCNPNBwxrxyq4S//e2t6IPRibMsL1tQhbY3oUInQTQcgWbuJ2AuuES3xEwc4YodL"
+    "ELcqou1+PHQDoWKqiJ0gWzuLzW7HrbZOgjpqFNZ02ghy/DZuBZwPXC02O1GaG4EV8crhid+4iP/g3ESbIe+NaBhAl8AKqKTrJhdY"
+    "Xfe9+wi+BUfwXlk2eDNBMODekB5ofwQQYoodRDaLwGtaQuGc4I5seYaMCqyBd4M8BZjU0O5GmUTYrKPRoB3FG4EvO5322GQxh7gS"
+    "O99uz+LA1RMUSbjDJARtD2uF00DV7CoDYFzGtI67s+wTgrUzkZubA0SyeavoaiMsYTWgALoPbsIWuiGGThi2zXETvtGACBGA2dSG"
+    "D3HYNdh+NhT8Znv2mrTrD3XIBw8Jt4Z3JBIMQALOvUKQwqygnQX/WlVLj6ToGu5j89J1lEdIFxbPFhCsw1V72XDB35Ye8R0NfJbX"
+    "zMTxNlfZgrTNbtQg2bJNF3TD20SM12nDPUqjbkLIkTl82SGyh1+WyO/PRiDNuGptX2DYCQucnqXV2eEY9girHicMm/MtAgi0jwwk"
+    "4D5y1bWVN2APc2nYo0duoijrgO+COEJlk4ERoErEi8qXQhgqmk7IMha/vbOO829EfjvpS4dju+zfx5/bWm97wRusrS1AwMroHa+r"
+    "sybMCu4GhuR/rDJJLJFDOC3yPLK9trX7XsxliHaAUxN3BygiD9x61fZECjBnX1bi+yf0ew74YjXgP9DpyNZKHY/dtBuhL4zvON+7"
+    "sOk3cd8gvfZQeFQQbLDaHUGJs+kh4VUnDjrJ43Ff9KVi/Thv5+TCeSUt5vQW93iVZvU8YKqWp2NZkkiit8JVQ8EjLMgVSLCAsl3H"
+    "kNcGGxC1cbfxp8BHMnc+cPGFUZfD+N7vXOALAO3a+C6oWUInoNmYnbWosF2BmK3wgsL0rb2uiWjCc/z3wDdcwwiEqbmtwyuwlV4f"
+    "3oFATOgu2dkIXYByrbq1LWQrKBa00jzoXpQSPnEjtL1ugWt94+GVDzR3Czpxu26iqjD/grfdhKKejSCcg6VpS20O7AmMOTEiQBI4"
+    "mpelzYiKu7kgOHBziQmLO9z41h4JX2u3Hxi3j4Kivq1VrPbAO96oZqdQhMaj/jcCX/jeJZDEqz6724N2c2C3iS8NfbQ1gdEAMxxs"
+    "zwJDLE8hCOP8eOnAf7t5oRaGN2ONYLZ+LaqoeAO+CJjjZ8Fk+SNcE6EdtUUd+FUsDb2Hi9c88KaraNcOWBm1eXgTqsMl8pkrSb14"
+    "DfNusyXAeVkI3Lx26OHAFc8AnbZJjU+H3Bn0OHTrGnRi+yPCGe0bqmN2O47Z7ewY2YYEQhG40QABBR2TgwR9OAK2BdZV7ZquDXKy"
+    "2kisseBvK9T8RuBwuDhz4Itw7BPFn6epF7bXobc9Cb1I9cwO0LC8tOKRl46/wD+r06OLsO3UcL6d4B5xsGANe0yvD9pFx151Rqhj"
+    "PvzvqnA+/B4KlURWZXx4ZyBMiXw19IEXa8qCS+dbpYjHpuFlu9AcOFlKcdunk5injaumHAaYpI4CgF+jqJVwDssk/D4+Laupr3Zu"
+    "bWj4D4CG1Ylpum6BQ1yVl5TByWB5eWWfHK5yCsUlAO1wdS3M1gtv5RzAGm11Ik2tZrgbnxze9jntFb/lI5SUdyfW2fJyC1y6g46j"
+    "Ul1YdtwkD8yC8i6VcLQjYlsnLIA3JfSil2WDi69eHavFpfGy0H8IZFY01skCPgSwgppDIBwIIPIqcaEj8+oiVpx5VgL/jchvu5yX"
+    "tBx3+Iv0Ti0wbt5VdHqhIaQAtupdmxIG7Bl04jF1cFtQCg/Q6x37BCR1be1buevjHHXwgmBTg9DpAogi9TXrUm6RWwdDxVjBy4gf"
+    "BPuL9mhQcJ4FQ7kVuBwh5ILhLkcMR37ArcAbpQxBu2kCsR2XxMqA8lcXSYITQZCb0TY2oH37OjfAM7esJAzXL5AqVNZfp6KuFhQI"
+    "zFDxxBNgAsYg0DkQV1L3X+XroGUEblRP7xPNKDepIke9SbhueofrRsD77JZqCXh5g9Zg5cvlUVjyKhjrHTrSulKKDHYYkT4VOCFY"
+    "CUiEhy2o2FtuJtEu5GA8OI8vQsbolz+YKPpLPBIGF/TkGWFh8MTE76NiCnBhvcGh/0BoZIvVK5EtmewaAL0oI+jIO0um3PyED7HM"
+    "eHCjPEaZhBqaFBYq6YwHYSCBrW7eB6hxwniLOqoDno9cIdYWhD1XJPoa2RcuMRGawWm4C94TcQ9gv2tt/LwfJBiCFgK+KaId20BN"
+    "lDDrO+/jjz//+svfrdZRrorFI6sPNiGmrJJs7mYE4SaeohKwWj8jhz3csOb4wJLxcZawlyTCb7x11i3uWaf2flPXpsoOB8XFn3Kb"
+    "Cs2FNzYUmpBCHLukDQ64msJFDLZiDw5rw3lnNB/HAkBASXPEO6Tq5tQWxbZKnAFcAZKAImoeX3HSQmt664/rfRL2qXrxjZUGZupr"
+    "a1MlVOFDLSkhj9/qR07S7nuNfTCmKq4EGmtzE3m1JTxisnYTtzR6YdYCw884QX4pgDDtwFonsY3QqL044lqp22K1APIusjLrdaX9"
+    "p32z8/7W9XaEhz8kfMBTdSAsQyUcEpVxE5BjyDeBUgME8Jr7yK9ceN0jJMxdeNTvr/OxosFlV49/HdrS3LG3pq0pr5waUH4OykDB"
+    "u0JQWgXJoGw97AyXqKA7UFCT27Usre3qwp5AUNAqHdInbSfjm9dWDgYQ1Q0zjLb6YFzm6sfudpwJJ62zUvcCBG0o/cBnHZtwEwDD"
+    "nDCqqXMx0RTleUXACHgymRTk1IcgXIvfX2XsBHwYjlSf1EDhgJueKxEvaVMETRyrlBZgnCoNCrNavmzAhljM47wdKKIk2o3uFzAo"
+    "0Ab9r8NBE3UMrGETscPoHCE/FLcgr8BUMD2wIvXLKn9RjRzfuiN890l5x3ksZT5kb4HRfgMpvd2gPkTXqYj692f4LmG+bG2KWlRH"
+    "2tEtfygTWPAwkIZpaD1AA7Q3lDS1ADsQy2WPgw2gjlILtk4EloNtaIe4Xe02/e5J/fefNLas07e44IVVyasW080E/6GjZ3+kWQ0V"
+    "8PZ8cCaXoDB5AWxyxsL22mlp+I42mDJ2AwbXYBmlHKCXDWYJT91oR9yieV456+DD7gpguVh/edL8uyc9QXtHhy8KnSrbXJRVsHUm"
+    "AE/UOePQpklcDnOr4CxY/oaENB4WjjEyNMK0I5wt1gYP7BxIkt/GyoA2JmjTUGe+WzNpvBUpLNqGFkkygDl7edLyuydN339SbbgG"
+    "SIDSJmcdGRDfYSZN6Yk8C0w6oMFdx5B80uKGo21gNuK/uOKSW3PKWUfToVM4vWEHZo+6y7/bDqtYwgSshCgMHhIOsZtXolLL6fKk"
+    "X0wFSGfZKTY5oNfamUR0vE63CfevBMBePM49xCXFhGRDrzA7HVvhmiJxC1K4TSxzWGCwHiAQ+K124Vmn1qG3FVq8ls7Fut95rZpc"
+    "cF3faaGuq17jazK/e9IT7LQAqMPBzpWbhlkBjJXlXLayhfZQLgfuE/4cABtGpK97/IrAB8+C59W+k9l16YyUb9X+EbAPPZ0mWYD9"
+    "HoUA2WB2rFRfAzoHQYENGo2Cujyp/d2TnqC9/OcSwbZ+gGkGJjcNf4rXLNO1vJOwp47+gT4241pSh4NpCzS0hY9NPNH2vKUGYpVS"
+    "AqWmNc6juB562LO4YUyQ8tGAZTDLEhSuttXLvWhvcr970ptN0vTAhtX57WbfRv2+ZYdXwAPGbIH4HZdFAHIgnx7r1o7MIv4oc2EW"
+    "0cuBxVdexoE5pnaUZkfP9sKPtgw9HyP34YqDluFAbLgUE0UPsLIenFSEV6uDaK9pwmVdv5hC8e0F04nHLCcs1dQZtoCN8dkqgSL0"
+    "FTReBR1DCZMyDHiKJa/B5wj0RdkleI5VBNVxOBuE60xKJmJKzmZWCZdBsB8ZjG611BHUEyrqq6MEfk3bOKPUcQ0V9wvSpQ83QzTK"
+    "tug8JMwNHfyljscmqv34P6Wnb0C4x6Yh7hqMNWFt4A7BjlJOgN4F9+j6UgKdsk2KWTgZqCFudddZewUbFm14i5ipJm1q3YqJYSx4"
+    "qI41+7BOlRO127rMYaoVqw9wSfRWm3pAbVf0ldHuoaImpdETn6+g8H45/VByF5wWTfchV8LbW9kMLj6g2LzSWKzOGWpWmMhKJrNW"
+    "yZjLgluBAjCyBTFQ8kVs6OJKM5+w8aJauorSNG0K4ZNU7aZqIaCHySG11gMxVsdAYhlL5X1KVQWSKb80hYXS9WVBF7aBOZK4IVwz"
+    "KQMzlDQJx97lSgQYY+ccloNPTiiETqaiuzq5e7DLS7/wDCpFIdKodAtZ4pG0jERXal16DvrnzUjf/vvtn4Q8qTbwz4H3BtHZOtj/"
+    "UjES7+MM4Do8MMtqo4HIfCS85rpVSAQ94v+J7aWhZfmSyx2BLU2HNESHMUfklyAac4ces2Kh62XiraKKYnINLukIbuxlVGaod++W"
+    "xozh9cS9zVXvyt+wUexhJ+DFBCCbo1AhE5d46aHhxjANZeZhBMWF4yBjAaqId0OJOqhA//5a6WBOtaNzKZ0fJFtV6VdVTRjw6ENV"
+    "ILM6JfPrxDEKCLcVs8pOsIY6Z8QuA34MC0aFVG0oQ3QNB1bQMp2FAn4tfsZrNCBIZDtoICY88TaXtaqfahsIA0TWdeAGSs9QhqXz"
+    "5fFWMP/Pr6BRQmOFtwInEVa7tA0IQtCBChxgSnUeJnkITkc2nL7CpPW+WyUsKs3Wwh2JETriLZH1q0owb8payW1BoIzbjpgvHz55"
+    "ZfLWVrWRFQZ8rODdthPhjKYhYV6OZ67X23fED5eHLuCNiIEmTyWTpqMIVFl0MMRsvr/OyxCXACByg9Oo/tArmz1CXzDGpliALhPr"
+    "pkoCnQB8qBYA0XRm0FDlpFP8Nko3SQnzPUFSDFAyuaJU6UFcVlmh9Ur7ruMoASJSAY/4g3ZZ53sw1wqkVJUPh6A0OZgHHEdbjfpp"
+    "0SEVUCigtNz5BI0DhhGjYWvHwb9X8j7LsvO2vILYE1i3RGg4MREGk7TrY7Xv4+B9UIIy9yQ6KnO3BhAHGDjYotlvVTNos+M3XFvV"
+    "4Q6LjsLTiknV1Dj55LxaMWgl7sFguw6brfxiTzyyaszXTjvumZWsffypysaSgyWCjVS/5ICQiZh6QuzsOoMwKwGdLCAr8uQ5u+V7"
+    "HEFZND3js7pSPBqeQOnxQ5sYvaP/xAO9wLTAEtajylogcC1r0FRbHVmmWONUwSALbDfEQmdc2uxRCoDF311W5jPMbxUdAcv40OSV"
+    "iE+0xR1h+0P+V2XB4/op4TK/lKiYvJzEZNnssgkj4yn3CaQxRKXDZTOUW9C7456AHhVijww8x/aP4vwVtb8IUGfJAHRF1UYCGJhS"
+    "AqZAr+UnynHqkburLfemYrqi0kRzRNudeSBoJhRgTnkhQPMFZdxvvIIO8ZZMazDsHouDYGPeQIOE/wsK5don09EYsRaifnx6OYQd"
+    "yizAC0CNvEq/0fKJPVcFngq42L2esHJtdTxEUy4BcSepZgEr1E78wN4mq5qg1vU4gvZK1+Xz0yx7JGejnqrh1REiurhAmE1HH0eh"
+    "nLRIpWZJ221Z28uYMs4Y8Kv6jaZD8TQvK/dpE5lve+p3GzBQ2JweeytzAivDszu3Wm8Z35uU7tGqQIGBoMF0svUTYqDMPz6UVAXh"
+    "vYDwUePX5nDZDbiZB+qh1nyPMp8wThbCFrdxrHKEFcOH0qBjvLpaeo0q0OfJxuWd5E83+b+/UDym2jSkCsMMUOqiekCCWjhOTW0B"
+    "SqRJuJ5dg2QtikTkgnUHgIktpfYTIrA2qWFfdikDQdn2C2bC4gC71LqhVYhrGQTMVLsqSSSlqk0auq5auBqOEkbEsdrAz7lKMNw0"
+    "j62M9oGppCTzBuBJgrSN0m2SyiyA1pdVLg9dZehQMpXwpDwEB26Tcjl8yoxQrKlcNlV5yZyBw8NWZaCtWKE5ieh4AmueUZkJMKpK"
+    "/NnBphQsIVTVv0MpNjjGyO/asNQYAR1QNhbAQ9mIoF8Hq1qtqWRbBydyjDi/NXZMyjReaGwI2qKxYOPRhPx7wDBCbya3o5uHVrk+"
+    "VpdVNg3+3w7GSvwse8RqGy8dPuFYVHgXoO0oJkID+HmwwGudb7mx3Rnbwxbqp2PrpW3g7fETQOrFGw9yBUgWQOsJ0JNQ1wgJn8pL"
+    "lAsIQJruEdhnsLmq1olMUMPEH6HOkXA4c9xwIEDOXg4zbFtTnYliqnarPcgaWeW7ranOW2VPJK1OFcuazJ10VhMX9GzVCAcH0PV5"
+    "dBbgP6w4XSnB+Kot0BWUI3zCcQOvTEuHTnZh6en2RFZo3C4oJwTTCs1H5Z6lZlTNoEpVfBnMDZTQVQjQjpwOC47QEfEeWx0atIZK"
+    "oxXlXgPIAoHXvlrKukUAWc2SLh7jbkuv81bZ6jSrq8ER0EgYGnKXAi4ECuqJ7srfTmooAVoU4/Rx5qMQqaqhQD8hlWCq249Roikx"
+    "oXuiQdIBW1V10VI/IFCZkgEr+A0XBextSgw4joKcfPVSrbaUXqlw8E88tabPA6Knija1aRt1MFmjyg10Aqas4zi6Km3ThRndbYd2"
+    "ol+ODkjHA2NjNajNjHKVE2Rtq01XGrxta1nV5psvLCJBWnVXhOc4Ce0n4D7+d9tQVgZDWJa1DyV4eax/F3UWshVXIGeNefFLcsVA"
+    "Za8tByIz0S3zB0m7JYRQgxos3oYyR5Nyp8LRTENlPiPFaGsILHhEj82h9+Oyq3S3ldyJHgMqk6L2THDBROnaplfOa1R1blAWh5mq"
+    "BEYHjt5vy7M8FUPNeUv4ExIJCnINqSe4Nxrww/RZeW9ZGYBK9IWiEx8BDU3pY9rBqg6lTEeiH2saK/hPu34AvaYsZLGZpUqCMJqK"
+    "QQdEyhz7oknHer2oUQRUAb4x82WVw2N1OThgjIOVBnxFDkMHACr3nVVNUcpAu1FbyNPGiLXnEZSWmwZ/jFc7Yy9FnbLyynijXpvF"
+    "e+QawBoTpa3CaFBC2HsaCGaH84TqPrJTrb4nlqh4P0LCpCTK2VaXN+X+OoCGI8xFz62G3svAuaisqdojnbEXGPi4Yoy77QvPW2WX"
+    "YLBHgxrupD4PUQW4kHhtRzgI7FIdcNDZt9wf1Le6kjNgj1/Al5ywM6jtVDW1kV5DCBcfdcA2mHSCPoYaF360aes8EaDxb0FFi7hs"
+    "2IZdarg3rErzp040zZyqYsTJVyXp83qEn5SsB/vcDoXCdfClGU/itovzwkrutns8b5VZq5E7eLEsubCxKk9vVDRowJLosYX5B1VE"
+    "ERVz0NKraKXAlje6fUL0U8lp0dY0MNINnFMuRx+AqiT2MKZTYsnoYObEzYnGHW7UclcrGOlx18ZCgjQtwmf3KvEo+AjCN0S9QvNm"
+    "5B0oj8ntqiPoxkKojBQE02y86vJjuV/aMJFFdJtHixrVOoqOrUQg7B09NgTq6VWoryz3ngt/qNMtU5LKQU84lbJTHaiwm95ahhKN"
+    "gJkHlxugbu4VQ9Fx3S6u4qlwHkUl0OCM7tUJy29taUxVFihHxmON2g7FMLfSA1l/ZWzbgtcHSS0jjsufAZ+cKctfT6VKefAq45kz"
+    "8BgYZL3HAvHE0DFEHGpFiUrx5wuQ3FSi0pTIM7WvO9CtMNIpyWXabgZ4BXSP6LZhJjpsd9ofQgEKUU29jILav6h1AE5MT4FibmWh"
+    "xa0cMUf8VMK1PxqKNSd+Pfl/nI5Ri8WtLjtHU88U4l4NTe4N331lJY/lfk5fnWNU/Td8ADCaWi/+6EYD3ijaWRmE56itfWtWbgAh"
+    "tagAacV9hi5LDVW4BP85ik5B67nFpKIg0ww+IAp4DYtnDlM5iBX4DjJWfrkFAeFM1IgkaysgZZwDoFqVRuuobQmgQSyjQ8uTitCN"
+    "WSJZoZdScEJ+XPxyfSz3SyOaNjaBgqjhCmhYmB+7VIdHp35LFTin6A1l8SrzSk2tJZo6v9l8QvTrE+cDMerKE4/GpwofNmrShn/F"
+    "A7etA4zYVVhZ0HffRlYfv77VRDEe9cotKT92NKfT1qjOxqMHZUsuy9voHW80YpiqELTH1liJWKX6NpRLAlZ9LPeTGiuBt6tZAu4g"
+    "zwEP3ar3zFtb0h0GPgnGxJZDa+qCP5jhclDjhhM8Ro/eq1ctJCf2o7tizjGrjWRaUecFy41S1KbBi29uHcauoa4u2WzU1uLpAkSj"
+    "jBEL8A7qDLr3G43ltUSont15BmX8RyC/XyqgV/MSdU9Z4YKXq/ttenO5rvLHdGegDKQjAtVk9bjXOsfRhXJ5CyYr55w9fnuDeR/e"
+    "1PaqQwQ787RKc1Stg1LAAb9qODGiSnwdoUE7gUPtAtTpVUXxcsusZVYnHkK10q1AJmqOycdU5DV4DHWhUatxX1AnoqSqrrRr5OZl"
+    "07/6Ry1zPeNVnRD+UM2EhhUUDIOOmC/YC2TX8A9KMlerRueAIPiOBshT/yG4CVgiaBdOvcCmbdquV/VR3lOdMJx8Ms+Hi+ebQVAj"
+    "OB19eZBHx1G0od0ZIssl/NXwzKt8AsVOhFzccdDhlFNn0r2Uom/4ehCyXBcmpAY6puyE82BV505RDREz2grVBvF50NxQInPXFoZT"
+    "C0rV97SZbau4JDWEKq33AYNHjzc8AHmC3OZlleOnlScnOOajBR3Y3mnfFRzlkmiITwCkGpxr2vxlCZRPAqbFIZdiVK6o/BBiDmKc"
+    "ATNKm0ezedX4TSFIdeXsKhbh9smBL7Qq0k/1NbZFGSBEYEsABvc5HQATM/DWVdINwWZLqN4b4jhVV1y5cw/qsl5VlKX6Gu7Rm9PR"
+    "xWXzs6YHb2W02KZK/ZNPs+6j0esyLXXi0bKjD3WjXU2Ppsbva9ioUj0l9+AHT6B/PCrIAc851pSJ76b9SbdBFWoxk1l5gt/YsNSj"
+    "9WRTaYmZfWXVYpZYZlcuYVkpdC2gn02NRmSFIOtc+W/1FfC9mRR8h7MCnD1sQOUaZV/Sb+pj6d8/n3wD+wjqxKJEd579qLjv1W8V"
+    "BgzltXX1n6rAPKVSQCHMAoooewGWD4xfRf1FesYeUj/SG3EkAWgcMwqstsYBVKQFj+o25qyFtq6Jf4cVuHVJE6vlwT6jXa+3b2kf"
+    "rjyX9sOq3CMKLf8JhHZAf76mrBNA81Qy7FAT0R6zX1FDAtQyNWc8QZlZByMzsKS5VmwMalTVs6WvvXP20WgTD73FCNVNTF3eMMaG"
+    "LTYRWpvVtzIfxyWYiLUNHwiWK5dm2s5caHatD64KXNWuoz/bVj/2fHQDAx5bnKQa9Pe81DnEQFyzU8Od3eIUSajwY2UonbDOq01r"
+    "R9ZBfwXwuq0yS9hegHnsxnvetYa1ZewT5qFUvpyUF216WnbbubxKKUDTDcgyB5R6HAnu/Igw2jsBVX3n1RZMBd/qPuhtwQ2BbDR/"
+    "9K+/gjEPXmeWt6l9xFYTa98AoV6OLBRv1XZqOfXeOpoF92OOhnoyRx3ldzHhWc+o2FD6Mko4gQ52qZ2Ah2LumoaVs4XB7QX4YrG9"
+    "A4OtAls2E8GT2lXUqtakan8c1NddCeWIF9JOwGmgYfFNPAbAJ44JoEsJaM7iEwVsXXte1tk+tPrSeFFU8P9W+rK2GY8CHJvUKcMh"
+    "DIoUAPjqfjyPeR1qJgIlFIw9+gd++9DEtBBGqyEfzeWaKvKSMq/r0EAEPKjOULNS/F1SoyaV80xl9oLggEBKJd1Q1F1GSHBKNWgO"
+    "Rp5nYoEzOE190JazihqDV2Y6dNKtIA/f5nWV3UNXWT0HhwK4htdMvlkpPAB8dQveS/+EYXF6TX0Aj1KGoD5LFTrslYl8Qgysg7gU"
+    "HS9Xa6vNKPCy+j4l1SVUbRM5Aorp3BMHxrr15LStX0BoXclfqkM7OjEJDs6qXSNc8hbpG0qKxo9rFwYWqVq1IRezeF5cnn/T5UdX"
+    "bGuRVQzEIjudPN0usgXeKWdHjcbikEteUSV0Ko8es0We5oQYGIn5Ov0YTl3q5kiJoDAG1qUyyuYCIMIWgMj2WFFmyQoBz6rzUVJt"
+    "Aj+rA/p8NAfr6vHX+tRLIP4D7o58dm0sDZV74qWVBbMFUgaYoF3SjIJ5bMV2JjqjptNXid3UcQld2c1qLADwM6ua0KtzAqjJBxVh"
+    "NZ12qgod9ThjlUc7xryoX/Y2K1RPDM7AjnbscwIbjMVtARi8Zt043ACARPufrmr7ea6O6Q9NNUIbCvK5Y4sEfVXbqbDUudIm3YwY"
+    "CzhvsDBlGqmP4tr1ssrxsT5D/TpFmaYq/PjXn2p8sJSoLoBR0wKszo3WnKKzsagHerfxBHYCpp04hDYwZGBo78AFM5SgrNkj8GIi"
+    "GLQI5KYE6JSUOgcqO5q6d1XtaLhNBP4pWbhD71RFDQ7Ey8c9qtqMoUQg8qgSN6fNUm0y4TDU0KZdcUZ6sM9Qv3CnBjXLWQ2oCRro"
+    "pRYICjYLf9bU9crWscCq0Wtb4Wh5DpybBKoTtBn3mJrF/wCDMZhu1HBW2dX5SDG9ZLFbljy1Szs37RS1FTq4IYk5oqExoq7QE6Lg"
+    "bq2XjCeCiqtjPf6mTbXb7zEk9XCbiuCqmOvqWbDDZZ3zQ7XZq/vZ9B0vZuzENEfsGkuiY/oWg04s7FrCl+HIUQ3qs9MI4TrdcPOE"
+    "zWbV0ayorkaw/gXVcwFHOjVnyqmFsOLsVHJk7QNqotTnuXPXISQGZkMnRKvHjB+am0IEV9Icy1iOxhTOByut2E6TQ1or6skR1Tap"
+    "H+dy4brK5bG9NOD8ajxm1lL8CU3DBYjete5ZiEQTQbG3yg9lbEb7uBt/opNQbT2cgOYIYbzLmFSEfNT+J2GKivsYLAURWv3hNPSo"
+    "LuuccgqBlrznHdSxtAX8iq+qQlFTfYJ5m36MggNiLdWeTfvW6LFSuaxqZ2xVc5SqPAM1aLiscn0sZu46fnBKMtKADe0iwHlVfbyb"
+    "b+r3yYJNpeyzFE6NEzDWwjJ4TWeaJxQJ8tRdbWAxZkMAUIuOhEy9qn2TRgSp+JlI22Np0UalLKo6iKiGyq6int0EyCEY0kOzcNet"
+    "+VgRW9D5SwmpxGSGRhbCWNw0x3ADlQo7bTBe4p81D11li89bQY0KnXWB50ASII7OgULGGo8MM9UpiyZq6/doIa6UY3M0UD8hac63"
+    "HNRbfQ3wu+EVDwUyGYumDMI7wjF1yakhK6EtKPfJq5OUJGnlSPaqasJcE96FpSpqdwuhrfhDtariAzuql4halRf1DrFbHdSjgUOu"
+    "yyo/lv/JHUy9bdHqpJ2AuNSF0selzRXwqFrwQkPmLqHoSBZuXdTXSTMyT9nNmASDBE4cOuLQsCccAyIc3fD0slVC0qW0UvOooUV4"
+    "cY3S8A2PgJ63CVTBo2nDbmmWXYVOKpMIR4IrDMNrvEpF16N3x7ii0AlFwall9cVjWPdolGF57bxzqybFmlKpMzbNYlTQtnE2kFNd"
+    "HlShXqrLWJAA/2lAXOpVesKOPhAx7cTaaLhmqsdk022g9/wd4f4sYwJG4zaiVZPNBbCw3eCrlwqfNW5DqNNuteLObWnLa2uTb2vS"
+    "CgqETaAs2bohkqLU7KMDPfrsS2/mss7+sczk+h9ve54fP7R4bEE4r0Y9zY1oebolnDcwaNvO6FHTE9oUDRhDXbkTzmBr4AeaV4AN"
+    "4t9gNe1YDR3oVLX/A0vo8FWlt8UAJpS8M0JRMprfwtTog1NDTih1Ay6uyUvUIKwjPZt3uXHMWO7o11UOj+bZ2nNMXQ2a8YeqH1hK"
+    "TnSaDKFDCC+YpJazIR5MirhttFWneZO4OHdGCeBkoWNJZR05L74J4phlNJNhFXzw8cPUk+oZWlSnU1U4b+3mqZpeAx9rU7oyq1mJ"
+    "gaCSo0oX1t40Ia86QLjViBSztkpacDdLDZ+95t1d1jk+ep27phBoAM6cBBvVoHaRg1BxYNqR06Cu0uFWQUlS4gpKrCISaYqTXWeU"
+    "mgDTQ8Y3u6w8ZQ3DhNr57nRyIErC2vKScxPQSeo2BwhVjSnvOgHTKlh4q0W+mo/koUb0U4BDZ4g4IDl/oInXDNyqlkXqQq3hnZDw"
+    "sftl38imh3qNlLLmCRnNVCA4wJrAmrgGnb15jWaCoQZcNBRlF6sa2wLCw2dqgGs7Q5tRPYCi7ri17Yz/7Wo2Rkj03LNjWip6NkQI"
+    "DTQmiqnL/NDMQoClV/pchr+C2rr6n/eSNG5N86Z1RGvw6B5fXTRsqGteJCoMzXaqAl4aUucuq/xYBngssVo6qWexEqdul/jwzUVj"
+    "XDSZU614WaYWytKALJWspjP285UDqvFQ2vFObeTZtsxL7aSaOvpbVtfHDhdJHTPWilbRPYM7HhojpL5TSK9CGOWER5XZxZQT+jC0"
+    "ZQ8oBE4pzZJfaHOooL2X1jXUJV9XuTzYZ7SubAjFDTBpGpq87nINR+pE1cfUCXdUXGFfGhuh2Xt2sqJHmvB0Z3TfLcUnu3TezDKI"
+    "4eGllsaD9N46aLiDg2rHY6VNnFOjMt+H0rVUKDPV+WqrDMWDOeVeguCy+qBEIDNeqBG6+RJcTLBjqFPf0rhzeC1QsFzZyaPPAa+q"
+    "24mCc/R3qnzpi9vNbLNDeHfUSLOmHUT8mwYUlGTMGedTUD3YAuS5Yeua4zds2yPOQijEZpSfoT1StRtPhK+uOjPUoADKNJkUCo36"
+    "ql/K0lHPPqJmjEmVBRAVhUfjxpAX1/GKCoY0IWnJz8969E4L7tHngP36n+oWoZ0X1qNX4oXaUTqMWZMSiP4rCVOjJiBQHLiUAXVq"
+    "84wedR6u4XmTClvTT6/UoLXNrFZdPF0bGrNnsmpcdPDrulU2LeuqpFX1C+LF+73ThjQtbzSvUO2Fi1O1j1MjrW7gjlZlyTqOEbXR"
+    "IPt1JDDGyzo/mAemy6W8VF0rvb+iyiSO9gZ+t54HtDxGJUpFkKrdJ/S6xfFXdaLBzpdGQqnbWO0NeA7XdxlQrXot9WcH0UmV1ae7"
+    "68gEULc6Cu/n1Om8hUpmlbCFUurWbItt+5GZZNT6x2nfxKylNuthLA1KVvZtvqyy+3dpcwK/KmGC577922rCSIb1jqSJKdOUpmI6"
+    "gVWNxD0jCmq2VoSF8tOap89laTbCMLtloLObmje9Zz7awGliGRDNqI2kD2g3QW4XX4tmX2eV2i7hB3V0iZqNBOJGuyFTXu0sLG4P"
+    "v1QyL6SqwzkWdImCzv+b1tldiGD/+K0D56BSXaI+HBawBMvCsJ12qdVK5QSvkQDoInw6WU+s58YFgBksy7TUr/Vo7cWiQrc1jLd1"
+    "vj3qlat+3IWFG8PsJjioOkKG0mJYTPR7mx5d1rc7O4mIRkUX6tbDhwnrsZoxXLmsc/i38O23TKVfPuSDDiWPjQcLW2N9O49igV05"
+    "LX/C7lHScKuuPQdv1c2xqE41GqUZbo12B/NBoZYDsGtyulXPl6ae452Qho0t1b4rV1G75lBolYSGFtR7FD8xNVohQ3I0i8QpdmI5"
+    "A4GEM0Ax/uo1HnsS6L+XdXvKPIWjsXVbhNquiUUKXBpkZKoGo0tFgWKqS80NmjexOzUTZvHNsjHgcomTGQihgc2tgA9x2DZoblAC"
+    "wRH/al2KmGUOEHnVlJmjZoafVL+uSOOxLFANJ4Y64gQ1RgwpyUNMIjEhp0J1U1NVU5z9OFxWvBFY8rNpWo4rJzQciIIAWz0k1IMt"
+    "wbLV77wOdTjrOrIW7z5GOQf16srqOx2GcRqcnDTOz2sKNS5PY2TcUuWmJjyXCfpXCw0PPNL5bXbKay4zqBZPp29VoeeSpxhc/tQz"
+    "pw3AzXAnFWDA0IvqWqIaFmIuFY83QhObmjDWrrbUcTXlqx+DgsCZb3saWWBDTEuNHFvF6BpsQQk+ZvBhT2THOGvT+if1cCMcaqFC"
+    "LvGMFmTfXec8soaGqPm55uKgfN1qpLOTR4Ck4zHaxh2VebBEwcFmlciR0tGo47LO5enX+fudjRphTXAdeHlsJVu1mjWzaCspanNO"
+    "w2GOWuyq5ofJwZO9JtAuHaGloC3rCF8amugC+VNDXyFkgIlTpmO2uB01oFWzAo2bqug+0EnbB2VeFbp+0gJKnaKepELHbbUiNk2Y"
+    "CXejBjPqcgJ71uE04cdYq57RcxuT6ijCCTvhh9BAXzRkcPPmTVMN/FABay2sBDijq3AVTjrwp2qnNIdOS4F7eDuTdZa9wB6X3Uz/"
+    "RRvGT4fC/O1Lcex6vf3If7iUBwJ0HOoeHJ1Yplr/xcYSaL5cPaMDMpRleih7aNavEjU41/dc1M2r2BEF0VIWq8PZ6+yUyO+V5atJ"
+    "DihNiJOl56sG1OLYNYJMow6EQTyAnRpnumYiVvM5oCXEYx3dA44Je/sCF/xj6/qeYJnxmi1CGR1rAD1uZqjmekzNtAc/JPW/iayu"
+    "jvXLUMV9VeXNViviPo45Xn5Pq5mfS/1nYtA4P7c1qzmoJFAnNlOTZ4BqOohXzw0+qhGeHXZ3WeYvcjp13t1tUW1x2Hnxpp0noqsk"
+    "EZ6orpRQQmVybGe7WkAbtaSH0wDaay5PUteQWs42qi8vxDVnoK4mzKlPFoiQECVitquG3/EwbYLatH3s3czD8z2dgKIUMlxxLyWr"
+    "Ty1BgXjlhR5Vd7SXb8cEDxHCAgXHLSftLnf46NVrfMHkvr/Kx1nTwZTTlSDHD4RZhzp9qiF7X0NNMtTaZoLe9yS+HAXL32ZyaiMC"
+    "A4aMLx1LZHXgPMYbbpWiBe21p3mcdGXNfSlq5NLyhG+oWdUea6n/tSvHwuSYSuigZTUuVhsoFaOARJzaPEuurDBp1TEDK1l1XvCC"
+    "Dw9e53G93vR5fLjU/N2pjYN2k3tV2zORjjJUFtzaCVxup0D4Ki0pJzMsX4p6BspLqa5pjxhFfrdSFYqya/h6oiK4SNl5mhix0Xfl"
+    "/AIhtLIaFKh0ch1QOZ4zYCLjOE+zGrl32IRmZ4PsE/9yyQTw8aFe45vO+QQup0podWrJfYFJ41qobBpJM+ONMgB0MINHgEdCGjSw"
+    "ldtnYBv07agi00jAmUbnpmnZoabj+Lel+dejqA2J0vY1NxZ10ay8UkdTl3mNXrP+mqHs00NX+eoayrw6jzcf8vY3eL+rMZACjCp3"
+    "Zl4C9FW4kzh9QlWDmVUeuB6jz1XMqQonVJLF0CQprH0tA3otqq3eGrppVcsbVjGld02UVC9zELGmnWoiORTagUkOpC/GrxmxGiWp"
+    "wc7afROxA384CJ3347Jn7PNDV9mmJgfEh4pdlt8qxHv1qlUuMm7QYsUTmGWJHJYYAvEImtMDAE3L9zOY3IIQ4FINf5y6HoIFiUet"
+    "v4oiiR2pbDX+sjWprUSA/gRVS6o3RtMw46XiEbS2Eg2bBp9Dg3qIREq3sT8lQalNr8Yb94Z6+LKc9codVVbDZZU/z+lMKj6Q2xT8"
+    "cSFrqI16GySvnki8gayuZbBRfL0n1B6wtKr3pcoxLiPc/3mcYVPdPVcdiqseq+19zHnvGqU5mzbXoI9O7Ro0SGybTtRyBDhQnpu9"
+    "rKy5GBMgB1LrGpS7CZX6CreUrj412qbYmcAgZW1NLEjq7GCVTDJTuoLmz8/zTljlp8AZTsVBuEu1o9b5Ed/rZlga6NoKiELHz2A9"
+    "Py2Qbs/Gc2ZeAk+hpOkIR7bwuQpE8TxQ0cy5qL6dJardJLdEN9Ts1mqvQz0oHdgZzrnXUVxy8RnBPHid/3mc4VXYB8WGRtSJy8pz"
+    "aiIWDG2pu6UaJPJImi8VlMKrli9NLRi22jfCZJZT3TDk2Rqv0Qxh+1xmTU17g8EUSM5RLjA1FFOdeTZeD/6i4mKI4QVnBPtQr/HP"
+    "44ym9guxzUWUGzGpdWznz6fRuUdoXaPy1C654Z1dKSMTZ9SU06uJtXowL569J81gzTYB+DSPA6NAHXgd/WhLh2Yor9EYWPZ2Qo2x"
+    "HITHX3fZgnvoKv/zOKNMPxx/+a7el5ompFnWwyM3TK7hs3aOGmQ4UWLlLGtC8YTLVCRpEU8GG4na7OS1aFa214DvqT5eQ3ONBqAt"
+    "OavGJE7DO5JGf2vDhDVTwvhllf1DV/mfxxnffYqwj+6vgDkLjlbz7aXh9C0PTa5jgfk679X+wtu4hrJRVc1TlMUfscvLKocvxqR8"
+    "t2PIddT4JdJd1Xd+UOemGRK2pBLBpmrGrc6fLNje+ZhB+bZx9Ceyfs6ivtt140xJ/0GV4CHxdnYYq6O1pOoRNRKLRXWzFtofNAOy"
+    "VeUo8JsWba7wCfixTuNMu6hE+h+kEvl/u0oE0eUxAIRZc2iKUSmFTco4dCXUCXk4CnbVykKZhlVj/QDXbzF6He1QrQtj4L3UjTnJ"
+    "odWiaTk6111dfcKPInbliWjkV4YQElGTajguKgEbCRN9Uu8Gm4gK7yaQowOaEuAacZ94II/qI98X1QC+OGiGprXwzWvDcPyA/lXV"
+    "Em7lTGtb6jIZu2t+W/XbaS4N6qK+5erzoeloOs0tSjmtKooBJE3NUXDKVo/qVGx/DJqTVtT74h56YfbKWaesmkNr1ExaM8w2KDwf"
+    "8MAedWBVTbW2gfY2ZO9L0/aOBqr9oE+ah9mFjKvmv2qfB8AW89F/XZUmYGvtv9kNJtr84UgYolXQjJLqp6jR3Bf1h7kFmI87ijO9"
+    "OplDyfP02iOcaPUohCKN6IVWg7UUmHkklHER0pSrfgir0yzeh/PRLuASaIzHQH0bP+fvUSqW645pA9V1PQqhmPejweho3QnYeEje"
+    "ZIMO3uuRDFObUadkVgbExuLgn3rZSicuRpVmO2jsUjzG1hKJNy848JgWRKe+ctrHM60QyqfmnI7cjvxj+DXoUNMnxuxoyNUGDh2O"
+    "9gulSLD3njFgqKWmc2BWqg/EJDyrEzWiRj1j5DqdGk5FJUaoYZJ6UmU8sda58ksZz8HfMKCk/ig48ar6FhW+AXHaHGp/F0NXsvc6"
+    "Jglr50yvYt4ohftcKYxOPIJ6yrauIVpqYDrBr/NoB8LC1OFXOFKukuq8oX1VG8cgm63KIH81tuQLb99p1jvgBg2HaNtpllHXe40o"
+    "7AODaEjYVdizQkqa0ezamK0vfyOs/9I3ELzgjw1xcLfq/jwCatC114dJbz62MBlugFOOaIZV7auGqao8ABO95h9r62XwPGjLUt3n"
+    "0kC7mJeMFRMJe2wENY6wl4u2zAfLX2wxu1TU+J/X4dzx3KUTLNBdjazzSijV/KKqVgKE6AJIGwDladR7VYeEDm/0loVy0eHwhQ5b"
+    "IGszZWpoLZ4DHySn4ZXNVO1aK8IOoGRR45hcUO2h3TgvfIPyUvylFa3DiEYoqR39UpISY3FhvajJx4hEUNUSoh1xBvWi0BBloAfP"
+    "rjRZW2/UIn7t2OzsKi9KoQo8WKNEXAUA5ScqFzsVDc9CYFYbG/dLZxeyOlN3q5cUpmVVUhgcQTFiR4TvqRNWbpg0lAxqJ4oRh1Nv"
+    "Pu3+W72UQjSMuIt0I2z6UocxBqsZnawOeovMGjqqVBd+CLGBoPsABudFTm4oVq9BPfiA5cJSf/pLlJya9Yi9CrN1tTa2OoPkdfeu"
+    "ND2L1yX4THUgIuDHo+eukr9RKoGXE/aCiqsyIpZ3qdUYpoOhBZWm40AIFFFHS101HkcTl7nVi6Ost5QmgreSWzQ2UeUrhb8i/51Z"
+    "MCi5E1Pi9VQitwZziY1AC1W9o6x95y47m5pf/4VizCJ/TojCdECvQFO1Pypz47GEFxTrFsBLzTnSMc56aB5HVuI0XvqwBD/R/am9"
+    "rA3VBJ7yIjUiU10nVLOsQAjQAQNpZ9Bv9SUyGUwN4cPB32px+cLgIo8FxAV+r1TUIFtV06ALK7fmZgYIaU+7a3C2+sAnqLGa5mFQ"
+    "AK7Ldrfm7iYNPFOWbItL46O3djWmSkvTMZAdlCPVW3hJfKbMTp/eKe0eb0StX+pwTQoQausAUFebZ2UoqPfIgRnrQS4qmAcfZNUV"
+    "JGjyxNI8SUA7Du7aP0vDi9VOXjuzAGyAT8o6aVdX5YoyETE1Lb4HdWabGlFs1fXAeY0csWdUqV+uGoohFKRmjqZNBcar1t4upahB"
+    "xLE2eZGhXXxvi/ZWa8vCaMoUBPqrhay6b0KI8I1AJIiQWibCgtCRDtSMGRvoW5nMOL9mlcY+8yVrMJkv1CIDJtSqYGl88KhGvbx4"
+    "9zqn8ZqNElTLo+EyS+2ksMKu7KOaNa/G2X3ZA1L/JLX9mQg09ahT483itBUGuEbANwAvYPUzVQ2A1VGFfLlGj/Xwc1hdSPZLtcAl"
+    "xRG6U2dBJaNa1TxYXKTtmmBOiNaeJu5pqCeIzkR1spNVr0H0nte0sDU37gLSGtH8hY5hAykAIUoDYToNTsc/YLZ4v629emVXxaoG"
+    "Ok7zl2/Edb9hGhqjuZK6i+k+3DRYTQHRGwQdaOgbbCVOmXGDKXADPskSr05ku6KJvdTqBCidgF1Gk8vmZQxVXs6Js2heuw7HDN/h"
+    "tjOEdsiBJ8KkUcMZgzCuG6jg2ijPpqTUqBOhRLiC9qvhFcgNHI9/Ummb5gRoDnbuTYdNSFbVpyGreTVOUmnShBVVYo+Gj9wgTRUL"
+    "GXWKK2jzpfKtYb8Nx3w5L03+N1FvFIu7nqGps1ETr9DcbFE2E3LVAHDupB8TXHPQ7Ijq1YY1TpBofvuWmjR2GyPCG6LwEW8LoIRn"
+    "Q1rV17HaSuREbBA+hLpX5YdEtcMBxN8AzfQV+NHWh/dODB1lxNi9wqyzU1EKH3QMPc4aKbqSuqKDJXDIxya1JgrkC4CHX4W40XQe"
+    "m0jW5F7aWK7r5J8b4O53VtMT/DZqPLQxrNZFVbz5Vovj15h4QzNwPg7Us3hTHhBU1fMooV9GW4zmaDYmTJ9UfalB5VvdRa02M+yb"
+    "Lw4dxqIcxmEiNNYezUJhI00ZxjpbxCnKUvERfLGqH6HVEyKqbvAn+OKujtzVqhBj69xUA0q1/48nABAT/FecboIQCc/HthVrvpX4"
+    "orMmY3+cPkJVHUyXyAcw0VxiAmvryYucBJBFxB05vAlh1Ci1tuFefB+Xqo+UvlALopEX7oHAQcHg7AXEGxvesmiUaFMv7HYEp6yJ"
+    "UgLuQT0f1aF54fUuGwbVH/k4PABOPaknVQ5KIlGeqIp1VUWoBvxqv0bs0Ikea1W7Ng72vlGL/LUvbmDIPJvqosCQoFlcs8YGYT7o"
+    "gavBR51O9ArS0rKKE6vHBQ4P47kyO5CjkK/6hyylZAQ1DUdIZawooVOxGHStuXe9ioeAXpBVx88w0mZuxC1f0NAMW0NGFU8e5Wsz"
+    "K7FGjV4mIF0dH3UOZI6pumigA3rzL4QyQ1isb2hP/0KQxsWCShe+tRewI48vUUB1EJOiXovgvcjqqHoeQqQ41DWoqP3zOvzWBEKx"
+    "OoQO7o/K0fLaTNP8ZKeZB9EJ2y3Zs1HwqyrUI4qByC46/DV2m3lmzfG2AMUF4gJcJI1GU8fdfDSvwY+u0JREsFfoyiyQkx46qsGr"
+    "XLuFVPWy1CwOcKhK/ltN6qzr1yreo8vKXU2SC2Hr0ohGC6h2hH5clQs/FSN/BX+gQsOCDbSD4rXVavDHiJpKH3OH3jP0g9Drokr6"
+    "4zHJhJ96hEnq2HIol+uSn/CM1u6JzoIiAKuqbyK0aV3h/RqYmtBYqyJCJXhV7e9Czm4AfLZf6TD22cHuYWiCyUC/WnBbqeSaaes1"
+    "DsWq9bv2ePlyNfxU+r3m6VlNz77uTSx8dhsNVKxDXaW864Dcqgd0XwRks4hdXSPQNRSOEHhUIzuUH+58Rv96ghRC8IBKtNSIFY8X"
+    "UvUqAdX3ouM1AVzCM37sqFVAIRdIQMNPmoK3Jp5ESdPUbKprTcVss0CfbGKrKTXMeyilAo4L8scfYuYTHnjRYY0/19oSo36Q/GPY"
+    "phXs3TrFyE27tRXjkStGrbRJtYKygQiAqtVXHUFl/XkzPhy7apJkJR2KDg1s5/0QsaHMgDoNdiI41DVcs4gaoTVTrV15q3MXsaV1"
+    "e1igMeRXu7L7OSUMPyQ8R77jOU+T8DtbD0nbt0nVdJ1gA13UkBXgrmbCaI7bEFZfxKqgOrkE0NJOIHHqMuePqOYNJNTgRVkczROd"
+    "l3mcYW1N/Ko1CtgIIalnrEbFlcJtBEcxhIuKAstSSdqRHJjJwAOwEOqKqA9cZ9Kbo8HcAbCu1xtM+VjhpbO5TWj6/92dS27cMBBE"
+    "ryR+RJGHyULi5/5HyHuaBF4E8cxiEAziZQDDcbmnWUV2V0FHjjZrRlK3fqe/3xL/DUYpp7s67qfv2dzDQ8+q6bo8mgWqV1ONgIZ+"
+    "S8gddIuujHyaY9scbT0SFFHH5b3kyNkK9XW1YBtth6h0TSTo7mVznOSiUfBd0nX6lqHrJz/ugVp5DbXyLtT+k2I7nsCW3wLY/jmw"
+    "T62oxrgt5+7t+qwXDLp5oRJb4ecEKjpc1fA4XQPvS+ot7V7DnHq2Ruoy9AyrQoBxpJXmI61VD2d1IPVK1QG11jVyc2wVdnKf2LCt"
+    "x+u1aej/APY8PwZ29Gl2hS/5bK33/jnAEVpCZzDpNYf7ockFaVCtW3WtORVIZTecchqIF/Z87XuA2qJx9xZlP/A0nZqil45jehd0"
+    "HTrU15roLbGlovfBIyIvG4/+SpNIn9JaHfHph8u4A320QfjmFbL3G2vKguHm7vgnZ5l0vIWEZv2dNd85fVhw8W1cu+b9XnTWaaJq"
+    "RDggzKcRB8V4GzO6Y+9n9hV70YW07Y6Ihxs1485fQS1/TLFts6Mjr86Hkg8zR8oGKamd38pJD/QMIuKg2qYKrUKGz6beOzf351Ok"
+    "K6Lhp1sZRhnEYUzjQmHRiaMz6oiN5npWCBqcNm/hICRwV/VDq4+xXfPLv4UtcYKDWgoN3Z+QNFVHvK1rF5Hu8HROhvQxoA6OZ7T6"
+    "1PmeRndW/RNBp+56ko4+53UcI+ujCdpJGb8urcp9FEjaXd9zu1Qykvw4N9NiDqT3RsHRFvwT0VprMWndiPvMgZXN3qMiF1rgAWp8"
+    "1jhNqhx/Avb76xfc8S9wf04NF2BE+3StlPIchXLhFy0N2mDUR1h60GkHuwLVuPuPgFAHPNvbids4ca0eXYR3HmEeYa1YkFRTptYU"
+    "k21CMYwLa5EDzYBACJpTvuf1OKfMLX9aw/zpFuTF9WbOU5+0N58uzZ9oztCc9B2QUYou9HMzzCm03XsS2tJmZgWl8HzR9ksvG/T9"
+    "fRW86b/1Qi3MJ8zn6x7+x09Bprfr"
+)
+
+
+WYCHEPROOF_FIRST_KEY = ("3059301306072a8648ce3d020106082a8648ce3d03010703420004"
+                        "04aaec73635726f213fb8a9e64da3b8632e41495a944d0045b522eba7240fad5"
+                        "87d9315798aaa3a5ba01775787ced05eaaf7b4e09fc81d6d1aa546e8365d525d")
+
+
+def openssl(*args: str, input: bytes | None = None) -> bytes:
+    return subprocess.run(["openssl", *args], input=input, capture_output=True, check=True).stdout
+
+
+class TestSignatures(unittest.TestCase):
+    def test_wycheproof_vectors(self) -> None:
+        groups = json.loads(zlib.decompress(base64.b64decode("".join(WYCHEPROOF_P256_SHA256))))
+        verdicts: dict[bool, int] = {True: 0, False: 0}
+        for der, vectors in groups:
+            key = dip.public_key_from_der(bytes.fromhex(der), "wycheproof")
+            for number, message, signature, valid in vectors:
+                with self.subTest(tcId=number):
+                    self.assertIs(key.verify(bytes.fromhex(message), bytes.fromhex(signature)), valid)
+                verdicts[valid] += 1
+        self.assertEqual(verdicts, {True: 174, False: 310})   # numberOfTests: 484
+
+    def test_openssl_signatures(self) -> None:
+        if not shutil.which("openssl"):
+            self.skipTest("openssl is not installed")
+        with tempfile.TemporaryDirectory() as directory:
+            keys = [Path(directory, f"{name}.key") for name in ("signer", "other")]
+            for path in keys:
+                openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(path))
+            signer, other = (dip.public_key_from_pem(openssl("ec", "-in", str(path), "-pubout").decode(), str(path))
+                             for path in keys)
+            self.assertNotEqual(signer.fingerprint, other.fingerprint)
+            self.assertEqual(signer.fingerprint, "sha256:" + hashlib.sha256(signer.der).hexdigest())
+            for size in (0, 1, 100, 70_000):
+                message = os.urandom(size)
+                signature = openssl("dgst", "-sha256", "-sign", str(keys[0]), input=message)
+                with self.subTest(size=size):
+                    self.assertTrue(signer.verify(message, signature))
+                    self.assertFalse(other.verify(message, signature))
+                    self.assertFalse(signer.verify(message + b"\n", signature))
+                    self.assertFalse(signer.verify(message, signature + b"\0"))
+            compressed = openssl("ec", "-in", str(keys[0]), "-pubout", "-conv_form", "compressed").decode()
+            with self.assertRaisesRegex(dip.InvalidKey, "a compressed point; only uncompressed P-256 keys"):
+                dip.public_key_from_pem(compressed, "c.pub")
+            others: list[tuple[str, list[str]]] = [("RSA", ["-pkeyopt", "rsa_keygen_bits:1024"]), ("ED25519", []),
+                                                   ("EC", ["-pkeyopt", "ec_paramgen_curve:secp384r1"])]
+            for algorithm, options in others:
+                private = openssl("genpkey", "-algorithm", algorithm, *options)
+                public = openssl("pkey", "-pubout", input=private).decode()
+                with self.subTest(algorithm), self.assertRaisesRegex(dip.InvalidKey, "^not an ECDSA P-256"):
+                    dip.public_key_from_pem(public, "k.pub")
+            with self.assertRaisesRegex(dip.InvalidKey, r"^a private key; name the public key \(cosign.pub\)"):
+                dip.public_key_from_pem(keys[0].read_text(), "k.key")
+
+    def test_strict_keys(self) -> None:
+        der = bytes.fromhex(WYCHEPROOF_FIRST_KEY)
+        wrapped = base64.encodebytes(der).decode()   # lines of 76, as openssl's are 64
+        pem = f"-----BEGIN PUBLIC KEY-----\n{wrapped}-----END PUBLIC KEY-----\n"
+        self.assertEqual(dip.public_key_from_pem(pem, "k").der, der)
+        self.assertEqual(dip.public_key_from_pem(pem.replace("\n", "\r\n"), "k").der, der)
+        for name, text, message in [
+            ("two blocks", pem + pem, "not one PEM 'PUBLIC KEY' block"),
+            ("text around", "key:\n" + pem, "not one PEM 'PUBLIC KEY' block"),
+            ("certificate", pem.replace("PUBLIC KEY", "CERTIFICATE"), r"found CERTIFICATE\)"),
+            ("empty", "", "found no PEM block"),
+            ("bad base64", pem.replace("MFkw", "MF=w"), "not valid base64"),
+            ("point off the curve", "-----BEGIN PUBLIC KEY-----\n"
+             + base64.encodebytes(der[:-1] + bytes([der[-1] ^ 1])).decode() + "-----END PUBLIC KEY-----\n",
+             "not on the P-256 curve"),
+            ("coordinate over p", "-----BEGIN PUBLIC KEY-----\n"
+             + base64.encodebytes(der[:-64] + dip.P256_P.to_bytes(32, "big") + der[-32:]).decode() + "-----END PUBLIC KEY-----\n", "not on the P-256 curve"),
+            ("trailing byte", "-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(der + b"\0").decode()
+             + "-----END PUBLIC KEY-----\n", "not an ECDSA P-256 public key"),
+        ]:
+            with self.subTest(name), self.assertRaisesRegex(dip.InvalidKey, message):
+                dip.public_key_from_pem(text, "k")
+
+    def test_strict_signatures(self) -> None:
+        def sequence(*integers: bytes, length: bytes | None = None) -> bytes:
+            content = b"".join(b"\x02" + bytes([len(value)]) + value for value in integers)
+            return b"\x30" + (length if length is not None else bytes([len(content)])) + content
+        one, big = b"\x01", b"\x00\x80" + b"\x01" * 30
+        self.assertEqual(dip.der_signature(sequence(one, big)), (1, int.from_bytes(big, "big")))
+        n = dip.P256_N.to_bytes(32, "big")
+        for name, signature in [
+            ("long-form length", b"\x30\x81" + sequence(one, one)[1:][1:]),
+            ("leading zero", sequence(b"\x00\x01", one)),
+            ("negative", sequence(b"\x81", one)),
+            ("zero", sequence(b"\x00", one)),
+            ("empty integer", sequence(b"", one)),
+            ("s = n", sequence(one, b"\x00" + n)),
+            ("trailing byte", sequence(one, one) + b"\0"),
+            ("three integers", sequence(one, one, one)),
+            ("length too long", sequence(one, one, length=b"\x07")),
+            ("not a sequence", b"\x31" + sequence(one, one)[1:]),
+            ("integer 34 bytes", sequence(one, b"\x00" * 2 + n)),
+        ]:
+            with self.subTest(name):
+                self.assertIsNone(dip.der_signature(signature))
+
+
+# --------------------------------------------------------------------------
+# Registry client and cosign signatures
+# --------------------------------------------------------------------------
+
+class LocalRegistry:
+    """A docker-registry on a free loopback port, written to through its API (no dockerd needed)."""
+
+    def __init__(self, directory: Path) -> None:
+        port = free_port()
+        self.host = f"localhost:{port}"
+        (directory / "registry.yml").write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {directory}/registry\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n")
+        self.log = open(directory / "registry.log", "ab")
+        self.process = subprocess.Popen(["docker-registry", "serve", str(directory / "registry.yml")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            return False
+        wait_for(up, "the registry")
+
+    def close(self) -> None:
+        stop_processes([self.process])
+        self.log.close()
+
+    def call(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+             expect: int = 200) -> tuple[http.client.HTTPResponse, bytes]:
+        connection = http.client.HTTPConnection(self.host, timeout=10)
+        try:
+            connection.request(method, path, body, headers or {})
+            response = connection.getresponse()
+            answer = response.read()
+        finally:
+            connection.close()
+        if response.status != expect:
+            raise AssertionError(f"{method} {path}: HTTP {response.status} {answer[:300]!r}")
+        return response, answer
+
+    def push_blob(self, repository: str, content: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(content).hexdigest()
+        response, _ = self.call("POST", f"/v2/{repository}/blobs/uploads/", expect=202)
+        location = urlsplit(response.getheader("Location") or "")
+        query = f"{location.query}&" if location.query else ""
+        self.call("PUT", f"{location.path}?{query}digest={digest}", content,
+                  {"Content-Type": "application/octet-stream"}, expect=201)
+        return {"mediaType": "application/octet-stream", "digest": digest, "size": len(content)}
+
+    def push_manifest(self, repository: str, name: str, manifest: bytes | dict[str, Any]) -> str:
+        content = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        media_type = json.loads(content)["mediaType"]
+        self.call("PUT", f"/v2/{repository}/manifests/{name}", content, {"Content-Type": media_type}, expect=201)
+        return "sha256:" + hashlib.sha256(content).hexdigest()
+
+    def push_image(self, repository: str, tag: str) -> str:
+        """A small image (a config and one layer) at a tag; its digest."""
+        layer = self.push_blob(repository, os.urandom(64))
+        layer["mediaType"] = "application/vnd.oci.image.layer.v1.tar"
+        config = self.push_blob(repository, json.dumps({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
+        config["mediaType"] = "application/vnd.oci.image.config.v1+json"
+        return self.push_manifest(repository, tag, {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config, "layers": [layer]})
+
+    def manifest(self, repository: str, name: str) -> dict[str, Any]:
+        accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+        return json.loads(self.call("GET", f"/v2/{repository}/manifests/{name}", headers={"Accept": accept})[1])
+
+    def blob(self, repository: str, digest: str) -> bytes:
+        return self.call("GET", f"/v2/{repository}/blobs/{digest}")[1]
+
+
+def cosign_tools() -> dict[str, Path]:
+    """cosign 2 (Debian trixie, classic .sig) and cosign 3 (sid, Sigstore bundles), downloaded like the engines."""
+    if UNIT_ONLY:
+        raise Missing("DOCKER_IMAGE_POLICY_UNIT_ONLY=1 asks for the unit tests only")
+    if not shutil.which("docker-registry"):
+        raise Missing("docker-registry is not installed (apt-get install docker-registry)")
+    (trixie,), (sid,) = debian_packages("trixie", ["cosign"]), debian_packages("sid", ["cosign"])
+    return {"2": trixie / "usr/bin/cosign", "3": sid / "usr/bin/cosign"}
+
+
+class StandInRegistryHandler(dip.BaseHTTPRequestHandler):
+    """A registry that wants a bearer token from its token service, which wants a password; blobs live elsewhere."""
+
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    seen: list[tuple[str, str, str]] = []   # (server, path, Authorization)
+    server_name = "registry"
+
+    def do_GET(self) -> None:
+        authorization = self.headers.get("Authorization", "")
+        self.seen.append((self.server_name, self.path, authorization))
+        if self.path.startswith("/v2/") and authorization != "Bearer T0K3N":
+            realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+            status, headers, body = 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="stand-in"'}, b"{}"
+        elif self.path.startswith("/token?"):
+            good = "Basic " + base64.b64encode(b"robot:s3cret").decode()
+            status, headers, body = ((200, {}, b'{"token": "T0K3N", "expires_in": 300}') if authorization == good
+                                     else (401, {}, b'{"details": "incorrect username or password"}'))
+        else:
+            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
+        self.send_response(status)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def signed_by(key_file: Path, message: bytes) -> bytes:
+    return openssl("dgst", "-sha256", "-sign", str(key_file), input=message)
+
+
+class TestRegistryClient(unittest.TestCase):
+    """The registry client and signature judging against a stand-in registry and openssl's signatures."""
+
+    def setUp(self) -> None:
+        StandInRegistryHandler.seen = []
+        servers = []
+        for name in ("registry", "storage"):
+            handler = type(f"{name.title()}Handler", (StandInRegistryHandler,), {"server_name": name})
+            server = dip.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.addCleanup(server.server_close)
+            self.addCleanup(server.shutdown)
+            servers.append(server)
+        self.host = f"127.0.0.1:{servers[0].server_address[1]}"
+        storage = f"http://localhost:{servers[1].server_address[1]}"   # another host: no credentials go there
+        self.manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                    "config": {}, "layers": []}).encode()
+        self.digest = "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+        self.blob = b"layer content"
+        blob_digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
+        oci = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+        StandInRegistryHandler.routes = {
+            "/v2/team/app/manifests/v1": (200, oci, self.manifest),
+            f"/v2/team/app/manifests/{self.digest}": (200, oci, self.manifest),
+            f"/v2/team/app/manifests/{DIGEST}": (200, oci, self.manifest),   # content that is not DIGEST's
+            f"/v2/team/app/blobs/{blob_digest}": (307, {"Location": f"{storage}/b?signature=x"}, b""),
+            "/b?signature=x": (200, {}, self.blob),
+            f"/v2/team/app/blobs/{DIGEST}": (200, {}, b"x" * (dip.MAX_SIGNATURE_BLOB + 1)),
+            "/v2/team/app/blobs/sha256:" + "b" * 64: (200, {}, self.blob),
+            "/v2/team/app/blobs/sha256:" + "c" * 64: (302, {"Location": "file:///etc/passwd"}, b""),
+            "/v2/team/app/blobs/sha256:" + "d" * 64: (302, {"Location": "/v2/team/app/blobs/sha256:" + "d" * 64}, b""),
+        }
+        self.blob_digest = blob_digest
+        self.credentials = MappingProxyType({self.host: ("robot", "s3cret")})
+        self.reference = parse_reference(f"{self.host}/team/app:v1")
+
+    def client(self, credentials: bool = True) -> dip.RegistryClient:
+        return dip.RegistryClient(credentials=self.credentials if credentials else MappingProxyType({}))
+
+    def test_token_flow_digests_and_redirects(self) -> None:
+        client = self.client()
+        self.assertEqual(dip.resolve_tag(client, self.reference), self.digest)
+        self.assertEqual(getattr(client.manifest(self.reference, self.digest), "content", None), self.manifest)
+        self.assertEqual(client.blob(self.reference, self.blob_digest), self.blob)
+        tokens = [path for server, path, _ in StandInRegistryHandler.seen if path.startswith("/token")]
+        self.assertEqual(tokens, ["/token?service=stand-in&scope=repository%3Ateam%2Fapp%3Apull"])   # asked once
+        storage = [authorization for server, _, authorization in StandInRegistryHandler.seen if server == "storage"]
+        self.assertEqual(storage, [""])   # the redirect to another host carried no credentials
+
+    def test_refusals_never_show_credentials(self) -> None:
+        client = self.client()
+        messages = []
+        for action, message in [
+            (lambda: client.manifest(self.reference, DIGEST), f"answered team/app@{DIGEST} with other content"),
+            (lambda: client.blob(self.reference, DIGEST), f"with more than {dip.MAX_SIGNATURE_BLOB} bytes"),
+            (lambda: client.blob(self.reference, "sha256:" + "b" * 64), "with other content"),
+            (lambda: client.blob(self.reference, "sha256:" + "c" * 64), "where the plugin will not follow"),
+            (lambda: client.blob(self.reference, "sha256:" + "d" * 64), f"more than {dip.MAX_REDIRECTS} redirects"),
+            (lambda: client.blob(self.reference, "sha256:" + "e" * 64), "has no blob"),
+            (lambda: self.client(credentials=False).manifest(self.reference, "v1"),
+             r"the token service of 127.0.0.1:\d+ gave no token \(HTTP 401\)"),
+        ]:
+            with self.subTest(message), self.assertRaisesRegex(dip.RegistryError, message) as caught:
+                action()
+            messages.append(str(caught.exception))
+        self.assertFalse([m for m in messages if "s3cret" in m or "T0K3N" in m or "cm9ib3Q" in m])
+
+    def test_unreachable_registry(self) -> None:
+        reference = parse_reference(f"127.0.0.1:{free_port()}/team/app@{self.digest}")
+        with self.assertRaisesRegex(dip.RegistryUnreachable, "Connection refused"):
+            dip.resolve_tag(self.client(), dataclasses.replace(reference, digest=None, tag="v1"))
+        verdict = dip.verify_image(self.client(), reference, (openssl_key(self)[1],))
+        self.assertEqual(verdict, dip.SignatureVerdict(False, f"registry unreachable: {reference.domain}: Connection refused"))
+        self.assertIsNone(self.client().verdicts.get(reference))   # never remembered
+
+    def test_docker_hub_mirrors_first(self) -> None:
+        settings = dip.RegistrySettings.from_info({"RegistryConfig": {
+            "Mirrors": [f"http://127.0.0.1:{free_port()}", f"http://{self.host}"], "IndexConfigs": {},
+            "InsecureRegistryCIDRs": ["127.0.0.0/8"]}})
+        client = dip.RegistryClient(settings, MappingProxyType({"docker.io": ("robot", "s3cret")}))
+        self.assertEqual(dip.resolve_tag(client, parse_reference("team/app:v1")), self.digest)   # the second mirror
+        with self.assertRaisesRegex(dip.ImagePolicyError, "a mirror that is not an HTTP\\(S\\) URL"):
+            dip.RegistrySettings.from_info({"RegistryConfig": {"Mirrors": ["mirror.example.com"]}})
+
+    def test_bundles_found_through_the_referrers_api(self) -> None:
+        key_file, key = openssl_key(self)
+        reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
+        statement = json.dumps({"_type": "https://in-toto.io/Statement/v1", "subject": [
+            {"digest": {"sha256": self.digest[7:]}}], "predicateType": "https://sigstore.dev/cosign/sign/v1",
+            "predicate": {}}).encode()
+        signature = signed_by(key_file, dip._dsse_message("application/vnd.in-toto+json", statement))
+        bundle = json.dumps({"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "dsseEnvelope": {
+            "payloadType": "application/vnd.in-toto+json", "payload": base64.b64encode(statement).decode(),
+            "signatures": [{"sig": base64.b64encode(signature).decode()}]}}).encode()
+        bundle_digest = "sha256:" + hashlib.sha256(bundle).hexdigest()
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "layers": [{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                                           "digest": bundle_digest, "size": len(bundle)}]}).encode()
+        manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        sbom = json.dumps({"layers": [{"mediaType": "application/spdx+json", "digest": DIGEST}]}).encode()
+        sbom_digest = "sha256:" + hashlib.sha256(sbom).hexdigest()
+        index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+            {"digest": sbom_digest}, {"digest": manifest_digest}]}).encode()
+        StandInRegistryHandler.routes.update({
+            f"/v2/team/app/referrers/{self.digest}": (200, {}, index),
+            f"/v2/team/app/manifests/{manifest_digest}": (200, {}, manifest),
+            f"/v2/team/app/manifests/{sbom_digest}": (200, {}, sbom),
+            f"/v2/team/app/blobs/{bundle_digest}": (200, {}, bundle)})
+        self.assertEqual(dip.verify_image(self.client(), reference, (key,)),
+                         dip.SignatureVerdict(True, "signed (sigstore bundle)"))
+        for status in (400, 404):   # no referrers API: the fallback tag, here absent
+            StandInRegistryHandler.routes[f"/v2/team/app/referrers/{self.digest}"] = (status, {}, b"{}")
+            with self.subTest(status=status):
+                self.assertEqual(dip.verify_image(self.client(), reference, (key,)),
+                                 dip.SignatureVerdict(False, dip.NO_SIGNATURE))
+        StandInRegistryHandler.routes[f"/v2/team/app/referrers/{self.digest}"] = (500, {}, b"{}")
+        self.assertEqual(dip.verify_image(self.client(), reference, (key,)), dip.SignatureVerdict(
+            False, f"registry answer unusable: {self.host} answered GET /v2/team/app/referrers/{self.digest} with HTTP 500"))
+
+    def test_unusable_signature_manifests(self) -> None:
+        reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
+        keys = (openssl_key(self)[1],)
+        signature_tag = f"/v2/team/app/manifests/{self.digest.replace(':', '-')}.sig"
+        sha512 = json.dumps({"mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": [
+            {"digest": "sha512:" + "a" * 128, "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: "x"}}]}).encode()
+        for name, body, reason in [
+            ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+            ("a sha512 layer", sha512, "descriptors without a sha256 digest"),
+            ("not an object", b"[]", "not an object"),
+        ]:
+            StandInRegistryHandler.routes[signature_tag] = (200, {}, body)
+            with self.subTest(name):
+                verdict = dip.verify_image(self.client(), reference, keys)
+                self.assertFalse(verdict.ok)
+                self.assertRegex(verdict.reason, f"^registry answer unusable: 127.0.0.1:\\d+ has an unreadable manifest "
+                                                 f"sha256:[0-9a-f]{{64}} in team/app: {reason}$")
+
+    def test_insecure_registries_as_dockerd_decides(self) -> None:
+        default = dip.RegistrySettings()
+        for domain, insecure in [("localhost:5000", True), ("127.0.0.2", True), ("[::1]:5000", True),
+                                 ("10.0.0.1:5000", False), ("registry.invalid", False)]:
+            with self.subTest(domain):
+                self.assertIs(default.insecure(domain), insecure)
+        settings = dip.RegistrySettings.from_info({"RegistryConfig": {
+            "InsecureRegistryCIDRs": ["10.0.0.0/8"],
+            "IndexConfigs": {"docker.io": {"Name": "docker.io", "Secure": True, "Mirrors": []},
+                             "registry.invalid:5000": {"Secure": False}, "localhost:5000": {"Secure": True}}}})
+        for domain, insecure in [("10.0.0.1:5000", True), ("registry.invalid:5000", True), ("registry.invalid", False),
+                                 ("localhost:5000", False), ("127.0.0.1", False), ("docker.io", False)]:
+            with self.subTest(domain):
+                self.assertIs(settings.insecure(domain), insecure)
+        with self.assertRaisesRegex(dip.ImagePolicyError, "unexpected RegistryConfig from the Docker API"):
+            dip.RegistrySettings.from_info({"RegistryConfig": {"InsecureRegistryCIDRs": ["not a network"]}})
+
+    def test_credentials_file(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory, "config.json")
+            auth = base64.b64encode(b"robot:pass:word").decode()
+            path.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": auth},
+                                                  "Registry.Example.com:5000": {"username": "u", "password": "p"}}}))
+            self.assertEqual(dict(dip.load_credentials(str(path))),
+                             {"docker.io": ("robot", "pass:word"), "registry.example.com:5000": ("u", "p")})
+            for document, message in [
+                ({"credsStore": "desktop"}, "credsStore: credential helpers are not run by the plugin"),
+                ({"auths": {"r.example": {"identitytoken": "x"}}}, "auths.r.example: identity tokens are not supported"),
+                ({"auths": {"r.example": {"auth": "bm9jb2xvbg=="}}}, r"auths.r.example.auth: not base64 of user:password"),
+                ({"auths": {"r.example": {"auth": "%%%"}}}, r"auths.r.example.auth: not base64 of user:password"),
+                ({"auths": {"r.example": {"username": "u"}}}, "auths.r.example: expected auth, or username and password"),
+                ({"auths": []}, "auths: expected an object of registries"),
+            ]:
+                path.write_text(json.dumps(document))
+                with self.subTest(message), self.assertRaisesRegex(dip.ConfigError, f"^{re.escape(str(path))}: {message}"):
+                    dip.load_credentials(str(path))
+            path.write_text('{"auths": {}, "auths": {}}')
+            with self.assertRaisesRegex(dip.ConfigError, "key auths: appears twice"):
+                dip.load_credentials(str(path))
+            with self.assertRaisesRegex(dip.ConfigError, "cannot read the registry credentials: No such file"):
+                dip.load_credentials(directory + "/absent.json")
+
+    def test_public_key_files(self) -> None:
+        key_file, key = openssl_key(self)
+        public = Path(key_file.parent, "k.pub")
+        public.write_text(openssl("ec", "-in", str(key_file), "-pubout").decode())
+        self.assertEqual([loaded.der for loaded in dip.load_public_keys([str(public), str(public)])], [key.der])
+        for path, message in [(str(key_file), "a private key; name the public key"),
+                              (str(public) + ".absent", "cannot read the public key: No such file")]:
+            with self.subTest(path), self.assertRaisesRegex(dip.ConfigError, f"^{re.escape(path)}: {message}"):
+                dip.load_public_keys([path])
+
+    def test_payloads_read_as_cosign_reads_them(self) -> None:
+        key_file, key = openssl_key(self)
+        digest = self.digest
+        simple = '{"critical":{"identity":{"docker-reference":"x"},"image":{"docker-manifest-digest":"%s"},' \
+                 '"type":"cosign container image signature"},"optional":null}'
+        for name, text, failure in [
+            ("simple signing", simple % digest, ""),
+            ("another digest", simple % DIGEST, dip.OTHER_DIGEST),
+            ("Go folds key case", simple.replace('"critical"', '"CRITICAL"') % digest, ""),
+            ("two spellings", '{"critical":{"image":{"docker-manifest-digest":"%s"}},"Critical":{}}' % digest,
+             dip.TAMPERED),
+            ("a duplicate key", '{"critical":{"image":{"docker-manifest-digest":"%s"}},"critical":{}}' % digest,
+             dip.TAMPERED),
+            ("not JSON", "signed text", dip.TAMPERED),
+            ("no digest", '{"critical":{"image":{}}}', dip.TAMPERED),
+        ]:
+            message = text.encode()
+            signature = dip.CosignSignature("cosign signature", message, signed_by(key_file, message), "",
+                                            functools.partial(dip._simple_signing_digests, message))
+            with self.subTest(name):
+                self.assertEqual(dip.judge_signature(signature, digest, (key,)), failure)
+        statement: dict[str, Any] = {"_type": "https://in-toto.io/Statement/v1", "predicateType": "https://sigstore.dev/cosign/sign/v1",
+                     "subject": [{"digest": {"sha256": DIGEST[7:]}}, {"digest": {"sha256": digest[7:]}}], "predicate": {}}
+        hint = base64.b64encode(hashlib.sha256(key.der).digest()).decode()
+        for name, document, failure in [
+            ("in-toto", statement, ""),
+            ("another digest", {**statement, "subject": statement["subject"][:1]}, dip.OTHER_DIGEST),
+            ("not a statement", {**statement, "_type": "https://example.com/x"}, dip.TAMPERED),
+        ]:
+            payload = json.dumps(document).encode()
+            envelope = {"payloadType": "application/vnd.in-toto+json", "payload": base64.b64encode(payload).decode(),
+                        "signatures": [{"sig": base64.b64encode(signed_by(key_file, dip._dsse_message(
+                            "application/vnd.in-toto+json", payload))).decode()}]}
+            bundle = json.dumps({"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                                 "verificationMaterial": {"publicKey": {"hint": hint}}, "dsseEnvelope": envelope})
+            (signature,) = dip._bundle_signatures(bundle.encode())
+            with self.subTest(name):
+                self.assertEqual(dip.judge_signature(signature, digest, (key,)), failure)
+        other = dip.public_key_from_der(bytes.fromhex(WYCHEPROOF_FIRST_KEY), "other")
+        self.assertEqual(dip.judge_signature(signature, digest, (other,)), dip.OTHER_KEY)
+        altered = dataclasses.replace(signature, message=signature.message + b" ")
+        self.assertEqual(dip.judge_signature(altered, digest, (key,)), dip.TAMPERED)
+        self.assertEqual(dip.judge_signature(dataclasses.replace(altered, key_hint=""), digest, (key,)),
+                         dip.OTHER_KEY_OR_TAMPERED)
+        (unreadable,) = dip._bundle_signatures(b'{"dsseEnvelope": {"payloadType": "text/plain"}}')
+        self.assertEqual(dip.judge_signature(unreadable, digest, (key,)), dip.TAMPERED)
+
+    def test_verdicts_remembered(self) -> None:
+        memory = dip.VerdictMemory(entries=2)
+        verdicts = [dip.SignatureVerdict(n % 2 == 0, str(n)) for n in range(3)]
+        memory.put("a", verdicts[0], None)
+        memory.put("b", verdicts[1], 0.0)   # a negative verdict that has already expired
+        self.assertEqual((memory.get("a"), memory.get("b")), (verdicts[0], None))
+        memory.put("c", verdicts[2], None)
+        self.assertEqual((memory.get("a"), memory.get("c")), (None, verdicts[2]))   # the oldest forgotten
+        client = self.client()
+        reference = dataclasses.replace(self.reference, tag=None, digest=self.digest)
+        keys = (openssl_key(self)[1],)
+        self.assertEqual(dip.verify_image(client, reference, keys), dip.SignatureVerdict(False, dip.NO_SIGNATURE))
+        asked = len(StandInRegistryHandler.seen)
+        self.assertEqual(dip.verify_image(client, reference, keys), dip.SignatureVerdict(False, dip.NO_SIGNATURE))
+        self.assertEqual(len(StandInRegistryHandler.seen), asked)   # from memory, for NEGATIVE_VERDICT_SECONDS
+        with self.assertRaisesRegex(dip.ImagePolicyError, "needs a sha256 digest and a key"):
+            dip.verify_image(client, self.reference, keys)
+
+
+def openssl_key(test: unittest.TestCase) -> tuple[Path, dip.PublicKey]:
+    """A fresh P-256 private key file (removed after the test) and its public key."""
+    if not shutil.which("openssl"):
+        test.skipTest("openssl is not installed")
+    directory = Path(tempfile.mkdtemp(prefix="dip-key-"))
+    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "k.key"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(path))
+    return path, dip.public_key_from_pem(openssl("ec", "-in", str(path), "-pubout").decode(), str(path))
+
+
+class TestCosign(unittest.TestCase):
+    """The plugin's verdicts against `cosign verify --key`'s, for images signed by real cosign 2 and 3."""
+
+    cosign: dict[str, Path]
+    dir: Path
+    registry: LocalRegistry
+    env: dict[str, str]
+    keys: dict[str, tuple[dip.PublicKey, ...]]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        try:
+            cls.cosign = cosign_tools()
+        except Missing as missing:
+            if REQUIRE_E2E:
+                raise AssertionError(f"the cosign differential test is required but cannot run: {missing}") from None
+            raise unittest.SkipTest(f"cosign: {missing}") from None
+        cls.dir = Path(tempfile.mkdtemp(prefix="dip-cosign-"))
+        cls.addClassCleanup(shutil.rmtree, cls.dir, ignore_errors=True)
+        cls.registry = LocalRegistry(cls.dir)
+        cls.addClassCleanup(cls.registry.close)
+        # No password, a home of its own, and no transparency log or signing service anywhere.
+        cls.env = dict(os.environ, COSIGN_PASSWORD="", HOME=str(cls.dir), TUF_ROOT=str(cls.dir / "tuf"))
+        for name in ("release", "other", "unused"):
+            cls.run_cosign("2", "generate-key-pair", "--output-key-prefix", str(cls.dir / name))
+        cls.run_cosign("3", "signing-config", "create", "--no-default-fulcio", "--no-default-oidc",
+                       "--no-default-rekor", "--no-default-tsa", "--out", str(cls.dir / "signing-config.json"))
+        cls.keys = {name: dip.load_public_keys([str(cls.dir / f"{name}.pub")]) for name in ("release", "other", "unused")}
+
+    @classmethod
+    def run_cosign(cls, version: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(cls.cosign[version]), *args], env=cls.env, capture_output=True, text=True,
+                                timeout=120)
+        if check and result.returncode:
+            raise AssertionError(f"cosign {version} {args[0]}: {result.stderr[-1000:]}")
+        return result
+
+    def sign(self, version: str, reference: str, key: str) -> None:
+        flags = (["--tlog-upload=false"] if version == "2"
+                 else ["--signing-config", str(self.dir / "signing-config.json")])
+        self.run_cosign(version, "sign", "--key", str(self.dir / f"{key}.key"), *flags,
+                        "--allow-http-registry", "-y", reference)
+
+    def verdicts(self, version: str, reference: str, key: str) -> tuple[bool, dip.SignatureVerdict]:
+        """cosign's verdict (exit status 0) and the plugin's, with a client that remembers nothing yet."""
+        cosign = self.run_cosign(version, "verify", "--key", str(self.dir / f"{key}.pub"), "--insecure-ignore-tlog",
+                                 "--allow-http-registry", reference, check=False)
+        ours = dip.verify_image(dip.RegistryClient(), parse_reference(reference), self.keys[key])
+        return cosign.returncode == 0, ours
+
+    def tamper(self, version: str, repository: str, digest: str) -> None:
+        """Alter the signed payload of the image's signature and store it back, the signature unchanged."""
+        registry = self.registry
+        if version == "2":
+            tag = digest.replace(":", "-") + ".sig"
+            manifest = registry.manifest(repository, tag)
+            layer = manifest["layers"][0]
+            payload = json.loads(registry.blob(repository, layer["digest"]))
+            payload["optional"] = {"note": "altered"}
+            layer.update({k: v for k, v in registry.push_blob(repository, json.dumps(payload).encode()).items()
+                          if k != "mediaType"})
+            registry.push_manifest(repository, tag, manifest)
+            return
+        tag = digest.replace(":", "-")
+        index = registry.manifest(repository, tag)
+        entry = index["manifests"][0]
+        manifest = registry.manifest(repository, entry["digest"])
+        layer = manifest["layers"][0]
+        bundle = json.loads(registry.blob(repository, layer["digest"]))
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        statement["predicate"] = {"note": "altered"}
+        bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+        layer.update({k: v for k, v in registry.push_blob(repository, json.dumps(bundle).encode()).items()
+                      if k != "mediaType"})
+        content = json.dumps(manifest).encode()
+        entry.update(digest=registry.push_manifest(repository, "sha256:" + hashlib.sha256(content).hexdigest(), content),
+                     size=len(content))
+        registry.push_manifest(repository, tag, index)
+
+    def copy_signature(self, version: str, repository: str, source: str, target: str) -> None:
+        """Store the signature of one digest as the signature of another: a replayed signature."""
+        suffix = ".sig" if version == "2" else ""
+        name = source.replace(":", "-") + suffix
+        content = self.registry.call("GET", f"/v2/{repository}/manifests/{name}", headers={
+            "Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"})[1]
+        self.registry.push_manifest(repository, target.replace(":", "-") + suffix, content)
+
+    def test_verdicts_equal_cosign_verify(self) -> None:
+        other_key = {"2": dip.OTHER_KEY_OR_TAMPERED, "3": dip.OTHER_KEY}
+        tampered = {"2": dip.OTHER_KEY_OR_TAMPERED, "3": dip.TAMPERED}
+        for version in ("2", "3"):
+            repository = f"cosign{version}/app"
+            image = f"{self.registry.host}/{repository}"
+            digests = {case: self.registry.push_image(repository, case) for case in (
+                "signed", "unsigned", "other-key", "replayed", "another-digest", "tampered", "several")}
+            self.sign(version, f"{image}@{digests['signed']}", "release")
+            self.sign(version, f"{image}@{digests['other-key']}", "other")
+            self.sign(version, f"{image}@{digests['replayed']}", "release")
+            self.copy_signature(version, repository, digests["replayed"], digests["another-digest"])
+            self.sign(version, f"{image}@{digests['tampered']}", "release")
+            self.tamper(version, repository, digests["tampered"])
+            self.sign(version, f"{image}@{digests['several']}", "other")
+            self.sign(version, f"{image}@{digests['several']}", "release")
+            kind = "cosign signature" if version == "2" else "sigstore bundle"
+            for case, key, expected in [
+                ("signed", "release", dip.SignatureVerdict(True, f"signed ({kind})")),
+                ("unsigned", "release", dip.SignatureVerdict(False, dip.NO_SIGNATURE)),
+                ("other-key", "release", dip.SignatureVerdict(False, other_key[version])),
+                ("another-digest", "release", dip.SignatureVerdict(False, dip.OTHER_DIGEST)),
+                ("tampered", "release", dip.SignatureVerdict(False, tampered[version])),
+                ("several", "release", dip.SignatureVerdict(True, f"signed ({kind})")),
+                ("several", "other", dip.SignatureVerdict(True, f"signed ({kind})")),
+                ("several", "unused", dip.SignatureVerdict(False, other_key[version])),
+            ]:
+                with self.subTest(cosign=version, case=case, key=key):
+                    cosign, ours = self.verdicts(version, f"{image}@{digests[case]}", key)
+                    self.assertEqual(ours, expected)
+                    self.assertEqual(ours.ok, cosign)
+
+    def test_tags_resolve_to_the_digest_of_the_bytes(self) -> None:
+        digest = self.registry.push_image("resolve/app", "v1")
+        client = dip.RegistryClient()
+        self.assertEqual(dip.resolve_tag(client, parse_reference(f"{self.registry.host}/resolve/app:v1")), digest)
+        with self.assertRaisesRegex(dip.RegistryError, "resolve/app:v2 not found at the registry"):
+            dip.resolve_tag(client, parse_reference(f"{self.registry.host}/resolve/app:v2"))
 
 
 # --------------------------------------------------------------------------
@@ -5587,6 +6519,7 @@ def benchmark(argv: list[str]) -> int:
                 scoped.evaluate(reference)
             print(f"scope evaluation, {count} entries, not remembered: {(time.perf_counter() - started) / 1000 * 1e6:8.1f} us")
         benchmark_scan(work, python)
+        benchmark_signatures(work)
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
     finally:
@@ -5595,6 +6528,67 @@ def benchmark(argv: list[str]) -> int:
             leftover.unlink()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def benchmark_signatures(work: Path) -> None:
+    """A cosign signature check: the ECDSA verification, a first check through a loopback registry, a remembered one."""
+    import statistics
+    key_file = work / "signing.key"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key_file))
+    key = dip.public_key_from_pem(openssl("ec", "-in", str(key_file), "-pubout").decode(), str(key_file))
+    digest = DIGEST
+    payload = json.dumps({"critical": {"identity": {"docker-reference": "bench/app"},
+                                       "image": {"docker-manifest-digest": digest},
+                                       "type": "cosign container image signature"}, "optional": None}).encode()
+    signature = signed_by(key_file, payload)
+    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {}, "layers": [{
+                               "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                               "digest": payload_digest, "size": len(payload),
+                               "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: base64.b64encode(signature).decode()}}]})
+
+    class Registry(StandInRegistryHandler):
+        routes = {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig":
+                  (200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest.encode()),
+                  f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
+
+        def do_GET(self) -> None:   # an anonymous registry: no token flow
+            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reference = parse_reference(f"127.0.0.1:{server.server_address[1]}/bench/app@{digest}")
+
+        def timed(action: Any, count: int) -> float:
+            times = []
+            for _ in range(count):
+                started = time.perf_counter()
+                action()
+                times.append(time.perf_counter() - started)
+            return statistics.median(times) * 1000
+
+        ecdsa = timed(lambda: key.verify(payload, signature), 100)
+        client = dip.RegistryClient()
+        verdict = dip.verify_image(client, reference, (key,))   # HTTPS refused, then plain HTTP, remembered
+        assert verdict.ok, verdict
+
+        def first_check() -> None:   # a digest not yet remembered, from a registry already known
+            client.verdicts = dip.VerdictMemory()
+            dip.verify_image(client, reference, (key,))
+        first = timed(first_check, 20)
+        remembered = timed(lambda: dip.verify_image(client, reference, (key,)), 1000)
+        print(f"cosign signature check (ms): ECDSA P-256 verification {ecdsa:.2f}, first check through a loopback"
+              f" registry {first:.2f}, remembered {remembered:.4f}")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def benchmark_scan(work: Path, python: str, count: int = 1000) -> float:
