@@ -19,6 +19,7 @@ measures the plugin against the Go peer (see README.md, Performance).
 from __future__ import annotations
 
 import base64
+import calendar
 import contextlib
 import hashlib
 import functools
@@ -2557,10 +2558,29 @@ class TestOperations(unittest.TestCase):
                      "# TYPE docker_image_policy_authz_request_seconds histogram",
                      'docker_image_policy_authz_request_seconds_bucket{le="+Inf"} 2',
                      "docker_image_policy_authz_request_seconds_count 2",
-                     "# TYPE docker_image_policy_last_reload_success_timestamp_seconds gauge"]:
+                     "# TYPE docker_image_policy_last_reload_success_timestamp_seconds gauge",
+                     f'docker_image_policy_build_info{{version="{dip.__version__}"}} 1',
+                     "docker_image_policy_policy_file_drift 0"]:
             self.assertIn(line + "\n", body)
         for name in re.findall(r"^# TYPE (\S+)", body, re.M):
             self.assertIn(f"# HELP {name} ", body)
+
+    def test_drift_between_the_file_and_the_policy_in_force(self):
+        def drift() -> tuple[str, dict[str, Any]]:
+            metric = re.search(r"^docker_image_policy_policy_file_drift (\d)$", self.fixture.get("/metrics")[1], re.M)
+            return metric[1], json.loads(self.fixture.get("/status")[1])["fileOnDisk"]
+        in_force = self.fixture.plugin.policy.sha256
+        self.assertEqual(drift(), ("0", {"sha256": in_force, "inForce": True}))
+        self.fixture.write_config({"whitelist": ["^redis:"]})   # edited, nobody reloaded
+        edited = hashlib.sha256(b'{"whitelist": ["^redis:"]}').hexdigest()
+        self.assertEqual(drift(), ("1", {"sha256": edited, "inForce": False}))
+        self.assertTrue(self.fixture.plugin.reload())
+        self.assertEqual(drift(), ("0", {"sha256": edited, "inForce": True}))
+        self.fixture.write_config({"whitelist": ["^redis:("]})   # its reload fails: the old policy stays
+        self.assertFalse(self.fixture.plugin.reload())
+        self.assertEqual(drift()[0], "1")
+        os.unlink(self.fixture.config_path)
+        self.assertEqual(drift(), ("1", {"sha256": None, "inForce": False}))
 
     def test_remembered_decisions_never_outlive_their_inputs(self):
         request = authz("POST", "/v1.41/containers/create", {"Image": "abcd"})
@@ -2798,6 +2818,10 @@ class TestOperations(unittest.TestCase):
                             "--format", "json")
         document = json.loads(result.stdout)
         self.assertEqual(document["scanned"], {"images": 3, "containers": 4, "services": 3})
+        # What a fleet's scans are merged by: the host, the policy's hash and the time.
+        self.assertEqual((document["host"], document["policySha256"]),
+                         (socket.gethostname(), self.fixture.plugin.policy.sha256))
+        self.assertLess(abs(time.time() - calendar.timegm(time.strptime(document["time"], "%Y-%m-%dT%H:%M:%SZ"))), 60)
         self.assertEqual(document["refused"][4], {"kind": "service", "id": "s2", "name": "miner",
                                                   "operation": "service", "image": "docker.io/evil/miner:1",
                                                   "rule": "defaultAllow", "reason": NO_RULE})
@@ -2835,6 +2859,8 @@ class TestOperations(unittest.TestCase):
                                          "allowLoad": True}))
         result = run_module("--config", str(candidate), "--replay", str(log))
         self.assertEqual(result.returncode, 1, result.stderr)
+        times = [json.loads(line)["time"] for line in self.fixture.log.getvalue().splitlines()]
+        first, last = min(times), max(times)
         self.assertEqual(result.stdout.splitlines(), [
             'nginx:1: allow -> deny, 2 times (run 1, tag 1): no whitelist rule matches and defaultAllow is false'
             ' [defaultAllow]',
@@ -2845,10 +2871,12 @@ class TestOperations(unittest.TestCase):
             "nginx: allow -> deny, 1 time (pull (all tags) 1): a pull of all tags is allowed only when a whitelist"
             " rule of the form ^prefix covers every tag; pull a tag or digest instead [all-tags]",
             'redis:7: deny -> allow, 1 time (pull 1): whitelist rule "^redis:" matches [whitelist[0] "^redis:"]',
+            f"log {log}: decisions from {first} to {last}; hosts: not named in the log (journalctl -o cat leaves"
+            " them out; -o short-iso and -o json keep them)",
             f"10 decisions replayed under {candidate}: 7 would change (5 allow -> deny, 2 deny -> allow) on 5 images,"
             " 1 unchanged; not decided again: 1 a request that could not be read, 1 an image ID resolved at the"
             " time; 1 other lines"])
-        self.assertEqual(run_module("--config", self.fixture.config_path, "--replay", str(log)).stdout.splitlines(),
+        self.assertEqual(run_module("--config", self.fixture.config_path, "--replay", str(log)).stdout.splitlines()[1:],
                          [f"10 decisions replayed under {self.fixture.config_path}: 0 would change (0 allow -> deny,"
                           " 0 deny -> allow) on 0 images, 8 unchanged; not decided again: 1 a request that could not"
                           " be read, 1 an image ID resolved at the time; 1 other lines"])
@@ -2860,10 +2888,66 @@ class TestOperations(unittest.TestCase):
         self.assertEqual(document["summary"], {"decisions": 10, "changed": 7, "allowToDeny": 5, "denyToAllow": 2,
                                                "notReplayable": {"a request that could not be read": 1,
                                                                  "an image ID resolved at the time": 1},
-                                               "otherLines": 1})
+                                               "otherLines": 1, "onlyDenies": False, "from": first, "to": last,
+                                               "hosts": {}})
         result = run_module("--config", str(candidate), "--replay", str(log) + ".missing")
         self.assertEqual(result.returncode, 2)
         self.assertIn("cannot read the decision log: [Errno 2] No such file or directory", result.stderr)
+
+    def test_replay_says_what_it_could_not_read(self):
+        candidate = Path(self.fixture.dir, "candidate.json")
+        candidate.write_text(json.dumps({"defaultAllow": False}))   # denies everything
+        empty = Path(self.fixture.dir, "empty.log")
+        empty.write_text("")
+        noise = Path(self.fixture.dir, "noise.log")
+        noise.write_text("-- No entries --\ndocker-image-policy: info: reloaded\n{\"MESSAGE\": null}\n{not json\n")
+        for log, lines in [(empty, 0), (noise, 4)]:
+            for output in ("text", "json"):
+                with self.subTest(log=log.name, output=output):
+                    result = run_module("--config", str(candidate), "--replay", str(log), "--format", output)
+                    self.assertEqual((result.returncode, result.stdout), (2, ""))
+                    self.assertEqual(result.stderr, f"docker-image-policy: error: no decision read from {log}"
+                                     f" ({lines} other lines): expected the plugin's decision log as it wrote it or as"
+                                     " journalctl -o cat, -o short-iso or -o json exports it\n")
+        # The README's options file keeps denies only: a candidate that denies everything changes none of them.
+        stream = io.StringIO()
+        log = dip.Log("info", stream, decisions="denies")
+        policy = policy_of(ORIGINAL_CONFIG)
+        for image in ("nginx:1", "redis:7", "nginx:2"):
+            decision = dip.judge(policy, "pull", image)
+            log.decision(decision, "allow" if decision.allow else "deny", policy)
+        denies = Path(self.fixture.dir, "denies.log")
+        denies.write_text(stream.getvalue())
+        result = run_module("--config", str(candidate), "--replay", str(denies))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines()[0], f"note: {dip.ONLY_DENIES}")
+        self.assertIn("1 decisions replayed", result.stdout)
+        result = run_module("--config", str(candidate), "--replay", str(denies), "--format", "json")
+        self.assertTrue(json.loads(result.stdout)["summary"]["onlyDenies"])
+
+    def test_replay_reads_journald_exports(self):
+        # The lines as journalctl prints them (see journal_exports for a real journal made from them).
+        decision = '{"time": "2026-12-01T10:00:00Z", "decision": "allow", "mode": "enforce", "policy": "0a",' \
+                   ' "operation": "pull", "image": "docker.io/library/nginx:1"}'
+        later = decision.replace("10:00:00", "11:30:00").replace("nginx:1", "nginx:2")
+        exports = {
+            "cat": [decision, "docker-image-policy: info: reloaded", later],
+            "short-iso": [f"2026-12-01T10:00:00+0000 web-1 docker-image-policy[42]: {decision}",
+                          "2026-12-01T10:00:01+00:00 web-1 docker-image-policy[42]: docker-image-policy: info: x",
+                          f"2026-12-01T11:30:00+00:00 web-2 docker-image-policy[7]: {later}"],
+            "short": [f"Dec 01 10:00:00 web-1 docker-image-policy[42]: {decision}", "-- Boot 0123 --",
+                      f"Dec 01 11:30:00 web-2 docker-image-policy[7]: {later}"],
+            "json": [json.dumps({"_HOSTNAME": "web-1", "PRIORITY": "6", "MESSAGE": decision}),
+                     json.dumps({"_HOSTNAME": "web-1", "MESSAGE": None}),
+                     json.dumps({"_HOSTNAME": "web-2", "MESSAGE": list(later.encode())})],   # as journalctl writes non-UTF-8
+        }
+        policy = policy_of({"whitelist": ["^nginx:1$"]})
+        for export, lines in exports.items():
+            with self.subTest(export):
+                replay = dip.replay_log(policy, [line + "\n" for line in lines])
+                self.assertEqual((replay.decisions, replay.other_lines, replay.changed), (2, 1, 1))
+                self.assertEqual((replay.first, replay.last), ("2026-12-01T10:00:00Z", "2026-12-01T11:30:00Z"))
+                self.assertEqual(replay.hosts, {} if export == "cat" else {"web-1": 1, "web-2": 1})
 
     def test_replay_decides_each_operation_as_a_request(self):
         audit = policy_of({"whitelist": ["^nginx:"], "mode": "audit"})
@@ -4369,6 +4453,39 @@ class EndToEnd:
         self.denied(self.docker(CLIS[0], "pull", f"{self.registry}/denied/busybox:1"),
                     f"pull of {self.registry}/denied/busybox:1 denied")   # the running policy stays
         self.assertIn('"tests": 1 of 1 tests fail: "tests"[0]', (self.dir / "plugin.log").read_text())
+
+    @unittest.skipUnless(LONG, "takes a minute or two per engine: DOCKER_IMAGE_POLICY_LONG=1")
+    def test_zz_downtime_as_a_user_sees_it(self):
+        # What a docker CLI call sees while the plugin is stopped (socket removed, as systemctl stop
+        # leaves it) and after a crash (its socket left behind): how long until it fails, and the message.
+        cls, image = type(self), f"{self.registry}/denied/busybox:1"
+        self.addCleanup(cls.apply_policy, self.test_policy)
+        self.addCleanup(lambda: cls.plugin.poll() is None or cls.start_plugin())
+        for case in ("stopped", "crashed"):
+            cls.plugin.send_signal(signal.SIGTERM if case == "stopped" else signal.SIGKILL)
+            cls.plugin.wait()
+            self.assertEqual(cls.plugin_socket.exists(), case == "crashed")
+            results: dict[tuple[str, str], tuple[float, subprocess.CompletedProcess]] = {}
+
+            def call(cli: str, *args: str) -> None:
+                started = time.monotonic()
+                result = self.docker(cli, *args)
+                results[(("20.10", "28.5")[CLIS.index(cli)], args[0])] = (
+                    time.monotonic() - started, result)
+            calls = [threading.Thread(target=call, args=(cli, *args)) for cli in CLIS for args in (["ps"], ["pull", image])]
+            for thread in calls:
+                thread.start()
+            for thread in calls:
+                thread.join(300)
+            for (cli, command), (seconds, result) in sorted(results.items()):
+                self.assertNotEqual(result.returncode, 0, result.stdout)
+                message = result.stderr.strip().splitlines()[-1].replace(str(cls.plugin_socket), "SOCKET")
+                print(f"downtime {self.engine} {case} CLI {cli} docker {command}: {seconds:.1f} s: {message}",
+                      file=sys.stderr)
+            self.assertEqual(len(results), 4)
+            cls.start_plugin()
+            self.assertFalse(self.image_present(image))
+        self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)
 
     def test_zz_restart_plugin_under_running_dockerd(self):
         cls = type(self)
