@@ -37,6 +37,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -3462,6 +3463,72 @@ def raw_garbage(rng: random.Random) -> bytes:
     ])
 
 
+class TestFleet(unittest.TestCase):
+    """The README's fleet loop, as written there, checked with the tools operators run."""
+
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="dip-fleet-"))
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def run_tool(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.dir)
+
+    def test_playbook_passes_ansible_syntax_check(self):
+        ansible = tool("ansible-playbook", "ansible-core")
+        playbook = readme_block("**The playbook**")
+        for name, text, status in [("docker-image-policy.yml", playbook, 0),
+                                   ("misspelled.yml", playbook.replace("builtin.template", "builtin.templates"), 4)]:
+            with self.subTest(name):
+                (self.dir / name).write_text(text)
+                result = self.run_tool(ansible, "--syntax-check", "-i", "localhost,", name)
+                self.assertEqual(result.returncode, status, result.stdout + result.stderr)
+                if status:
+                    self.assertIn("couldn't resolve module/action 'ansible.builtin.templates'", result.stderr)
+                else:
+                    self.assertEqual(result.stdout.strip(), f"playbook: {name}")
+
+    def test_playbook_validates_each_policy_before_it_is_put_in_place(self):
+        validate = re.search(r"^ +validate: (.*)$", readme_block("**The playbook**"), re.M)[1]
+        self.assertIn("--validate --strict --config %s", validate)
+        template = (HERE / "docker-image-policy.json").read_text().replace('"mode": "enforce"', '"mode": "audit"')
+        for name, text, status in [("audit.json", template, 0), ("broken.json", template[:-20], 2),
+                                   ("warned.json", json.dumps({"whitelist": ["^nginx"]}), 1)]:
+            with self.subTest(name):
+                (self.dir / name).write_text(text)
+                command = validate.replace("/usr/local/bin/docker_image_policy.py", str(MODULE)).replace(
+                    "%s", str(self.dir / name)).split()
+                result = self.run_tool(sys.executable, *command[1:])
+                self.assertEqual(result.returncode, status, result.stdout + result.stderr)
+
+    def alert_files(self, rules: str | None = None) -> None:
+        (self.dir / "docker-image-policy.rules.yml").write_text(rules or readme_block("**The alert rules**"))
+        (self.dir / "docker-image-policy.rules.test.yml").write_text(readme_block("**Their tests**"))
+
+    def test_alert_rules_pass_promtool(self):
+        promtool = tool("promtool", "prometheus")
+        self.alert_files()
+        result = self.run_tool(promtool, "check", "rules", "docker-image-policy.rules.yml")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("SUCCESS: 6 rules found", result.stdout)
+        result = self.run_tool(promtool, "test", "rules", "docker-image-policy.rules.test.yml")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("SUCCESS", result.stdout)
+        # The tests fail when an alert does not fire as they expect.
+        self.alert_files(readme_block("**The alert rules**").replace("== 0\n        for: 2m", "== 0\n        for: 5m"))
+        result = self.run_tool(promtool, "test", "rules", "docker-image-policy.rules.test.yml")
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("alertname: DockerImagePolicyDown, time: 3m", result.stdout + result.stderr)
+
+    def test_alert_rules_use_the_metrics_the_plugin_serves(self):
+        fixture = PluginFixture(ORIGINAL_CONFIG)
+        self.addCleanup(fixture.close)
+        served = set(re.findall(r"^# TYPE (\S+)", fixture.get("/metrics")[1], re.M))
+        rules = readme_block("**The alert rules**")
+        used = {re.sub(r"_bucket$", "", name) for name in re.findall(r"\bdocker_image_policy_\w+", rules)}
+        self.assertEqual(len(used), 5, used)
+        self.assertLessEqual(used, served)
+
+
 class TestReliability(unittest.TestCase):
     scale = 10 if LONG else 1
 
@@ -3680,6 +3747,52 @@ DEBIAN_ARCHIVE = r"\S+/debian/?"
 
 class Missing(Exception):
     """Something the end-to-end suite needs is not on this machine."""
+
+
+def readme_block(marker: str) -> str:
+    """The first fenced code block after the README line that starts with marker: the README's copy is the one tested."""
+    text = (HERE / "README.md").read_text()
+    at = text.index("\n" + marker)
+    opening = text.index("```", at)
+    body = text.index("\n", opening) + 1
+    return textwrap.dedent(text[body:text.index("```", body)])
+
+
+def tool(name: str, package: str) -> str:
+    """A tool the tests run, or a skip (a failure when CI requires every test) naming its Debian package."""
+    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/lib/systemd")
+    if found:
+        return found
+    if REQUIRE_E2E:
+        raise AssertionError(f"{name} is required but not installed (apt-get install {package})")
+    raise unittest.SkipTest(f"{name} is not installed (apt-get install {package})")
+
+
+def journal_exports(lines: list[str], host: str, work: Path) -> dict[str, str]:
+    """What journalctl -o json, -o short-iso and -o cat print for lines the plugin wrote on host.
+
+    The lines go into a real journal file, as journald on the host and systemd-journal-remote
+    on a central log host store them (the fields journald adds to a service's output), and are
+    read back by journalctl itself.
+    """
+    remote, journalctl = tool("systemd-journal-remote", "systemd-journal-remote"), tool("journalctl", "systemd")
+    work.mkdir(exist_ok=True)
+    export = b""
+    for number, line in enumerate(lines):
+        logged = re.search(r'"time": "([^"]+)"', line)
+        seconds = calendar.timegm(time.strptime(logged[1], "%Y-%m-%dT%H:%M:%SZ")) if logged else int(time.time())
+        fields = {"__REALTIME_TIMESTAMP": str(seconds * 1_000_000 + number), "__MONOTONIC_TIMESTAMP": str(number + 1),
+                  "_BOOT_ID": "0" * 32, "_HOSTNAME": host, "_TRANSPORT": "stdout", "_PID": "4242", "_UID": "0",
+                  "_SYSTEMD_UNIT": "docker-image-policy.service", "SYSLOG_IDENTIFIER": "docker-image-policy",
+                  "PRIORITY": "6" if '"decision": "allow"' in line else "5" if line.startswith("{") else "6",
+                  "MESSAGE": line}
+        export += b"".join(f"{key}={value}\n".encode() for key, value in fields.items()) + b"\n"
+    (work / "export").write_bytes(export)
+    journal = work / f"{host}.journal"
+    subprocess.run([remote, f"--output={journal}", str(work / "export")], check=True, capture_output=True)
+    return {output: subprocess.run([journalctl, f"--file={journal}", "-o", output, "-t", "docker-image-policy"],
+                                   check=True, capture_output=True, text=True).stdout
+            for output in ("json", "short-iso", "cat")}
 
 
 def free_port() -> int:
@@ -4327,6 +4440,35 @@ class EndToEnd:
                                                 "{{.Spec.TaskTemplate.ContainerSpec.Image}}", service),
                                  f"^{re.escape(image)}@sha256:[0-9a-f]{{64}}$")
 
+    def reload_dockerd(self, plugins: list[str]) -> None:
+        """The README's load step: name the plugin in daemon.json, then systemctl reload docker (SIGHUP)."""
+        self.daemon_json.write_text(json.dumps({"authorization-plugins": plugins}))
+        with open(self.dir / "dockerd.log") as log:
+            log.seek(0, os.SEEK_END)
+            self.dockerd_process.send_signal(signal.SIGHUP)
+            wait_for(lambda: "Reloaded configuration" in log.read(), "dockerd's reload")
+
+    def test_readme_verification_tells_whether_dockerd_asks_the_plugin(self):
+        # docker info may list no authorization plugin after a reload; the README's check asks the plugin itself.
+        script = readme_block("**4. Verify**").replace("127.0.0.1:5006", f"127.0.0.1:{self.admin_port}")
+        env = dict(os.environ, DOCKER_HOST=f"unix://{self.docker_socket}", DOCKER_CONFIG=str(self.dir / "cli"))
+        verify = lambda: subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.addCleanup(self.reload_dockerd, [self.name])
+        self.reload_dockerd([])
+        result = verify()
+        self.assertEqual((result.returncode, result.stdout), (1, "NOT verified: dockerd did not ask the plugin\n"),
+                         result.stderr)
+        self.reload_dockerd([self.name])
+        result = verify()
+        self.assertEqual((result.returncode, result.stdout), (0, "verified: dockerd asks the plugin\n"), result.stderr)
+        self.assertIn(f"authorization denied by plugin {self.name}: pull of docker-image-policy.invalid/verify:1"
+                      " denied", result.stderr)
+        self.apply_policy(dict(self.test_policy, mode="audit"))   # the first step of the rollout
+        result = verify()
+        self.assertEqual((result.returncode, result.stdout), (0, "verified: dockerd asks the plugin\n"), result.stderr)
+        self.assertNotIn("authorization denied", result.stderr)
+
     def test_reload_of_dockerd_loads_the_plugin_and_keeps_containers(self):
         # The README's rollout: name the plugin in daemon.json, then systemctl reload docker (SIGHUP).
         allowed, denied = f"{self.registry}/allowed/busybox:1", f"{self.registry}/denied/busybox:1"
@@ -4334,13 +4476,7 @@ class EndToEnd:
         container = self.docker_ok("run", "--detach", "--network", "none", allowed, "busybox", "sleep", "600")
         self.addCleanup(self.docker, CLIS[0], "rm", "--force", container)
         self.addCleanup(self.remove, denied)
-
-        def reload_dockerd(plugins: list[str]) -> None:
-            self.daemon_json.write_text(json.dumps({"authorization-plugins": plugins}))
-            with open(self.dir / "dockerd.log") as log:
-                log.seek(0, os.SEEK_END)
-                self.dockerd_process.send_signal(signal.SIGHUP)
-                wait_for(lambda: "Reloaded configuration" in log.read(), "dockerd's reload")
+        reload_dockerd = self.reload_dockerd
         self.addCleanup(reload_dockerd, [self.name])
         reload_dockerd([])
         self.assertEqual(self.docker(CLIS[0], "pull", denied).returncode, 0)   # no plugin: anything goes
@@ -4438,6 +4574,37 @@ class EndToEnd:
                                     r" the time; \d+ other lines$")
         same = self.lifecycle("--replay", "-", input=excerpt.read_text())
         self.assertEqual(same.returncode, 0, same.stdout)
+
+    def test_replay_of_journald_exports_of_what_dockerd_served(self):
+        log = self.dir / "plugin.log"
+        start = len(log.read_bytes())
+        allowed, denied = f"{self.registry}/allowed/busybox:1", f"{self.registry}/denied/busybox:1"
+        self.remove(allowed)
+        self.docker_ok("pull", allowed)
+        self.denied(self.docker(CLIS[-1], "pull", denied), f"pull of {denied} denied")
+        wait_for(lambda: denied in log.read_bytes()[start:].decode(), "the decision lines", timeout=5)
+        host = f"engine-{self.engine}"
+        exports = journal_exports(log.read_text()[start:].splitlines(), host, self.dir / "journal")
+        candidate = dict(self.test_policy, whitelist=[f"^{re.escape(self.registry)}/denied/", "^nginx:"])
+        changes = [f"{allowed}: allow -> deny, 1 time (pull 1): no whitelist rule matches and defaultAllow is false"
+                   " [defaultAllow]",
+                   f"{denied}: deny -> allow, 1 time (pull 1): whitelist rule {json.dumps(candidate['whitelist'][0])}"
+                   f" matches [whitelist[0] {json.dumps(candidate['whitelist'][0])}]"]
+        for export, text in exports.items():
+            with self.subTest(export):
+                path = self.dir / f"decisions.{export}"
+                path.write_text(text)
+                result = self.lifecycle("--replay", str(path), policy=candidate)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                lines = result.stdout.splitlines()
+                self.assertEqual(lines[:2], changes)
+                self.assertRegex(lines[2], rf"^log {re.escape(str(path))}: decisions from \S+Z to \S+Z; hosts: "
+                                 + ("not named" if export == "cat" else rf"{re.escape(host)} \(2\)$"))
+                self.assertRegex(lines[3], r"^2 decisions replayed under .*: 2 would change")
+        empty = self.dir / "empty.log"
+        empty.write_text("")
+        result = self.lifecycle("--replay", str(empty))
+        self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
 
     def test_a_policy_whose_tests_fail_is_not_loaded(self):
         def reloads(outcome: str) -> int:
