@@ -3094,7 +3094,8 @@ def main(argv: list[str] | None = None) -> int:
                              " refuses: exit 0 nothing, 1 something, 2 bad config or unreachable daemon")
     parser.add_argument("--replay", metavar="FILE",
                         help="decide the decision log lines in FILE (- for stdin) again under --config and print"
-                             " what would change: exit 0 nothing, 1 something, 2 bad config or unreadable FILE")
+                             " what would change: exit 0 nothing, 1 something, 2 bad config, unreadable FILE or"
+                             " no decision in it")
     parser.add_argument("--format", metavar="FORMAT", choices=("text", "json"), default="text",
                         help="output of --check, --scan and --replay: text or json (default: %(default)s)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
