@@ -4606,6 +4606,49 @@ class EndToEnd:
         result = self.lifecycle("--replay", str(empty))
         self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
 
+    def test_failed_reload_alerts_in_prometheus(self):
+        # Prometheus scrapes the plugin in front of this dockerd and evaluates the README's alert rules.
+        prometheus = tool("prometheus", "prometheus")
+        work = self.dir / "prometheus"
+        work.mkdir()
+        (work / "rules.yml").write_text(readme_block("**The alert rules**"))
+        (work / "prometheus.yml").write_text(json.dumps({   # YAML is a superset of JSON
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(work / "rules.yml")],
+            "scrape_configs": [{"job_name": "docker-image-policy",
+                                "static_configs": [{"targets": [f"127.0.0.1:{self.admin_port}"]}]}]}))
+        port = free_port()
+        with open(work / "prometheus.log", "wb") as output:
+            server = subprocess.Popen([prometheus, f"--config.file={work / 'prometheus.yml'}",
+                                       f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                      stdout=output, stderr=subprocess.STDOUT)
+        self.addCleanup(stop_processes, [server])
+
+        def api(path: str) -> Any:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", path)
+                return json.loads(connection.getresponse().read())["data"]
+            except (OSError, ValueError):
+                return None   # not up yet
+            finally:
+                connection.close()
+        alerts = lambda: {alert["labels"]["alertname"]: alert["state"] for alert in (api("/api/v1/alerts") or
+                                                                                    {"alerts": []})["alerts"]}
+        scraped = lambda query: bool((api(f"/api/v1/query?query={quote(query)}") or {}).get("result"))
+        wait_for(lambda: scraped("docker_image_policy_build_info == 1"), "Prometheus's first scrape", timeout=60)
+        self.assertEqual(alerts(), {})   # one host, its policy in force
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.config.write_text('{"whitelist": [')
+        self.plugin.send_signal(signal.SIGHUP)
+        wait_for(lambda: alerts().get("DockerImagePolicyReloadFailed") == "firing", "the failed-reload alert", timeout=30)
+        self.assertEqual(alerts(), {"DockerImagePolicyReloadFailed": "firing"})   # and not the one for no reload
+        status = json.loads(self.admin_get("/status"))
+        self.assertEqual((status["lastReload"]["ok"], status["fileOnDisk"]["inForce"]), (False, False))
+        self.denied(self.docker(CLIS[0], "pull", f"{self.registry}/denied/busybox:1"),
+                    f"pull of {self.registry}/denied/busybox:1 denied")   # the running policy stays
+        self.apply_policy(self.test_policy)
+        wait_for(lambda: "DockerImagePolicyReloadFailed" not in alerts(), "the alert to resolve", timeout=30)
+
     def test_a_policy_whose_tests_fail_is_not_loaded(self):
         def reloads(outcome: str) -> int:
             return int(re.search(rf'reloads_total\{{outcome="{outcome}"\}} (\d+)', self.admin_get("/metrics"))[1])
