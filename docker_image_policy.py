@@ -2250,17 +2250,17 @@ def logged_decision(line: str) -> tuple[dict[str, Any] | None, str | None]:
     start = line.find("{")
     if start == -1:
         return None, None
-    host = None
     try:
         record = json.loads(line[start:])
     except ValueError:
         return None, None
     if isinstance(record, dict) and "MESSAGE" in record and "decision" not in record:   # journalctl -o json
-        host, message = record.get("_HOSTNAME"), record["MESSAGE"]
-        if isinstance(message, list):   # journalctl writes a message that is not UTF-8 as its bytes
+        message, host = record["MESSAGE"], record.get("_HOSTNAME")
+        if isinstance(message, list):   # journalctl writes a message that is not UTF-8 as an array of its bytes
             message = bytes(byte for byte in message if isinstance(byte, int) and 0 <= byte < 256).decode(
                 errors="replace")
-        return logged_decision(message)[0] if isinstance(message, str) else None, host if isinstance(host, str) else None
+        decision = logged_decision(message)[0] if isinstance(message, str) else None
+        return decision, host if isinstance(host, str) else None
     prefix = _JOURNAL_PREFIX_RE.fullmatch(line[:start])
     return record if isinstance(record, dict) else None, prefix["host"] if prefix else None
 
