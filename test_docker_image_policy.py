@@ -4456,6 +4456,8 @@ class EndToEnd:
         self.addCleanup(self.apply_policy, self.test_policy)
         self.addCleanup(self.reload_dockerd, [self.name])
         self.reload_dockerd([])
+        # docker info names the plugins dockerd started with, not those its last reload loaded or removed.
+        self.assertEqual(self.docker_ok("info", "--format", "{{.Plugins.Authorization}}"), f"[{self.name}]")
         result = verify()
         self.assertEqual((result.returncode, result.stdout), (1, "NOT verified: dockerd did not ask the plugin\n"),
                          result.stderr)
