@@ -259,7 +259,7 @@ class Reference:
         object.__setattr__(self, "all_forms", familiar if canonical == familiar else familiar + canonical)
 
     def forms(self, canonical: bool) -> tuple[str, ...]:
-        """The strings rules are matched against: familiar, or canonical.
+        r"""The strings rules are matched against: familiar, or canonical.
 
         A reference pinned by a digest is matched by the digest alone, as
         nginx@sha256:… and as the original plugin saw it (nginx:sha256:…,
