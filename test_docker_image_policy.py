@@ -4695,6 +4695,7 @@ class EndToEnd:
                 thread.join(300)
             for (cli, command), (seconds, result) in sorted(results.items()):
                 self.assertNotEqual(result.returncode, 0, result.stdout)
+                self.assertTrue(25 < seconds < 60, seconds)   # the README's table says 32 s or 45 s
                 message = result.stderr.strip().splitlines()[-1].replace(str(cls.plugin_socket), "SOCKET")
                 print(f"downtime {self.engine} {case} CLI {cli} docker {command}: {seconds:.1f} s: {message}",
                       file=sys.stderr)
