@@ -293,7 +293,7 @@ class Reference:
         object.__setattr__(self, "all_forms", familiar if canonical == familiar else familiar + canonical)
 
     def forms(self, canonical: bool) -> tuple[str, ...]:
-        """The strings rules are matched against: familiar, or canonical.
+        r"""The strings rules are matched against: familiar, or canonical.
 
         A reference pinned by a digest is matched by the digest alone, as
         nginx@sha256:… and as the original plugin saw it (nginx:sha256:…,
@@ -3542,7 +3542,8 @@ def print_scan(policy: Policy, scan: Scan, output: str) -> int:
     refused = scan.refused
     if output == "json":
         print(json.dumps({
-            "policy": policy.path, "mode": policy.mode,
+            "host": socket.gethostname(), "time": _now(),   # a fleet's scans merge by host and time
+            "policy": policy.path, "policySha256": policy.sha256, "mode": policy.mode,
             "scanned": {"images": scan.images, "containers": scan.containers, "services": scan.services},
             "refused": [{"kind": finding.kind, "id": finding.id, "name": finding.name,
                          "operation": finding.decision.operation, "image": finding.decision.image,
@@ -3657,27 +3658,63 @@ class Change:
 class Replay:
     decisions: int = 0
     other_lines: int = 0
+    allowed: int = 0   # none: a log written with --log-decisions denies, whose allows cannot be replayed
     changes: dict[tuple[str, bool], Change] = dataclasses.field(default_factory=dict)
     not_replayable: dict[str, int] = dataclasses.field(default_factory=dict)
+    hosts: dict[str, int] = dataclasses.field(default_factory=dict)   # decisions by host, when the export names it
+    first: str = ""   # the earliest and latest "time" logged
+    last: str = ""
 
     @property
     def changed(self) -> int:
         return sum(change.count for change in self.changes.values())
+
+    @property
+    def span(self) -> str:
+        return f"from {self.first} to {self.last}" if self.first else "at times not logged"
+
+
+# What journalctl -o short-iso and -o short write before a message: time, host, identifier[pid].
+_JOURNAL_PREFIX_RE = re.compile(r"(?:\S+|[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d(?:\.\d+)?) (?P<host>\S+) [^\s:]+: ")
+
+
+def logged_decision(line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The decision object in a line of the log as the plugin wrote it or as journalctl exports it
+    (-o cat, -o short-iso or -o short, -o json), and the host the export names; None for other lines."""
+    start = line.find("{")
+    if start == -1:
+        return None, None
+    try:
+        record = json.loads(line[start:])
+    except ValueError:
+        return None, None
+    if isinstance(record, dict) and "MESSAGE" in record and "decision" not in record:   # journalctl -o json
+        message, host = record["MESSAGE"], record.get("_HOSTNAME")
+        if isinstance(message, list):   # journalctl writes a message that is not UTF-8 as an array of its bytes
+            message = bytes(byte for byte in message if isinstance(byte, int) and 0 <= byte < 256).decode(
+                errors="replace")
+        decision = logged_decision(message)[0] if isinstance(message, str) else None
+        return decision, host if isinstance(host, str) else None
+    prefix = _JOURNAL_PREFIX_RE.fullmatch(line[:start])
+    return record if isinstance(record, dict) else None, prefix["host"] if prefix else None
 
 
 def replay_log(policy: Policy, lines: Any) -> Replay:
     """Decide each logged image decision again under policy; count what changes and what cannot be redone."""
     replay = Replay()
     for line in lines:
-        start = line.find("{")
-        try:
-            record = json.loads(line[start:]) if start != -1 else None
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or record.get("decision") not in ("allow", "deny", "would-deny"):
+        record, host = logged_decision(line)
+        if record is None or record.get("decision") not in ("allow", "deny", "would-deny"):
             replay.other_lines += 1
             continue
         replay.decisions += 1
+        replay.allowed += record["decision"] == "allow"
+        if host is not None:
+            replay.hosts[host] = replay.hosts.get(host, 0) + 1
+        logged = record.get("time")
+        if isinstance(logged, str) and logged:   # the plugin writes UTC as 2026-12-07T06:11:06Z: sorts as text
+            replay.first = min(replay.first or logged, logged)
+            replay.last = max(replay.last, logged)
         try:
             decision = replay_decision(policy, record)
         except NotReplayable as error:
@@ -3692,7 +3729,17 @@ def replay_log(policy: Policy, lines: Any) -> Replay:
     return replay
 
 
+# Said whenever a log holds no allowed decision: replay cannot find what a candidate would newly deny.
+ONLY_DENIES = ("the log holds no allowed decision (written with --log-decisions denies?), so no allow -> deny"
+               " change can be found in it; replay a log written with --log-decisions all")
+
+
 def print_replay(policy: Policy, source: str, replay: Replay, output: str) -> int:
+    if not replay.decisions:
+        print(f"{PLUGIN_NAME}: error: no decision read from {source} ({replay.other_lines} other lines): expected"
+              " the plugin's decision log as it wrote it or as journalctl -o cat, -o short-iso or -o json"
+              " exports it", file=sys.stderr)
+        return 2
     changes = sorted(replay.changes.values(), key=lambda change: (-change.count, change.image))
     to_deny = sum(change.count for change in changes if not change.now.allow)
     if output == "json":
@@ -3703,7 +3750,8 @@ def print_replay(policy: Policy, source: str, replay: Replay, output: str) -> in
                          "rule": change.now.rule, "reason": change.now.reason} for change in changes],
             "summary": {"decisions": replay.decisions, "changed": replay.changed, "allowToDeny": to_deny,
                         "denyToAllow": replay.changed - to_deny, "notReplayable": replay.not_replayable,
-                        "otherLines": replay.other_lines}}, indent=2))
+                        "otherLines": replay.other_lines, "onlyDenies": not replay.allowed,
+                        "from": replay.first or None, "to": replay.last or None, "hosts": replay.hosts}}, indent=2))
         return 1 if changes else 0
     for change in changes:
         was, now = ("allow", "deny") if not change.now.allow else ("deny", "allow")
@@ -3711,6 +3759,11 @@ def print_replay(policy: Policy, source: str, replay: Replay, output: str) -> in
         times = "1 time" if change.count == 1 else f"{change.count} times"
         print(f"{change.image}: {was} -> {now}, {times} ({operations}): {change.now.reason}"
               f" [{change.now.rule}]")
+    if not replay.allowed:
+        print(f"note: {ONLY_DENIES}")
+    hosts = (", ".join(f"{host} ({count})" for host, count in sorted(replay.hosts.items())) if replay.hosts else
+             "not named in the log (journalctl -o cat leaves them out; -o short-iso and -o json keep them)")
+    print(f"log {source}: decisions {replay.span}; hosts: {hosts}")
     unchanged = replay.decisions - replay.changed - sum(replay.not_replayable.values())
     summary = (f"{replay.decisions} decisions replayed under {policy.path}: {replay.changed} would change"
                f" ({to_deny} allow -> deny, {replay.changed - to_deny} deny -> allow) on {len(changes)} images,"
@@ -3862,7 +3915,10 @@ class Metrics:
 
     def render(self, policy: Policy, admin_bind_failures: int, dropped_lines: int) -> str:
         name = "docker_image_policy"
-        lines = [f"# HELP {name}_decisions_total AuthZReq decisions by operation and result.",
+        lines = [f"# HELP {name}_build_info The plugin's version: which hosts of a fleet run which build.",
+                 f"# TYPE {name}_build_info gauge",
+                 f'{name}_build_info{{version="{__version__}"}} 1',
+                 f"# HELP {name}_decisions_total AuthZReq decisions by operation and result.",
                  f"# TYPE {name}_decisions_total counter"]
         with self.lock:
             for (operation, outcome), value in sorted(self.decisions.items()):
@@ -3907,7 +3963,20 @@ class Metrics:
                   f"# HELP {name}_log_lines_dropped_total Log lines dropped while stderr did not take them.",
                   f"# TYPE {name}_log_lines_dropped_total counter",
                   f"{name}_log_lines_dropped_total {dropped_lines}"]
+        lines += [f"# HELP {name}_policy_file_drift Whether the policy file on disk differs from the policy in"
+                  " force (changed and not reloaded, its reload failed, or it is unreadable).",
+                  f"# TYPE {name}_policy_file_drift gauge",
+                  f"{name}_policy_file_drift {int(file_sha256(policy.path) != policy.sha256)}"]
         return "\n".join(lines) + "\n"
+
+
+def file_sha256(path: str) -> str | None:
+    """The SHA-256 the policy file on disk would load with (read as load_policy reads it); None if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return sha256(file.read().encode()).hexdigest()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -4106,13 +4175,16 @@ class Plugin:
     def status(self) -> dict[str, Any]:
         """What GET /status answers: the running policy and how the last reload went."""
         policy = self.policy
+        on_disk = file_sha256(policy.path)
         return {"version": __version__, "started": self.started, "instance": self.instance, "mode": policy.mode,
                 "modeFrom": "--mode" if self.mode else "policy" if "mode" in policy.keys else "default",
                 "policy": {"file": policy.path, "sha256": policy.sha256,
                            "rules": {"whitelist": len(policy.whitelist.rules), "blacklist": len(policy.blacklist.rules),
                                      "scopes": len(policy.scopes.entries)}},
                 "lastReload": self.reload_status, "admin": self.admin.state(),
-                "log": {"droppedLines": self.log.dropped_total}}
+                "log": {"droppedLines": self.log.dropped_total},
+                # The file as it is now: a policy edited and not reloaded (or failing its reload) is not in force.
+                "fileOnDisk": {"sha256": on_disk, "inForce": on_disk == policy.sha256}}
 
     def metrics_text(self) -> str:
         return self.metrics.render(self.policy, self.admin.failures, self.log.dropped_total)
@@ -4717,7 +4789,8 @@ def main(argv: list[str] | None = None) -> int:
                              " refuses: exit 0 nothing, 1 something, 2 bad config or unreachable daemon")
     parser.add_argument("--replay", metavar="FILE",
                         help="decide the decision log lines in FILE (- for stdin) again under --config and print"
-                             " what would change: exit 0 nothing, 1 something, 2 bad config or unreadable FILE")
+                             " what would change: exit 0 nothing, 1 something, 2 bad config, unreadable FILE or"
+                             " no decision in it")
     parser.add_argument("--format", metavar="FORMAT", choices=("text", "json"), default="text",
                         help="output of --check, --scan and --replay: text or json (default: %(default)s)")
     parser.add_argument("--health", action="store_true",
