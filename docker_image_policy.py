@@ -3378,7 +3378,7 @@ CLIENT_REQUESTS: MappingProxyType[str, Callable[[str, str], dict[str, Any]]] = M
     "plugin-create": lambda image, target: client_request("/plugins/create"),
     "swarm": lambda image, target: client_request("/swarm/init"),
 })
-CHECK_OPERATIONS = ("pull", "pull-all-tags", "run", "tag", "service", "plugin-install")
+CHECK_OPERATIONS = tuple(CLIENT_REQUESTS)
 # The decision log's names for the same operations.
 OPERATION_ALIASES = MappingProxyType({"pull (all tags)": "pull-all-tags", "plugin install": "plugin-install"})
 
@@ -3438,7 +3438,7 @@ def check_operation(policy: Policy, operation: str, images: list[str], target: s
                            "canonical": decision.image, "rule": decision.rule, "reason": decision.reason}
                           for image, decision in results], indent=2))
     for image, decision in results if output == "text" else ():
-        print(image)
+        print(image or operation)
         if operation != "pull":
             print(f"  operation: {decision.operation}")
         if decision.image:
@@ -3560,10 +3560,14 @@ def print_scan(policy: Policy, scan: Scan, output: str) -> int:
         short = finding.id.removeprefix("sha256:")[:12]
         print(f"{finding.kind} {finding.name} ({short}): allowed only by the exception {entry}, until"
               f" {entry.until_text}" + (f" (ticket {entry.ticket})" if entry.ticket else ""))
-    services = "no services (not a swarm manager)" if scan.services is None else f"{scan.services} services"
-    print(f"{len(refused)} refused of {len(scan.findings)} judged: {scan.images} images, {scan.containers}"
-          f" containers, {services}; policy {policy.path}, mode {policy.mode}")
+    services = "no services (not a swarm manager)" if scan.services is None else _count(scan.services, "service")
+    print(f"{len(refused)} refused of {len(scan.findings)} judged: {_count(scan.images, 'image')},"
+          f" {_count(scan.containers, 'container')}, {services}; policy {policy.path}, mode {policy.mode}")
     return 1 if refused else 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def canonical_reference(text: str) -> Reference:
@@ -3893,8 +3897,8 @@ class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.decisions: dict[tuple[str, str], int] = {}
-        self.reloads = {"success": 0, "failure": 0}
-        self.last_reload = 0.0
+        self.reloads = {"success": 0, "failure": 0}   # reloads only: the first load is none
+        self.last_reload = time.time()
         self.last_reload_successful = True
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
@@ -4087,7 +4091,6 @@ class Plugin:
         self.metrics = Metrics()
         self.current = Running.of(self.load())
         self.warn_backtracking(self.current.policy)
-        self.metrics.reloaded(True)
         self.started = _now()
         self.reload_status: dict[str, Any] = {"time": self.started, "ok": True, "error": None}
         self.reload_lock = threading.Lock()
@@ -4621,7 +4624,7 @@ def report_policy_tests(policy: Policy, path: str) -> bool:
     if failures:
         print(f"{PLUGIN_NAME}: error: {PolicyTestsFailed(path, failures, len(policy.tests))}", file=sys.stderr)
     elif policy.tests:
-        print(f"{path}: all {len(policy.tests)} tests pass")
+        print(f"{path}: the test passes" if len(policy.tests) == 1 else f"{path}: all {len(policy.tests)} tests pass")
     return not failures
 
 
@@ -4764,16 +4767,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", metavar="MODE", choices=sorted(MODES),
                         help="enforce or audit, in place of the policy's \"mode\" (which reloads do not change);"
                              " for a first rollout in audit mode whatever the file says")
-    parser.add_argument("--log-level", metavar="LEVEL", default="info", choices=list(LOG_LEVELS),
+    parser.add_argument("--log-level", metavar="LEVEL", default="info", choices=list(LOG_LEVELS), type=str.lower,
                         help="debug, info, warning or error (default: %(default)s)")
     parser.add_argument("--log-decisions", metavar="WHICH", default="all", choices=DECISION_LOGGING,
                         help="decisions the decision log keeps: all (image decisions and every deny), denies"
                              " (denies and would-denies only) or none (default: %(default)s)")
-    parser.add_argument("--check", metavar="IMAGE", nargs="+",
-                        help="print the decision for each image and exit: 0 all allowed, 1 any denied, 2 bad config")
+    parser.add_argument("--check", metavar="IMAGE", nargs="*",
+                        help="print the decision for each image (none for an operation that names no image) and"
+                             " exit: 0 all allowed, 1 any denied, 2 bad config")
     parser.add_argument("--operation", metavar="OPERATION", choices=CHECK_OPERATIONS,
-                        help="what --check judges: " + ", ".join(CHECK_OPERATIONS) + " (default: pull); a run"
-                             " by image ID is looked up on --docker-host when it is given")
+                        help="what --check judges: " + ", ".join(CHECK_OPERATIONS) + " (default: pull); --check"
+                             " looks a run by image ID up only on an explicit --docker-host")
     parser.add_argument("--tag-target", metavar="NAME", help="the new name, for --check --operation tag")
     parser.add_argument("--caller", metavar="SELECTOR", action="append",
                         help="judge --check as this caller: cn:NAME, o:NAME, ou:NAME (repeat to combine) or"
@@ -4804,11 +4808,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     args = parser.parse_args(argv)
-    modes = [flag for flag, given in [("--check", args.check), ("--validate", args.validate), ("--scan", args.scan),
+    modes = [flag for flag, given in [("--check", args.check is not None), ("--validate", args.validate), ("--scan", args.scan),
                                       ("--replay", args.replay is not None), ("--health", args.health)] if given]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} cannot be combined")
-    if (args.operation or args.tag_target or args.caller or args.at) and not args.check:
+    if (args.operation or args.tag_target or args.caller or args.at) and args.check is None:
         parser.error("--operation, --tag-target, --caller and --at go with --check")
     try:
         caller = caller_of_selectors(args.caller or [])
@@ -4819,7 +4823,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--at: expected a date (2027-01-31) or an RFC 3339 time with its zone, not {args.at!r}")
     if (args.operation == "tag") != (args.tag_target is not None):
         parser.error("--tag-target NAME goes with --operation tag, and --operation tag needs it")
-    if args.format != "text" and not (args.check or args.scan or args.replay is not None):
+    if args.check is not None and (args.operation in OPAQUE_OPERATIONS) == bool(args.check):
+        parser.error(f"--check: a {args.operation} names no image" if args.check else
+                     "--check needs at least one IMAGE")
+    if args.format != "text" and not (args.check is not None or args.scan or args.replay is not None):
         parser.error("--format goes with --check, --scan or --replay")
     docker_host_given = args.docker_host is not None
     if args.strict and not args.validate:
@@ -4842,9 +4849,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.mode:
         policy = dataclasses.replace(policy, mode=args.mode)
-    if args.check:
+    if args.check is not None:
         policy = dataclasses.replace(policy.asked_by(caller), at=at)
-        return check_operation(policy, args.operation or "pull", args.check, args.tag_target or "",
+        return check_operation(policy, args.operation or "pull", args.check or [""], args.tag_target or "",
                                DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
     if args.scan:
         return scan_command(policy, args.docker_host, args.format)

@@ -3953,7 +3953,7 @@ class TestOperations(unittest.TestCase):
         self.assertEqual(json.loads(self.fixture.get("/status")[1])["lastReload"]["error"], error)
         self.assertEqual(json.loads(self.fixture.get("/config")[1])["whitelist"], ["^redis:"])
         metrics = self.fixture.get("/metrics")[1]
-        self.assertIn('docker_image_policy_reloads_total{outcome="success"} 2', metrics)
+        self.assertIn('docker_image_policy_reloads_total{outcome="success"} 1', metrics)   # the first load is none
         self.assertIn('docker_image_policy_reloads_total{outcome="failure"} 1', metrics)
         self.assertIn("docker_image_policy_config_last_reload_successful 0\n", metrics)   # while the file is broken
         digest = hashlib.sha256(b'{"whitelist": ["^redis:"]}').hexdigest()
@@ -4393,7 +4393,7 @@ class TestOperations(unittest.TestCase):
             "/images/json?all=1": (200, [{"Id": NGINX_ID, "RepoTags": ["nginx:1.25"], "RepoDigests": []}]),
             "/containers/json?all=1": (200, []), "/services": (503, {"message": "This node is not a swarm manager."})})
         result = run_module("--config", self.fixture.config_path, "--scan", "--docker-host", clean.host)
-        self.assertEqual((result.returncode, result.stdout), (0, "0 refused of 1 judged: 1 images, 0 containers,"
+        self.assertEqual((result.returncode, result.stdout), (0, "0 refused of 1 judged: 1 image, 0 containers,"
                          f" no services (not a swarm manager); policy {self.fixture.config_path}, mode enforce\n"))
         result = run_module("--config", self.fixture.config_path, "--scan", "--docker-host",
                             f"unix://{self.fixture.dir}/none.sock")
@@ -4599,6 +4599,18 @@ class TestOperations(unittest.TestCase):
         self.assertTrue(unset.reload())
         self.assertEqual((unset.policy.mode, unset.status()["modeFrom"]), ("enforce", "default"))
 
+    def test_check_judges_every_operation_and_says_one_test_passes(self):
+        config = self.fixture.config_path
+        self.fixture.write_config({"allowLoad": True, "tests": [{"operation": "load", "expect": "allow"}]})
+        for operation, status, word in [("build", 1, "deny"), ("load", 0, "allow"), ("swarm", 1, "deny")]:
+            with self.subTest(operation):
+                result = run_module("--config", config, "--check", "--operation", operation)
+                self.assertEqual((result.returncode, result.stdout.splitlines()[0]), (status, operation))
+                self.assertIn(f"  decision:  {word}\n", result.stdout)
+        self.assertEqual(run_module("--config", config, "--validate").stdout.splitlines()[0],
+                         f"{config}: the test passes")
+        self.assertEqual(run_module("--config", config, "--check", "nginx:1", "--log-level", "DEBUG").returncode, 1)
+
     def test_validate_strict_fails_on_any_warning(self):
         config = self.fixture.config_path
         self.fixture.write_config({"whitelist": ["^nginx", "^registry.example.com/"], "blacklist": [":latest$"],
@@ -4766,6 +4778,8 @@ class TestOperations(unittest.TestCase):
             (["--check", "nginx", "--validate"], "--check and --validate cannot be combined"),
             (["--scan", "--replay", "-"], "--scan and --replay cannot be combined"),
             (["--scan", "--operation", "run"], "--operation, --tag-target, --caller and --at go with --check"),
+            (["--check"], "--check needs at least one IMAGE"),
+            (["--check", "nginx", "--operation", "build"], "--check: a build names no image"),
             (["--check", "nginx", "--caller", "team-a"], "--caller: a caller is cn:NAME, o:NAME, ou:NAME (several"
                                                          " together) or unidentified, not 'team-a'"),
             (["--check", "nginx", "--at", "tomorrow"], "--at: expected a date (2027-01-31) or an RFC 3339 time with"
@@ -5023,6 +5037,17 @@ class TestOperations(unittest.TestCase):
                                     text=True, timeout=300)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertTrue(result.stdout.startswith("Success"), result.stdout)
+
+    def test_module_compiles_without_warnings(self):
+        # An invalid escape in a docstring is a SyntaxWarning on Python 3.12 and later, printed to the
+        # journal at every start: -W error makes it fail here, on every interpreter the machine has.
+        pythons = {sys.executable, *filter(None, (shutil.which(f"python3.{minor}") for minor in range(11, 15)))}
+        pythons |= {str(path) for path in Path(os.path.expanduser("~/.pyenv/versions")).glob("3.1[1-9]*/bin/python3")}
+        for python in sorted(pythons):
+            with self.subTest(python):
+                result = subprocess.run([python, "-W", "error", "-c", "import sys; compile(open(sys.argv[1]).read(),"
+                                         " sys.argv[1], 'exec')", str(MODULE)], capture_output=True, text=True)
+                self.assertEqual((result.returncode, result.stderr), (0, ""))
 
     def test_example_config_is_valid(self):
         path = str(HERE / "docker-image-policy.json")
@@ -6594,7 +6619,8 @@ class EndToEnd:
         print(f"end-to-end {self.engine}: longest log line {longest} bytes", file=sys.stderr)
         self.assertLess(longest, 16 * 1024)
 
-    @unittest.skipUnless(LONG, "takes a minute or two per engine: DOCKER_IMAGE_POLICY_LONG=1")
+    @unittest.skipUnless(LONG or REQUIRE_E2E, "takes a minute or two per engine: DOCKER_IMAGE_POLICY_LONG=1"
+                                              " (CI runs it)")
     def test_zz_downtime_as_a_user_sees_it(self):
         # What a docker CLI call sees while the plugin is stopped (socket removed, as systemctl stop
         # leaves it) and after a crash (its socket left behind): how long until it fails, and the message.
