@@ -3278,7 +3278,7 @@ class TestOperations(unittest.TestCase):
         plugin = dip.Plugin(self.fixture.config_path, dip.Log("info", stream), dip.DockerAPI("unix:///nonexistent"))
         self.assertEqual(stream.getvalue(), "")
         started = time.perf_counter()
-        verdict = plugin.current.policy.evaluate(parse_reference("a" * 230 + "b:1"))
+        verdict = plugin.current.policy.evaluate(parse_reference("a" * 230 + "b:1.0"))
         self.assertLess(time.perf_counter() - started, 0.1)
         self.assertEqual(verdict.rule, 'whitelist[1] "^([a-z0-9]+[._-]?)*:1\\\\."')
 
@@ -4294,6 +4294,21 @@ class EndToEnd:
                 result = self.docker(cli, "pull", "--all-tags", f"{self.registry}/allowed/busybox")
                 self.assertEqual(result.returncode, 0, result.stderr)
 
+    def test_go_era_posix_class_blacklist_denies(self):
+        # Python's re read [[:alpha:]] as a set of ":ahlp" and a "]": this blacklist failed open.
+        # dockerd asks the plugin before it contacts the registry, so the deny comes first.
+        self.addCleanup(self.apply_policy, self.test_policy)
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.addCleanup(self.remove, allowed)
+        self.apply_policy({"blacklist": ["^[[:alpha:]]+:latest$"], "defaultAllow": True})
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.denied(self.docker(cli, "pull", "nginx:latest"),
+                            'pull of nginx:latest denied: blacklist rule "^[[:alpha:]]+:latest$" matches')
+                self.remove(allowed)
+                result = self.docker(cli, "pull", allowed)
+                self.assertEqual(result.returncode, 0, result.stderr)
+
     def test_familiar_rules_hold_for_old_and_new_clis(self):
         # CLI 20.10 sends "redis", CLI 28 "docker.io/library/redis": the same rule decides.
         for cli in CLIS:
@@ -4822,8 +4837,12 @@ def benchmark(argv: list[str]) -> int:
     parser.add_argument("--rounds", metavar="N", type=int, default=3,
                         help="alternating rounds per figure; medians are reported (default: %(default)s)")
     parser.add_argument("--no-dockerd", action="store_true", help="skip the runs through a real dockerd")
+    parser.add_argument("--rules-only", action="store_true", help="only the rules that could stall a decision")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
+    if args.rules_only:
+        benchmark_rules()
+        return 0
     work = Path(tempfile.mkdtemp(prefix="dip-bench-"))
     processes: list[subprocess.Popen] = []
     try:
@@ -4915,6 +4934,7 @@ def benchmark(argv: list[str]) -> int:
             loop = (time.perf_counter() - started) / 10
             print(f"rule evaluation, {count} rules, not remembered:  indexed {indexed * 1e6:8.1f} us"
                   f"   rule by rule {loop * 1e6:8.1f} us")
+        benchmark_rules()
         benchmark_scan(work, python)
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
@@ -4924,6 +4944,47 @@ def benchmark(argv: list[str]) -> int:
             leftover.unlink()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# Rules on which Python's re takes seconds to hours (issues 16 and 21): the
+# nested repetition --validate used to warn about, and several wildcards.
+STALLING_RULES = list(dict.fromkeys(["^([a-z0-9]+[._-]?)*:1\\.", ".*/.*/.*/.*:latest$", ".*/.*/.*/.*/.*:latest$",
+                                     *(rule for rule in TestPolicy.EXPONENTIAL if "(?!" not in rule)]))
+
+
+def crafted_names() -> list[dip.Reference]:
+    """The longest valid names made of one repeated piece, with the longest tag or a short one."""
+    names = []
+    for piece in ("a", "a/", "a-", "a.", "0.", "a_", "a__"):
+        for tag in (":1", ":" + "a" * 127 + "1", "@" + DIGEST):
+            for count in range(260, 0, -1):
+                with contextlib.suppress(InvalidReference):
+                    names.append(parse_reference((piece * count).strip("/._-") + "b" + tag))
+                    break
+    return names
+
+
+def benchmark_rules() -> None:
+    """One decision, as the daemon makes it, with one rule on crafted names of the longest valid length."""
+    names = crafted_names()
+    longest = max(len(name.canonical) for name in names)
+    print(f"rules Python's re could take long on, one decision on {len(names)} crafted names"
+          f" (up to {longest} characters); worst:")
+    for pattern in STALLING_RULES:
+        times: dict[str, list[float]] = {"first": [], "again": []}
+        for name in names:
+            policy = policy_of({"blacklist": [pattern], "defaultAllow": True})   # nothing remembered
+            samples = []
+            for _ in range(4):
+                started = time.perf_counter()
+                policy.evaluate(name)
+                samples.append(time.perf_counter() - started)
+            times["first"].append(samples[0])
+            times["again"].append(min(samples[1:]))
+        engine = "linear" if isinstance(getattr(policy.blacklist.rules[0].search, "__self__", None),
+                                        dip.LinearMatcher) else "re"
+        print(f"  {pattern:<44} {engine:<6} first {max(times['first']) * 1e3:5.2f} ms"
+              f"   again {max(times['again']) * 1e3:5.2f} ms")
 
 
 def benchmark_scan(work: Path, python: str, count: int = 1000) -> float:
