@@ -420,10 +420,11 @@ MAX_BACKTRACKING_DEGREE = 1
 # A repetition of at most this many rounds of something that can match in
 # several ways is as costly as that many copies of it, one after another.
 MAX_SMALL_REPEAT = 3
-# A LinearMatcher's program is as large as its rule; its cache of steps is
-# bounded so that crafted names cannot grow it without end.
+# A LinearMatcher's program is as large as its rule; its memory of steps is
+# bounded so that crafted names cannot grow it without end (one name of the
+# longest valid length adds at most about 520 steps).
 MAX_LINEAR_STATES = 100_000
-MAX_CACHED_STEPS = 50_000
+MAX_CACHED_STEPS = 10_000
 # Python's syntax that RE2 cannot parse and rules keep: look-arounds (as in the
 # shipped policy's ^nginx:(?!latest$)) and back-references \1 to \9. Around and
 # inside them the rule is still read as RE2.
@@ -993,6 +994,7 @@ class LinearMatcher:
         self.states: list[Any] = [("match",)]
         self.start = self._compile(tree, 0)
         self.steps: dict[tuple[frozenset[int], str, str], Any] = {}
+        self.sets: dict[frozenset[int], frozenset[int]] = {}   # one object per set of states, shared by the steps
 
     def _new(self, state: Any) -> int:
         if len(self.states) >= MAX_LINEAR_STATES:
@@ -1034,7 +1036,8 @@ class LinearMatcher:
         """regexp.MatchString: whether the rule matches anywhere in text."""
         steps = self.steps
         if len(steps) > MAX_CACHED_STEPS:
-            self.steps = steps = {}
+            self.steps, self.sets = {}, {}
+            steps = self.steps
         current = frozenset({self.start})
         previous = ""
         for character in text:
@@ -1068,6 +1071,7 @@ class LinearMatcher:
             code = code if code < 128 or code in (LONG_S, KELVIN) else OTHER
             step = frozenset({self.start} | {self.states[index][2] for index in reached
                                              if self.states[index][0] == "chars" and code in self.states[index][1]})
+            step = self.sets.setdefault(step, step)
         steps[(current, previous, character)] = step
         return step
 
