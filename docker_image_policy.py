@@ -11,7 +11,8 @@ and enable it in /etc/docker/daemon.json:
     {"authorization-plugins": ["docker-image-policy"]}
 
 The configuration is the original plugin's: regular expressions in
-"whitelist" and "blacklist" and a "defaultAllow" fallback, matched against
+"whitelist" and "blacklist" (RE2, read as Go's regexp reads them) and a
+"defaultAllow" fallback, matched against
 the familiar form of every image reference (nginx:1.25), as the original
 plugin matched them, and also against the canonical form
 (docker.io/library/nginx:1.25) when they name docker.io. A whitelist match
@@ -1477,9 +1478,9 @@ def load_policy(path: str) -> Policy:
 # pattern can match any image at all.
 _COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
 # ^ at the start, after any inline flags such as (?i).
-ANCHORED_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*(?:\^|\\A)")
+ANCHORED_RE = re.compile(r"(?:\(\?[imsU]+\))*(?:\^|\\A)")
 # The inline flags a pattern starts with: a suggested fix keeps them.
-INLINE_FLAGS_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*")
+INLINE_FLAGS_RE = re.compile(r"(?:\(\?[imsU]+\))*")
 # Canonical names of Docker Hub images that no familiar-name rule was written for.
 _HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
 # What may follow a whitelist rule's leading text in a name its author did not
@@ -1529,7 +1530,7 @@ def _pattern_warnings(rule: Rule) -> list[str]:
             return [f"{rule}: matches every image, so the whitelist allows everything"]
         return []
     if rule.prefix is None:
-        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\Z)$", rule.pattern):
+        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\z)$", rule.pattern):
             return [f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name"]
     else:
         forms: set[str] = set()
