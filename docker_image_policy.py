@@ -770,6 +770,24 @@ def _program_size(node: Any) -> int:
     return max(1, sum(sizes) + (len(sizes) - 1 if kind == "alternate" else 0))
 
 
+def _flattened(node: Any) -> Any:
+    """The tree with the items of groups and nested sequences moved into their sequence."""
+    kind = node[0]
+    if kind == "concat":
+        items: list[Any] = []
+        for item in map(_flattened, node[1]):
+            items += item[1] if item[0] == "concat" else [item]
+        return ("concat", tuple(items))
+    if kind == "alternate":
+        return ("alternate", tuple(map(_flattened, node[1])))
+    if kind in ("group", "look"):
+        inner = _flattened(node[2])
+        return inner if kind == "group" else (kind, node[1], inner)
+    if kind == "repeat":
+        return ("repeat", node[1], node[2], _flattened(node[3]), node[4])
+    return node
+
+
 def _alternation(alternatives: list[tuple[Any, ...]]) -> Any:
     branches = [items[0] if len(items) == 1 else ("concat", items) for items in alternatives]
     return branches[0] if len(branches) == 1 else ("alternate", tuple(branches))
@@ -1224,7 +1242,20 @@ NAMELESS = Verdict(False, "nameless", "moby-dangling is the containerd image sto
 # (docker.io/library/nginx:1.25); any other rule is about the familiar names
 # the original plugin matched (nginx:1.25), so ^docker means docker:24 and
 # docker/compose:2, not every canonical name that starts with docker.io/.
-NAMES_HUB_RE = re.compile(r"docker(?:\\?\.|\[\\?\.\])io", re.IGNORECASE)
+# However the rule spells it: docker\.io, DOCKER.IO, docker[.]io, docker\x2eio, \Qdocker.io\E.
+HUB_DOMAIN = "docker.io"
+
+
+def names_docker_hub(tree: Any) -> bool:
+    """Whether a parsed rule has docker.io in it: nine characters in a row, each of a set holding
+    that character of docker.io, the letters in either case and nothing else."""
+    if tree[0] == "concat":
+        sets = [item[1] if item[0] == "chars" else None for item in tree[1]]
+        for start in range(len(sets) - len(HUB_DOMAIN) + 1):
+            if all(chars is not None and (ord(c) in chars if c == "." else chars & FOLDS[ord(c)] == chars != set())
+                   for c, chars in zip(HUB_DOMAIN, sets[start:])):
+                return True
+    return any(map(names_docker_hub, _children(tree)))
 
 
 @dataclass(frozen=True)
@@ -1457,7 +1488,7 @@ def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
                      " rewrite it without repetition of repetition, or without several unbounded repetitions"
                      " such as .* that can match the same characters)")
     return Rule(kind, index, pattern, regex, search, *literal_prefix(regex, search),
-                canonical=bool(NAMES_HUB_RE.search(pattern)))
+                canonical=names_docker_hub(_flattened(tree)))
 
 
 # Why a rule with Python's syntax is refused when re could take long on it.

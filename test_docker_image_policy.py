@@ -387,6 +387,17 @@ class TestRE2(unittest.TestCase):
                 with self.subTest(pattern=pattern, image=image):
                     self.assertFalse(self.verdict(pattern, image))
 
+    def test_rules_that_name_docker_hub_in_re2_spellings(self):
+        # However a rule spells docker.io, it sees canonical names, as docker\\.io does.
+        for pattern in ["^docker\\x2eio/library/nginx:", "^\\Qdocker.io\\E/library/nginx:", "^(docker)[.]io/library/nginx:",
+                        "(?i)^DOCKER\\.IO/library/nginx:", "^docker\\.\\x{69}o/library/nginx:"]:
+            with self.subTest(pattern):
+                self.assertTrue(self.verdict(pattern, "nginx:1"))
+                self.assertFalse(self.verdict(pattern, "redis:1"))
+        for pattern in ["^docker", "^dockerXio/", "^[a-z]ocker\\.io/", "^docker\\.i"]:
+            with self.subTest(pattern):
+                self.assertFalse(dip.compile_rule("test.json", "blacklist", 0, pattern).canonical)
+
     def test_what_re2_refuses_is_refused_with_go_words(self):
         for pattern, detail in [
             ("a{1001}", "invalid repeat count: `{1001}`"),
