@@ -4327,6 +4327,24 @@ class EndToEnd:
                 result = self.docker(cli, "pull", allowed)
                 self.assertEqual(result.returncode, 0, result.stderr)
 
+    def test_no_rule_stalls_the_docker_api(self):
+        # Python's re took over a minute on this rule and one crafted name, while every API call waited.
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.apply_policy({"whitelist": [".*/.*/.*/.*/.*:latest$"], "defaultAllow": False})
+        crafted = "a/" * 120 + "a:" + "b" * 128
+        parse_reference(crafted)
+        pulled: list[subprocess.CompletedProcess] = []
+        started = time.monotonic()
+        pull = threading.Thread(target=lambda: pulled.append(self.docker(CLIS[-1], "pull", crafted)))
+        pull.start()
+        listed = self.docker(CLIS[-1], "ps")
+        listed_after = time.monotonic() - started
+        pull.join(60)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.denied(pulled[0], f"pull of {crafted} denied: no whitelist rule matches")
+        self.assertLess(listed_after, 10)
+        self.assertLess(time.monotonic() - started, 10)
+
     def test_familiar_rules_hold_for_old_and_new_clis(self):
         # CLI 20.10 sends "redis", CLI 28 "docker.io/library/redis": the same rule decides.
         for cli in CLIS:
