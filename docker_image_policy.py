@@ -887,26 +887,27 @@ def backtracking_degree(tree: Any) -> float:
     return _degree(tree, frozenset()) + (0 if _anchored(tree) else 1)
 
 
-def _degree(node: Any, follow: frozenset[int]) -> float:
-    """follow: the characters that can come after node's match."""
+def _degree(node: Any, follow: frozenset[int], repeated: bool = False) -> float:
+    """follow: the characters that can come after node's match; repeated:
+    whether node is inside a repetition of many rounds."""
     kind = node[0]
     if kind == "concat":
         total, items = 0.0, node[1]
         for index, item in enumerate(items):
-            total += _degree(item, _first(("concat", items[index + 1:]), follow))
+            total += _degree(item, _first(("concat", items[index + 1:]), follow), repeated)
         return total
     if kind == "alternate":
-        return max(_degree(branch, follow) for branch in node[1])
+        return max(_degree(branch, follow, repeated) for branch in node[1])
     if kind == "group":
-        return _degree(node[2], follow)
-    if kind == "look":
+        return _degree(node[2], follow, repeated)
+    if kind == "look":   # tried again at every round of a repetition around it
         body = node[2]
-        return _degree(body, frozenset()) + (1 if _unbounded(body) else 0)
+        return _degree(body, frozenset()) + (1 if repeated and _unbounded(body) else 0)
     if kind == "repeat":
         low, high, body = node[1], node[2], node[3]
         if high == 0:
             return 0
-        inner = _degree(body, _first(body, follow))
+        inner = _degree(body, _first(body, follow), repeated or not 0 <= high <= MAX_SMALL_REPEAT)
         if _fixed_length(body) is not None and _deterministic(body):
             if low == high:
                 return inner * low

@@ -469,7 +469,8 @@ class TestRE2(unittest.TestCase):
         for pattern, degree in [("^nginx:[^/]*$", 0), (":latest$", 1), ("^.*:latest$", 1), (".*:latest$", 2),
                                 ("^.*/.*:latest$", 2), (".*/.*/.*/.*:latest$", 5), ("^nginx:(?!latest$)[^/]+$", 0),
                                 ("^(?:ab)*:", 0), ("^(?:ab)*a", 1), ("^(a+)+$", math.inf), ("^(a|a)*:", math.inf),
-                                ("^([a-z]+\\.)?example/", 0), ("^(a+){0,3}:", 3)]:
+                                ("^([a-z]+\\.)?example/", 0), ("^(a+){0,3}:", 3), ("^(?!.*:latest$).*$", 1),
+                                ("^(?:(?!-rc)[^:])+:", 0), ("^(?:(?!.*-rc).)+:", 4), ("(?!.*-rc).*:", 3)]:
             with self.subTest(pattern):
                 self.assertEqual(dip.backtracking_degree(dip.RE2Parser(pattern).parse()), degree)
 
