@@ -414,9 +414,9 @@ MAX_REPEAT_COUNT = 1000
 MAX_NESTING = 1000
 MAX_PROGRAM_SIZE = (128 << 20) // 40
 # Python's re runs a rule in time polynomial in the length of a name. A rule
-# whose degree (see backtracking_degree) is at most this takes under a
-# millisecond on the longest reference; any other rule is matched by a
-# LinearMatcher, or refused if it needs Python's own syntax.
+# whose degree (see backtracking_degree) is at most this takes time linear in
+# it; any other rule is matched by a LinearMatcher, or refused if it needs
+# Python's own syntax.
 MAX_BACKTRACKING_DEGREE = 1
 # A repetition of at most this many rounds of something that can match in
 # several ways is as costly as that many copies of it, one after another.
@@ -812,10 +812,11 @@ def _negated(chars: frozenset[int]) -> frozenset[int]:
 
 
 # The tree as a Python pattern, compiled with re.ASCII: nothing in it is read
-# by a flag, so re's own case folding, \d and $ never come into play.
+# by a flag, so re's own case folding, \d and $ never come into play. Under
+# re.ASCII, \b and \B are RE2's, but for \B in an empty text, which RE2 matches.
 PYTHON_ASSERTIONS = MappingProxyType({
     "begin_text": "^", "end_text": r"\Z", "begin_line": r"(?:^|(?<=\n))", "end_line": r"(?=\n|\Z)",
-    "word": r"(?:(?<=\w)(?!\w)|(?<!\w)(?=\w))", "not_word": r"(?:(?<=\w)(?=\w)|(?<!\w)(?!\w))"})
+    "word": r"\b", "not_word": r"(?:\B|^\Z)"})
 # RE2's . without (?s), which Python's . means too.
 ANY_BUT_NEWLINE = ALPHABET - {10}
 # Characters a pattern needs escaped; the others stand for themselves.
@@ -832,6 +833,8 @@ def python_pattern(node: Any) -> str:
         return "(?:" + "|".join(map(python_pattern, node[1])) + ")"
     if kind == "group":
         return ("(" if node[1] else "(?:") + python_pattern(node[2]) + ")"
+    if kind == "repeat" and _fixed_length(node[3]) == 0 and not _captures(node[3]):
+        return python_pattern(node[3]) if node[1] else ""   # an assertion holds once or every time
     if kind == "repeat":
         low, high = node[1], node[2]
         count = "*" if (low, high) == (0, -1) else "+" if (low, high) == (1, -1) else "?" if (low, high) == (0, 1) \
@@ -842,6 +845,10 @@ def python_pattern(node: Any) -> str:
     if kind == "look":
         return f"(?{node[1]}{python_pattern(node[2])})"
     return f"(?:\\{node[1]})"   # backref
+
+
+def _captures(node: Any) -> bool:
+    return node[0] == "group" and bool(node[1]) or any(map(_captures, _children(node)))
 
 
 def _python_set(chars: frozenset[int]) -> str:
@@ -875,44 +882,53 @@ def _python_ranges(codes: list[int]) -> str:
 
 # How long Python's re can take on a rule, as the degree of a polynomial in
 # the length of the name. re tries the ways a text can be split among the
-# pieces of a pattern one after another: a repetition that can give back
-# characters to what follows it (.* before :, [a-z]+ before a letter) is one
-# more factor of the length, for every time the pattern is tried from a new
-# position, and a repetition of something that can itself match in several
-# ways is exponential. The analysis errs towards a higher degree: a rule it
-# cannot bound is matched in linear time instead (or refused, when it needs
-# Python's syntax).
+# pieces of a pattern one after another. A long repetition ([a-z]+, .*) reads
+# up to the whole name: one factor of the length. One that can give back
+# characters to what follows it (.* before :) retries the rest of the pattern
+# at every length: one more factor, if the rest holds a long repetition too.
+# A pattern not anchored with ^ is tried from every position: one more
+# factor, if it holds a long repetition. A repetition of something that can
+# itself match in several ways is exponential. The analysis errs towards a
+# higher degree: a rule of degree over 1 is matched in linear time instead
+# (or refused, when it needs Python's syntax).
 
 def backtracking_degree(tree: Any) -> float:
-    return _degree(tree, frozenset()) + (0 if _anchored(tree) else 1)
+    long = _unbounded(tree)
+    return _degree(tree, frozenset()) + (1 if long else 0) + (1 if long and not _anchored(tree) else 0)
 
 
-def _degree(node: Any, follow: frozenset[int], repeated: bool = False) -> float:
+def _degree(node: Any, follow: frozenset[int], repeated: bool = False, long_after: bool = False) -> float:
     """follow: the characters that can come after node's match; repeated:
-    whether node is inside a repetition of many rounds."""
+    whether node is inside a long repetition; long_after: whether a long
+    repetition can come after it."""
     kind = node[0]
     if kind == "concat":
         total, items = 0.0, node[1]
         for index, item in enumerate(items):
-            total += _degree(item, _first(("concat", items[index + 1:]), follow), repeated)
+            rest = ("concat", items[index + 1:])
+            total += _degree(item, _first(rest, follow), repeated, long_after or _unbounded(rest))
         return total
     if kind == "alternate":
-        return max(_degree(branch, follow, repeated) for branch in node[1])
+        return max(_degree(branch, follow, repeated, long_after) for branch in node[1])
     if kind == "group":
-        return _degree(node[2], follow, repeated)
-    if kind == "look":   # tried again at every round of a repetition around it
+        return _degree(node[2], follow, repeated, long_after)
+    if kind == "look":   # tried again at every round of a long repetition around it
         body = node[2]
         return _degree(body, frozenset()) + (1 if repeated and _unbounded(body) else 0)
     if kind == "repeat":
         low, high, body = node[1], node[2], node[3]
         if high == 0:
             return 0
-        inner = _degree(body, _first(body, follow), repeated or not 0 <= high <= MAX_SMALL_REPEAT)
+        long = not 0 <= high <= MAX_SMALL_REPEAT
+        inner = _degree(body, _first(body, follow), repeated or long, long_after or _unbounded(body))
+        gives_back = bool(_first(body) & follow)
         if _fixed_length(body) is not None and _deterministic(body):
             if low == high:
                 return inner * low
-            return inner + (1 if inner else 0) + (1 if _first(body) & follow else 0)
-        return inner * high if 0 < high <= MAX_SMALL_REPEAT else math.inf
+            if long:
+                return inner + (1 if inner else 0) + (1 if gives_back and long_after else 0)
+            return inner + (1 if gives_back else 0)
+        return inner * high if not long else math.inf
     return 0
 
 
@@ -982,7 +998,9 @@ def _deterministic(node: Any) -> bool:
 
 
 def _unbounded(node: Any) -> bool:
-    return node[0] == "repeat" and node[2] < 0 or node[0] == "backref" or any(map(_unbounded, _children(node)))
+    """Whether node holds a long repetition (or a back-reference, as long as what it refers to)."""
+    return node[0] == "repeat" and not 0 <= node[2] <= MAX_SMALL_REPEAT or node[0] == "backref" \
+        or any(map(_unbounded, _children(node)))
 
 
 def _anchored(node: Any) -> bool:

@@ -331,7 +331,7 @@ RE2_CORPUS = [
     "(?i)[\\x{212A}-\\x{212B}]", "(?i)\\p{Ll}", "(?i)\\P{Ll}", "\\p{^Lu}", "\\P{^Lu}", "[\\P{L}a]", "a|b|",
     "a{1000,}", "(a{2}){500}", "(a{2}){501}", "(?:a{1000})*", "(a*){1000}", "((a{2}){2}){250}", "((a{2}){2}){251}",
     "x{0}", "x{0,0}", "(?i)\u017f", "(?i)\u212a", "\\v", "[\\v]", "\\cA",
-    "^nginx:(?!latest$)[^/]+$", "(?<=/)[[:alpha:]]+:", "^([a-z]+)/\\1:",   # Python's syntax, kept
+    "^nginx:(?!latest$)[^/]+$", "^[a-z]+/(?<=/)[[:alpha:]]+:", "^([a-z]+)/\\1:",   # Python's syntax, kept
 ]
 
 # What the generated patterns are made of: the pieces above, and plain text of image names.
@@ -455,7 +455,7 @@ class TestRE2(unittest.TestCase):
                     if len(text) < 30 or pattern.startswith(".*"):
                         self.assertEqual(found, bool(re.search(pattern, text)))
         # Ordinary rules stay with Python's re, at no cost on the request path.
-        for pattern in ["^nginx:[^/]*$", ":latest$", "^quay\\.io/calico/(node|cni):v3\\.[0-9]+$", "[a-z]+:latest",
+        for pattern in ["^nginx:[^/]*$", ":latest$", "^quay\\.io/calico/(node|cni):v3\\.[0-9]+$", "^.*:latest$",
                         "^nginx:(?!latest$)[^/]+$", "^registry\\.example\\.com/team/[a-z0-9-]+:v[0-9]+$"]:
             with self.subTest(pattern):
                 rule = dip.compile_rule("test.json", "whitelist", 0, pattern)
@@ -465,12 +465,34 @@ class TestRE2(unittest.TestCase):
         self.assertIn("can take time polynomial of high degree or exponential in the length of a name", message)
         self.assertIn("cannot be matched in linear time", self.refusal(".*/.*(?<!x):latest$"))
 
+    def test_rules_left_to_re_take_linear_time(self):
+        # Generated rules that stay with Python's re, on names crafted to make re backtrack: no decision waits.
+        rng = random.Random(21)
+        texts = [(piece * 200)[:384] + end for piece in ("a", "a/", "a-", "a.", "0.", "ab", "aA", "a:", "k", "-", ":a")
+                 for end in ("", "!", ":latest", "@")]
+        left = 0
+        for _ in range(600):
+            pattern = TestGoRegexp.pattern(rng)
+            with contextlib.suppress(dip.ConfigError):
+                rule = dip.compile_rule("test.json", "blacklist", 0, pattern)
+                if isinstance(rule.search.__self__, re.Pattern):
+                    left += 1
+                    for text in texts:
+                        timings = []
+                        for _ in range(3):
+                            started = time.perf_counter()
+                            rule.search(text)
+                            timings.append(time.perf_counter() - started)
+                        self.assertLess(min(timings), 0.001, (pattern, text))
+        self.assertGreater(left, 200)
+
     def test_backtracking_degree(self):
-        for pattern, degree in [("^nginx:[^/]*$", 0), (":latest$", 1), ("^.*:latest$", 1), (".*:latest$", 2),
-                                ("^.*/.*:latest$", 2), (".*/.*/.*/.*:latest$", 5), ("^nginx:(?!latest$)[^/]+$", 0),
-                                ("^(?:ab)*:", 0), ("^(?:ab)*a", 1), ("^(a+)+$", math.inf), ("^(a|a)*:", math.inf),
-                                ("^([a-z]+\\.)?example/", 0), ("^(a+){0,3}:", 3), ("^(?!.*:latest$).*$", 1),
-                                ("^(?:(?!-rc)[^:])+:", 0), ("^(?:(?!.*-rc).)+:", 4), ("(?!.*-rc).*:", 3)]:
+        for pattern, degree in [("^nginx:[^/]*$", 1), (":latest$", 0), ("^.*:latest$", 1), (".*:latest$", 2),
+                                ("^.*/.*:latest$", 2), (".*/.*/.*/.*:latest$", 5), ("^nginx:(?!latest$)[^/]+$", 1),
+                                ("^(?:ab)*:", 1), ("^(?:ab)*a", 1), ("^(?:ab)*a.*", 2), ("^(a+)+$", math.inf),
+                                ("^(a|a)*:", math.inf), ("^([a-z]+\\.)?example/", 1), ("^(a+){0,3}:", 4),
+                                ("[a-z]+:latest", 2), ("^a?a?a?aaa", 3), ("^(?!.*:latest$).*$", 1),
+                                ("^(?:(?!-rc)[^:])+:", 1), ("^(?:(?!.*-rc).)+:", 3), ("(?!.*-rc).*:", 2)]:
             with self.subTest(pattern):
                 self.assertEqual(dip.backtracking_degree(dip.RE2Parser(pattern).parse()), degree)
 
