@@ -519,9 +519,10 @@ class RE2Parser:
         if len(stack) > 1:
             raise RE2Error("missing closing )", self.pattern)
         tree = _alternation(stack[0].alternatives + [tuple(stack[0].items)])
-        if _height(tree) > MAX_NESTING:
+        # Neither limit can be reached by a short pattern without counted repetition.
+        if len(self.pattern) > MAX_NESTING and _height(tree) > MAX_NESTING:
             raise RE2Error("expression nests too deeply", self.pattern)
-        if _program_size(tree) > MAX_PROGRAM_SIZE:
+        if "{" in self.pattern and _program_size(tree) > MAX_PROGRAM_SIZE:
             raise RE2Error("expression too large", self.pattern)
         return tree
 
@@ -852,11 +853,11 @@ def _captures(node: Any) -> bool:
 
 
 def _python_set(chars: frozenset[int]) -> str:
+    if len(chars) == 1 and min(chars) < 128:
+        return _python_character(min(chars))
     ascii_chars = sorted(c for c in chars if c < 128)
     if chars == ANY_BUT_NEWLINE:
         return "."
-    if len(chars) == 1 and ascii_chars:
-        return _python_character(ascii_chars[0])
     if OTHER in chars and {LONG_S, KELVIN} <= chars:   # most characters: say which are not
         missing = sorted(set(range(128)) - chars)
         return "[^" + _python_ranges(missing) + "]" if missing else r"[\x00-\U0010ffff]"
@@ -903,10 +904,10 @@ def _degree(node: Any, follow: frozenset[int], repeated: bool = False, long_afte
     repetition can come after it."""
     kind = node[0]
     if kind == "concat":
-        total, items = 0.0, node[1]
-        for index, item in enumerate(items):
-            rest = ("concat", items[index + 1:])
-            total += _degree(item, _first(rest, follow), repeated, long_after or _unbounded(rest))
+        total, after, long = 0.0, follow, long_after
+        for item in reversed(node[1]):   # what comes after each item, from the end
+            total += _degree(item, after, repeated, long)
+            after, long = _first(item, after), long or _unbounded(item)
         return total
     if kind == "alternate":
         return max(_degree(branch, follow, repeated, long_after) for branch in node[1])
@@ -1271,7 +1272,7 @@ def names_docker_hub(tree: Any) -> bool:
     if tree[0] == "concat":
         sets = [item[1] if item[0] == "chars" else None for item in tree[1]]
         for start in range(len(sets) - len(HUB_DOMAIN) + 1):
-            if all(chars is not None and (ord(c) in chars if c == "." else chars & FOLDS[ord(c)] == chars != set())
+            if sets[start] and sets[start] & FOLDS[ord("d")] and all(chars is not None and (ord(c) in chars if c == "." else chars & FOLDS[ord(c)] == chars != set())
                    for c, chars in zip(HUB_DOMAIN, sets[start:])):
                 return True
     return any(map(names_docker_hub, _children(tree)))
