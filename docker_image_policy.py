@@ -451,7 +451,6 @@ class RE2Error(ValueError):
 #   ("assert", name)                          begin_text, end_text, begin_line, end_line, word, not_word
 #   ("look", "=" "!" "<=" or "<!", node)      a look-around (Python's)
 #   ("backref", number)                       a back-reference (Python's)
-EMPTY = ("concat", ())
 
 
 @dataclass
