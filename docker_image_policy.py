@@ -11,7 +11,8 @@ and enable it in /etc/docker/daemon.json:
     {"authorization-plugins": ["docker-image-policy"]}
 
 The configuration is the original plugin's: regular expressions in
-"whitelist" and "blacklist" and a "defaultAllow" fallback, matched against
+"whitelist" and "blacklist" (RE2, read as Go's regexp reads them) and a
+"defaultAllow" fallback, matched against
 the familiar form of every image reference (nginx:1.25), as the original
 plugin matched them, and also against the canonical form
 (docker.io/library/nginx:1.25) when they name docker.io. A whitelist match
@@ -45,7 +46,9 @@ import functools
 import http.client
 import importlib
 import ipaddress
+import itertools
 import json
+import math
 import operator
 import os
 import queue
@@ -58,6 +61,7 @@ import stat
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -539,6 +543,787 @@ def _shown(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------
+# Rules: RE2 syntax, read as Go's regexp/syntax reads it (parse.go, Perl flags)
+# --------------------------------------------------------------------------
+
+# The Go plugin matched each rule with regexp.MatchString: RE2 syntax with
+# Go's Perl flags, a search anywhere in the text. Python's re reads much of
+# that syntax differently ([[:alpha:]] is a set of ":ahlp" followed by "]",
+# which makes a Go-era blacklist fail open), so every rule is parsed here as
+# Go parses it, and what Go refuses is refused. The parsed rule becomes a
+# Python pattern with the same meaning: every class spelled out character by
+# character, no flag left for re to read its own way.
+#
+# Rules only ever see image references, which are ASCII. Character sets are
+# exact over ASCII and the two other characters whose case folds into it
+# (U+017F long s, U+212A Kelvin sign); OTHER stands for every other character.
+OTHER = 128
+LONG_S, KELVIN = 0x17F, 0x212A
+ALPHABET = frozenset(range(128)) | {OTHER, LONG_S, KELVIN}
+# Go's unicode.SimpleFold orbits that reach ASCII; no other orbit has a member in ALPHABET.
+_FOLD_ORBITS = (*(frozenset({c, c + 32}) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in "KS"),
+                frozenset({ord("K"), ord("k"), KELVIN}), frozenset({ord("S"), ord("s"), LONG_S}))
+FOLDS = MappingProxyType({c: orbit for orbit in _FOLD_ORBITS for c in orbit})
+
+
+def _characters(text: str) -> frozenset[int]:
+    return frozenset(map(ord, text))
+
+
+def _between(low: str, high: str) -> frozenset[int]:
+    return frozenset(range(ord(low), ord(high) + 1))
+
+
+WORD_CHARACTERS = _between("0", "9") | _between("A", "Z") | _between("a", "z") | {ord("_")}
+# perl_groups.go: RE2's \d \s \w are ASCII only, and its \s has no \v.
+PERL_GROUPS = MappingProxyType({"d": _between("0", "9"), "s": _characters("\t\n\f\r "), "w": WORD_CHARACTERS})
+# perl_groups.go's POSIX classes, ASCII only; [:^name:] is the negation.
+POSIX_GROUPS = MappingProxyType({
+    "alnum": _between("0", "9") | _between("A", "Z") | _between("a", "z"), "alpha": _between("A", "Z") | _between("a", "z"),
+    "ascii": frozenset(range(128)), "blank": _characters("\t "), "cntrl": frozenset(range(32)) | {127},
+    "digit": _between("0", "9"), "graph": _between("!", "~"), "lower": _between("a", "z"), "print": _between(" ", "~"),
+    "punct": _between("!", "/") | _between(":", "@") | _between("[", "`") | _between("{", "~"),
+    "space": _characters("\t\n\v\f\r "), "upper": _between("A", "Z"), "word": WORD_CHARACTERS,
+    "xdigit": _between("0", "9") | _between("A", "F") | _between("a", "f")})
+# The names \p{…} accepts: Go 1.19's unicode.Categories and unicode.Scripts.
+UNICODE_CATEGORIES = frozenset("C Cc Cf Co Cs L Ll Lm Lo Lt Lu M Mc Me Mn N Nd Nl No P Pc Pd Pe Pf Pi Po Ps"
+                               " S Sc Sk Sm So Z Zl Zp Zs".split())
+UNICODE_SCRIPTS = frozenset("""Adlam Ahom Anatolian_Hieroglyphs Arabic Armenian Avestan Balinese Bamum Bassa_Vah
+    Batak Bengali Bhaiksuki Bopomofo Brahmi Braille Buginese Buhid Canadian_Aboriginal Carian Caucasian_Albanian
+    Chakma Cham Cherokee Chorasmian Common Coptic Cuneiform Cypriot Cyrillic Deseret Devanagari Dives_Akuru Dogra
+    Duployan Egyptian_Hieroglyphs Elbasan Elymaic Ethiopic Georgian Glagolitic Gothic Grantha Greek Gujarati
+    Gunjala_Gondi Gurmukhi Han Hangul Hanifi_Rohingya Hanunoo Hatran Hebrew Hiragana Imperial_Aramaic Inherited
+    Inscriptional_Pahlavi Inscriptional_Parthian Javanese Kaithi Kannada Katakana Kayah_Li Kharoshthi
+    Khitan_Small_Script Khmer Khojki Khudawadi Lao Latin Lepcha Limbu Linear_A Linear_B Lisu Lycian Lydian Mahajani
+    Makasar Malayalam Mandaic Manichaean Marchen Masaram_Gondi Medefaidrin Meetei_Mayek Mende_Kikakui
+    Meroitic_Cursive Meroitic_Hieroglyphs Miao Modi Mongolian Mro Multani Myanmar Nabataean Nandinagari New_Tai_Lue
+    Newa Nko Nushu Nyiakeng_Puachue_Hmong Ogham Ol_Chiki Old_Hungarian Old_Italic Old_North_Arabian Old_Permic
+    Old_Persian Old_Sogdian Old_South_Arabian Old_Turkic Oriya Osage Osmanya Pahawh_Hmong Palmyrene Pau_Cin_Hau
+    Phags_Pa Phoenician Psalter_Pahlavi Rejang Runic Samaritan Saurashtra Sharada Shavian Siddham SignWriting
+    Sinhala Sogdian Sora_Sompeng Soyombo Sundanese Syloti_Nagri Syriac Tagalog Tagbanwa Tai_Le Tai_Tham Tai_Viet
+    Takri Tamil Tangut Telugu Thaana Thai Tibetan Tifinagh Tirhuta Ugaritic Vai Wancho Warang_Citi Yezidi Yi
+    Zanabazar_Square""".split())
+# Within ALPHABET, Latin has the letters (U+017F and U+212A too) and Common the rest of ASCII.
+SCRIPT_MEMBERS = MappingProxyType({
+    "Latin": _between("A", "Z") | _between("a", "z") | {LONG_S, KELVIN, OTHER},
+    "Common": frozenset(range(128)) - _between("A", "Z") - _between("a", "z") | {OTHER}})
+# parse.go's limits: a repeat count (and the product of nested ones), the
+# nesting depth, and the size of the compiled program.
+MAX_REPEAT_COUNT = 1000
+MAX_NESTING = 1000
+MAX_PROGRAM_SIZE = (128 << 20) // 40
+# Python's re runs a rule in time polynomial in the length of a name. A rule
+# whose degree (see backtracking_degree) is at most this takes time linear in
+# it; any other rule is matched by a LinearMatcher, or refused if it needs
+# Python's own syntax.
+MAX_BACKTRACKING_DEGREE = 1
+# A repetition of at most this many rounds of something that can match in
+# several ways is as costly as that many copies of it, one after another.
+MAX_SMALL_REPEAT = 3
+# A LinearMatcher's program is as large as its rule; its memory of steps is
+# bounded so that crafted names cannot grow it without end (one name of the
+# longest valid length adds at most about 520 steps).
+MAX_LINEAR_STATES = 100_000
+MAX_CACHED_STEPS = 10_000
+# Python's syntax that RE2 cannot parse and rules keep: look-arounds (as in the
+# shipped policy's ^nginx:(?!latest$)) and back-references \1 to \9. Around and
+# inside them the rule is still read as RE2.
+LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
+
+
+class RE2Error(ValueError):
+    """A pattern Go's regexp/syntax refuses, in Go's words."""
+
+    def __init__(self, code: str, expression: str) -> None:
+        super().__init__(code, expression)
+        self.code, self.expression = code, expression
+
+    def __str__(self) -> str:
+        return f"{self.code}: `{self.expression}`"
+
+
+# A parsed rule is a tree of tuples, one kind per node:
+#   ("chars", frozenset)                      one character of the set
+#   ("concat", (node, …)), ("alternate", (node, …))
+#   ("group", number or 0, node)              a capture (numbered as Python numbers them), or not
+#   ("repeat", low, high or -1, node, counted) counted: written as {…}, which Go limits
+#   ("assert", name)                          begin_text, end_text, begin_line, end_line, word, not_word
+#   ("look", "=" "!" "<=" or "<!", node)      a look-around (Python's)
+#   ("backref", number)                       a back-reference (Python's)
+
+
+@dataclass
+class _OpenGroup:
+    """A group being parsed: its finished alternatives, its current one, the flags to restore at its end."""
+
+    node: str      # "group" or "look"
+    label: Any     # a capture's number (0: none), or a look-around's kind
+    flags: frozenset[str]
+    alternatives: list[tuple[Any, ...]]
+    items: list[Any]
+
+
+class RE2Parser:
+    """parse.go's parse loop: builds the tree above, or raises RE2Error where Go refuses."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.flags: frozenset[str] = frozenset()   # i, m, s; U (ungreedy) changes no search's result
+        self.captures = 0
+        self.extended = False   # uses a look-around or a back-reference
+
+    def parse(self) -> Any:
+        stack = [_OpenGroup("group", 0, self.flags, [], [])]
+        text, last_repeat = self.pattern, ""
+        while text:
+            group, c, repeat = stack[-1], text[0], ""
+            if c == "(":
+                text = self._open(text, stack)
+            elif c == "|":
+                group.alternatives.append(tuple(group.items))
+                group.items = []
+                text = text[1:]
+            elif c == ")":
+                if len(stack) == 1:
+                    raise RE2Error("unexpected )", self.pattern)
+                stack.pop()
+                self.flags = group.flags
+                stack[-1].items.append((group.node, group.label, _alternation(group.alternatives + [tuple(group.items)])))
+                text = text[1:]
+            elif c in "^$":
+                line = "m" in self.flags
+                group.items.append(("assert", {"^": "begin", "$": "end"}[c] + ("_line" if line else "_text")))
+                text = text[1:]
+            elif c == ".":
+                group.items.append(("chars", ALPHABET if "s" in self.flags else ALPHABET - {10}))
+                text = text[1:]
+            elif c == "[":
+                chars, text = self._class(text)
+                group.items.append(("chars", chars))
+            elif c in "*+?":
+                low, high = {"*": (0, -1), "+": (1, -1), "?": (0, 1)}[c]
+                text, repeat = self._repeat(group, text, text[1:], low, high, False, last_repeat), text
+            elif c == "{" and (counts := _repeat_counts(text)):
+                low, high, after = counts
+                if low < 0 or low > MAX_REPEAT_COUNT or high > MAX_REPEAT_COUNT or 0 <= high < low:
+                    raise RE2Error("invalid repeat count", text[:len(text) - len(after)])
+                text, repeat = self._repeat(group, text, after, low, high, True, last_repeat), text
+            elif c == "\\":
+                text = self._escape(text, group)
+            else:
+                group.items.append(self._literal(ord(c)))
+                text = text[1:]
+            last_repeat = repeat
+        if len(stack) > 1:
+            raise RE2Error("missing closing )", self.pattern)
+        tree = _alternation(stack[0].alternatives + [tuple(stack[0].items)])
+        # Neither limit can be reached by a short pattern without counted repetition.
+        if len(self.pattern) > MAX_NESTING and _height(tree) > MAX_NESTING:
+            raise RE2Error("expression nests too deeply", self.pattern)
+        if "{" in self.pattern and _program_size(tree) > MAX_PROGRAM_SIZE:
+            raise RE2Error("expression too large", self.pattern)
+        return tree
+
+    def _open(self, text: str, stack: list[_OpenGroup]) -> str:
+        look = next((prefix for prefix in LOOKAROUNDS if text.startswith(prefix)), None)
+        if look:
+            self.extended = True
+            stack.append(_OpenGroup("look", look[2:], self.flags, [], []))
+            return text[len(look):]
+        if not text.startswith("(?"):
+            self.captures += 1
+            stack.append(_OpenGroup("group", self.captures, self.flags, [], []))
+            return text[1:]
+        if len(text) > 4 and text[2:4] == "P<":
+            end = text.find(">")
+            if end < 0:
+                raise RE2Error("invalid named capture", text)
+            name = text[4:end]
+            if not name or not all(c == "_" or c.isascii() and c.isalnum() for c in name):
+                raise RE2Error("invalid named capture", text[:end + 1])
+            self.captures += 1
+            stack.append(_OpenGroup("group", self.captures, self.flags, [], []))
+            return text[end + 1:]
+        # Flags: (?i) for the rest of the group, (?i:…) for a group; i, m, s, U, and - to clear.
+        added: set[str] = set()
+        cleared: set[str] = set()
+        rest, clearing, seen = text[2:], False, False
+        while rest:
+            c, rest = rest[0], rest[1:]
+            if c in "imsU":
+                (cleared if clearing else added).add(c)
+                seen = True
+            elif c == "-" and not clearing:
+                clearing, seen = True, False
+            elif c in ":)" and not (clearing and not seen):
+                if c == ":":
+                    stack.append(_OpenGroup("group", 0, self.flags, [], []))
+                self.flags = frozenset((self.flags | added) - cleared)
+                return rest
+            else:
+                break
+        raise RE2Error("invalid or unsupported Perl syntax", text[:len(text) - len(rest)])
+
+    def _repeat(self, group: _OpenGroup, before: str, after: str, low: int, high: int, counted: bool,
+                last_repeat: str) -> str:
+        after = after[1:] if after.startswith("?") else after   # non-greedy: the same names match
+        if last_repeat:
+            raise RE2Error("invalid nested repetition operator", last_repeat[:len(last_repeat) - len(after)])
+        if not group.items:
+            raise RE2Error("missing argument to repetition operator", before[:len(before) - len(after)])
+        node = ("repeat", low, high, group.items[-1], counted)
+        group.items[-1] = node
+        if counted and (low >= 2 or high >= 2) and not _repeat_is_valid(node, MAX_REPEAT_COUNT):
+            raise RE2Error("invalid repeat count", before[:len(before) - len(after)])
+        return after
+
+    def _escape(self, text: str, group: _OpenGroup) -> str:
+        code = text[1:2]
+        if code in ASSERTION_ESCAPES:
+            group.items.append(("assert", ASSERTION_ESCAPES[code]))
+            return text[2:]
+        if code == "C":
+            raise RE2Error("invalid escape sequence", text[:2])
+        if code == "Q":
+            literal, _, rest = text[2:].partition("\\E")
+            group.items += [self._literal(ord(c)) for c in literal]
+            return rest
+        if code in ("p", "P"):
+            chars, rest = self._unicode_class(text)
+            group.items.append(("chars", chars))
+            return rest
+        if code and code in "dDsSwW":
+            group.items.append(("chars", self._group(PERL_GROUPS[code.lower()], code.isupper())))
+            return text[2:]
+        if code in tuple("123456789") and text[2:3] not in tuple("01234567"):
+            self.extended = True   # Go refuses \1 as an escape; Python reads a back-reference
+            group.items.append(("backref", int(code)))
+            return text[2:]
+        character, rest = _escaped_character(text)
+        group.items.append(self._literal(character))
+        return rest
+
+    def _literal(self, character: int) -> tuple[str, frozenset[int]]:
+        chars = frozenset({character if character in ALPHABET else OTHER})
+        return ("chars", _folded(chars) if "i" in self.flags else chars)
+
+    def _group(self, chars: frozenset[int], negate: bool) -> frozenset[int]:
+        """appendGroup: a Perl or POSIX class, folded first under (?i), then negated."""
+        chars = _folded(chars) if "i" in self.flags else chars
+        return _negated(chars) if negate else chars
+
+    def _unicode_class(self, text: str) -> tuple[frozenset[int], str]:
+        """\\pL, \\p{Greek}, \\PL, \\p{^Greek}: parseUnicodeClass."""
+        negate = text[1] == "P"
+        if text[2:3] == "{":
+            end = text.find("}")
+            if end < 0:
+                raise RE2Error("invalid character class range", text)
+            sequence, rest, name = text[:end + 1], text[end + 1:], text[3:end]
+        else:
+            sequence, rest, name = text[:3], text[3:], text[2:3]
+        if name.startswith("^"):
+            negate, name = not negate, name[1:]
+        chars = _unicode_table(name)
+        if chars is None:
+            raise RE2Error("invalid character class range", sequence)
+        return self._group(chars, negate), rest
+
+    def _class(self, text: str) -> tuple[frozenset[int], str]:
+        """[…]: parseClass, with POSIX, Perl and Unicode classes inside."""
+        rest = text[1:]
+        negate = rest.startswith("^")
+        rest = rest[1:] if negate else rest
+        chars: frozenset[int] = frozenset()
+        first = True   # ] is a literal as the first character
+        while not rest or rest[0] != "]" or first:
+            first = False
+            if len(rest) > 2 and rest.startswith("[:") and ":]" in rest[2:]:
+                end = rest.index(":]", 2) + 2
+                name = rest[:end]
+                negative = name[2] == "^"
+                members = POSIX_GROUPS.get(name[3:-2] if negative else name[2:-2])
+                if members is None:
+                    raise RE2Error("invalid character class range", name)
+                chars |= self._group(members, negative)
+                rest = rest[end:]
+                continue
+            if rest.startswith(("\\p", "\\P")):
+                found, rest = self._unicode_class(rest)
+                chars |= found
+                continue
+            if len(rest) >= 2 and rest[0] == "\\" and rest[1] in "dDsSwW":
+                chars |= self._group(PERL_GROUPS[rest[1].lower()], rest[1].isupper())
+                rest = rest[2:]
+                continue
+            start = rest
+            low, rest = _class_character(rest, text)
+            high = low
+            if len(rest) >= 2 and rest[0] == "-" and rest[1] != "]":
+                high, rest = _class_character(rest[1:], text)
+                if high < low:
+                    raise RE2Error("invalid character class range", start[:len(start) - len(rest)])
+            found = frozenset(c for c in ALPHABET if low <= c <= high) | ({OTHER} if high >= 128 else set())
+            chars |= _folded(found) if "i" in self.flags else found
+        return (_negated(chars) if negate else chars), rest[1:]
+
+
+ASSERTION_ESCAPES = MappingProxyType({"A": "begin_text", "z": "end_text", "b": "word", "B": "not_word"})
+# parseEscape's single-letter escapes.
+CONTROL_ESCAPES = MappingProxyType({"a": 7, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11})
+HEX_DIGITS = "0123456789abcdefABCDEF"
+
+
+def _escaped_character(text: str) -> tuple[int, str]:
+    """parseEscape: the character an escape such as \\x41, \\x{41}, \\101 or \\. stands for."""
+    if len(text) < 2:
+        raise RE2Error("trailing backslash at end of expression", "")
+    c, rest = text[1], text[2:]
+    if c in "01234567" and (c == "0" or rest[:1] and rest[0] in "01234567"):
+        digits = c + "".join(itertools.takewhile(lambda d: d in "01234567", rest[:2]))
+        return int(digits, 8), text[1 + len(digits):]
+    if c == "x" and rest.startswith("{"):
+        value, index = 0, 1
+        while index < len(rest) and rest[index] in HEX_DIGITS and value <= sys.maxunicode:
+            value, index = value * 16 + int(rest[index], 16), index + 1
+        if value > sys.maxunicode:
+            raise RE2Error("invalid escape sequence", text[:2 + index])
+        if 1 < index < len(rest) and rest[index] == "}":
+            return value, rest[index + 1:]
+        raise RE2Error("invalid escape sequence", text[:3 + index])
+    if c == "x":
+        if len(rest) >= 2 and rest[0] in HEX_DIGITS and rest[1] in HEX_DIGITS:
+            return int(rest[:2], 16), rest[2:]
+        raise RE2Error("invalid escape sequence", text[:4])
+    if c in CONTROL_ESCAPES:
+        return CONTROL_ESCAPES[c], rest
+    if c.isascii() and not c.isalnum():
+        return ord(c), rest
+    raise RE2Error("invalid escape sequence", text[:2])
+
+
+def _class_character(text: str, whole_class: str) -> tuple[int, str]:
+    if not text:
+        raise RE2Error("missing closing ]", whole_class)
+    return _escaped_character(text) if text[0] == "\\" else (ord(text[0]), text[1:])
+
+
+def _repeat_counts(text: str) -> tuple[int, int, str] | None:
+    """parseRepeat: {n}, {n,}, {n,m} as (low, high or -1, rest); None where { is a literal (x{,3})."""
+    match = REPEAT_RE.match(text)
+    if not match:
+        return None
+    low = _repeat_count(match["low"])
+    high = low if match["comma"] is None else -1 if match["high"] is None else _repeat_count(match["high"])
+    return (-1 if high == -2 else low), high, text[match.end():]
+
+
+# A count is a number without leading zeros; Go reads counts of nine digits
+# or more as too large (-1), refused as "invalid repeat count".
+REPEAT_RE = re.compile(r"\{(?P<low>0|[1-9][0-9]*)(?:(?P<comma>,)(?P<high>0|[1-9][0-9]*)?)?\}")
+
+
+def _repeat_count(digits: str) -> int:
+    return int(digits) if len(digits) <= 8 else -2
+
+
+def _repeat_is_valid(node: Any, limit: int) -> bool:
+    """repeatIsValid: counted repetitions nested inside each other repeat at most limit copies in all."""
+    if node[0] == "repeat" and node[4]:
+        most = node[2] if node[2] >= 0 else node[1]
+        if most == 0:
+            return True
+        if most > limit:
+            return False
+        limit //= max(most, 1)
+    return all(_repeat_is_valid(child, limit) for child in _children(node))
+
+
+def _children(node: Any) -> tuple[Any, ...]:
+    kind = node[0]
+    if kind in ("concat", "alternate"):
+        return node[1]
+    if kind in ("group", "look"):
+        return (node[2],)
+    if kind == "repeat":
+        return (node[3],)
+    return ()
+
+
+def _height(node: Any) -> int:
+    return 1 + max(map(_height, _children(node)), default=0)
+
+
+def _program_size(node: Any) -> int:
+    """calcSize: the size of the program Go compiles, which Go limits."""
+    kind, sizes = node[0], [_program_size(child) for child in _children(node)]
+    if kind == "group":
+        return 2 + sizes[0] if node[1] else sizes[0]
+    if kind == "repeat":
+        low, high = node[1], node[2]
+        if not node[4]:
+            return (2 if low == 0 and high < 0 else 1) + sizes[0]
+        if high < 0:
+            return 2 + sizes[0] if low == 0 else 1 + low * sizes[0]
+        return max(1, high * sizes[0] + high - low)
+    return max(1, sum(sizes) + (len(sizes) - 1 if kind == "alternate" else 0))
+
+
+def _flattened(node: Any) -> Any:
+    """The tree with the items of groups and nested sequences moved into their sequence."""
+    kind = node[0]
+    if kind == "concat":
+        items: list[Any] = []
+        for item in map(_flattened, node[1]):
+            items += item[1] if item[0] == "concat" else [item]
+        return ("concat", tuple(items))
+    if kind == "alternate":
+        return ("alternate", tuple(map(_flattened, node[1])))
+    if kind in ("group", "look"):
+        inner = _flattened(node[2])
+        return inner if kind == "group" else (kind, node[1], inner)
+    if kind == "repeat":
+        return ("repeat", node[1], node[2], _flattened(node[3]), node[4])
+    return node
+
+
+def _alternation(alternatives: list[tuple[Any, ...]]) -> Any:
+    branches = [items[0] if len(items) == 1 else ("concat", items) for items in alternatives]
+    return branches[0] if len(branches) == 1 else ("alternate", tuple(branches))
+
+
+def _unicode_table(name: str) -> frozenset[int] | None:
+    if name == "Any":
+        return ALPHABET
+    if name in UNICODE_CATEGORIES:
+        return frozenset(c for c in ALPHABET - {OTHER} if unicodedata.category(chr(c)).startswith(name)) | {OTHER}
+    if name in UNICODE_SCRIPTS:
+        return SCRIPT_MEMBERS.get(name, frozenset({OTHER}))
+    return None
+
+
+def _folded(chars: frozenset[int]) -> frozenset[int]:
+    return chars.union(*(FOLDS.get(c, ()) for c in chars))
+
+
+def _negated(chars: frozenset[int]) -> frozenset[int]:
+    return (ALPHABET - chars) | {OTHER}
+
+
+# The tree as a Python pattern, compiled with re.ASCII: nothing in it is read
+# by a flag, so re's own case folding, \d and $ never come into play. Under
+# re.ASCII, \b and \B are RE2's, but for \B in an empty text, which RE2 matches.
+PYTHON_ASSERTIONS = MappingProxyType({
+    "begin_text": "^", "end_text": r"\Z", "begin_line": r"(?:^|(?<=\n))", "end_line": r"(?=\n|\Z)",
+    "word": r"\b", "not_word": r"(?:\B|^\Z)"})
+# RE2's . without (?s), which Python's . means too.
+ANY_BUT_NEWLINE = ALPHABET - {10}
+# Characters a pattern needs escaped; the others stand for themselves.
+PYTHON_SPECIAL = frozenset(map(ord, ".^$*+?{}[]\\|()&~-"))
+
+
+def python_pattern(node: Any) -> str:
+    kind = node[0]
+    if kind == "chars":
+        return _python_set(node[1])
+    if kind == "concat":
+        return "".join(map(python_pattern, node[1]))
+    if kind == "alternate":
+        return "(?:" + "|".join(map(python_pattern, node[1])) + ")"
+    if kind == "group":
+        return ("(" if node[1] else "(?:") + python_pattern(node[2]) + ")"
+    if kind == "repeat" and _fixed_length(node[3]) == 0 and not _captures(node[3]):
+        return python_pattern(node[3]) if node[1] else ""   # an assertion holds once or every time
+    if kind == "repeat":
+        low, high = node[1], node[2]
+        count = "*" if (low, high) == (0, -1) else "+" if (low, high) == (1, -1) else "?" if (low, high) == (0, 1) \
+            else f"{{{low},}}" if high < 0 else f"{{{low}}}" if low == high else f"{{{low},{high}}}"
+        return f"(?:{python_pattern(node[3])}){count}"
+    if kind == "assert":
+        return PYTHON_ASSERTIONS[node[1]]
+    if kind == "look":
+        return f"(?{node[1]}{python_pattern(node[2])})"
+    return f"(?:\\{node[1]})"   # backref
+
+
+def _captures(node: Any) -> bool:
+    return node[0] == "group" and bool(node[1]) or any(map(_captures, _children(node)))
+
+
+def _python_set(chars: frozenset[int]) -> str:
+    if len(chars) == 1 and min(chars) < 128:
+        return _python_character(min(chars))
+    ascii_chars = sorted(c for c in chars if c < 128)
+    if chars == ANY_BUT_NEWLINE:
+        return "."
+    if OTHER in chars and {LONG_S, KELVIN} <= chars:   # most characters: say which are not
+        missing = sorted(set(range(128)) - chars)
+        return "[^" + _python_ranges(missing) + "]" if missing else r"[\x00-\U0010ffff]"
+    extra = [f"\\u{c:04x}" for c in (LONG_S, KELVIN) if c in chars] + ([r"\x80-\U0010ffff"] if OTHER in chars else [])
+    body = _python_ranges(ascii_chars) + "".join(extra)
+    return f"[{body}]" if body else "(?!)"
+
+
+def _python_character(c: int) -> str:
+    if c in PYTHON_SPECIAL:
+        return "\\" + chr(c)
+    return chr(c) if 32 < c < 127 else f"\\x{c:02x}"
+
+
+def _python_ranges(codes: list[int]) -> str:
+    parts = []
+    for _, run in itertools.groupby(enumerate(codes), lambda pair: pair[1] - pair[0]):
+        members = [c for _, c in run]
+        parts.append(_python_character(members[0]) if len(members) == 1 else
+                     _python_character(members[0]) + ("" if len(members) == 2 else "-") + _python_character(members[-1]))
+    return "".join(parts)
+
+
+# How long Python's re can take on a rule, as the degree of a polynomial in
+# the length of the name. re tries the ways a text can be split among the
+# pieces of a pattern one after another. A long repetition ([a-z]+, .*) reads
+# up to the whole name: one factor of the length. One that can give back
+# characters to what follows it (.* before :) retries the rest of the pattern
+# at every length: one more factor, if the rest holds a long repetition too.
+# A pattern not anchored with ^ is tried from every position: one more
+# factor, if it holds a long repetition. A repetition of something that can
+# itself match in several ways is exponential. The analysis errs towards a
+# higher degree: a rule of degree over 1 is matched in linear time instead
+# (or refused, when it needs Python's syntax).
+
+def backtracking_degree(tree: Any) -> float:
+    long = _unbounded(tree)
+    return _degree(tree, frozenset()) + (1 if long else 0) + (1 if long and not _anchored(tree) else 0)
+
+
+def _degree(node: Any, follow: frozenset[int], repeated: bool = False, long_after: bool = False) -> float:
+    """follow: the characters that can come after node's match; repeated:
+    whether node is inside a long repetition; long_after: whether a long
+    repetition can come after it."""
+    kind = node[0]
+    if kind == "concat":
+        total, after, long = 0.0, follow, long_after
+        for item in reversed(node[1]):   # what comes after each item, from the end
+            total += _degree(item, after, repeated, long)
+            after, long = _first(item, after), long or _unbounded(item)
+        return total
+    if kind == "alternate":
+        return max(_degree(branch, follow, repeated, long_after) for branch in node[1])
+    if kind == "group":
+        return _degree(node[2], follow, repeated, long_after)
+    if kind == "look":   # tried again at every round of a long repetition around it
+        body = node[2]
+        return _degree(body, frozenset()) + (1 if repeated and _unbounded(body) else 0)
+    if kind == "repeat":
+        low, high, body = node[1], node[2], node[3]
+        if high == 0:
+            return 0
+        long = not 0 <= high <= MAX_SMALL_REPEAT
+        inner = _degree(body, _first(body, follow), repeated or long, long_after or _unbounded(body))
+        gives_back = bool(_first(body) & follow)
+        if _fixed_length(body) is not None and _deterministic(body):
+            if low == high:
+                return inner * low
+            if long:
+                return inner + (1 if inner else 0) + (1 if gives_back and long_after else 0)
+            return inner + (1 if gives_back else 0)
+        return inner * high if not long else math.inf
+    return 0
+
+
+def _first(node: Any, follow: frozenset[int] = frozenset()) -> frozenset[int]:
+    """The characters a match of node can start with (follow, if it can be empty)."""
+    kind = node[0]
+    if kind == "chars":
+        return node[1]
+    if kind == "concat":
+        found: frozenset[int] = frozenset()
+        for item in node[1]:
+            found |= _first(item)
+            if not _nullable(item):
+                return found
+        return found | follow
+    if kind == "alternate":
+        return frozenset().union(*(_first(branch, follow) for branch in node[1]))
+    if kind in ("group", "repeat"):
+        body = _first(node[2] if kind == "group" else node[3], follow)
+        return body | follow if _nullable(node) else body
+    if kind == "backref":
+        return ALPHABET | follow
+    return follow   # assert, look
+
+
+def _nullable(node: Any) -> bool:
+    kind = node[0]
+    if kind == "chars":
+        return False
+    if kind == "concat":
+        return all(map(_nullable, node[1]))
+    if kind == "alternate":
+        return any(map(_nullable, node[1]))
+    if kind == "group":
+        return _nullable(node[2])
+    if kind == "repeat":
+        return node[1] == 0 or _nullable(node[3])
+    return True
+
+
+def _fixed_length(node: Any) -> int | None:
+    kind = node[0]
+    if kind == "chars":
+        return 1
+    if kind in ("concat", "alternate"):
+        lengths = [_fixed_length(child) for child in node[1]]
+        if None in lengths:
+            return None
+        if kind == "concat":
+            return sum(lengths)   # type: ignore[arg-type]
+        return lengths[0] if len(set(lengths)) == 1 else None
+    if kind == "group":
+        return _fixed_length(node[2])
+    if kind == "repeat":
+        body = _fixed_length(node[3])
+        return None if body is None or node[1] != node[2] else body * node[1]
+    return None if kind == "backref" else 0
+
+
+def _deterministic(node: Any) -> bool:
+    """Whether node's alternatives start with different characters, so a text can go one way only."""
+    if node[0] == "alternate":
+        firsts = [_first(branch) for branch in node[1]]
+        if any(a & b for index, a in enumerate(firsts) for b in firsts[index + 1:]):
+            return False
+    return all(map(_deterministic, _children(node)))
+
+
+def _unbounded(node: Any) -> bool:
+    """Whether node holds a long repetition (or a back-reference, as long as what it refers to)."""
+    return node[0] == "repeat" and not 0 <= node[2] <= MAX_SMALL_REPEAT or node[0] == "backref" \
+        or any(map(_unbounded, _children(node)))
+
+
+def _anchored(node: Any) -> bool:
+    """Whether every match starts at the beginning of the text (^ or \\A first)."""
+    kind = node[0]
+    if kind == "assert":
+        return node[1] == "begin_text"
+    if kind == "concat":
+        for item in node[1]:
+            if _anchored(item):
+                return True
+            if _fixed_length(item) != 0:
+                return False
+        return False
+    if kind == "alternate":
+        return all(map(_anchored, node[1]))
+    if kind == "group":
+        return _anchored(node[2])
+    return False
+
+
+class LinearMatcher:
+    """A rule matched in time linear in the text, as RE2 matches it: a
+    Thompson simulation of the rule's automaton, whose steps are remembered
+    (a lazily built DFA) so that a name already seen costs a lookup per
+    character. Holds no look-around or back-reference."""
+
+    def __init__(self, tree: Any) -> None:
+        self.states: list[Any] = [("match",)]
+        self.start = self._compile(tree, 0)
+        self.steps: dict[tuple[frozenset[int], str, str], Any] = {}
+        self.sets: dict[frozenset[int], frozenset[int]] = {}   # one object per set of states, shared by the steps
+
+    def _new(self, state: Any) -> int:
+        if len(self.states) >= MAX_LINEAR_STATES:
+            raise RE2Error("expression too large to match in linear time", "")
+        self.states.append(state)
+        return len(self.states) - 1
+
+    def _compile(self, node: Any, following: int) -> int:
+        """The state that matches node, then goes on to following."""
+        kind = node[0]
+        if kind == "chars":
+            return self._new(("chars", node[1], following))
+        if kind == "concat":
+            for item in reversed(node[1]):
+                following = self._compile(item, following)
+            return following
+        if kind == "alternate":
+            return self._new(("split", tuple(self._compile(branch, following) for branch in node[1])))
+        if kind == "group":
+            return self._compile(node[2], following)
+        if kind == "assert":
+            return self._new(("assert", node[1], following))
+        if kind != "repeat":
+            raise RE2Error("Python syntax cannot be matched in linear time", "")
+        low, high, body = node[1], node[2], node[3]
+        if high < 0:
+            loop = self._new(None)
+            self.states[loop] = ("split", (self._compile(body, loop), following))
+            tail = loop
+        else:
+            tail = following
+            for _ in range(high - low):
+                tail = self._new(("split", (self._compile(body, tail), following)))
+        for _ in range(low):
+            tail = self._compile(body, tail)
+        return tail
+
+    def search(self, text: str) -> bool:
+        """regexp.MatchString: whether the rule matches anywhere in text."""
+        steps = self.steps
+        if len(steps) > MAX_CACHED_STEPS:
+            self.steps, self.sets = {}, {}
+            steps = self.steps
+        current = frozenset({self.start})
+        previous = ""
+        for character in text:
+            step = steps.get((current, previous, character))
+            if step is None:
+                step = self._step(steps, current, previous, character)
+            if step is True:
+                return True
+            current, previous = step, character
+        step = steps.get((current, previous, ""))
+        return (self._step(steps, current, previous, "") if step is None else step) is True
+
+    def _step(self, steps: dict[Any, Any], current: frozenset[int], previous: str, character: str) -> Any:
+        """From the states before character: True if one reaches a match, else the states after it."""
+        reached: set[int] = set()
+        pending = list(current)
+        while pending:
+            index = pending.pop()
+            if index in reached:
+                continue
+            reached.add(index)
+            state = self.states[index]
+            if state[0] == "split":
+                pending += state[1]
+            elif state[0] == "assert" and _holds(state[1], previous, character):
+                pending.append(state[2])
+        if 0 in reached:
+            step: Any = True
+        else:
+            code = ord(character) if character else -1
+            code = code if code < 128 or code in (LONG_S, KELVIN) else OTHER
+            step = frozenset({self.start} | {self.states[index][2] for index in reached
+                                             if self.states[index][0] == "chars" and code in self.states[index][1]})
+            step = self.sets.setdefault(step, step)
+        steps[(current, previous, character)] = step
+        return step
+
+
+def _holds(assertion: str, previous: str, following: str) -> bool:
+    """Whether an empty-width assertion holds between two characters ("" at either end)."""
+    if assertion in ("word", "not_word"):
+        boundary = (previous != "" and ord(previous) in WORD_CHARACTERS) != \
+            (following != "" and ord(following) in WORD_CHARACTERS)
+        return boundary == (assertion == "word")
+    return {"begin_text": previous == "", "end_text": following == "",
+            "begin_line": previous in ("", "\n"), "end_line": following in ("", "\n")}[assertion]
+
+
+# --------------------------------------------------------------------------
 # Policy
 # --------------------------------------------------------------------------
 
@@ -548,8 +1333,9 @@ class Rule:
 
     kind: str
     index: int
-    pattern: str
-    regex: re.Pattern[str]
+    pattern: str         # as written, in RE2 syntax (with Python's look-arounds and back-references)
+    regex: re.Pattern[str]   # the same meaning in Python's syntax
+    search: Callable[[str], Any]   # regex.search, or a LinearMatcher's where re could take long
     prefix: str | None   # literal text every match starts with; None when unanchored
     only_prefix: bool    # the pattern is exactly ^prefix: it matches what starts with it
     canonical: bool      # the pattern names docker.io: it is matched against canonical forms too
@@ -562,14 +1348,15 @@ class Rule:
 _PROBE_SUFFIXES = ("", "a", "0", ":1", "/a:1", ".a/b", "@sha256:" + "0" * 64, "\n")
 
 
-def literal_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
+def literal_prefix(regex: re.Pattern[str], search: Callable[[str], Any] | None = None) -> tuple[str | None, bool]:
     """The literal text that starts every match of an anchored pattern, and
     whether the pattern is nothing but that text (None: no such text)."""
     prefix, only = _parsed_prefix(regex)
-    return trusted_prefix(regex, prefix, only)
+    return trusted_prefix(regex, prefix, only, search)
 
 
-def trusted_prefix(regex: re.Pattern[str], prefix: str | None, only: bool) -> tuple[str | None, bool]:
+def trusted_prefix(regex: re.Pattern[str], prefix: str | None, only: bool,
+                   search: Callable[[str], Any] | None = None) -> tuple[str | None, bool]:
     """The prefix, if the regex agrees with it on probe strings; else None.
 
     The index skips a rule for every name that does not start with its
@@ -578,12 +1365,13 @@ def trusted_prefix(regex: re.Pattern[str], prefix: str | None, only: bool) -> tu
     """
     if prefix is None:
         return None, False
+    search = search or regex.search
     text = re.sub(r"\\(.)", r"\1", regex.pattern.lstrip("^"))   # the pattern read as plain text
     bases = {"", prefix[:len(prefix) // 2], prefix[:-1], "x" + prefix, text, text[:len(prefix)]}
     for probe in (base + suffix for base in bases for suffix in _PROBE_SUFFIXES):
-        if not probe.startswith(prefix) and regex.search(probe):
+        if not probe.startswith(prefix) and search(probe):
             return None, False
-    return prefix, only and all(regex.search(prefix + suffix) for suffix in _PROBE_SUFFIXES)
+    return prefix, only and all(search(prefix + suffix) for suffix in _PROBE_SUFFIXES)
 
 
 def _parsed_prefix(regex: re.Pattern[str]) -> tuple[str | None, bool]:
@@ -636,7 +1424,7 @@ class RuleSet:
         """The first rule matching a familiar form, or a canonical one if the rule names docker.io."""
         familiar, texts = reference.familiar_forms, reference.all_forms
         for rule in self.candidates(texts):
-            search = rule.regex.search
+            search = rule.search
             for text in texts if rule.canonical else familiar:
                 if search(text):
                     return rule
@@ -959,7 +1747,20 @@ def build_scope_table(entries: list[ScopeEntry]) -> ScopeTable:
 # (docker.io/library/nginx:1.25); any other rule is about the familiar names
 # the original plugin matched (nginx:1.25), so ^docker means docker:24 and
 # docker/compose:2, not every canonical name that starts with docker.io/.
-NAMES_HUB_RE = re.compile(r"docker(?:\\?\.|\[\\?\.\])io", re.IGNORECASE)
+# However the rule spells it: docker\.io, DOCKER.IO, docker[.]io, docker\x2eio, \Qdocker.io\E.
+HUB_DOMAIN = "docker.io"
+
+
+def names_docker_hub(tree: Any) -> bool:
+    """Whether a parsed rule has docker.io in it: nine characters in a row, each of a set holding
+    that character of docker.io, the letters in either case and nothing else."""
+    if tree[0] == "concat":
+        sets = [item[1] if item[0] == "chars" else None for item in tree[1]]
+        for start in range(len(sets) - len(HUB_DOMAIN) + 1):
+            if sets[start] and sets[start] & FOLDS[ord("d")] and all(chars is not None and (ord(c) in chars if c == "." else chars & FOLDS[ord(c)] == chars != set())
+                   for c, chars in zip(HUB_DOMAIN, sets[start:])):
+                return True
+    return any(map(names_docker_hub, _children(tree)))
 
 
 @dataclass(frozen=True)
@@ -1304,13 +2105,35 @@ def _unknown_key(key: str, known: Iterable[str]) -> str:
 
 
 def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
+    """A rule as Go's regexp reads it: Python's re where it cannot take long, else a LinearMatcher."""
+    def refuse(detail: str) -> ConfigError:
+        return ConfigError(path, f"{json.dumps(kind)}[{index}]",
+                           f"invalid regular expression {json.dumps(pattern)}: {detail}")
+    parser = RE2Parser(pattern)
     try:
-        regex = re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as error:
-        detail = f"{error.msg} at position {error.pos}" if isinstance(error, re.error) else str(error)
-        raise ConfigError(path, f"{json.dumps(kind)}[{index}]",
-                          f"invalid regular expression {json.dumps(pattern)}: {detail}") from None
-    return Rule(kind, index, pattern, regex, *literal_prefix(regex), canonical=bool(NAMES_HUB_RE.search(pattern)))
+        tree = parser.parse()
+        regex = re.compile(python_pattern(tree), re.ASCII)
+        degree = backtracking_degree(tree)
+        search: Callable[[str], Any] = regex.search
+        if degree > MAX_BACKTRACKING_DEGREE and not parser.extended:
+            search = LinearMatcher(tree).search
+    except RE2Error as error:
+        raise refuse(f"{error} (rules are RE2 syntax, as Go's regexp reads them)") from None
+    except re.error as error:
+        raise refuse(f"{error.msg} (in Python's syntax of the look-around or back-reference)") from None
+    except RecursionError:
+        raise refuse("expression nests too deeply") from None
+    if degree > MAX_BACKTRACKING_DEGREE and parser.extended:
+        raise refuse(f"{STALLS} (with a look-around or back-reference it cannot be matched in linear time;"
+                     " rewrite it without repetition of repetition, or without several unbounded repetitions"
+                     " such as .* that can match the same characters)")
+    return Rule(kind, index, pattern, regex, search, *literal_prefix(regex, search),
+                canonical=names_docker_hub(_flattened(tree)))
+
+
+# Why a rule with Python's syntax is refused when re could take long on it.
+STALLS = ("Python's re can take time polynomial of high degree or exponential in the length of a name on this"
+          " rule, and one pull of a crafted name would stall every Docker API call on this host")
 
 
 def load_policy(path: str) -> Policy:
@@ -1326,9 +2149,9 @@ def load_policy(path: str) -> Policy:
 # pattern can match any image at all.
 _COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
 # ^ at the start, after any inline flags such as (?i).
-ANCHORED_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*(?:\^|\\A)")
+ANCHORED_RE = re.compile(r"(?:\(\?[imsU]+\))*(?:\^|\\A)")
 # The inline flags a pattern starts with: a suggested fix keeps them.
-INLINE_FLAGS_RE = re.compile(r"(?:\(\?[aiLmsux]+\))*")
+INLINE_FLAGS_RE = re.compile(r"(?:\(\?[imsU]+\))*")
 # Canonical names of Docker Hub images that no familiar-name rule was written for.
 _HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
 # What may follow a whitelist rule's leading text in a name its author did not
@@ -1348,16 +2171,6 @@ _DOT_RE = re.compile(r"""
     | (?P<dot>\.)(?![*+?{])        # a dot standing for any character
     | .
     """, re.VERBOSE | re.DOTALL)
-# A repetition of at most this many pieces that can split a text in several
-# ways takes polynomial time of that degree: under 0.1 s on the longest name
-# dockerd accepts. More (or unbounded) pieces take exponential time.
-MAX_HARMLESS_REPEAT = 3
-# One text for --validate and for the daemon's log when it loads such a rule.
-BACKTRACKING = ("nested repetition, on which Python's re can take time exponential in the length of a name (a"
-                " second for some names of 24 characters, hours for 40): one pull of a crafted name stalls every"
-                " Docker API call on this host, which the Go plugin's RE2 engine never did; rewrite it so that each"
-                " character can be matched one way only, e.g. [a-z0-9._-]+ instead of ([a-z0-9]+[._-]?)*")
-
 
 def policy_warnings(policy: Policy) -> list[str]:
     """Likely mistakes in a valid configuration, for --validate: each names the
@@ -1367,8 +2180,6 @@ def policy_warnings(policy: Policy) -> list[str]:
         warnings += _pattern_warnings(rule)
         if rule.kind == "whitelist":
             warnings += _name_warnings(policy, rule)
-        if backtracks(rule.regex):
-            warnings.append(f"{rule}: {BACKTRACKING}")
     bases = [text for text, _ in (_leading_text(rule.regex) for rule in policy.whitelist.rules) if text]
     for blocked in policy.blacklist.rules:
         for allowed in policy.whitelist.rules:
@@ -1383,19 +2194,14 @@ def policy_warnings(policy: Policy) -> list[str]:
     return warnings
 
 
-def backtracking_rules(policy: Policy) -> tuple[Rule, ...]:
-    """Rules that can take exponential time on a crafted name: warned about at load and by --validate."""
-    return tuple(rule for rule in policy.whitelist.rules + policy.blacklist.rules if backtracks(rule.regex))
-
-
 def _pattern_warnings(rule: Rule) -> list[str]:
     """Patterns that match everything, anywhere, or nothing at all."""
-    if rule.regex.search(""):
+    if rule.search(""):
         if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
             return [f"{rule}: matches every image, so the whitelist allows everything"]
         return []
     if rule.prefix is None:
-        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\Z)$", rule.pattern):
+        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\z)$", rule.pattern):
             return [f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name"]
     else:
         forms: set[str] = set()
@@ -1409,7 +2215,7 @@ def _pattern_warnings(rule: Rule) -> list[str]:
             return [f"{rule}: no image reference can match it (rules see familiar names such as nginx:1.25, and"
                     " canonical ones such as docker.io/library/nginx:1.25 only when they name docker.io;"
                     " index.docker.io is spelled docker.io)"]
-        if not rule.canonical and any(rule.regex.search(probe) for probe in _HUB_PROBES):
+        if not rule.canonical and any(rule.search(probe) for probe in _HUB_PROBES):
             what = "allow" if rule.kind == "whitelist" else "refuse"
             return [f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did, so it does"
                     f" not {what} every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is"
@@ -1472,10 +2278,10 @@ def _futile_warning(policy: Policy, rule: Rule, bases: list[str]) -> str:
         except InvalidReference:
             continue
         spellings = (reference, reference.alias) if reference.alias else (reference,)
-        if not any(rule.regex.search(form) for spelling in spellings for form in _forms_seen(rule, spelling)):
+        if not any(rule.search(form) for spelling in spellings for form in _forms_seen(rule, spelling)):
             continue
         verdict = policy.evaluate(reference)
-        if verdict.allow and not rule.regex.search(""):
+        if verdict.allow and not rule.search(""):
             allowed = next(allowed for allowed in policy.whitelist.rules if str(allowed) == verdict.rule)
             narrowed = f"{allowed.pattern}(?!{_escaped(reference.tag)}$)" if (
                 allowed.only_prefix and reference.tag and allowed.prefix is not None
@@ -1514,7 +2320,7 @@ def _seen_by(rule: Rule, text: str) -> bool:
             reference = parse_reference(name)
         except InvalidReference:
             continue
-        if any(rule.regex.search(form) for form in _forms_seen(rule, reference)):
+        if any(rule.search(form) for form in _forms_seen(rule, reference)):
             return True
     return False
 
@@ -1546,7 +2352,7 @@ def _overreach(rule: Rule, reference: Reference, length: int) -> str | None:
     """Whether a rule's leading text (of this length) ends inside the name it
     matched: "port" when a tag it meant is read as a registry's port, "name"
     when the name merely begins with it."""
-    form = next((form for form in _forms_seen(rule, reference) if rule.regex.search(form)), None)
+    form = next((form for form in _forms_seen(rule, reference) if rule.search(form)), None)
     if form is None:
         return None
     name = reference.familiar_repository if form in reference.familiar_forms else reference.repository
@@ -1615,10 +2421,19 @@ def _leading_text(regex: re.Pattern[str]) -> tuple[str, tuple[int, ...]]:
             text.append(".")
         elif op is regex_parser.LITERAL:
             text.append(chr(value))
+        elif _either_case(op, value):
+            text.append(_either_case(op, value))
         else:
             break
-    joined = "".join(text)
-    return (joined.lower() if parsed.state.flags & re.IGNORECASE else joined), tuple(wildcards)
+    return "".join(text), tuple(wildcards)
+
+
+def _either_case(op: Any, value: Any) -> str:
+    """The letter, in lower case, of a set that is one letter in either case ([Nn], as (?i)n is written)."""
+    if op is not regex_parser.IN or any(member_op is not regex_parser.LITERAL for member_op, _ in value):
+        return ""
+    letters = "".join(sorted(chr(member) for _, member in value if member < 128))
+    return letters[1] if len(letters) == 2 and letters[0].isupper() and letters[0].lower() == letters[1] else ""
 
 
 def _exact_text(regex: re.Pattern[str]) -> str | None:
@@ -1633,197 +2448,6 @@ def _exact_text(regex: re.Pattern[str]) -> str | None:
             or any(op is not regex_parser.LITERAL for op, _ in items[1:-1])):
         return None
     return "".join(chr(value) for _, value in items[1:-1])
-
-
-# Nested repetition. Python's re tries every way a text can be split among
-# the pieces of a repetition before it gives up, so a repetition whose pieces
-# can split the same text in several ways takes exponential time on a text
-# that almost matches. The check below finds such repetitions from the parsed
-# pattern: a variable-length piece whose last characters can also begin what
-# follows it (the next piece, or the next round of the repetition), and
-# alternatives that can match the same text. It errs towards silence: a single
-# repetition such as [a-z0-9-]+, or one whose rounds end at a separator such as
-# (?:[a-z0-9]+/)*, is fine.
-
-_ANY_CHARACTER = frozenset(range(129))   # ASCII, and 128 standing for every other character
-# \d, \s, \w and their opposites, by the parser's names for them.
-_CATEGORIES = MappingProxyType({"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_SPACE": r"\s",
-                                "CATEGORY_NOT_SPACE": r"\S", "CATEGORY_WORD": r"\w", "CATEGORY_NOT_WORD": r"\W"})
-
-
-@dataclass(frozen=True)
-class _Span:
-    """What a piece of a pattern matches: how many characters, which first and which last."""
-
-    shortest: float
-    longest: float
-    first: frozenset[int]
-    last: frozenset[int]
-
-
-_EMPTY_SPAN = _Span(0, 0, frozenset(), frozenset())   # an anchor, a lookaround, nothing
-_UNKNOWN_SPAN = _Span(0, float("inf"), _ANY_CHARACTER, _ANY_CHARACTER)   # a backreference: anything
-
-
-def backtracks(regex: re.Pattern[str]) -> bool:
-    """Whether a pattern has a repetition that can take exponential time."""
-    if regex_parser is None:
-        return False
-    parsed = regex_parser.parse(regex.pattern, regex.flags)
-    fold = bool(parsed.state.flags & re.IGNORECASE)
-    try:
-        return any(_ambiguous_repeat(value, fold) for op, value in _nodes(list(parsed))
-                   if op in (regex_parser.MAX_REPEAT, regex_parser.MIN_REPEAT))
-    except RecursionError:
-        return False
-
-
-def _nodes(items: list[Any]) -> list[tuple[Any, Any]]:
-    """Every (op, value) of a parsed pattern, nested ones too."""
-    nodes = []
-    for op, value in items:
-        nodes.append((op, value))
-        if op in (regex_parser.MAX_REPEAT, regex_parser.MIN_REPEAT, regex_parser.POSSESSIVE_REPEAT):
-            nodes += _nodes(list(value[2]))
-        elif op is regex_parser.SUBPATTERN:
-            nodes += _nodes(list(value[-1]))
-        elif op is regex_parser.ATOMIC_GROUP:
-            nodes += _nodes(list(value))
-        elif op in (regex_parser.ASSERT, regex_parser.ASSERT_NOT):
-            nodes += _nodes(list(value[1]))
-        elif op in (regex_parser.BRANCH, regex_parser.GROUPREF_EXISTS):
-            for alternative in value[1] if op is regex_parser.BRANCH else value[1:]:
-                nodes += _nodes(list(alternative or ()))
-    return nodes
-
-
-def _ambiguous_repeat(repeat: tuple[int, int, Any], fold: bool) -> bool:
-    _, high, body = repeat
-    if high != regex_parser.MAXREPEAT and high <= MAX_HARMLESS_REPEAT:
-        return False
-    pieces = _pieces(list(body))
-    spans = [_span([piece], fold) for piece in pieces]
-    for index, span in enumerate(spans):
-        if span.shortest == span.longest:
-            continue
-        follows: set[int] = set()
-        for step in range(1, len(spans) + 1):   # round the repetition, back to this piece
-            following = spans[(index + step) % len(spans)]
-            follows |= following.first
-            if following.shortest:
-                break
-        if span.last & follows:
-            return True
-    for op, value in _nodes(list(body)):
-        if op is regex_parser.BRANCH:
-            texts = [_fixed_text(list(alternative), fold) for alternative in value[1]]
-            known = [text for text in texts if text is not None]
-            for index, text in enumerate(known):
-                if any(len(text) == len(other) and all(a & b for a, b in zip(text, other))
-                       for other in known[index + 1:]):
-                    return True
-    return False
-
-
-def _pieces(items: list[Any]) -> list[Any]:
-    """A sequence with its groups opened up: (a(b)c) is a, b, c."""
-    pieces = []
-    for op, value in items:
-        if op is regex_parser.SUBPATTERN:
-            pieces += _pieces(list(value[-1]))
-        else:
-            pieces.append((op, value))
-    return pieces
-
-
-def _span(items: list[Any], fold: bool) -> _Span:
-    spans = [_piece_span(op, value, fold) for op, value in items]
-    first: set[int] = set()
-    for span in spans:
-        first |= span.first
-        if span.shortest:
-            break
-    last: set[int] = set()
-    for span in reversed(spans):
-        last |= span.last
-        if span.shortest:
-            break
-    return _Span(sum(span.shortest for span in spans), sum(span.longest for span in spans),
-                 frozenset(first), frozenset(last))
-
-
-def _piece_span(op: Any, value: Any, fold: bool) -> _Span:
-    chars = _characters(op, value, fold)
-    if chars is not None:
-        return _Span(1, 1, chars, chars)
-    if op in (regex_parser.MAX_REPEAT, regex_parser.MIN_REPEAT, regex_parser.POSSESSIVE_REPEAT):
-        low, high, body = value
-        span = _span(list(body), fold)
-        longest = float("inf") if high == regex_parser.MAXREPEAT else high * span.longest
-        return _Span(low * span.shortest, longest, span.first, span.last) if high else _EMPTY_SPAN
-    if op is regex_parser.SUBPATTERN:
-        return _span(list(value[-1]), fold)
-    if op is regex_parser.ATOMIC_GROUP:
-        return _span(list(value), fold)
-    if op in (regex_parser.AT, regex_parser.ASSERT, regex_parser.ASSERT_NOT):
-        return _EMPTY_SPAN
-    if op in (regex_parser.BRANCH, regex_parser.GROUPREF_EXISTS):
-        alternatives = value[1] if op is regex_parser.BRANCH else value[1:]
-        spans = [_span(list(alternative or ()), fold) for alternative in alternatives]
-        return _Span(min(span.shortest for span in spans), max(span.longest for span in spans),
-                     frozenset().union(*(span.first for span in spans)),
-                     frozenset().union(*(span.last for span in spans)))
-    return _UNKNOWN_SPAN
-
-
-@functools.lru_cache(maxsize=None)
-def _category(name: str) -> frozenset[int]:
-    return frozenset(c for c in range(128) if re.match(_CATEGORIES[name], chr(c))) | {128}
-
-
-def _fixed_text(items: list[Any], fold: bool) -> list[frozenset[int]] | None:
-    """The characters at each position of an alternative of fixed length made of single characters."""
-    text: list[frozenset[int]] = []
-    for op, value in _pieces(items):
-        chars = _characters(op, value, fold)
-        if chars is not None:
-            text.append(chars)
-        elif op is regex_parser.MAX_REPEAT and value[0] == value[1] <= 8:
-            repeated = _fixed_text(list(value[2]), fold)
-            if repeated is None:
-                return None
-            text += repeated * value[0]
-        elif op is not regex_parser.AT:
-            return None
-    return text
-
-
-def _characters(op: Any, value: Any, fold: bool) -> frozenset[int] | None:
-    """The characters one single-character piece matches; None for other pieces."""
-    if op is regex_parser.LITERAL:
-        chars = frozenset({min(value, 128)})
-    elif op is regex_parser.NOT_LITERAL:
-        chars = _ANY_CHARACTER - {value} if value < 128 else _ANY_CHARACTER
-    elif op is regex_parser.ANY:
-        chars = _ANY_CHARACTER
-    elif op is regex_parser.CATEGORY:
-        chars = _category(value.name)
-    elif op is regex_parser.IN:
-        members: set[int] = set()
-        negate = False
-        for member_op, member in value:
-            if member_op is regex_parser.NEGATE:
-                negate = True
-            elif member_op is regex_parser.RANGE:
-                members.update(range(min(member[0], 128), min(member[1], 128) + 1))
-            else:
-                members |= _characters(member_op, member, False) or _ANY_CHARACTER
-        chars = _ANY_CHARACTER - members if negate else frozenset(members)
-    else:
-        return None
-    if fold:
-        chars |= {ord(chr(c).swapcase()) for c in chars if c < 128 and chr(c).isalpha()}
-    return chars
 
 
 # --------------------------------------------------------------------------
@@ -4090,7 +4714,6 @@ class Plugin:
         self.mode = mode   # --mode: overrides the file's, at every reload
         self.metrics = Metrics()
         self.current = Running.of(self.load())
-        self.warn_backtracking(self.current.policy)
         self.started = _now()
         self.reload_status: dict[str, Any] = {"time": self.started, "ok": True, "error": None}
         self.reload_lock = threading.Lock()
@@ -4112,7 +4735,6 @@ class Plugin:
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
-            self.warn_backtracking(policy)
             return True
 
     def load(self) -> Policy:
@@ -4120,10 +4742,6 @@ class Plugin:
         for note in policy.notes:
             self.log.event("warning", f"{self.config_path}: {note}")
         return dataclasses.replace(policy, mode=self.mode) if self.mode else policy
-
-    def warn_backtracking(self, policy: Policy) -> None:
-        for rule in backtracking_rules(policy):
-            self.log.event("warning", f"{rule}: {BACKTRACKING}")
 
     @property
     def policy(self) -> Policy:
