@@ -88,7 +88,7 @@ try:   # the stdlib's own parser gives exact literal prefixes; trusted_prefix ch
 except ImportError:
     regex_parser = None
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 
 PLUGIN_NAME = "docker-image-policy"
 # The original plugin's paths and port: service files and scripts rely on them.
