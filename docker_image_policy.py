@@ -1573,7 +1573,8 @@ class ScopeEntry:
         return f" ({'; '.join(parts)})" if parts else ""
 
 
-def scope_keys(domain: str, path: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def scope_keys(domain: str, path: str) -> tuple[str, ...]:
     """The scopes that could govern a repository, most specific first: the exact
     host with each shorter path, then each wildcard domain above the host, with
     the port before without it."""
@@ -1586,7 +1587,7 @@ def scope_keys(domain: str, path: str) -> list[str]:
         for wildcard in ([f"{suffix}:{port}", suffix] if colon else [suffix]):
             keys += [wildcard + "".join("/" + c for c in components[:length])
                      for length in range(len(components), -1, -1)]
-    return keys
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
