@@ -777,7 +777,7 @@ class TestPolicy(unittest.TestCase):
                           ' not ["nginx"]'),
             ([{"image": "nginx", "expect": "allow", "expected": "deny"}],
              '"tests"[0]: unknown key "expected" (did you mean "expect"?) (known keys: image, operation, target,'
-             ' caller, at, expect, note)'),
+             ' caller, at, signed, expect, note)'),
             ([{"image": "nginx", "expect": "allow"}, {"image": "nginx", "expect": "yes"}],
              '"tests"[1]: "expect" must be "allow" or "deny", not "yes"'),
             ([{"image": "nginx"}], '"tests"[0]: "expect" must be "allow" or "deny", and is missing'),
