@@ -3491,8 +3491,8 @@ class RegistrySignatures(Signatures):
         with self.lock:
             if self.settings and time.monotonic() - self.settings[2] < DAEMON_SETTINGS_SECONDS:
                 return self.settings[0], self.settings[1]
-        info = self.docker.get("/info") if self.docker else {"RegistryConfig": {}}
-        settings = RegistrySettings.from_info(info)
+        info = self.docker.get("/info") if self.docker else {}
+        settings = RegistrySettings.from_info(info) if self.docker else RegistrySettings()
         containerd = CONTAINERD_STORE in (info.get("DriverStatus") or [])
         with self.lock:
             kept = self.settings and self.settings[0].settings == settings   # keeps its tokens and verdicts
