@@ -6359,6 +6359,96 @@ class EndToEnd:
                                  f"type=image,source={allowed},target=/mnt", allowed, "busybox", "ls", "/mnt/bin")
             self.assertEqual((result.returncode, result.stdout), (0, "busybox\n"), result.stderr)
 
+    def test_signed_scope_at_pull_and_at_run(self):
+        try:
+            cosign = cosign_tools()["2"]
+        except Missing as missing:
+            if REQUIRE_E2E:
+                raise AssertionError(f"the signed-scope test is required but cannot run: {missing}") from None
+            self.skipTest(f"cosign: {missing}")
+        keys = self.dir / "cosign"
+        keys.mkdir(exist_ok=True)
+        env = dict(os.environ, COSIGN_PASSWORD="", HOME=str(keys), TUF_ROOT=str(keys / "tuf"))
+
+        def cosign_ok(*args: str) -> None:
+            result = subprocess.run([str(cosign), *args], env=env, capture_output=True, text=True, timeout=120)
+            self.assertEqual(result.returncode, 0, result.stderr[-1000:])
+        cosign_ok("generate-key-pair", "--output-key-prefix", str(keys / "release"))
+        repository = f"{self.registry}/signed/busybox"
+        registry = LocalRegistry.__new__(LocalRegistry)   # the class's registry, written to through its API
+        registry.host = self.registry
+        digests = {}
+        with self.seeding_policy():
+            for tag in ("v1", "v2"):   # two imports: two images, v1 signed and v2 not
+                self.docker_ok("import", str(self.dir / "busybox.tar"), f"{repository}:{tag}")
+                self.docker_ok("push", f"{repository}:{tag}")
+                self.remove(f"{repository}:{tag}")
+                digests[tag] = "sha256:" + hashlib.sha256(registry.call("GET", f"/v2/signed/busybox/manifests/{tag}", headers={
+                    "Accept": ", ".join(dip.MANIFEST_TYPES)})[1]).hexdigest()
+        cosign_ok("sign", "--key", str(keys / "release.key"), "--tlog-upload=false", "--allow-http-registry", "-y",
+                  f"{repository}@{digests['v1']}")
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.addCleanup(self.remove, f"{repository}:v1", f"{repository}:v2", f"{repository}:copy",
+                        f"{self.registry}/open/imported:1")
+        open_scope = {"allow": f"{self.registry}/open"}
+        signed = {"scopes": [{"allow": f"{self.registry}/signed", "signedBy": [str(keys / "release.pub")]},
+                             open_scope], "defaultAllow": False, "allowImport": True}
+        unsigned = {"scopes": [{"allow": f"{self.registry}/signed"}, open_scope], "defaultAllow": False}
+        # An unsigned image pulled while the scope was unsigned: refused at run once it is signed.
+        self.apply_policy(unsigned)
+        self.docker_ok("pull", f"{repository}:v2")
+        self.apply_policy(signed)
+        self.denied(self.docker(CLIS[0], "create", f"{repository}:v2", "busybox", "true"),
+                    f"run of {repository}:v2 denied")
+        self.assertIn(f"no signature ({digests['v2']}, the digest image", self.docker(
+            CLIS[0], "create", f"{repository}:v2", "busybox", "true").stderr)
+        # A signed image pulls and runs, with every CLI; a retag within its repository keeps its digest.
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.remove(f"{repository}:v1")
+                result = self.docker(cli, "pull", f"{repository}:v1")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                result = self.docker(cli, "run", "--rm", "--network", "none", f"{repository}:v1", "busybox", "echo",
+                                     "signed")
+                self.assertEqual((result.returncode, result.stdout), (0, "signed\n"), result.stderr)
+        self.docker_ok("tag", f"{repository}:v1", f"{repository}:copy")
+        self.docker_ok("run", "--rm", "--network", "none", f"{repository}:copy", "busybox", "true")
+        # An unsigned image is refused at pull, by digest and by tag, and when the registry moves a signed tag to it.
+        self.denied(self.docker(CLIS[0], "pull", f"{repository}@{digests['v2']}"),
+                    f"pull of {repository}@{digests['v2']} denied")
+        for cli in CLIS:
+            with self.subTest(cli):
+                result = self.docker(cli, "pull", f"{repository}:v2")
+                self.denied(result, f"pull of {repository}:v2 denied")
+                self.assertIn(f"needs a signature by {keys / 'release.pub'}: no signature (tag v2 is {digests['v2']})",
+                              result.stderr)
+        moved = registry.call("GET", f"/v2/signed/busybox/manifests/{digests['v2']}",
+                              headers={"Accept": ", ".join(dip.MANIFEST_TYPES)})[1]
+        registry.push_manifest("signed/busybox", "moved", moved)
+        self.denied(self.docker(CLIS[0], "pull", f"{repository}:moved"), f"pull of {repository}:moved denied")
+        # An imported image retagged into the signed scope is refused: it was never pulled from there.
+        self.docker_ok("import", str(self.dir / "busybox.tar"), f"{self.registry}/open/imported:1")
+        result = self.docker(CLIS[0], "tag", f"{self.registry}/open/imported:1", f"{repository}:v1")
+        self.denied(result, f"tag of {self.registry}/open/imported:1 as {repository}:v1 denied")
+        self.assertIn(f"was not pulled from {repository}", result.stderr)
+        self.docker_ok("run", "--rm", "--network", "none", f"{repository}:v1", "busybox", "true")   # still the signed one
+        if self.image_mounts:
+            self.denied(self.docker(CLIS[-1], "run", "--rm", "--network", "none", "--mount",
+                                    f"type=image,source={repository}:v2,target=/mnt", f"{repository}:v1", "busybox",
+                                    "true"), f"image mount of {repository}:v2 denied")
+        # --scan reports the unsigned image in the signed scope, and not the signed one.
+        scan = run_module("--config", str(self.config), "--scan", "--docker-host", f"unix://{self.docker_socket}",
+                          "--format", "json")
+        refused = {finding["name"] for finding in json.loads(scan.stdout)["refused"]}
+        self.assertIn(f"{repository}:v2", refused, scan.stderr)
+        self.assertNotIn(f"{repository}:v1", refused)
+        self.assertEqual(scan.returncode, 1)
+        # --check asks the registry.
+        check = run_module("--config", str(self.config), "--check", f"{repository}:v1", f"{repository}:v2")
+        self.assertEqual(check.returncode, 1, check.stdout)
+        self.assertIn("decision:  allow", check.stdout)
+        self.assertIn(f"no signature (tag v2 is {digests['v2']})", check.stdout)
+
     def test_swarm_join_follows_allow_swarm(self):
         for cli in CLIS:
             with self.subTest(cli):
