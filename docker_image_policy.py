@@ -833,6 +833,11 @@ NO_SIGNATURES = OfflineSignatures(SignatureVerdict(False, "no signature can be v
                                                           " \"signed\": true or false)"))
 
 
+# A signature covers one digest: no signedBy entry allows a pull of every tag.
+EVERY_TAG = OfflineSignatures(SignatureVerdict(False, "a signature covers one digest and a pull of all tags fetches"
+                                                      " many; pull a tag or digest"))
+
+
 def scope_keys(domain: str, path: str) -> list[str]:
     """The scopes that could govern a repository, most specific first: the exact
     host with each shorter path, then each wildcard domain above the host, with
@@ -913,7 +918,7 @@ class ScopeTable:
 
     def evaluate_all_tags(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
         """A pull of every tag: allowed by an allow entry with no tag or digest condition, unless a deny may hold."""
-        verdict = self.evaluate(dataclasses.replace(reference, tag="latest"), caller, now)
+        verdict = self.evaluate(dataclasses.replace(reference, tag="latest"), caller, now, EVERY_TAG)
         if verdict is None or not verdict.allow:
             return verdict
         governing = self.governing(reference, now)

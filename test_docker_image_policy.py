@@ -3446,7 +3446,9 @@ class TestSignedScopes(unittest.TestCase):
                                                       r" entry there allows it \(scopes\[1\] is for tags dev-\*.*;"
                                                       r" scopes\[0\] needs a signature by release.pub: ")
         all_tags = self.decide(pull(f"/v1.41/images/create?fromImage={quote(self.repository, safe='')}"))
-        self.assertFalse(all_tags.allow)   # a signature is checked per digest, never for every tag at once
+        self.assertFalse(all_tags.allow)
+        self.assertIn("needs a signature by release.pub: a signature covers one digest and a pull of all tags",
+                      all_tags.reason)
         unreachable = dataclasses.replace(parse_reference(f"127.0.0.1:{free_port()}/team/app:v1"))
         policy = self.signed_policy({"allow": unreachable.domain, "signedBy": [str(self.directory / "release.pub")]})
         decision = self.decide(pull(f"/v1.41/images/create?fromImage={quote(unreachable.familiar, safe='')}"),
