@@ -7177,6 +7177,7 @@ def benchmark(argv: list[str]) -> int:
             print(f"scope evaluation, {count} entries, not remembered: {(time.perf_counter() - started) / 1000 * 1e6:8.1f} us")
         benchmark_scan(work, python)
         benchmark_signatures(work)
+        benchmark_signed_pulls(work)
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
     finally:
@@ -7243,6 +7244,82 @@ def benchmark_signatures(work: Path) -> None:
         remembered = timed(lambda: dip.verify_image(client, reference, (key,)), 1000)
         print(f"cosign signature check (ms): ECDSA P-256 verification {ecdsa:.2f}, first check through a loopback"
               f" registry {first:.2f}, remembered {remembered:.4f}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def benchmark_signed_pulls(work: Path) -> None:
+    """The plugin's decision on a pull in a signed scope (first and remembered verification, by digest and by tag),
+    and on a pull in another scope, beside the same pull under a policy without signedBy."""
+    import statistics
+    key_file = work / "release.key"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key_file))
+    (work / "release.pub").write_bytes(openssl("ec", "-in", str(key_file), "-pubout"))
+    image = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"digest": DIGEST}, "layers": []}).encode()
+    digest = "sha256:" + hashlib.sha256(image).hexdigest()
+    payload = json.dumps({"critical": {"identity": {"docker-reference": "bench/app"},
+                                       "image": {"docker-manifest-digest": digest},
+                                       "type": "cosign container image signature"}, "optional": None}).encode()
+    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    signature = base64.b64encode(signed_by(key_file, payload)).decode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "layers": [{"digest": payload_digest, "size": len(payload),
+                                       "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: signature}}]}).encode()
+
+    class Registry(StandInRegistryHandler):
+        routes = {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig": (200, {}, manifest),
+                  "/v2/bench/app/manifests/v1": (200, {}, image), f"/v2/bench/app/manifests/{digest}": (200, {}, image),
+                  f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
+        def do_GET(self) -> None:   # an anonymous registry: no token flow
+            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        scopes = [{"allow": "docker.io"}, {"allow": f"{host}/bench", "signedBy": [str(work / "release.pub")]}]
+        plugins = {}
+        for name, entries in (("signed", scopes), ("unsigned", scopes[:1])):
+            (work / f"{name}.json").write_text(json.dumps({"scopes": entries}))
+            plugins[name] = dip.Plugin(str(work / f"{name}.json"), dip.Log("error", io.StringIO()),
+                                       dip.DockerAPI("unix:///nonexistent"), signatures=dip.RegistrySignatures(None))
+
+        def body(image: str) -> bytes:
+            return json.dumps(pull(f"/v1.41/images/create?fromImage={quote(image, safe='')}")).encode()
+
+        def timed(plugin: dip.Plugin, request: bytes, count: int, forget: bool = False) -> float:
+            times = []
+            for _ in range(count):
+                if forget:   # a digest not yet remembered, from a registry already known
+                    plugin.signatures.daemon()[0].verdicts = dip.VerdictMemory()   # type: ignore[attr-defined]
+                started = time.perf_counter()
+                decision, _ = plugin.decide(plugin.policy, request)
+                times.append(time.perf_counter() - started)
+                assert decision.allow and decision.rule != "internal-error", decision
+            return statistics.median(times) * 1e6
+
+        by_digest, by_tag, other = body(f"{host}/bench/app@{digest}"), body(f"{host}/bench/app:v1"), body("nginx:1")
+        timed(plugins["signed"], by_digest, 1)   # HTTPS refused, then plain HTTP: remembered per host
+        print(f"signed pull decision (us): by digest first {timed(plugins['signed'], by_digest, 20, True):.0f},"
+              f" remembered {timed(plugins['signed'], by_digest, 1000):.0f}; by tag first"
+              f" {timed(plugins['signed'], by_tag, 20, True):.0f}, remembered {timed(plugins['signed'], by_tag, 200):.0f}"
+              " (the tag is resolved at every pull)")
+        def mean(plugin: dip.Plugin, request: bytes, count: int = 20000) -> float:
+            started = time.perf_counter()
+            for _ in range(count):
+                plugin.decide(plugin.policy, request)
+            return (time.perf_counter() - started) / count * 1e6
+        rounds = [(mean(plugins["signed"], other), mean(plugins["unsigned"], other)) for _ in range(3)]
+        print(f"pull in an unsigned scope, not remembered (us): policy with signedBy elsewhere"
+              f" {statistics.median(r[0] for r in rounds):.1f}, policy without"
+              f" {statistics.median(r[1] for r in rounds):.1f}")
     finally:
         server.shutdown()
         server.server_close()
