@@ -3541,9 +3541,11 @@ class TestSignedScopes(unittest.TestCase):
         self.assertEqual(dip.policy_test_failures(policy), [])
         self.assertEqual(policy.configuration()["tests"][0], {"image": image, "expect": "allow", "signed": True})
         self.assertEqual(str(policy.tests[1]), f'"tests"[1] (pull of {image}, unsigned)')
-        unchecked = dip.judge(policy, "pull", image)
-        self.assertFalse(unchecked.allow)
-        self.assertIn("no signature can be verified here", unchecked.reason)
+        for unchecked in (dip.judge(policy, "pull", image),   # a test without "signed", and --replay: no registry
+                          dip.replay_decision(policy, {"operation": "pull", "image": f"{image}", "rule": "scopes[0]"})):
+            self.assertFalse(unchecked.allow)
+            self.assertIn("scopes[0] needs a signature by release.pub: no signature can be verified here",
+                          unchecked.reason)
         failing = self.signed_policy({"allow": f"{self.host}/team", "signedBy": ["release.pub"]},
                                      tests=[{"image": image, "signed": False, "expect": "allow"}])
         self.assertIn("not signed, as the test says", dip.policy_test_failures(failing)[0])
@@ -5022,12 +5024,19 @@ class TestOperations(unittest.TestCase):
             (["--addr", "127.0.0.1:99999"], "--addr: port 99999 is out of range (0 to 65535; 0 picks a free one)"),
             (["--log-decisions", "some"], "argument --log-decisions: invalid choice: 'some' (choose from 'all',"
                                           " 'denies', 'none')"),
+            (["--validate", "--registry-auth", "auth.json"], "--registry-auth goes with serving, --check or --scan:"
+                                                             " the others ask no registry"),
         ]:
             with self.subTest(argv), mock.patch.object(dip, "serve", side_effect=AssertionError("serve() called")), \
                     contextlib.redirect_stderr(io.StringIO()) as stderr, self.assertRaises(SystemExit) as caught:
                 dip.main(["--config", config, *argv])
             self.assertEqual(caught.exception.code, 2)
             self.assertEqual(stderr.getvalue().splitlines()[-1], f"docker-image-policy: error: {message}")
+        for mode in (["--check", "nginx"], ["--scan"]):   # an unusable credentials file is a configuration error
+            result = run_module("--config", config, *mode, "--registry-auth", "/nonexistent/auth.json")
+            self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
+            self.assertEqual(result.stderr, "docker-image-policy: error: /nonexistent/auth.json: cannot read the"
+                                            " registry credentials: No such file or directory\n")
         result = run_module("--config", config, "--addr", "nowhere")   # and as a process
         self.assertEqual(result.returncode, 2)
         self.assertTrue(result.stderr.startswith("usage: docker-image-policy "), result.stderr)
