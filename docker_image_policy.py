@@ -20,7 +20,9 @@ allows, then a blacklist match denies, then defaultAllow decides.
 Security note: the plugin sees every Docker API call before dockerd acts on
 it and reads each one the way dockerd does (Go's encoding/json for bodies).
 Pulls, container creation (with its image mounts), services, plugin installs
-and retags are checked by image name; loads, imports, builds, commits,
+and retags are checked by image name, and in scopes with "signedBy" by a
+cosign signature of the image's digest (at the registry for a pull, by the
+digest an image on the host was pulled by for a run or retag); loads, imports, builds, commits,
 plugin creation and joining a swarm, whose effect it cannot see, are allowed
 or denied as a whole. Anything on those routes that it cannot fully
 understand is denied. It cannot protect against users who bypass dockerd
@@ -536,6 +538,208 @@ def first_json_value(text: str) -> tuple[Any, str]:
 def _shown(value: Any) -> str:
     text = json.dumps(_plain(value))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------
+# Signatures: ECDSA P-256 with SHA-256 (cosign's keys), public-key arithmetic only
+# --------------------------------------------------------------------------
+
+# NIST P-256 (FIPS 186-4, D.1.2.3): y² = x³ - 3x + b over GF(p), a group of prime order n.
+P256_P = 0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff
+P256_N = 0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551
+P256_B = 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b
+P256_G = (0x6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296,
+          0x4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5)
+# SubjectPublicKeyInfo {id-ecPublicKey, prime256v1} with an uncompressed point
+# (04 X Y): DER allows one encoding of it, so a strict parse is this comparison.
+P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200" "04")
+# Compressed points (02/03 X) are refused, as Go's crypto/x509 (and so cosign) refuses them.
+P256_SPKI_COMPRESSED = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
+PEM_PUBLIC_KEY = re.compile(r"""
+    \s* -----BEGIN\ PUBLIC\ KEY-----\r?\n
+    ((?:[A-Za-z0-9+/=]{1,76}\r?\n)+)         # base64 in lines, as openssl and cosign write it
+    -----END\ PUBLIC\ KEY-----\s*""", re.VERBOSE)
+PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+# Windowed multiplication: 4-bit windows, 16 precomputed multiples per point.
+WINDOW_BITS = 4
+
+JacobianPoint = tuple[int, int, int]   # (X, Y, Z) for the affine point (X/Z², Y/Z³); Z = 0 is infinity
+INFINITY: JacobianPoint = (1, 1, 0)
+
+
+def _double(point: JacobianPoint) -> JacobianPoint:
+    """2P, with a = -3 (dbl-2001-b)."""
+    x, y, z = point
+    if not z:
+        return INFINITY
+    p = P256_P
+    delta = z * z % p
+    gamma = y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) * (y + z) - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _add(first: JacobianPoint, second: JacobianPoint) -> JacobianPoint:
+    """P + Q for any two points: infinity, equal and opposite points included."""
+    x1, y1, z1 = first
+    x2, y2, z2 = second
+    if not z1:
+        return second
+    if not z2:
+        return first
+    p = P256_P
+    z1z1 = z1 * z1 % p
+    if z2 == 1:   # the precomputed multiples are affine: fewer products
+        u1, s1 = x1, y1
+        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
+    else:
+        z2z2 = z2 * z2 % p
+        u1, s1 = x1 * z2z2 % p, y1 * z2 * z2z2 % p
+        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _double(first) if s1 == s2 else INFINITY
+    h = u2 - u1
+    r = s2 - s1
+    hh = h * h % p
+    hhh = h * hh % p
+    v = u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    y3 = (r * (v - x3) - s1 * hhh) % p
+    return x3, y3, z1 * z2 * h % p
+
+
+def _affine(point: JacobianPoint) -> JacobianPoint:
+    x, y, z = point
+    if not z:
+        return INFINITY
+    inverse = pow(z, -1, P256_P)
+    square = inverse * inverse % P256_P
+    return x * square % P256_P, y * square * inverse % P256_P, 1
+
+
+def _multiples(x: int, y: int) -> tuple[JacobianPoint, ...]:
+    """0P, 1P, ... 15P, affine, for the windowed multiplication."""
+    multiples = [INFINITY, (x, y, 1)]
+    for _ in range(2, 1 << WINDOW_BITS):
+        multiples.append(_affine(_add(multiples[-1], (x, y, 1))))
+    return tuple(multiples)
+
+
+@functools.cache
+def _generator_multiples() -> tuple[JacobianPoint, ...]:
+    return _multiples(*P256_G)
+
+
+def _shamir(u1: int, first: tuple[JacobianPoint, ...], u2: int, second: tuple[JacobianPoint, ...]) -> JacobianPoint:
+    """u1·P + u2·Q with one pass of doublings (Shamir's trick), a window at a time."""
+    mask = (1 << WINDOW_BITS) - 1
+    point = INFINITY
+    for shift in range(256 - WINDOW_BITS, -1, -WINDOW_BITS):
+        for _ in range(WINDOW_BITS):
+            point = _double(point)
+        point = _add(_add(point, first[u1 >> shift & mask]), second[u2 >> shift & mask])
+    return point
+
+
+class InvalidKey(ImagePolicyError):
+    """A public key this module cannot use; the message says why."""
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An ECDSA P-256 public key (a cosign key), with its multiples for verification."""
+
+    source: str          # the file it came from, for messages
+    der: bytes           # its SubjectPublicKeyInfo: what two keys are compared by
+    multiples: tuple[JacobianPoint, ...] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256:<hex> of the SubjectPublicKeyInfo, as `openssl pkey -pubin -outform DER | sha256sum` shows it."""
+        return "sha256:" + sha256(self.der).hexdigest()
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether signature (DER ECDSA-Sig-Value) is this key's over SHA-256(message)."""
+        values = der_signature(signature)
+        if values is None:
+            return False
+        r, s = values
+        digest = int.from_bytes(sha256(message).digest(), "big")
+        inverse = pow(s, -1, P256_N)
+        x, _, z = _shamir(digest * inverse % P256_N, _generator_multiples(), r * inverse % P256_N, self.multiples)
+        return bool(z) and x * pow(z, -2, P256_P) % P256_P % P256_N == r
+
+
+def public_key_from_der(der: bytes, source: str) -> PublicKey:
+    """The key in a DER SubjectPublicKeyInfo, which must be ECDSA P-256 with a point on the curve."""
+    if len(der) == len(P256_SPKI_COMPRESSED) + 33 and der.startswith(P256_SPKI_COMPRESSED) and der[-33] in (2, 3):
+        raise InvalidKey("a compressed point; only uncompressed P-256 keys are accepted, as by cosign")
+    if len(der) != len(P256_SPKI_PREFIX) + 64 or not der.startswith(P256_SPKI_PREFIX):
+        raise InvalidKey("not an ECDSA P-256 public key (cosign's key type) in SubjectPublicKeyInfo DER")
+    x = int.from_bytes(der[-64:-32], "big")
+    y = int.from_bytes(der[-32:], "big")
+    if x >= P256_P or y >= P256_P or (y * y - x * x * x + 3 * x - P256_B) % P256_P:
+        raise InvalidKey("the public key's point is not on the P-256 curve")
+    return PublicKey(source, der, _multiples(x, y))
+
+
+def public_key_from_pem(text: str, source: str) -> PublicKey:
+    """The key in one PEM PUBLIC KEY block (cosign.pub, or openssl's -pubout), and nothing else."""
+    match = PEM_PUBLIC_KEY.fullmatch(text)
+    if match is None:
+        labels = PEM_LABEL.findall(text)
+        if any("PRIVATE" in label for label in labels):
+            raise InvalidKey("a private key; name the public key (cosign.pub) instead")
+        found = f"found {', '.join(labels)}" if labels else "found no PEM block"
+        raise InvalidKey(f"not one PEM 'PUBLIC KEY' block ({found})")
+    try:
+        der = binascii.a2b_base64("".join(match[1].split()), strict_mode=True)
+    except binascii.Error as error:
+        raise InvalidKey(f"the PEM block is not valid base64 ({error})") from None
+    return public_key_from_der(der, source)
+
+
+def der_signature(signature: bytes) -> tuple[int, int] | None:
+    """(r, s) of a DER ECDSA-Sig-Value with 1 <= r, s < n; None for anything else (BER included)."""
+    if len(signature) < 8 or signature[0] != 0x30 or signature[1] != len(signature) - 2:
+        return None   # a P-256 signature is under 128 bytes: only the short length form is DER
+    values = []
+    position = 2
+    for _ in range(2):
+        if position + 2 > len(signature) or signature[position] != 0x02:
+            return None
+        length = signature[position + 1]
+        content = signature[position + 2:position + 2 + length]
+        if not 1 <= length <= 33 or len(content) != length:
+            return None
+        if content[0] & 0x80 or (length > 1 and content[0] == 0 and not content[1] & 0x80):
+            return None   # negative, or not minimal
+        values.append(int.from_bytes(content, "big"))
+        position += 2 + length
+    if position != len(signature) or not all(1 <= value < P256_N for value in values):
+        return None
+    return values[0], values[1]
+
+
+def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...]:
+    """The keys in PEM files (cosign.pub); ConfigError naming the file that cannot be used."""
+    keys: dict[bytes, PublicKey] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as file:
+                key = public_key_from_pem(file.read(4 * MAX_HEADER_LINE), path)
+        except OSError as error:
+            raise ConfigError(path, "", f"cannot read the public key: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(path, "", "not a PEM public key (not ASCII text)") from None
+        except InvalidKey as error:
+            raise ConfigError(path, "", str(error)) from None
+        keys.setdefault(key.der, key)
+    return tuple(keys.values())
 
 
 # --------------------------------------------------------------------------
@@ -2689,191 +2893,6 @@ class DockerAPI(Docker):
 
 
 # --------------------------------------------------------------------------
-# Signatures: ECDSA P-256 with SHA-256 (cosign's keys), public-key arithmetic only
-# --------------------------------------------------------------------------
-
-# NIST P-256 (FIPS 186-4, D.1.2.3): y² = x³ - 3x + b over GF(p), a group of prime order n.
-P256_P = 0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff
-P256_N = 0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551
-P256_B = 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b
-P256_G = (0x6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296,
-          0x4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5)
-# SubjectPublicKeyInfo {id-ecPublicKey, prime256v1} with an uncompressed point
-# (04 X Y): DER allows one encoding of it, so a strict parse is this comparison.
-P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200" "04")
-# Compressed points (02/03 X) are refused, as Go's crypto/x509 (and so cosign) refuses them.
-P256_SPKI_COMPRESSED = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
-PEM_PUBLIC_KEY = re.compile(r"""
-    \s* -----BEGIN\ PUBLIC\ KEY-----\r?\n
-    ((?:[A-Za-z0-9+/=]{1,76}\r?\n)+)         # base64 in lines, as openssl and cosign write it
-    -----END\ PUBLIC\ KEY-----\s*""", re.VERBOSE)
-PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
-# Windowed multiplication: 4-bit windows, 16 precomputed multiples per point.
-WINDOW_BITS = 4
-
-JacobianPoint = tuple[int, int, int]   # (X, Y, Z) for the affine point (X/Z², Y/Z³); Z = 0 is infinity
-INFINITY: JacobianPoint = (1, 1, 0)
-
-
-def _double(point: JacobianPoint) -> JacobianPoint:
-    """2P, with a = -3 (dbl-2001-b)."""
-    x, y, z = point
-    if not z:
-        return INFINITY
-    p = P256_P
-    delta = z * z % p
-    gamma = y * y % p
-    beta = x * gamma % p
-    alpha = 3 * (x - delta) * (x + delta) % p
-    x3 = (alpha * alpha - 8 * beta) % p
-    z3 = ((y + z) * (y + z) - gamma - delta) % p
-    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
-    return x3, y3, z3
-
-
-def _add(first: JacobianPoint, second: JacobianPoint) -> JacobianPoint:
-    """P + Q for any two points: infinity, equal and opposite points included."""
-    x1, y1, z1 = first
-    x2, y2, z2 = second
-    if not z1:
-        return second
-    if not z2:
-        return first
-    p = P256_P
-    z1z1 = z1 * z1 % p
-    if z2 == 1:   # the precomputed multiples are affine: fewer products
-        u1, s1 = x1, y1
-        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
-    else:
-        z2z2 = z2 * z2 % p
-        u1, s1 = x1 * z2z2 % p, y1 * z2 * z2z2 % p
-        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
-    if u1 == u2:
-        return _double(first) if s1 == s2 else INFINITY
-    h = u2 - u1
-    r = s2 - s1
-    hh = h * h % p
-    hhh = h * hh % p
-    v = u1 * hh % p
-    x3 = (r * r - hhh - 2 * v) % p
-    y3 = (r * (v - x3) - s1 * hhh) % p
-    return x3, y3, z1 * z2 * h % p
-
-
-def _affine(point: JacobianPoint) -> JacobianPoint:
-    x, y, z = point
-    if not z:
-        return INFINITY
-    inverse = pow(z, -1, P256_P)
-    square = inverse * inverse % P256_P
-    return x * square % P256_P, y * square * inverse % P256_P, 1
-
-
-def _multiples(x: int, y: int) -> tuple[JacobianPoint, ...]:
-    """0P, 1P, ... 15P, affine, for the windowed multiplication."""
-    multiples = [INFINITY, (x, y, 1)]
-    for _ in range(2, 1 << WINDOW_BITS):
-        multiples.append(_affine(_add(multiples[-1], (x, y, 1))))
-    return tuple(multiples)
-
-
-@functools.cache
-def _generator_multiples() -> tuple[JacobianPoint, ...]:
-    return _multiples(*P256_G)
-
-
-def _shamir(u1: int, first: tuple[JacobianPoint, ...], u2: int, second: tuple[JacobianPoint, ...]) -> JacobianPoint:
-    """u1·P + u2·Q with one pass of doublings (Shamir's trick), a window at a time."""
-    mask = (1 << WINDOW_BITS) - 1
-    point = INFINITY
-    for shift in range(256 - WINDOW_BITS, -1, -WINDOW_BITS):
-        for _ in range(WINDOW_BITS):
-            point = _double(point)
-        point = _add(_add(point, first[u1 >> shift & mask]), second[u2 >> shift & mask])
-    return point
-
-
-class InvalidKey(ImagePolicyError):
-    """A public key this module cannot use; the message says why."""
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    """An ECDSA P-256 public key (a cosign key), with its multiples for verification."""
-
-    source: str          # the file it came from, for messages
-    der: bytes           # its SubjectPublicKeyInfo: what two keys are compared by
-    multiples: tuple[JacobianPoint, ...] = dataclasses.field(repr=False, compare=False)
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256:<hex> of the SubjectPublicKeyInfo, as `openssl pkey -pubin -outform DER | sha256sum` shows it."""
-        return "sha256:" + sha256(self.der).hexdigest()
-
-    def verify(self, message: bytes, signature: bytes) -> bool:
-        """Whether signature (DER ECDSA-Sig-Value) is this key's over SHA-256(message)."""
-        values = der_signature(signature)
-        if values is None:
-            return False
-        r, s = values
-        digest = int.from_bytes(sha256(message).digest(), "big")
-        inverse = pow(s, -1, P256_N)
-        x, _, z = _shamir(digest * inverse % P256_N, _generator_multiples(), r * inverse % P256_N, self.multiples)
-        return bool(z) and x * pow(z, -2, P256_P) % P256_P % P256_N == r
-
-
-def public_key_from_der(der: bytes, source: str) -> PublicKey:
-    """The key in a DER SubjectPublicKeyInfo, which must be ECDSA P-256 with a point on the curve."""
-    if len(der) == len(P256_SPKI_COMPRESSED) + 33 and der.startswith(P256_SPKI_COMPRESSED) and der[-33] in (2, 3):
-        raise InvalidKey("a compressed point; only uncompressed P-256 keys are accepted, as by cosign")
-    if len(der) != len(P256_SPKI_PREFIX) + 64 or not der.startswith(P256_SPKI_PREFIX):
-        raise InvalidKey("not an ECDSA P-256 public key (cosign's key type) in SubjectPublicKeyInfo DER")
-    x = int.from_bytes(der[-64:-32], "big")
-    y = int.from_bytes(der[-32:], "big")
-    if x >= P256_P or y >= P256_P or (y * y - x * x * x + 3 * x - P256_B) % P256_P:
-        raise InvalidKey("the public key's point is not on the P-256 curve")
-    return PublicKey(source, der, _multiples(x, y))
-
-
-def public_key_from_pem(text: str, source: str) -> PublicKey:
-    """The key in one PEM PUBLIC KEY block (cosign.pub, or openssl's -pubout), and nothing else."""
-    match = PEM_PUBLIC_KEY.fullmatch(text)
-    if match is None:
-        labels = PEM_LABEL.findall(text)
-        if any("PRIVATE" in label for label in labels):
-            raise InvalidKey("a private key; name the public key (cosign.pub) instead")
-        found = f"found {', '.join(labels)}" if labels else "found no PEM block"
-        raise InvalidKey(f"not one PEM 'PUBLIC KEY' block ({found})")
-    try:
-        der = binascii.a2b_base64("".join(match[1].split()), strict_mode=True)
-    except binascii.Error as error:
-        raise InvalidKey(f"the PEM block is not valid base64 ({error})") from None
-    return public_key_from_der(der, source)
-
-
-def der_signature(signature: bytes) -> tuple[int, int] | None:
-    """(r, s) of a DER ECDSA-Sig-Value with 1 <= r, s < n; None for anything else (BER included)."""
-    if len(signature) < 8 or signature[0] != 0x30 or signature[1] != len(signature) - 2:
-        return None   # a P-256 signature is under 128 bytes: only the short length form is DER
-    values = []
-    position = 2
-    for _ in range(2):
-        if position + 2 > len(signature) or signature[position] != 0x02:
-            return None
-        length = signature[position + 1]
-        content = signature[position + 2:position + 2 + length]
-        if not 1 <= length <= 33 or len(content) != length:
-            return None
-        if content[0] & 0x80 or (length > 1 and content[0] == 0 and not content[1] & 0x80):
-            return None   # negative, or not minimal
-        values.append(int.from_bytes(content, "big"))
-        position += 2 + length
-    if position != len(signature) or not all(1 <= value < P256_N for value in values):
-        return None
-    return values[0], values[1]
-
-
-# --------------------------------------------------------------------------
 # Registry client and cosign signatures
 # --------------------------------------------------------------------------
 
@@ -3461,23 +3480,6 @@ def resolve_tag(client: RegistryClient, reference: Reference) -> str:
     if fetched is None:
         raise RegistryError(f"{reference.repository}:{reference.tag or 'latest'} not found at the registry")
     return fetched.digest
-
-
-def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...]:
-    """The keys in PEM files (cosign.pub); ConfigError naming the file that cannot be used."""
-    keys: dict[bytes, PublicKey] = {}
-    for path in paths:
-        try:
-            with open(path, encoding="ascii") as file:
-                key = public_key_from_pem(file.read(4 * MAX_HEADER_LINE), path)
-        except OSError as error:
-            raise ConfigError(path, "", f"cannot read the public key: {error.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(path, "", "not a PEM public key (not ASCII text)") from None
-        except InvalidKey as error:
-            raise ConfigError(path, "", str(error)) from None
-        keys.setdefault(key.der, key)
-    return tuple(keys.values())
 
 
 class RegistrySignatures(Signatures):
