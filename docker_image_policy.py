@@ -1105,8 +1105,9 @@ class ScopeTable:
             if not entry.allow and entry.failed_condition(reference, caller) is None:
                 return Verdict(False, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
         misses = []
-        # Entries without signedBy first: a signature is checked only when no other entry allows.
-        for entry in sorted((entry for entry in entries if entry.allow), key=lambda entry: bool(entry.keys)):
+        for entry in entries:   # those without signedBy first (build_scope_table)
+            if not entry.allow:
+                continue
             failed = entry.failed_condition(reference, caller)
             if failed is not None:
                 misses.append(f"scopes[{entry.index}] is for {failed}")
@@ -1227,7 +1228,8 @@ def parse_time(text: str, end_of_day: bool = False) -> float | None:
 
 def build_scope_table(entries: list[ScopeEntry]) -> ScopeTable:
     by_scope: dict[str, list[ScopeEntry]] = {}
-    for entry in entries:
+    # Entries without signedBy first: a signature is looked up only when no other entry allows.
+    for entry in sorted(entries, key=lambda entry: bool(entry.keys)):
         by_scope.setdefault(entry.scope, []).append(entry)
     return ScopeTable(tuple(entries), MappingProxyType({k: tuple(v) for k, v in by_scope.items()}),
                       any(entry.callers for entry in entries),
