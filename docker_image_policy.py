@@ -376,171 +376,6 @@ def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
 
 
 # --------------------------------------------------------------------------
-# Go's encoding/json: how dockerd reads request bodies, and the Go plugin its file
-# --------------------------------------------------------------------------
-
-# encoding/json matches keys to fields case-insensitively, but only ASCII
-# letters fold, plus two runes whose case orbit reaches one: U+017F (ſ) and
-# U+212A (Kelvin sign). Python's upper() folds far more (ı to I): never use it.
-_GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
-
-
-class JSONObject(list):
-    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
-
-
-@dataclass(frozen=True)
-class GoStruct:
-    """The fields of a Go struct that matter, by folded JSON key."""
-
-    fields: MappingProxyType[str, tuple[str, GoType]]
-    pointer: bool = False   # a *T field: null sets it to nil
-
-    @classmethod
-    def of(cls, pointer: bool = False, **fields: GoType) -> GoStruct:
-        return cls(MappingProxyType({name.upper(): (name, kind) for name, kind in fields.items()}), pointer)
-
-
-@dataclass(frozen=True)
-class GoSlice:
-    element: GoType
-
-
-# The scalar kinds: a Go string, a bool, and a *bool (null sets it to nil).
-STRING, BOOL, OPTIONAL_BOOL = "string", "bool", "*bool"
-GoType = Any   # STRING, BOOL, OPTIONAL_BOOL, GoStruct or GoSlice
-_ZERO = MappingProxyType({STRING: "", BOOL: False})
-
-
-@dataclass(frozen=True)
-class SliceValue:
-    """A decoded Go slice: its first length elements, and what its array still holds past them."""
-
-    backing: tuple[Any, ...]
-    length: int
-
-    @property
-    def items(self) -> tuple[Any, ...]:
-        return self.backing[:self.length]
-
-
-class GoDecodeError(ImagePolicyError):
-    """A value encoding/json refuses to store, and where it is (JSON keys and indexes)."""
-
-    def __init__(self, value: Any, kind: GoType) -> None:
-        self.where: list[str] = []
-        self.value = value
-        self.expected = "true or false" if kind is BOOL or kind is OPTIONAL_BOOL else "a string" if kind is STRING \
-            else f"a list of {'strings' if kind.element is STRING else 'objects'}" if isinstance(kind, GoSlice) \
-            else "an object"
-        super().__init__(f"{_shown(value)} where {self.expected} belongs")
-
-    def place(self) -> str:
-        """Where the value is, as '"tests"[0]."image"'."""
-        return "".join(part if part.startswith("[") else ("." if index else "") + json.dumps(part)
-                       for index, part in enumerate(self.where))
-
-
-class GoAmbiguity(GoDecodeError):
-    """An array that repeats shorter then longer: Go reuses what the longer one left
-    only while the array has capacity, and how much it has depends on the Go version."""
-
-    def __init__(self, value: Any, kind: GoType) -> None:
-        super().__init__(value, kind)
-        self.args = ("an array that repeats shorter then longer is ambiguous: what Go reads depends on"
-                     " the Go version",)
-
-
-def go_decode(value: Any, kind: GoType, current: Any) -> Any:
-    """Decode a JSON value into a Go value of kind that already holds current.
-
-    As encoding/json does: null leaves a string, bool or struct as it is and
-    sets a pointer or slice to nil; an object is decoded into the struct
-    already there (fields set before survive); an array is decoded element by
-    element into the slice's existing elements. A wrong type is an error
-    (dockerd answers 400; the Go plugin refused to start).
-    """
-    if value is None:
-        pointer = kind is OPTIONAL_BOOL or isinstance(kind, GoSlice) or (isinstance(kind, GoStruct) and kind.pointer)
-        return None if pointer else _ZERO.get(kind, current) if current is None and isinstance(kind, str) else current
-    if kind is STRING:
-        if not isinstance(value, str):
-            raise GoDecodeError(value, kind)
-        return value if value.isascii() else _LONE_SURROGATE_RE.sub("\ufffd", value)   # Go's \ud800: U+FFFD
-    if kind is BOOL or kind is OPTIONAL_BOOL:
-        if not isinstance(value, bool):
-            raise GoDecodeError(value, kind)
-        return value
-    if isinstance(kind, GoStruct):
-        if not isinstance(value, JSONObject):
-            raise GoDecodeError(value, kind)
-        fields = dict(current or {})
-        for key, item in value:
-            field = kind.fields.get(key.translate(_GO_FOLD))
-            if field:
-                name, field_kind = field
-                try:
-                    fields[name] = go_decode(item, field_kind, fields.get(name))
-                except GoDecodeError as error:
-                    error.where.insert(0, name)
-                    raise
-        return fields
-    if not isinstance(value, list) or isinstance(value, JSONObject):
-        raise GoDecodeError(value, kind)
-    if not value:
-        return SliceValue((), 0)
-    backing, length = (current.backing, current.length) if current else ((), 0)
-    if len(value) > length and len(backing) > length:
-        raise GoAmbiguity(value, kind)
-    elements = list(backing)
-    for index, item in enumerate(value):
-        try:
-            if index < length:
-                elements[index] = go_decode(item, kind.element, elements[index])
-            else:
-                decoded = go_decode(item, kind.element, None)
-                elements.append((_ZERO[kind.element] if isinstance(kind.element, str) else {})
-                                if decoded is None else decoded)
-        except GoDecodeError as error:
-            error.where.insert(0, f"[{index}]")
-            raise
-    return SliceValue(tuple(elements), len(value))
-
-
-def _go_replace(error: UnicodeError) -> tuple[str, int]:
-    # Go decodes each byte of an invalid UTF-8 sequence as one U+FFFD.
-    return "\ufffd", error.start + 1   # type: ignore[attr-defined]
-
-
-codecs.register_error("docker-image-policy-go", _go_replace)
-_JSON_DECODER = json.JSONDecoder(object_pairs_hook=JSONObject)
-_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
-
-def _plain(value: Any) -> Any:
-    """A decoded JSON value with its objects as dicts again, to show it."""
-    if isinstance(value, JSONObject):
-        return {key: _plain(item) for key, item in value}
-    return [_plain(item) for item in value] if isinstance(value, list) else value
-
-
-def first_json_value(text: str) -> tuple[Any, str]:
-    """The first JSON value in text, objects as JSONObject, and the text after it.
-
-    As json.Decoder.Decode reads it (dockerd's request bodies, the Go
-    plugin's file): what follows the value is not read. ValueError or
-    RecursionError when there is no such value.
-    """
-    value, end = _JSON_DECODER.raw_decode(text, len(text) - len(text.lstrip(" \t\r\n")))
-    return value, text[end:]
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(_plain(value))
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# --------------------------------------------------------------------------
 # Signatures: ECDSA P-256 with SHA-256 (cosign's keys), public-key arithmetic only
 # --------------------------------------------------------------------------
 
@@ -740,6 +575,171 @@ def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...
             raise ConfigError(path, "", str(error)) from None
         keys.setdefault(key.der, key)
     return tuple(keys.values())
+
+
+# --------------------------------------------------------------------------
+# Go's encoding/json: how dockerd reads request bodies, and the Go plugin its file
+# --------------------------------------------------------------------------
+
+# encoding/json matches keys to fields case-insensitively, but only ASCII
+# letters fold, plus two runes whose case orbit reaches one: U+017F (ſ) and
+# U+212A (Kelvin sign). Python's upper() folds far more (ı to I): never use it.
+_GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
+
+
+class JSONObject(list):
+    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
+
+
+@dataclass(frozen=True)
+class GoStruct:
+    """The fields of a Go struct that matter, by folded JSON key."""
+
+    fields: MappingProxyType[str, tuple[str, GoType]]
+    pointer: bool = False   # a *T field: null sets it to nil
+
+    @classmethod
+    def of(cls, pointer: bool = False, **fields: GoType) -> GoStruct:
+        return cls(MappingProxyType({name.upper(): (name, kind) for name, kind in fields.items()}), pointer)
+
+
+@dataclass(frozen=True)
+class GoSlice:
+    element: GoType
+
+
+# The scalar kinds: a Go string, a bool, and a *bool (null sets it to nil).
+STRING, BOOL, OPTIONAL_BOOL = "string", "bool", "*bool"
+GoType = Any   # STRING, BOOL, OPTIONAL_BOOL, GoStruct or GoSlice
+_ZERO = MappingProxyType({STRING: "", BOOL: False})
+
+
+@dataclass(frozen=True)
+class SliceValue:
+    """A decoded Go slice: its first length elements, and what its array still holds past them."""
+
+    backing: tuple[Any, ...]
+    length: int
+
+    @property
+    def items(self) -> tuple[Any, ...]:
+        return self.backing[:self.length]
+
+
+class GoDecodeError(ImagePolicyError):
+    """A value encoding/json refuses to store, and where it is (JSON keys and indexes)."""
+
+    def __init__(self, value: Any, kind: GoType) -> None:
+        self.where: list[str] = []
+        self.value = value
+        self.expected = "true or false" if kind is BOOL or kind is OPTIONAL_BOOL else "a string" if kind is STRING \
+            else f"a list of {'strings' if kind.element is STRING else 'objects'}" if isinstance(kind, GoSlice) \
+            else "an object"
+        super().__init__(f"{_shown(value)} where {self.expected} belongs")
+
+    def place(self) -> str:
+        """Where the value is, as '"tests"[0]."image"'."""
+        return "".join(part if part.startswith("[") else ("." if index else "") + json.dumps(part)
+                       for index, part in enumerate(self.where))
+
+
+class GoAmbiguity(GoDecodeError):
+    """An array that repeats shorter then longer: Go reuses what the longer one left
+    only while the array has capacity, and how much it has depends on the Go version."""
+
+    def __init__(self, value: Any, kind: GoType) -> None:
+        super().__init__(value, kind)
+        self.args = ("an array that repeats shorter then longer is ambiguous: what Go reads depends on"
+                     " the Go version",)
+
+
+def go_decode(value: Any, kind: GoType, current: Any) -> Any:
+    """Decode a JSON value into a Go value of kind that already holds current.
+
+    As encoding/json does: null leaves a string, bool or struct as it is and
+    sets a pointer or slice to nil; an object is decoded into the struct
+    already there (fields set before survive); an array is decoded element by
+    element into the slice's existing elements. A wrong type is an error
+    (dockerd answers 400; the Go plugin refused to start).
+    """
+    if value is None:
+        pointer = kind is OPTIONAL_BOOL or isinstance(kind, GoSlice) or (isinstance(kind, GoStruct) and kind.pointer)
+        return None if pointer else _ZERO.get(kind, current) if current is None and isinstance(kind, str) else current
+    if kind is STRING:
+        if not isinstance(value, str):
+            raise GoDecodeError(value, kind)
+        return value if value.isascii() else _LONE_SURROGATE_RE.sub("\ufffd", value)   # Go's \ud800: U+FFFD
+    if kind is BOOL or kind is OPTIONAL_BOOL:
+        if not isinstance(value, bool):
+            raise GoDecodeError(value, kind)
+        return value
+    if isinstance(kind, GoStruct):
+        if not isinstance(value, JSONObject):
+            raise GoDecodeError(value, kind)
+        fields = dict(current or {})
+        for key, item in value:
+            field = kind.fields.get(key.translate(_GO_FOLD))
+            if field:
+                name, field_kind = field
+                try:
+                    fields[name] = go_decode(item, field_kind, fields.get(name))
+                except GoDecodeError as error:
+                    error.where.insert(0, name)
+                    raise
+        return fields
+    if not isinstance(value, list) or isinstance(value, JSONObject):
+        raise GoDecodeError(value, kind)
+    if not value:
+        return SliceValue((), 0)
+    backing, length = (current.backing, current.length) if current else ((), 0)
+    if len(value) > length and len(backing) > length:
+        raise GoAmbiguity(value, kind)
+    elements = list(backing)
+    for index, item in enumerate(value):
+        try:
+            if index < length:
+                elements[index] = go_decode(item, kind.element, elements[index])
+            else:
+                decoded = go_decode(item, kind.element, None)
+                elements.append((_ZERO[kind.element] if isinstance(kind.element, str) else {})
+                                if decoded is None else decoded)
+        except GoDecodeError as error:
+            error.where.insert(0, f"[{index}]")
+            raise
+    return SliceValue(tuple(elements), len(value))
+
+
+def _go_replace(error: UnicodeError) -> tuple[str, int]:
+    # Go decodes each byte of an invalid UTF-8 sequence as one U+FFFD.
+    return "\ufffd", error.start + 1   # type: ignore[attr-defined]
+
+
+codecs.register_error("docker-image-policy-go", _go_replace)
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=JSONObject)
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _plain(value: Any) -> Any:
+    """A decoded JSON value with its objects as dicts again, to show it."""
+    if isinstance(value, JSONObject):
+        return {key: _plain(item) for key, item in value}
+    return [_plain(item) for item in value] if isinstance(value, list) else value
+
+
+def first_json_value(text: str) -> tuple[Any, str]:
+    """The first JSON value in text, objects as JSONObject, and the text after it.
+
+    As json.Decoder.Decode reads it (dockerd's request bodies, the Go
+    plugin's file): what follows the value is not read. ValueError or
+    RecursionError when there is no such value.
+    """
+    value, end = _JSON_DECODER.raw_decode(text, len(text) - len(text.lstrip(" \t\r\n")))
+    return value, text[end:]
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(_plain(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------

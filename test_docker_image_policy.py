@@ -7258,6 +7258,46 @@ def benchmark_signatures(work: Path) -> None:
         server.server_close()
 
 
+def benchmark_scan(work: Path, python: str, count: int = 1000) -> float:
+    """--scan of a stand-in daemon holding count images and count containers, as a process; seconds."""
+    digests = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(count)]   # IDs spread as real ones are
+    images = [{"Id": f"sha256:{digests[i]}", "RepoTags": [f"{'nginx' if i % 4 else 'redis'}:1.{i}"],
+               "RepoDigests": [f"{'nginx' if i % 4 else 'redis'}@sha256:{digests[i]}"]} for i in range(count)]
+    # Containers by name, by image ID and by short ID, as dockerd lists them.
+    containers = [{"Id": f"{i:064x}", "Names": [f"/c{i}"], "ImageID": images[i]["Id"],
+                   "Image": [images[i]["RepoTags"][0], images[i]["Id"], images[i]["Id"][7:19]][i % 3]}
+                  for i in range(count)]
+    answers = {"/images/json?all=1": json.dumps(images).encode(), "/containers/json?all=1": json.dumps(containers).encode()}
+
+    class ManyImages(StandInDockerHandler):
+        def do_GET(self) -> None:
+            body = answers.get(self.path, b'{"message": "This node is not a swarm manager."}')
+            self.send_response(200 if self.path in answers else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    socket_path = str(work / "scan.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = socketserver.ThreadingUnixStreamServer(socket_path, ManyImages)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    config = work / "scan.json"
+    config.write_text(json.dumps(ORIGINAL_CONFIG))
+    try:
+        started = time.perf_counter()
+        result = subprocess.run([python, str(MODULE), "--config", str(config), "--scan", "--docker-host",
+                                 f"unix://{socket_path}", "--format", "json"], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused = len(json.loads(result.stdout)["refused"])
+    print(f"--scan of {count:,} images and {count:,} containers (a stand-in daemon), whole process: {seconds:.2f} s,"
+          f" {refused} refused")
+    return seconds
+
+
 def benchmark_signed_pulls(work: Path) -> None:
     """The plugin's decision on a pull in a signed scope (first and remembered verification, by digest and by tag),
     and on a pull in another scope, beside the same pull under a policy without signedBy."""
@@ -7332,46 +7372,6 @@ def benchmark_signed_pulls(work: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def benchmark_scan(work: Path, python: str, count: int = 1000) -> float:
-    """--scan of a stand-in daemon holding count images and count containers, as a process; seconds."""
-    digests = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(count)]   # IDs spread as real ones are
-    images = [{"Id": f"sha256:{digests[i]}", "RepoTags": [f"{'nginx' if i % 4 else 'redis'}:1.{i}"],
-               "RepoDigests": [f"{'nginx' if i % 4 else 'redis'}@sha256:{digests[i]}"]} for i in range(count)]
-    # Containers by name, by image ID and by short ID, as dockerd lists them.
-    containers = [{"Id": f"{i:064x}", "Names": [f"/c{i}"], "ImageID": images[i]["Id"],
-                   "Image": [images[i]["RepoTags"][0], images[i]["Id"], images[i]["Id"][7:19]][i % 3]}
-                  for i in range(count)]
-    answers = {"/images/json?all=1": json.dumps(images).encode(), "/containers/json?all=1": json.dumps(containers).encode()}
-
-    class ManyImages(StandInDockerHandler):
-        def do_GET(self) -> None:
-            body = answers.get(self.path, b'{"message": "This node is not a swarm manager."}')
-            self.send_response(200 if self.path in answers else 503)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    socket_path = str(work / "scan.sock")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
-    server = socketserver.ThreadingUnixStreamServer(socket_path, ManyImages)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    config = work / "scan.json"
-    config.write_text(json.dumps(ORIGINAL_CONFIG))
-    try:
-        started = time.perf_counter()
-        result = subprocess.run([python, str(MODULE), "--config", str(config), "--scan", "--docker-host",
-                                 f"unix://{socket_path}", "--format", "json"], capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-    finally:
-        server.shutdown()
-        server.server_close()
-    refused = len(json.loads(result.stdout)["refused"])
-    print(f"--scan of {count:,} images and {count:,} containers (a stand-in daemon), whole process: {seconds:.2f} s,"
-          f" {refused} refused")
-    return seconds
 
 
 def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare: Any, start: Any, stop: Any) -> None:
