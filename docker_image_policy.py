@@ -5105,13 +5105,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--at: expected a date (2027-01-31) or an RFC 3339 time with its zone, not {args.at!r}")
     if (args.operation == "tag") != (args.tag_target is not None):
         parser.error("--tag-target NAME goes with --operation tag, and --operation tag needs it")
-    if args.registry_auth and (args.validate or args.replay is not None or args.health):
-        parser.error("--registry-auth goes with serving, --check or --scan: the others ask no registry")
     if args.format != "text" and not (args.check or args.scan or args.replay is not None):
         parser.error("--format goes with --check, --scan or --replay")
     docker_host_given = args.docker_host is not None
     if args.strict and not args.validate:
         parser.error("--strict is valid only with --validate")
+    if args.registry_auth and (args.validate or args.replay is not None or args.health):
+        parser.error("--registry-auth goes with serving, --check or --scan: the others ask no registry")
     args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
     try:
         address = parse_addr(args.addr)
@@ -5125,19 +5125,20 @@ def main(argv: list[str] | None = None) -> int:
         return health_command(args.socket)
     try:
         policy = load_policy(args.config)
-        signatures = registry_signatures(args.registry_auth, DockerAPI(args.docker_host) if docker_host_given
-                                         or args.scan else None) if args.check or args.scan else NO_SIGNATURES
+        if args.check is not None or args.scan:   # signedBy is checked at the registry, as the daemon checks it
+            policy = policy.judged_with(registry_signatures(
+                args.registry_auth, DockerAPI(args.docker_host) if docker_host_given or args.scan else None))
     except ConfigError as error:
         print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
         return 2
     if args.mode:
         policy = dataclasses.replace(policy, mode=args.mode)
     if args.check:
-        policy = dataclasses.replace(policy.asked_by(caller), at=at).judged_with(signatures)
+        policy = dataclasses.replace(policy.asked_by(caller), at=at)
         return check_operation(policy, args.operation or "pull", args.check, args.tag_target or "",
                                DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
     if args.scan:
-        return scan_command(policy.judged_with(signatures), args.docker_host, args.format)
+        return scan_command(policy, args.docker_host, args.format)
     if args.replay is not None:
         return replay_command(policy, args.replay, args.format)
     warnings = [*policy.notes, *filter(None, [go_era_warning(policy)]), *scope_warnings(policy, time.time()),
