@@ -2719,9 +2719,13 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
         raise Unreadable(f"the {operation} request names no image")
     if docker is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
         reference = parse_reference(image)
-        if policy.needs_image(reference) and not pulled_first:   # a swarm task pulls the name: judged as a pull
+        if not policy.needs_image(reference):
+            return decision_for(operation, reference, policy.evaluate(reference), image)
+        if not pulled_first:
             return decide_present_image(policy, operation, image, reference, docker)
-        return decision_for(operation, reference, policy.evaluate(reference), image)
+        # A swarm task pulls the name itself, later: judged as a pull of a digest, never of a tag.
+        judged = policy if reference.digest else policy.judged_with(SERVICE_TAG)
+        return decision_for(operation, reference, judged.evaluate(reference), image)
     # An ID, or a name that dockerd may also take as a short ID: it tries the
     # name first, then the ID prefix, when it acts, which may be after a
     # name was removed. Every image the text could resolve to must be allowed.
@@ -2762,6 +2766,12 @@ def present_images(docker: Docker | None, text: str) -> list[LocalImage]:
 # the docker CLI would pull and ask again; the pull is where a signature is checked first.
 NOT_PRESENT = OfflineSignatures(SignatureVerdict(False, "no such image on this host: pull it first (docker pull),"
                                                         " which checks its signature"))
+
+
+SERVICE_TAG = OfflineSignatures(SignatureVerdict(False, "a swarm worker resolves a service's tag itself, later: in a"
+                                                        " signed scope a service names its image by digest"
+                                                        " (docker service create pins it, unless"
+                                                        " --no-resolve-image)"))
 
 
 def cannot_look_up(error: ImagePolicyError) -> Signatures:

@@ -3512,6 +3512,10 @@ class TestSignedScopes(unittest.TestCase):
         service = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
             "Image": f"{self.repository}:v1@{v1}"}}}))
         self.assertEqual((service.allow, service.operation), (True, "service"), service.reason)
+        unpinned = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
+            "Image": name}}}))
+        self.assertFalse(unpinned.allow)
+        self.assertIn("a swarm worker resolves a service's tag itself", unpinned.reason)
 
     def test_registry_decisions_are_not_remembered_by_request_body(self) -> None:
         config = self.directory / "policy.json"
