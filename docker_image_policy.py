@@ -23,9 +23,9 @@ Pulls, container creation (with its image mounts), services, plugin installs
 and retags are checked by image name, and in scopes with "signedBy" by a
 cosign signature of the image's digest (at the registry for a pull, by the
 digest an image on the host was pulled by for a run or retag); loads,
-imports, builds, commits, plugin creation and joining a swarm, whose effect it cannot see, are allowed
-or denied as a whole. Anything on those routes that it cannot fully
-understand is denied. It cannot protect against users who bypass dockerd
+imports, builds, commits, plugin creation and joining a swarm, whose effect
+it cannot see, are allowed or denied as a whole. Anything on those routes
+that it cannot fully understand is denied. It cannot protect against users who bypass dockerd
 (the containerd socket), swarm workers pulling for a service created
 elsewhere, files copied into a running container (docker cp, exec), or users
 who can already run privileged containers.
