@@ -2757,6 +2757,7 @@ def decide_present_image(policy: Policy, operation: str, image: str, reference: 
 
 
 def present_images(docker: Docker | None, text: str) -> list[LocalImage]:
+    """The images dockerd could take text to mean now; ImagePolicyError when the daemon cannot be asked."""
     if docker is None:
         raise ImagePolicyError("no Docker API to ask")
     return docker.images_for(text)
