@@ -6451,6 +6451,17 @@ class EndToEnd:
             self.denied(self.docker(CLIS[-1], "run", "--rm", "--network", "none", "--mount",
                                     f"type=image,source={repository}:v2,target=/mnt", f"{repository}:v1", "busybox",
                                     "true"), f"image mount of {repository}:v2 denied")
+        # Services: the CLI pins the tag's digest, whose signature is checked; a tag alone is refused.
+        self.swarm_init()
+        result = self.docker(CLIS[0], "service", "create", "--detach", "--restart-condition", "none",
+                             f"{repository}:v1", "busybox", "true")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.addCleanup(self.docker, CLIS[0], "service", "rm", result.stdout.strip())
+        for flags, reason in [([], f"no signature ({digests['v2']})"),
+                              (["--no-resolve-image"], "a swarm worker resolves a service's tag itself")]:
+            result = self.docker(CLIS[0], "service", "create", "--detach", *flags, f"{repository}:v2", "busybox", "true")
+            self.denied(result, "service of ")
+            self.assertIn(reason, result.stderr)
         # --scan reports the unsigned image in the signed scope, and not the signed one.
         scan = run_module("--config", str(self.config), "--scan", "--docker-host", f"unix://{self.docker_socket}",
                           "--format", "json")
