@@ -21,10 +21,12 @@ allows, then a blacklist match denies, then defaultAllow decides.
 Security note: the plugin sees every Docker API call before dockerd acts on
 it and reads each one the way dockerd does (Go's encoding/json for bodies).
 Pulls, container creation (with its image mounts), services, plugin installs
-and retags are checked by image name; loads, imports, builds, commits,
-plugin creation and joining a swarm, whose effect it cannot see, are allowed
-or denied as a whole. Anything on those routes that it cannot fully
-understand is denied. It cannot protect against users who bypass dockerd
+and retags are checked by image name, and in scopes with "signedBy" by a
+cosign signature of the image's digest (at the registry for a pull, by the
+digest an image on the host was pulled by for a run or retag); loads,
+imports, builds, commits, plugin creation and joining a swarm, whose effect
+it cannot see, are allowed or denied as a whole. Anything on those routes
+that it cannot fully understand is denied. It cannot protect against users who bypass dockerd
 (the containerd socket), swarm workers pulling for a service created
 elsewhere, files copied into a running container (docker cp, exec), or users
 who can already run privileged containers.
@@ -375,6 +377,208 @@ def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
             raise InvalidReference(f"invalid tag {tag!r}")
         return dataclasses.replace(reference, tag=tag), False
     return reference, reference.tag is None and reference.digest is None
+
+
+# --------------------------------------------------------------------------
+# Signatures: ECDSA P-256 with SHA-256 (cosign's keys), public-key arithmetic only
+# --------------------------------------------------------------------------
+
+# NIST P-256 (FIPS 186-4, D.1.2.3): y² = x³ - 3x + b over GF(p), a group of prime order n.
+P256_P = 0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff
+P256_N = 0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551
+P256_B = 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b
+P256_G = (0x6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296,
+          0x4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5)
+# SubjectPublicKeyInfo {id-ecPublicKey, prime256v1} with an uncompressed point
+# (04 X Y): DER allows one encoding of it, so a strict parse is this comparison.
+P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200" "04")
+# Compressed points (02/03 X) are refused, as Go's crypto/x509 (and so cosign) refuses them.
+P256_SPKI_COMPRESSED = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
+PEM_PUBLIC_KEY = re.compile(r"""
+    \s* -----BEGIN\ PUBLIC\ KEY-----\r?\n
+    ((?:[A-Za-z0-9+/=]{1,76}\r?\n)+)         # base64 in lines, as openssl and cosign write it
+    -----END\ PUBLIC\ KEY-----\s*""", re.VERBOSE)
+PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+# Windowed multiplication: 4-bit windows, 16 precomputed multiples per point.
+WINDOW_BITS = 4
+
+JacobianPoint = tuple[int, int, int]   # (X, Y, Z) for the affine point (X/Z², Y/Z³); Z = 0 is infinity
+INFINITY: JacobianPoint = (1, 1, 0)
+
+
+def _double(point: JacobianPoint) -> JacobianPoint:
+    """2P, with a = -3 (dbl-2001-b)."""
+    x, y, z = point
+    if not z:
+        return INFINITY
+    p = P256_P
+    delta = z * z % p
+    gamma = y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) * (y + z) - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _add(first: JacobianPoint, second: JacobianPoint) -> JacobianPoint:
+    """P + Q for any two points: infinity, equal and opposite points included."""
+    x1, y1, z1 = first
+    x2, y2, z2 = second
+    if not z1:
+        return second
+    if not z2:
+        return first
+    p = P256_P
+    z1z1 = z1 * z1 % p
+    if z2 == 1:   # the precomputed multiples are affine: fewer products
+        u1, s1 = x1, y1
+        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
+    else:
+        z2z2 = z2 * z2 % p
+        u1, s1 = x1 * z2z2 % p, y1 * z2 * z2z2 % p
+        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _double(first) if s1 == s2 else INFINITY
+    h = u2 - u1
+    r = s2 - s1
+    hh = h * h % p
+    hhh = h * hh % p
+    v = u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    y3 = (r * (v - x3) - s1 * hhh) % p
+    return x3, y3, z1 * z2 * h % p
+
+
+def _affine(point: JacobianPoint) -> JacobianPoint:
+    x, y, z = point
+    if not z:
+        return INFINITY
+    inverse = pow(z, -1, P256_P)
+    square = inverse * inverse % P256_P
+    return x * square % P256_P, y * square * inverse % P256_P, 1
+
+
+def _multiples(x: int, y: int) -> tuple[JacobianPoint, ...]:
+    """0P, 1P, ... 15P, affine, for the windowed multiplication."""
+    multiples = [INFINITY, (x, y, 1)]
+    for _ in range(2, 1 << WINDOW_BITS):
+        multiples.append(_affine(_add(multiples[-1], (x, y, 1))))
+    return tuple(multiples)
+
+
+@functools.cache
+def _generator_multiples() -> tuple[JacobianPoint, ...]:
+    return _multiples(*P256_G)
+
+
+def _shamir(u1: int, first: tuple[JacobianPoint, ...], u2: int, second: tuple[JacobianPoint, ...]) -> JacobianPoint:
+    """u1·P + u2·Q with one pass of doublings (Shamir's trick), a window at a time."""
+    mask = (1 << WINDOW_BITS) - 1
+    point = INFINITY
+    for shift in range(256 - WINDOW_BITS, -1, -WINDOW_BITS):
+        for _ in range(WINDOW_BITS):
+            point = _double(point)
+        point = _add(_add(point, first[u1 >> shift & mask]), second[u2 >> shift & mask])
+    return point
+
+
+class InvalidKey(ImagePolicyError):
+    """A public key this module cannot use; the message says why."""
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An ECDSA P-256 public key (a cosign key), with its multiples for verification."""
+
+    source: str          # the file it came from, for messages
+    der: bytes           # its SubjectPublicKeyInfo: what two keys are compared by
+    multiples: tuple[JacobianPoint, ...] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256:<hex> of the SubjectPublicKeyInfo, as `openssl pkey -pubin -outform DER | sha256sum` shows it."""
+        return "sha256:" + sha256(self.der).hexdigest()
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether signature (DER ECDSA-Sig-Value) is this key's over SHA-256(message)."""
+        values = der_signature(signature)
+        if values is None:
+            return False
+        r, s = values
+        digest = int.from_bytes(sha256(message).digest(), "big")
+        inverse = pow(s, -1, P256_N)
+        x, _, z = _shamir(digest * inverse % P256_N, _generator_multiples(), r * inverse % P256_N, self.multiples)
+        return bool(z) and x * pow(z, -2, P256_P) % P256_P % P256_N == r
+
+
+def public_key_from_der(der: bytes, source: str) -> PublicKey:
+    """The key in a DER SubjectPublicKeyInfo, which must be ECDSA P-256 with a point on the curve."""
+    if len(der) == len(P256_SPKI_COMPRESSED) + 33 and der.startswith(P256_SPKI_COMPRESSED) and der[-33] in (2, 3):
+        raise InvalidKey("a compressed point; only uncompressed P-256 keys are accepted, as by cosign")
+    if len(der) != len(P256_SPKI_PREFIX) + 64 or not der.startswith(P256_SPKI_PREFIX):
+        raise InvalidKey("not an ECDSA P-256 public key (cosign's key type) in SubjectPublicKeyInfo DER")
+    x = int.from_bytes(der[-64:-32], "big")
+    y = int.from_bytes(der[-32:], "big")
+    if x >= P256_P or y >= P256_P or (y * y - x * x * x + 3 * x - P256_B) % P256_P:
+        raise InvalidKey("the public key's point is not on the P-256 curve")
+    return PublicKey(source, der, _multiples(x, y))
+
+
+def public_key_from_pem(text: str, source: str) -> PublicKey:
+    """The key in one PEM PUBLIC KEY block (cosign.pub, or openssl's -pubout), and nothing else."""
+    match = PEM_PUBLIC_KEY.fullmatch(text)
+    if match is None:
+        labels = PEM_LABEL.findall(text)
+        if any("PRIVATE" in label for label in labels):
+            raise InvalidKey("a private key; name the public key (cosign.pub) instead")
+        found = f"found {', '.join(labels)}" if labels else "found no PEM block"
+        raise InvalidKey(f"not one PEM 'PUBLIC KEY' block ({found})")
+    try:
+        der = binascii.a2b_base64("".join(match[1].split()), strict_mode=True)
+    except binascii.Error as error:
+        raise InvalidKey(f"the PEM block is not valid base64 ({error})") from None
+    return public_key_from_der(der, source)
+
+
+def der_signature(signature: bytes) -> tuple[int, int] | None:
+    """(r, s) of a DER ECDSA-Sig-Value with 1 <= r, s < n; None for anything else (BER included)."""
+    if len(signature) < 8 or signature[0] != 0x30 or signature[1] != len(signature) - 2:
+        return None   # a P-256 signature is under 128 bytes: only the short length form is DER
+    values = []
+    position = 2
+    for _ in range(2):
+        if position + 2 > len(signature) or signature[position] != 0x02:
+            return None
+        length = signature[position + 1]
+        content = signature[position + 2:position + 2 + length]
+        if not 1 <= length <= 33 or len(content) != length:
+            return None
+        if content[0] & 0x80 or (length > 1 and content[0] == 0 and not content[1] & 0x80):
+            return None   # negative, or not minimal
+        values.append(int.from_bytes(content, "big"))
+        position += 2 + length
+    if position != len(signature) or not all(1 <= value < P256_N for value in values):
+        return None
+    return values[0], values[1]
+
+
+def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...]:
+    """The keys in PEM files (cosign.pub); ConfigError naming the file that cannot be used."""
+    keys: dict[bytes, PublicKey] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as file:
+                key = public_key_from_pem(file.read(4 * MAX_HEADER_LINE), path)
+        except OSError as error:
+            raise ConfigError(path, "", f"cannot read the public key: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(path, "", "not a PEM public key (not ASCII text)") from None
+        except InvalidKey as error:
+            raise ConfigError(path, "", str(error)) from None
+        keys.setdefault(key.der, key)
+    return tuple(keys.values())
 
 
 # --------------------------------------------------------------------------
@@ -1532,6 +1736,8 @@ class ScopeEntry:
     ticket: str = ""
     note: str = ""
     tag_patterns: tuple[re.Pattern[str], ...] = ()
+    signed_by: tuple[str, ...] = ()        # the key files, as the entry names them
+    keys: tuple[PublicKey, ...] = ()       # loaded from them at policy load
 
     def __str__(self) -> str:
         return f"scopes[{self.index}] {'allow' if self.allow else 'deny'} {json.dumps(self.scope)}"
@@ -1567,10 +1773,61 @@ class ScopeEntry:
         parts = [f"tags {', '.join(self.tags)}"] if self.tags else []
         parts += ["by digest only"] if self.digest_only else []
         parts += [f"for callers {', '.join(self.callers)}"] if self.callers else []
+        parts += [f"signed by {', '.join(self.signed_by)}"] if self.signed_by else []
         parts += [f"until {self.until_text}"] if self.until_text else []
         parts += [f"ticket {self.ticket}"] if self.ticket else []
         parts += [f"note: {self.note}"] if self.note else []
         return f" ({'; '.join(parts)})" if parts else ""
+
+
+@dataclass(frozen=True)
+class SignatureVerdict:
+    """Whether a listed key signed an image's digest; if not, which check failed."""
+
+    ok: bool
+    reason: str
+
+
+class Signatures:
+    """How a policy learns whether a listed key signed an image, as it learns its caller and time.
+
+    The daemon asks the registry: for a pull, about the digest pulled (or the
+    tag's digest now); for an image present, about the digest it was pulled
+    by (see RegistrySignatures). Where no registry can be asked, a fixed
+    verdict stands (OfflineSignatures).
+    """
+
+    # Whether a run of a name is judged by the image present under it (of_image), not by the name alone.
+    judges_images = True
+
+    def check(self, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
+        """Whether one of keys signed what reference names."""
+        raise NotImplementedError
+
+    def of_image(self, local: LocalImage) -> Signatures:
+        """The signatures of an image present on the host, whatever name it is judged by."""
+        return self
+
+
+@dataclass(frozen=True)
+class OfflineSignatures(Signatures):
+    """One verdict for every image: a policy test's "signed", or a refusal where no registry is asked."""
+
+    verdict: SignatureVerdict
+    judges_images = False
+
+    def check(self, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
+        return self.verdict
+
+
+NO_SIGNATURES = OfflineSignatures(SignatureVerdict(False, "no signature can be verified here (policy tests and"
+                                                          " --replay ask no registry; a policy test may say"
+                                                          " \"signed\": true or false)"))
+
+
+# A signature covers one digest: no signedBy entry allows a pull of every tag.
+EVERY_TAG = OfflineSignatures(SignatureVerdict(False, "a signature covers one digest and a pull of all tags fetches"
+                                                      " many; pull a tag or digest"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1598,6 +1855,7 @@ class ScopeTable:
     by_scope: MappingProxyType[str, tuple[ScopeEntry, ...]]
     uses_callers: bool
     ends: tuple[float, ...]   # every until, in order: answers are remembered until the next one
+    signed: bool = False      # some entry has signedBy: decisions may need the registry
 
     def governing(self, reference: Reference, now: float) -> tuple[str, list[ScopeEntry]] | None:
         """The most specific scope with an active entry for reference, and those entries."""
@@ -1609,7 +1867,13 @@ class ScopeTable:
                 return key, entries
         return None
 
-    def evaluate(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
+    def needs_signature(self, reference: Reference, now: float) -> bool:
+        """Whether the scope governing reference has an entry with signedBy."""
+        governing = self.signed and self.governing(reference, now)
+        return bool(governing) and any(entry.keys for entry in governing[1])   # type: ignore[index]
+
+    def evaluate(self, reference: Reference, caller: Caller, now: float,
+                 signatures: Signatures = NO_SIGNATURES) -> Verdict | None:
         """The verdict of the scope governing reference; None when no scope governs it.
 
         Another spelling of the same registry (registry-1.docker.io, :443) is
@@ -1630,18 +1894,25 @@ class ScopeTable:
             if not entry.allow and entry.failed_condition(reference, caller) is None:
                 return Verdict(False, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
         misses = []
-        for entry in entries:
-            if entry.allow:
-                failed = entry.failed_condition(reference, caller)
-                if failed is None:
-                    return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
+        for entry in entries:   # those without signedBy first (build_scope_table)
+            if not entry.allow:
+                continue
+            failed = entry.failed_condition(reference, caller)
+            if failed is not None:
                 misses.append(f"scopes[{entry.index}] is for {failed}")
+                continue
+            if not entry.keys:
+                return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
+            signed = signatures.check(reference, entry.keys)
+            if signed.ok:
+                return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches: {signed.reason}")
+            misses.append(f"scopes[{entry.index}] needs a signature by {', '.join(entry.signed_by)}: {signed.reason}")
         why = f" ({'; '.join(misses)}{'; the caller is ' + str(caller) if self.uses_callers else ''})" if misses else ""
         return Verdict(False, f"scope {scope}", f"scope {json.dumps(scope)} governs it and no entry there allows it{why}")
 
     def evaluate_all_tags(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
         """A pull of every tag: allowed by an allow entry with no tag or digest condition, unless a deny may hold."""
-        verdict = self.evaluate(dataclasses.replace(reference, tag="latest"), caller, now)
+        verdict = self.evaluate(dataclasses.replace(reference, tag="latest"), caller, now, EVERY_TAG)
         if verdict is None or not verdict.allow:
             return verdict
         governing = self.governing(reference, now)
@@ -1651,11 +1922,11 @@ class ScopeTable:
             if not entry.allow and untagged.failed_condition(reference, caller) is None:
                 return Verdict(False, f"scopes[{entry.index}]", f"a pull of all tags includes tags {entry} denies")
         for entry in entries:
-            if entry.allow and not entry.tags and not entry.digest_only \
+            if entry.allow and not entry.tags and not entry.digest_only and not entry.keys \
                     and entry.failed_condition(reference, caller) is None:
                 return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches every tag")
-        return Verdict(False, "all-tags", "a pull of all tags is allowed only by a scope entry without tags or"
-                       " digestOnly; pull a tag or digest instead")
+        return Verdict(False, "all-tags", "a pull of all tags is allowed only by a scope entry without tags,"
+                       " digestOnly or signedBy; pull a tag or digest instead")
 
     def entry_of(self, rule: str) -> ScopeEntry | None:
         """The entry a verdict's rule label (scopes[3]) names."""
@@ -1674,7 +1945,7 @@ SCOPE_RE = re.compile(rf"""
     (?P<host>(?:\*\.)?{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?)
     (?P<path>(?:/{_PATH_COMPONENT})*)
 """, re.VERBOSE)
-SCOPE_ENTRY_KEYS = ("allow", "deny", "tags", "digestOnly", "callers", "until", "ticket", "note")
+SCOPE_ENTRY_KEYS = ("allow", "deny", "tags", "digestOnly", "callers", "until", "signedBy", "ticket", "note")
 # A date is the end of that day in UTC; a time says its zone.
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -1710,15 +1981,24 @@ def compile_scope_entry(path: str, index: int, entry: dict[str, Any]) -> ScopeEn
     if until_text and until is None:
         raise ConfigError(path, where, f'"until" must be a date (2027-01-31, the end of that day in UTC) or an'
                                        f" RFC 3339 time with its zone, not {json.dumps(until_text)}")
+    signed_by = entry["signedBy"].items if entry.get("signedBy") is not None else ()
+    if entry.get("signedBy") is not None and (deny or not signed_by):
+        raise ConfigError(path, where, '"signedBy" is a condition of allow entries: it lists the PEM public keys'
+                                       " whose signature an image needs" if deny else '"signedBy" lists no key')
+    try:   # a relative key file is beside the policy file
+        keys = load_public_keys([os.path.join(os.path.dirname(path), key) for key in signed_by])
+    except ConfigError as error:
+        raise ConfigError(path, where, f"signedBy {json.dumps(error.path)}: {error.problem}") from None
     return ScopeEntry(index, bool(allow), scope, tags, bool(entry.get("digestOnly")), callers, until, until_text,
-                      entry.get("ticket", ""), entry.get("note", ""), tuple(_glob(tag) for tag in tags))
+                      entry.get("ticket", ""), entry.get("note", ""), tuple(_glob(tag) for tag in tags),
+                      signed_by, keys)
 
 
 def entry_document(entry: ScopeEntry) -> dict[str, Any]:
     """An entry as the file spells it, for /config."""
     written = {"allow" if entry.allow else "deny": entry.scope, "tags": list(entry.tags),
                "digestOnly": entry.digest_only, "callers": list(entry.callers), "until": entry.until_text,
-               "ticket": entry.ticket, "note": entry.note}
+               "signedBy": list(entry.signed_by), "ticket": entry.ticket, "note": entry.note}
     return {key: value for key, value in written.items() if value}
 
 
@@ -1737,11 +2017,13 @@ def parse_time(text: str, end_of_day: bool = False) -> float | None:
 
 def build_scope_table(entries: list[ScopeEntry]) -> ScopeTable:
     by_scope: dict[str, list[ScopeEntry]] = {}
-    for entry in entries:
+    # Entries without signedBy first: a signature is looked up only when no other entry allows.
+    for entry in sorted(entries, key=lambda entry: bool(entry.keys)):
         by_scope.setdefault(entry.scope, []).append(entry)
     return ScopeTable(tuple(entries), MappingProxyType({k: tuple(v) for k, v in by_scope.items()}),
                       any(entry.callers for entry in entries),
-                      tuple(sorted(entry.until for entry in entries if entry.until is not None)))
+                      tuple(sorted(entry.until for entry in entries if entry.until is not None)),
+                      any(entry.keys for entry in entries))
 
 
 # A rule that names Docker Hub's domain is about canonical names
@@ -1781,6 +2063,7 @@ class Policy:
     scopes: ScopeTable = NO_SCOPES
     caller: Caller = UNIDENTIFIED                  # who asks: see asked_by
     at: float | None = None                        # judge at this time, not now (--check --at, tests, --replay)
+    signatures: Signatures = NO_SIGNATURES         # how signedBy is checked: see judged_with
     keys: frozenset[str] = frozenset()             # the settings the file gives, by their names in CONFIG_DEFAULTS
     notes: tuple[str, ...] = ()                    # what reading the file as Go does may surprise its author with
 
@@ -1796,6 +2079,18 @@ class Policy:
     def asked_by(self, caller: Caller) -> Policy:
         """The policy as it judges one caller's requests (the same policy when no entry names callers)."""
         return dataclasses.replace(self, caller=caller) if self.scopes.uses_callers else self
+
+    def judged_with(self, signatures: Signatures) -> Policy:
+        """The policy as it checks signatures with signatures (the same policy when no entry has signedBy)."""
+        return dataclasses.replace(self, signatures=signatures) if self.scopes.signed else self
+
+    def of_image(self, local: LocalImage) -> Policy:
+        """The policy as it judges the names of an image present on the host: by the digests it was pulled by."""
+        return self.judged_with(self.signatures.of_image(local))
+
+    def needs_image(self, reference: Reference) -> bool:
+        """Whether a run of reference is judged by the image present under that name: its signature."""
+        return self.signatures.judges_images and self.scopes.needs_signature(reference, self.now())
 
     def now(self) -> float:
         return time.time() if self.at is None else self.at
@@ -1813,7 +2108,7 @@ class Policy:
                     if spelling is not reference else ""
                 return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches{also}")
         if self.scopes.entries:
-            verdict = self.scopes.evaluate(reference, self.caller, self.now())
+            verdict = self.scopes.evaluate(reference, self.caller, self.now(), self.signatures)
             if verdict:
                 return verdict
         if self.default_allow:
@@ -1854,12 +2149,12 @@ class Policy:
 
 # The policy file as Go's encoding/json reads it: the Go plugin's Config
 # struct (whitelist, blacklist, defaultAllow) with this plugin's keys beside it.
-POLICY_TEST_KEYS = ("image", "operation", "target", "caller", "at", "expect", "note")
-_TEST_FIELDS: dict[str, GoType] = dict.fromkeys(POLICY_TEST_KEYS, STRING)
+POLICY_TEST_KEYS = ("image", "operation", "target", "caller", "at", "signed", "expect", "note")
+_TEST_FIELDS: dict[str, GoType] = dict(dict.fromkeys(POLICY_TEST_KEYS, STRING), signed=OPTIONAL_BOOL)
 _OPERATION_FIELDS: dict[str, GoType] = {key: OPTIONAL_BOOL for key in CONFIG_DEFAULTS if key.startswith("allow")}
 POLICY_TEST = GoStruct.of(**_TEST_FIELDS)
 SCOPE_ENTRY = GoStruct.of(allow=STRING, deny=STRING, tags=GoSlice(STRING), digestOnly=BOOL, callers=GoSlice(STRING),
-                          until=STRING, ticket=STRING, note=STRING)
+                          until=STRING, signedBy=GoSlice(STRING), ticket=STRING, note=STRING)
 POLICY_FILE = GoStruct.of(
     whitelist=GoSlice(STRING), blacklist=GoSlice(STRING), scopes=GoSlice(SCOPE_ENTRY), defaultAllow=BOOL,
     mode=STRING, checkRun=BOOL, **_OPERATION_FIELDS, message=STRING, tests=GoSlice(POLICY_TEST))
@@ -2043,24 +2338,32 @@ class PolicyTest:
     note: str
     caller: str = ""   # a caller selector: judged as that caller
     at: str = ""       # a date or time: judged then
+    signed: bool | None = None   # whether a listed key signed the image; None: no signature can be checked
 
     def policy(self, policy: Policy) -> Policy:
-        """policy as it judges this test: for its caller, at its time."""
+        """policy as it judges this test: for its caller, at its time, with its signature."""
         at = parse_time(self.at) if self.at else None
-        return dataclasses.replace(policy.asked_by(caller_of_selectors([self.caller] if self.caller else [])), at=at)
+        policy = dataclasses.replace(policy.asked_by(caller_of_selectors([self.caller] if self.caller else [])), at=at)
+        if self.signed is None:
+            return policy
+        return policy.judged_with(OfflineSignatures(SignatureVerdict(
+            self.signed, "signed, as the test says" if self.signed else "not signed, as the test says")))
 
-    def document(self) -> dict[str, str]:
+    def document(self) -> dict[str, Any]:
         written = {"image": self.image, "operation": self.operation, "target": self.target, "caller": self.caller,
                    "at": self.at, "expect": "allow" if self.allow else "deny", "note": self.note}
-        return {key: value for key, value in written.items() if value and (key, value) != ("operation", "pull")}
+        document: dict[str, Any] = {key: value for key, value in written.items()
+                                    if value and (key, value) != ("operation", "pull")}
+        return document if self.signed is None else dict(document, signed=self.signed)
 
     def __str__(self) -> str:
         what = f"{self.operation} of {self.image}" if self.image else self.operation
         return (f'"tests"[{self.index}] ({what}' + (f" as {self.target}" if self.target else "")
-                + (f" by {self.caller}" if self.caller else "") + (f" at {self.at}" if self.at else "") + ")")
+                + (f" by {self.caller}" if self.caller else "") + (f" at {self.at}" if self.at else "")
+                + ("" if self.signed is None else ", signed" if self.signed else ", unsigned") + ")")
 
 
-def compile_tests(path: str, tests: tuple[dict[str, str], ...]) -> tuple[PolicyTest, ...]:
+def compile_tests(path: str, tests: tuple[dict[str, Any], ...]) -> tuple[PolicyTest, ...]:
     """The "tests" list, decoded: each with image and expect, and optionally operation, target and note."""
     compiled = []
     for index, test in enumerate(tests):
@@ -2096,7 +2399,7 @@ def compile_tests(path: str, tests: tuple[dict[str, str], ...]) -> tuple[PolicyT
             raise ConfigError(path, where, f'"at" must be a date (2027-01-31) or an RFC 3339 time with its zone,'
                                            f" not {_shown(at)}")
         compiled.append(PolicyTest(index, operation, image, target, expect == "allow", test.get("note", ""),
-                                   caller, at))
+                                   caller, at, test.get("signed")))
     return tuple(compiled)
 
 
@@ -2945,12 +3248,22 @@ def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, do
     if not policy.check_run:
         return unchecked("tag")
     request.check_query_is_whole()
-    source = decide_image_name(policy, "tag", match["name"], docker)   # type: ignore[index]
+    name = match["name"]   # type: ignore[index]
+    source = decide_image_name(policy, "tag", name, docker)
     if not source.allow:
         with contextlib.suppress(InvalidReference):   # logged for --replay; the source's denial stands
             source = dataclasses.replace(source, target=tag_target(request).canonical)
         return source
-    return decide_tag_target(policy, source, tag_target(request))
+    target = tag_target(request)
+    if not policy.needs_image(target):
+        return decide_tag_target(policy, source, target)
+    # A new name in a signed scope: the image itself must be signed there, whatever its source name was.
+    try:
+        images = present_images(docker, name)
+    except ImagePolicyError as error:
+        return decide_tag_target(policy.judged_with(cannot_look_up(error)), source, target)
+    return first_denial([decide_tag_target(policy.of_image(local), source, target) for local in images]
+                        or [decide_tag_target(policy.judged_with(NOT_PRESENT), source, target)])
 
 
 def tag_target(request: Request) -> Reference:
@@ -3031,7 +3344,13 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
         raise Unreadable(f"the {operation} request names no image")
     if docker is None or not IMAGE_ID_LIKE_RE.fullmatch(image):
         reference = parse_reference(image)
-        return decision_for(operation, reference, policy.evaluate(reference), image)
+        if not policy.needs_image(reference):
+            return decision_for(operation, reference, policy.evaluate(reference), image)
+        if not pulled_first:
+            return decide_present_image(policy, operation, image, reference, docker)
+        # A swarm task pulls the name itself, later: judged as a pull of a digest, never of a tag.
+        judged = policy if reference.digest else policy.judged_with(SERVICE_TAG)
+        return decision_for(operation, reference, judged.evaluate(reference), image)
     # An ID, or a name that dockerd may also take as a short ID: it tries the
     # name first, then the ID prefix, when it acts, which may be after a
     # name was removed. Every image the text could resolve to must be allowed.
@@ -3049,12 +3368,49 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
     return first_denial(decisions)
 
 
+def decide_present_image(policy: Policy, operation: str, image: str, reference: Reference,
+                         docker: Docker | None) -> Decision:
+    """A name in a signed scope runs the image present under it: judged by that image's own signature."""
+    try:
+        images = present_images(docker, image)
+    except ImagePolicyError as error:
+        return decision_for(operation, reference, policy.judged_with(cannot_look_up(error)).evaluate(reference), image)
+    if not images:
+        return decision_for(operation, reference, policy.judged_with(NOT_PRESENT).evaluate(reference), image)
+    return first_denial([decision_for(operation, reference, policy.of_image(local).evaluate(reference), image)
+                         for local in images])
+
+
+def present_images(docker: Docker | None, text: str) -> list[LocalImage]:
+    """The images dockerd could take text to mean now; ImagePolicyError when the daemon cannot be asked."""
+    if docker is None:
+        raise ImagePolicyError("no Docker API to ask")
+    return docker.images_for(text)
+
+
+# A signed scope judges the image present under a name: where there is none, dockerd answers 404 and
+# the docker CLI would pull and ask again; the pull is where a signature is checked first.
+NOT_PRESENT = OfflineSignatures(SignatureVerdict(False, "no such image on this host: pull it first (docker pull),"
+                                                        " which checks its signature"))
+
+
+SERVICE_TAG = OfflineSignatures(SignatureVerdict(False, "a swarm worker resolves a service's tag itself, later: in a"
+                                                        " signed scope a service names its image by digest"
+                                                        " (docker service create pins it, unless"
+                                                        " --no-resolve-image)"))
+
+
+def cannot_look_up(error: ImagePolicyError) -> Signatures:
+    return OfflineSignatures(SignatureVerdict(False, f"cannot look up the image present under the name: {error}"))
+
+
 def decide_local_image(policy: Policy, operation: str, image: str, local: LocalImage) -> Decision:
     """A present image is allowed when one of its names is."""
     denial = None
+    judging = policy.of_image(local)
     for name in local.names:
         reference = parse_reference(name)
-        verdict = policy.evaluate(reference)
+        verdict = judging.evaluate(reference)
         if verdict.allow:
             return Decision(True, operation, reference.canonical, image, verdict.rule,
                             f"{verdict.reason} for its name {reference.familiar}", named=image)
@@ -3129,7 +3485,8 @@ class DockerAPI(Docker):
             if inspected is not None:
                 found[inspected["Id"]] = LocalImage(inspected["Id"], _names(inspected))
             prefix = text.removeprefix("sha256:")
-            if len(prefix) < 64:   # and every image whose ID it starts, if that name goes away
+            # and every image whose ID it starts, if that name goes away (only hex can start an ID)
+            if len(prefix) < 64 and IMAGE_ID_LIKE_RE.fullmatch(text):
                 for image in self.images():
                     if image.id.removeprefix("sha256:").startswith(prefix):
                         found.setdefault(image.id, image)
@@ -3171,191 +3528,6 @@ class DockerAPI(Docker):
         if not isinstance(answer, dict):
             raise ImagePolicyError(f"unexpected service answer from {self.host}")
         return answer
-
-
-# --------------------------------------------------------------------------
-# Signatures: ECDSA P-256 with SHA-256 (cosign's keys), public-key arithmetic only
-# --------------------------------------------------------------------------
-
-# NIST P-256 (FIPS 186-4, D.1.2.3): y² = x³ - 3x + b over GF(p), a group of prime order n.
-P256_P = 0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff
-P256_N = 0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551
-P256_B = 0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b
-P256_G = (0x6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296,
-          0x4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5)
-# SubjectPublicKeyInfo {id-ecPublicKey, prime256v1} with an uncompressed point
-# (04 X Y): DER allows one encoding of it, so a strict parse is this comparison.
-P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200" "04")
-# Compressed points (02/03 X) are refused, as Go's crypto/x509 (and so cosign) refuses them.
-P256_SPKI_COMPRESSED = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
-PEM_PUBLIC_KEY = re.compile(r"""
-    \s* -----BEGIN\ PUBLIC\ KEY-----\r?\n
-    ((?:[A-Za-z0-9+/=]{1,76}\r?\n)+)         # base64 in lines, as openssl and cosign write it
-    -----END\ PUBLIC\ KEY-----\s*""", re.VERBOSE)
-PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
-# Windowed multiplication: 4-bit windows, 16 precomputed multiples per point.
-WINDOW_BITS = 4
-
-JacobianPoint = tuple[int, int, int]   # (X, Y, Z) for the affine point (X/Z², Y/Z³); Z = 0 is infinity
-INFINITY: JacobianPoint = (1, 1, 0)
-
-
-def _double(point: JacobianPoint) -> JacobianPoint:
-    """2P, with a = -3 (dbl-2001-b)."""
-    x, y, z = point
-    if not z:
-        return INFINITY
-    p = P256_P
-    delta = z * z % p
-    gamma = y * y % p
-    beta = x * gamma % p
-    alpha = 3 * (x - delta) * (x + delta) % p
-    x3 = (alpha * alpha - 8 * beta) % p
-    z3 = ((y + z) * (y + z) - gamma - delta) % p
-    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
-    return x3, y3, z3
-
-
-def _add(first: JacobianPoint, second: JacobianPoint) -> JacobianPoint:
-    """P + Q for any two points: infinity, equal and opposite points included."""
-    x1, y1, z1 = first
-    x2, y2, z2 = second
-    if not z1:
-        return second
-    if not z2:
-        return first
-    p = P256_P
-    z1z1 = z1 * z1 % p
-    if z2 == 1:   # the precomputed multiples are affine: fewer products
-        u1, s1 = x1, y1
-        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
-    else:
-        z2z2 = z2 * z2 % p
-        u1, s1 = x1 * z2z2 % p, y1 * z2 * z2z2 % p
-        u2, s2 = x2 * z1z1 % p, y2 * z1 * z1z1 % p
-    if u1 == u2:
-        return _double(first) if s1 == s2 else INFINITY
-    h = u2 - u1
-    r = s2 - s1
-    hh = h * h % p
-    hhh = h * hh % p
-    v = u1 * hh % p
-    x3 = (r * r - hhh - 2 * v) % p
-    y3 = (r * (v - x3) - s1 * hhh) % p
-    return x3, y3, z1 * z2 * h % p
-
-
-def _affine(point: JacobianPoint) -> JacobianPoint:
-    x, y, z = point
-    if not z:
-        return INFINITY
-    inverse = pow(z, -1, P256_P)
-    square = inverse * inverse % P256_P
-    return x * square % P256_P, y * square * inverse % P256_P, 1
-
-
-def _multiples(x: int, y: int) -> tuple[JacobianPoint, ...]:
-    """0P, 1P, ... 15P, affine, for the windowed multiplication."""
-    multiples = [INFINITY, (x, y, 1)]
-    for _ in range(2, 1 << WINDOW_BITS):
-        multiples.append(_affine(_add(multiples[-1], (x, y, 1))))
-    return tuple(multiples)
-
-
-@functools.cache
-def _generator_multiples() -> tuple[JacobianPoint, ...]:
-    return _multiples(*P256_G)
-
-
-def _shamir(u1: int, first: tuple[JacobianPoint, ...], u2: int, second: tuple[JacobianPoint, ...]) -> JacobianPoint:
-    """u1·P + u2·Q with one pass of doublings (Shamir's trick), a window at a time."""
-    mask = (1 << WINDOW_BITS) - 1
-    point = INFINITY
-    for shift in range(256 - WINDOW_BITS, -1, -WINDOW_BITS):
-        for _ in range(WINDOW_BITS):
-            point = _double(point)
-        point = _add(_add(point, first[u1 >> shift & mask]), second[u2 >> shift & mask])
-    return point
-
-
-class InvalidKey(ImagePolicyError):
-    """A public key this module cannot use; the message says why."""
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    """An ECDSA P-256 public key (a cosign key), with its multiples for verification."""
-
-    source: str          # the file it came from, for messages
-    der: bytes           # its SubjectPublicKeyInfo: what two keys are compared by
-    multiples: tuple[JacobianPoint, ...] = dataclasses.field(repr=False, compare=False)
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256:<hex> of the SubjectPublicKeyInfo, as `openssl pkey -pubin -outform DER | sha256sum` shows it."""
-        return "sha256:" + sha256(self.der).hexdigest()
-
-    def verify(self, message: bytes, signature: bytes) -> bool:
-        """Whether signature (DER ECDSA-Sig-Value) is this key's over SHA-256(message)."""
-        values = der_signature(signature)
-        if values is None:
-            return False
-        r, s = values
-        digest = int.from_bytes(sha256(message).digest(), "big")
-        inverse = pow(s, -1, P256_N)
-        x, _, z = _shamir(digest * inverse % P256_N, _generator_multiples(), r * inverse % P256_N, self.multiples)
-        return bool(z) and x * pow(z, -2, P256_P) % P256_P % P256_N == r
-
-
-def public_key_from_der(der: bytes, source: str) -> PublicKey:
-    """The key in a DER SubjectPublicKeyInfo, which must be ECDSA P-256 with a point on the curve."""
-    if len(der) == len(P256_SPKI_COMPRESSED) + 33 and der.startswith(P256_SPKI_COMPRESSED) and der[-33] in (2, 3):
-        raise InvalidKey("a compressed point; only uncompressed P-256 keys are accepted, as by cosign")
-    if len(der) != len(P256_SPKI_PREFIX) + 64 or not der.startswith(P256_SPKI_PREFIX):
-        raise InvalidKey("not an ECDSA P-256 public key (cosign's key type) in SubjectPublicKeyInfo DER")
-    x = int.from_bytes(der[-64:-32], "big")
-    y = int.from_bytes(der[-32:], "big")
-    if x >= P256_P or y >= P256_P or (y * y - x * x * x + 3 * x - P256_B) % P256_P:
-        raise InvalidKey("the public key's point is not on the P-256 curve")
-    return PublicKey(source, der, _multiples(x, y))
-
-
-def public_key_from_pem(text: str, source: str) -> PublicKey:
-    """The key in one PEM PUBLIC KEY block (cosign.pub, or openssl's -pubout), and nothing else."""
-    match = PEM_PUBLIC_KEY.fullmatch(text)
-    if match is None:
-        labels = PEM_LABEL.findall(text)
-        if any("PRIVATE" in label for label in labels):
-            raise InvalidKey("a private key; name the public key (cosign.pub) instead")
-        found = f"found {', '.join(labels)}" if labels else "found no PEM block"
-        raise InvalidKey(f"not one PEM 'PUBLIC KEY' block ({found})")
-    try:
-        der = binascii.a2b_base64("".join(match[1].split()), strict_mode=True)
-    except binascii.Error as error:
-        raise InvalidKey(f"the PEM block is not valid base64 ({error})") from None
-    return public_key_from_der(der, source)
-
-
-def der_signature(signature: bytes) -> tuple[int, int] | None:
-    """(r, s) of a DER ECDSA-Sig-Value with 1 <= r, s < n; None for anything else (BER included)."""
-    if len(signature) < 8 or signature[0] != 0x30 or signature[1] != len(signature) - 2:
-        return None   # a P-256 signature is under 128 bytes: only the short length form is DER
-    values = []
-    position = 2
-    for _ in range(2):
-        if position + 2 > len(signature) or signature[position] != 0x02:
-            return None
-        length = signature[position + 1]
-        content = signature[position + 2:position + 2 + length]
-        if not 1 <= length <= 33 or len(content) != length:
-            return None
-        if content[0] & 0x80 or (length > 1 and content[0] == 0 and not content[1] & 0x80):
-            return None   # negative, or not minimal
-        values.append(int.from_bytes(content, "big"))
-        position += 2 + length
-    if position != len(signature) or not all(1 <= value < P256_N for value in values):
-        return None
-    return values[0], values[1]
 
 
 # --------------------------------------------------------------------------
@@ -3404,6 +3576,16 @@ WWW_AUTHENTICATE_PARAMETER = re.compile(r'(\w+)="([^"]*)"')
 SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # A whole signature check, however many signatures an image has, while dockerd waits.
 SIGNATURE_CHECK_TIMEOUT = 20.0
+# dockerd's registry settings and image store (GET /info) are read again after this long: a restarted
+# dockerd may have others, and the plugin outlives it.
+DAEMON_SETTINGS_SECONDS = 300.0
+# The containerd image store names an image by the digest of the manifest or index it was pulled by;
+# the classic store by its config's digest. GET /info's DriverStatus says which store dockerd runs.
+CONTAINERD_STORE = ["driver-type", "io.containerd.snapshotter.v1"]
+# An image present is checked against at most this many digests it records for one repository
+# (the classic store keeps one per digest it was pulled by) and this many manifests of an index.
+MAX_RECORDED_DIGESTS = 8
+MAX_INDEX_MANIFESTS = 64
 
 
 class RegistryError(ImagePolicyError):
@@ -3741,14 +3923,6 @@ FAILURES = (NO_SIGNATURE, OTHER_KEY, OTHER_KEY_OR_TAMPERED, TAMPERED, OTHER_DIGE
 
 
 @dataclass(frozen=True)
-class SignatureVerdict:
-    """Whether a listed key signed an image's digest; if not, which check failed."""
-
-    ok: bool
-    reason: str
-
-
-@dataclass(frozen=True)
 class CosignSignature:
     """One signature found for an image, in either of cosign's formats."""
 
@@ -3946,21 +4120,116 @@ def resolve_tag(client: RegistryClient, reference: Reference) -> str:
     return fetched.digest
 
 
-def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...]:
-    """The keys in PEM files (cosign.pub); ConfigError naming the file that cannot be used."""
-    keys: dict[bytes, PublicKey] = {}
-    for path in paths:
+class RegistrySignatures(Signatures):
+    """Signatures as the daemon checks them: at the registry as dockerd reaches it (its mirrors and insecure
+    registries, from GET /info), with the credentials of --registry-auth."""
+
+    def __init__(self, docker: DockerAPI | None,
+                 credentials: MappingProxyType[str, tuple[str, str]] = MappingProxyType({})) -> None:
+        self.docker, self.credentials = docker, credentials
+        self.lock = threading.Lock()
+        self.settings: tuple[RegistryClient, bool, float] | None = None   # client, containerd store, read at
+        self.contents: dict[tuple[str, str, str], frozenset[str]] = {}   # the image IDs a digest names
+
+    def daemon(self) -> tuple[RegistryClient, bool]:
+        """The registry client for dockerd's settings, and whether it runs the containerd image store."""
+        with self.lock:
+            if self.settings and time.monotonic() - self.settings[2] < DAEMON_SETTINGS_SECONDS:
+                return self.settings[0], self.settings[1]
+        info = self.docker.get("/info") if self.docker else {}
+        settings = RegistrySettings.from_info(info) if self.docker else RegistrySettings()
+        containerd = CONTAINERD_STORE in (info.get("DriverStatus") or [])
+        with self.lock:
+            kept = self.settings and self.settings[0].settings == settings   # keeps its tokens and verdicts
+            client = self.settings[0] if kept else RegistryClient(settings, self.credentials)   # type: ignore[index]
+            self.settings = (client, containerd, time.monotonic())
+        return client, containerd
+
+    def check(self, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
+        """A pull's: the digest pulled, or the digest the registry serves for the tag now."""
+        resolved = ""
         try:
-            with open(path, encoding="ascii") as file:
-                key = public_key_from_pem(file.read(4 * MAX_HEADER_LINE), path)
-        except OSError as error:
-            raise ConfigError(path, "", f"cannot read the public key: {error.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(path, "", "not a PEM public key (not ASCII text)") from None
-        except InvalidKey as error:
-            raise ConfigError(path, "", str(error)) from None
-        keys.setdefault(key.der, key)
-    return tuple(keys.values())
+            client, _ = self.daemon()
+            if not reference.digest:
+                resolved = resolve_tag(client, reference)
+                reference = dataclasses.replace(reference, digest=resolved)
+            verdict = verify_image(client, reference, keys)
+        except RegistryUnreachable as error:
+            return SignatureVerdict(False, f"registry unreachable: {error}")
+        except ImagePolicyError as error:
+            return SignatureVerdict(False, str(error))
+        tag = f"tag {reference.tag or 'latest'} is " if resolved else ""
+        return SignatureVerdict(verdict.ok, f"{verdict.reason} ({tag}{reference.digest})")
+
+    def of_image(self, local: LocalImage) -> Signatures:
+        return PresentImage(self, local)
+
+    def names_image(self, client: RegistryClient, reference: Reference, containerd: bool, image_id: str) -> bool:
+        """Whether the content at reference's digest is the image image_id (an index: any of its images)."""
+        if containerd:
+            return image_id == reference.digest
+        key = (reference.domain, reference.path, str(reference.digest))
+        with self.lock:
+            ids = self.contents.get(key)
+        if ids is None:   # what a digest names never changes: remembered
+            ids = frozenset(_config_digests(client, reference))
+            with self.lock:
+                self.contents[key] = ids
+                while len(self.contents) > VERDICT_CACHE_ENTRIES:
+                    del self.contents[next(iter(self.contents))]
+        return image_id in ids
+
+
+def _config_digests(client: RegistryClient, reference: Reference) -> list[str]:
+    """The config digests (the classic store's image IDs) of the manifest at reference's digest, or of each
+    manifest of the index there: a signature on an index covers every manifest it names."""
+    fetched = client.manifest(reference, str(reference.digest))
+    if fetched is None:
+        raise RegistryError(f"{reference.domain} no longer has {reference.path}@{reference.digest}")
+    manifest = _manifest(fetched, reference)
+    manifests = [manifest]
+    for descriptor in manifest.get("manifests", [])[:MAX_INDEX_MANIFESTS] if "manifests" in manifest else ():
+        child = client.manifest(reference, descriptor["digest"], (OCI_MANIFEST, DOCKER_MANIFEST))
+        if child is not None:
+            manifests.append(_manifest(child, reference))
+    configs = [m.get("config") for m in manifests]
+    return [config["digest"] for config in configs if isinstance(config, dict) and isinstance(config.get("digest"), str)]
+
+
+@dataclass(frozen=True)
+class PresentImage(Signatures):
+    """An image on the host: signed when a digest it was pulled by from the repository judged is signed, and
+    names this very image (a pulled tag may have moved since, a name may be put on other content)."""
+
+    registry: RegistrySignatures
+    local: LocalImage
+
+    def check(self, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
+        image = self.local.id.removeprefix("sha256:")[:12]
+        digests = sorted({name.partition("@")[2] for name in self.local.names
+                          if "@" in name and parse_reference(name).repository == reference.repository})
+        if not digests:
+            return SignatureVerdict(False, f"image {image} was not pulled from {reference.repository} (no digest"
+                                           " from there: it was built, loaded, imported, committed or tagged from"
+                                           " another repository)")
+        failures = []
+        try:
+            client, containerd = self.registry.daemon()
+            for digest in digests[:MAX_RECORDED_DIGESTS]:
+                pulled = dataclasses.replace(reference, tag=None, digest=digest)
+                verdict = verify_image(client, pulled, keys)
+                if not verdict.ok:
+                    failures.append(f"{verdict.reason} ({digest}, the digest image {image} was pulled by)")
+                elif not self.registry.names_image(client, pulled, containerd, self.local.id):
+                    failures.append(f"image {image} is not the content of {digest}, the signed digest it records")
+                else:
+                    return SignatureVerdict(True, f"{verdict.reason} ({digest}, the digest image {image} was"
+                                                  " pulled by)")
+        except RegistryUnreachable as error:
+            failures.append(f"registry unreachable: {error}")
+        except ImagePolicyError as error:
+            failures.append(str(error))
+        return SignatureVerdict(False, "; ".join(failures))
 
 
 # --------------------------------------------------------------------------
@@ -4150,8 +4419,8 @@ def scan_host(policy: Policy, docker: DockerAPI) -> Scan:
     host = HostImages(images)
     findings = []
     for image in images:
-        for name in image.names:
-            findings.append(Finding("image", image.id, name, judge(policy, "pull", name)))
+        for name in image.names:   # in a signed scope, by the digest it was pulled by
+            findings.append(Finding("image", image.id, name, judge(policy.of_image(image), "pull", name)))
         if not image.names:
             findings.append(Finding("image", image.id, "<none>", judge(policy, "run", image.id, docker=host)))
     for container in containers:
@@ -4710,8 +4979,9 @@ class AdminListener:
 class Plugin:
     """State shared by both listeners. Requests read self.current once."""
 
-    def __init__(self, config_path: str, log: Log, docker: DockerAPI, mode: str | None = None) -> None:
-        self.config_path, self.log, self.docker = config_path, log, docker
+    def __init__(self, config_path: str, log: Log, docker: DockerAPI, mode: str | None = None,
+                 signatures: Signatures = NO_SIGNATURES) -> None:
+        self.config_path, self.log, self.docker, self.signatures = config_path, log, docker, signatures
         self.mode = mode   # --mode: overrides the file's, at every reload
         self.metrics = Metrics()
         self.current = Running.of(self.load())
@@ -4783,16 +5053,16 @@ class Plugin:
             authz = None
         if not isinstance(authz, dict):
             return Decision(False, "request", rule="unreadable", reason="the AuthZ request is not a JSON object"), False
-        docker = AskedDocker(self.docker)
+        docker, signatures = AskedDocker(self.docker), AskedSignatures(self.signatures)
         try:
-            decision = decide(policy, authz, docker)
+            decision = decide(policy.judged_with(signatures), authz, docker)
         except Exception as error:  # the last line of defence: a fault is a deny, never a crash or an allow
             self.log.event("error", f"internal error deciding a request: {cut(repr(error))}")
             return Decision(False, "request", rule="internal-error", reason=f"internal error: {cut(repr(error))}"), False
         user = authz.get("User")
         if decision is not BENIGN and isinstance(user, str) and user:
             decision = dataclasses.replace(decision, user=user)
-        return decision, not docker.asked
+        return decision, not docker.asked and not signatures.asked
 
     def status(self) -> dict[str, Any]:
         """What GET /status answers: the running policy and how the last reload went."""
@@ -4826,6 +5096,23 @@ class AskedDocker(Docker):
     def service(self, name: str) -> dict[str, Any]:
         self.asked = True
         return self.docker.service(name)
+
+
+@dataclass
+class AskedSignatures(Signatures):
+    """The registry, noting whether a decision asked it: such a decision is never remembered by request body
+    (a tag moves, a signature comes or goes; the verdicts themselves are remembered per digest)."""
+
+    signatures: Signatures
+    asked: bool = False
+
+    def check(self, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
+        self.asked = True
+        return self.signatures.check(reference, keys)
+
+    def of_image(self, local: LocalImage) -> Signatures:
+        self.asked = True
+        return self.signatures.of_image(local)
 
 
 def _now() -> str:
@@ -5269,6 +5556,11 @@ def replay_command(policy: Policy, source: str, output: str) -> int:
     return print_replay(policy, source, replay, output)
 
 
+def registry_signatures(credentials_path: str | None, docker: DockerAPI | None) -> RegistrySignatures:
+    """How the daemon, --check and --scan check signedBy: ConfigError for a credentials file that cannot be used."""
+    return RegistrySignatures(docker, load_credentials(credentials_path) if credentials_path else MappingProxyType({}))
+
+
 def serve(args: argparse.Namespace, address: AdminAddress) -> int:
     # Signals are taken by sigwait() in the main thread only: block them
     # before any thread starts, as threads inherit the mask.
@@ -5284,7 +5576,8 @@ def serve(args: argparse.Namespace, address: AdminAddress) -> int:
 
 def serve_plugin(args: argparse.Namespace, address: AdminAddress, log: Log, handled: set[signal.Signals]) -> int:
     try:
-        plugin = Plugin(args.config, log, DockerAPI(args.docker_host), args.mode)
+        plugin = Plugin(args.config, log, DockerAPI(args.docker_host), args.mode,
+                        registry_signatures(args.registry_auth, DockerAPI(args.docker_host)))
     except ConfigError as error:
         log.event("error", str(error))
         return 2
@@ -5383,6 +5676,10 @@ def main(argv: list[str] | None = None) -> int:
                              " socket only root can use (default: %(default)s)")
     parser.add_argument("--docker-host", metavar="URL",
                         help=f"Docker API used to look up image IDs, and read by --scan (default: {DEFAULT_DOCKER_HOST})")
+    parser.add_argument("--registry-auth", metavar="FILE",
+                        help="registry credentials for signedBy checks, in docker's config.json format (auths);"
+                             " dockerd does not pass its pulls' credentials to the plugin (default: none,"
+                             " anonymous)")
     parser.add_argument("--mode", metavar="MODE", choices=sorted(MODES),
                         help="enforce or audit, in place of the policy's \"mode\" (which reloads do not change);"
                              " for a first rollout in audit mode whatever the file says")
@@ -5450,6 +5747,8 @@ def main(argv: list[str] | None = None) -> int:
     docker_host_given = args.docker_host is not None
     if args.strict and not args.validate:
         parser.error("--strict is valid only with --validate")
+    if args.registry_auth and (args.validate or args.replay is not None or args.health):
+        parser.error("--registry-auth goes with serving, --check or --scan: the others ask no registry")
     args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
     try:
         address = parse_addr(args.addr)
@@ -5463,6 +5762,9 @@ def main(argv: list[str] | None = None) -> int:
         return health_command(args.socket)
     try:
         policy = load_policy(args.config)
+        if args.check is not None or args.scan:   # signedBy is checked at the registry, as the daemon checks it
+            policy = policy.judged_with(registry_signatures(
+                args.registry_auth, DockerAPI(args.docker_host) if docker_host_given or args.scan else None))
     except ConfigError as error:
         print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
         return 2

@@ -1151,7 +1151,7 @@ class TestPolicy(unittest.TestCase):
                           ' not ["nginx"]'),
             ([{"image": "nginx", "expect": "allow", "expected": "deny"}],
              '"tests"[0]: unknown key "expected" (did you mean "expect"?) (known keys: image, operation, target,'
-             ' caller, at, expect, note)'),
+             ' caller, at, signed, expect, note)'),
             ([{"image": "nginx", "expect": "allow"}, {"image": "nginx", "expect": "yes"}],
              '"tests"[1]: "expect" must be "allow" or "deny", not "yes"'),
             ([{"image": "nginx"}], '"tests"[0]: "expect" must be "allow" or "deny", and is missing'),
@@ -3696,6 +3696,245 @@ class TestRegistryClient(unittest.TestCase):
             dip.verify_image(client, self.reference, keys)
 
 
+class DaemonInfo:
+    """GET /info of a daemon with the default registry settings and the image store the test names."""
+
+    def __init__(self, containerd: bool) -> None:
+        self.containerd = containerd
+
+    def get(self, path: str) -> dict[str, Any]:
+        assert path == "/info", path
+        return {"RegistryConfig": {"InsecureRegistryCIDRs": ["::1/128", "127.0.0.0/8"]}, "DriverStatus": [dip.CONTAINERD_STORE] if self.containerd else [["Backing", "x"]]}
+
+
+class NeverAsked(dip.Signatures):
+    """Signatures a decision must not need: asking them fails the test."""
+
+    def check(self, reference: dip.Reference, keys: tuple[dip.PublicKey, ...]) -> dip.SignatureVerdict:
+        raise AssertionError(f"a signature check of {reference.canonical}")
+
+    def of_image(self, local: dip.LocalImage) -> dip.Signatures:
+        return self
+
+
+class TestSignedScopes(unittest.TestCase):
+    """signedBy: pulls by digest and tag checked at a stand-in registry, images present by the digest they were
+    pulled by, in both image stores; policy tests judge offline; other scopes pay nothing."""
+
+    def setUp(self) -> None:
+        TestRegistryClient.setUp(self)   # type: ignore[arg-type]   # the stand-in registry and its token service
+        self.key_file, _ = openssl_key(self)
+        self.other_file, _ = openssl_key(self)
+        self.directory = self.key_file.parent
+        for name, private in (("release.pub", self.key_file), ("other.pub", self.other_file)):
+            (self.directory / name).write_bytes(openssl("ec", "-in", str(private), "-pubout"))
+        oci = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+        self.images = {}
+        for tag in ("v1", "v2", "v3"):   # v1 signed by the release key, v2 by none, v3 by another key
+            config = json.dumps({"tag": tag}).encode()
+            manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                   "config": {"digest": "sha256:" + hashlib.sha256(config).hexdigest()},
+                                   "layers": []}).encode()
+            digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            StandInRegistryHandler.routes.update({f"/v2/team/app/manifests/{tag}": (200, oci, manifest),
+                                                  f"/v2/team/app/manifests/{digest}": (200, oci, manifest)})
+            self.images[tag] = (digest, "sha256:" + hashlib.sha256(config).hexdigest())
+        index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                            "manifests": [{"digest": self.images["v2"][0]}, {"digest": self.images["v1"][0]}]}).encode()
+        self.index = "sha256:" + hashlib.sha256(index).hexdigest()
+        StandInRegistryHandler.routes[f"/v2/team/app/manifests/{self.index}"] = (200, {}, index)
+        self.sign(self.images["v1"][0], self.key_file)
+        self.sign(self.images["v3"][0], self.other_file)
+        self.sign(self.index, self.key_file)
+        self.repository = f"{self.host}/team/app"
+        self.policy = self.signed_policy({"allow": f"{self.host}/team", "signedBy": ["release.pub"]},
+                                         {"allow": f"{self.host}/team", "tags": ["dev-*"]}, {"allow": "docker.io"})
+
+    def sign(self, digest: str, key_file: Path) -> None:
+        """A cosign 2 signature (tag sha256-<hex>.sig) of digest by key_file."""
+        payload = json.dumps({"critical": {"identity": {"docker-reference": f"{self.host}/team/app"},
+                                           "image": {"docker-manifest-digest": digest},
+                                           "type": "cosign container image signature"}, "optional": None}).encode()
+        payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+        signature = base64.b64encode(signed_by(key_file, payload)).decode()
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "layers": [{"digest": payload_digest, "size": len(payload),
+                                           "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: signature}}]}).encode()
+        StandInRegistryHandler.routes.update({
+            f"/v2/team/app/manifests/{digest.replace(':', '-')}.sig": (200, {}, manifest),
+            f"/v2/team/app/blobs/{payload_digest}": (200, {}, payload)})
+
+    def signed_policy(self, *entries: dict[str, Any], **settings: Any) -> dip.Policy:
+        path = self.directory / "policy.json"
+        path.write_text(json.dumps({"scopes": list(entries), "defaultAllow": False, **settings}))
+        return dip.load_policy(str(path))
+
+    def registry(self, containerd: bool = False) -> dip.RegistrySignatures:
+        return dip.RegistrySignatures(DaemonInfo(containerd), self.credentials)   # type: ignore[arg-type]
+
+    def decide(self, request: dict[str, Any], docker: dip.Docker = NO_DOCKER, containerd: bool = False,
+               policy: dip.Policy | None = None) -> dip.Decision:
+        """The decision, made without the plugin's catch-all: an internal error fails the test."""
+        return dip.decide((policy or self.policy).judged_with(self.registry(containerd)), request, docker)
+
+    def run_of(self, name: str) -> dict[str, Any]:
+        return authz("POST", "/v1.41/containers/create", {"Image": name})
+
+    def test_signed_by_is_read_at_load(self) -> None:
+        entry = self.policy.scopes.entries[0]
+        self.assertEqual((entry.signed_by, len(entry.keys)), (("release.pub",), 1))
+        self.assertTrue(self.policy.scopes.signed)
+        self.assertEqual(self.policy.configuration()["scopes"][0],
+                         {"allow": f"{self.host}/team", "signedBy": ["release.pub"]})
+        (self.directory / "bad.pub").write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+        for entry, problem in [
+            ({"deny": "quay.io/evil", "signedBy": ["release.pub"]}, '"signedBy" is a condition of allow entries'),
+            ({"allow": "quay.io", "signedBy": []}, '"signedBy" lists no key'),
+            ({"allow": "quay.io", "signedBy": ["absent.pub"]},
+             f'signedBy "{self.directory}/absent.pub": cannot read the public key: No such file or directory'),
+            ({"allow": "quay.io", "signedBy": ["bad.pub"]}, f'signedBy "{self.directory}/bad.pub": '),
+            ({"allow": "quay.io", "signedby": "release.pub"}, "must be a list"),
+        ]:
+            with self.subTest(problem), self.assertRaises(dip.ConfigError) as caught:
+                self.signed_policy(entry)
+            self.assertIn(problem, str(caught.exception))
+            if "signedBy" in problem:
+                self.assertTrue(str(caught.exception).startswith(f'{self.directory}/policy.json: "scopes"[0]: '))
+        self.assertFalse(policy_of({"scopes": [{"allow": "quay.io"}]}).scopes.signed)
+
+    def test_pulls_by_digest_and_by_tag(self) -> None:
+        v1, v2, v3 = (self.images[tag][0] for tag in ("v1", "v2", "v3"))
+        for name, allow, reason in [
+            (f"{self.repository}@{v1}", True, f"matches: signed (cosign signature) ({v1})"),
+            (f"{self.repository}:v1", True, f"matches: signed (cosign signature) (tag v1 is {v1})"),
+            (f"{self.repository}:v9@{v1}", True, f"({v1})"),
+            (f"{self.repository}:dev-1", True, "scopes[1]"),   # another entry allows: no signature needed
+            (f"{self.repository}@{v2}", False, f"scopes[0] needs a signature by release.pub: no signature ({v2})"),
+            (f"{self.repository}:v2", False, f"no signature (tag v2 is {v2})"),
+            (f"{self.repository}:v3", False, f"{dip.OTHER_KEY_OR_TAMPERED} (tag v3 is {v3})"),
+            (f"{self.repository}:v4", False, f"{self.repository}:v4 not found at the registry"),
+            (f"{self.repository}@{self.index}", True, f"({self.index})"),
+        ]:
+            with self.subTest(name):
+                decision = self.decide(pull(f"/v1.41/images/create?fromImage={quote(name, safe='')}"))
+                self.assertEqual(decision.allow, allow, decision.reason)
+                self.assertIn(reason, decision.reason if reason != "scopes[1]" else decision.rule)
+                if not allow:
+                    self.assertRegex(decision.reason, rf'^scope "{re.escape(self.host)}/team" governs it and no'
+                                                      r" entry there allows it \(scopes\[1\] is for tags dev-\*.*;"
+                                                      r" scopes\[0\] needs a signature by release.pub: ")
+        all_tags = self.decide(pull(f"/v1.41/images/create?fromImage={quote(self.repository, safe='')}"))
+        self.assertFalse(all_tags.allow)
+        self.assertIn("needs a signature by release.pub: a signature covers one digest and a pull of all tags",
+                      all_tags.reason)
+        unreachable = dataclasses.replace(parse_reference(f"127.0.0.1:{free_port()}/team/app:v1"))
+        policy = self.signed_policy({"allow": unreachable.domain, "signedBy": [str(self.directory / "release.pub")]})
+        decision = self.decide(pull(f"/v1.41/images/create?fromImage={quote(unreachable.familiar, safe='')}"),
+                               policy=policy)
+        self.assertFalse(decision.allow)
+        self.assertIn("needs a signature by", decision.reason)
+        self.assertIn("registry unreachable: ", decision.reason)
+
+    def test_other_scopes_and_unsigned_entries_never_ask(self) -> None:
+        policy = self.policy.judged_with(NeverAsked())
+        dev = f"{self.repository}:dev-3"   # a run in a signed scope looks the image up, but needs no signature
+        docker = FakeDocker({dev: [dip.LocalImage("sha256:" + "d" * 64, (dev,))]})
+        for request, allow in [(pull("/v1.41/images/create?fromImage=nginx&tag=1"), True),
+                               (pull(f"/v1.41/images/create?fromImage={self.repository}&tag=dev-3"), True),
+                               (pull("/v1.41/images/create?fromImage=quay.io%2Fx&tag=1"), False),
+                               (self.run_of("nginx:1"), True), (self.run_of(f"{self.repository}:dev-3"), True)]:
+            with self.subTest(request["RequestUri"]):
+                self.assertEqual(dip.decide(policy, request, docker).allow, allow)
+        unsigned = policy_of({"scopes": [{"allow": "docker.io"}]})
+        self.assertIs(unsigned.judged_with(NeverAsked()), unsigned)   # nothing changes for policies without signedBy
+
+    def test_images_present_by_the_digest_they_were_pulled_by(self) -> None:
+        (v1, config1), (v2, config2) = self.images["v1"], self.images["v2"]
+        name = f"{self.repository}:v1"
+        pulled = dip.LocalImage(config1, (name, f"{self.repository}@{v1}"))
+        for store, local, allow, reason in [
+            ("classic", pulled, True, f"signed (cosign signature) ({v1}, the digest image {config1[7:19]} was"
+                                      " pulled by)"),
+            ("classic", dip.LocalImage(config1, (name, f"{self.repository}@{self.index}")), True, self.index),
+            ("classic", dip.LocalImage(config2, (name, f"{self.repository}@{self.index}")), True, self.index),
+            ("classic", dip.LocalImage(config2, (name, f"{self.repository}@{v1}")), False,
+             f"image {config2[7:19]} is not the content of {v1}, the signed digest it records"),
+            ("classic", dip.LocalImage(config2, (name, f"{self.repository}@{v2}")), False, f"no signature ({v2}"),
+            ("classic", dip.LocalImage(config1, (name,)), False, f"was not pulled from {self.repository}"),
+            ("classic", dip.LocalImage(config1, (name, f"{self.host}/other/app@{v1}")), False, "was not pulled"),
+            ("containerd", dip.LocalImage(v1, (name, f"{self.repository}@{v1}")), True, f"({v1}, the digest"),
+            ("containerd", dip.LocalImage(self.index, (name, f"{self.repository}@{self.index}")), True, self.index),
+            ("containerd", dip.LocalImage(config1, (name, f"{self.repository}@{v1}")), False, "is not the content"),
+        ]:
+            with self.subTest(store=store, local=local):
+                docker = FakeDocker({name: [local], local.id: [local]})
+                for request in (self.run_of(name), self.run_of(local.id),
+                                authz("POST", "/v1.41/containers/create", {"Image": "nginx:1", "HostConfig": {
+                                    "Mounts": [{"Type": "image", "Source": name}]}}),
+                                authz("POST", f"/v1.41/images/{local.id}/tag?repo={quote(name, safe='')}")):
+                    decision = self.decide(request, docker, containerd=store == "containerd")
+                    self.assertEqual(decision.allow, allow, decision.reason)
+                    if decision.image != "docker.io/library/nginx:1":   # an allowed image mount: the run's reason
+                        self.assertIn(reason, decision.reason)
+        built = dip.LocalImage("sha256:" + "b" * 64, ("built:1",))
+        decision = self.decide(authz("POST", f"/v1.41/images/built:1/tag?repo={quote(self.repository, safe='')}"
+                                             "&tag=v1"), FakeDocker({"built:1": [built]}),
+                               policy=self.signed_policy(self.policy.configuration()["scopes"][0],
+                                                         {"allow": "docker.io"}))
+        self.assertEqual((decision.allow, decision.operation), (False, "tag"))
+        self.assertIn(f"image {'b' * 12} was not pulled from {self.repository}", decision.reason)
+        absent = self.decide(self.run_of(name), FakeDocker({name: []}))
+        self.assertFalse(absent.allow)
+        self.assertIn("no such image on this host: pull it first", absent.reason)
+        # A swarm task pulls the name itself: judged at the registry, as a pull is.
+        service = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
+            "Image": f"{self.repository}:v1@{v1}"}}}))
+        self.assertEqual((service.allow, service.operation), (True, "service"), service.reason)
+        unpinned = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
+            "Image": name}}}))
+        self.assertFalse(unpinned.allow)
+        self.assertIn("a swarm worker resolves a service's tag itself", unpinned.reason)
+
+    def test_registry_decisions_are_not_remembered_by_request_body(self) -> None:
+        config = self.directory / "policy.json"
+        config.write_text(json.dumps({"scopes": [{"allow": f"{self.host}/team", "signedBy": ["release.pub"]},
+                                                 {"allow": "docker.io"}]}))
+        plugin = dip.Plugin(str(config), dip.Log("info", io.StringIO()), dip.DockerAPI("unix:///nonexistent"),
+                            signatures=self.registry())
+        signed = json.dumps(pull(f"/v1.41/images/create?fromImage={quote(self.repository, safe='')}&tag=v1")).encode()
+        unsigned_scope = json.dumps(pull("/v1.41/images/create?fromImage=nginx&tag=1")).encode()
+        self.assertEqual(plugin.decide(plugin.policy, signed)[0].allow, True)
+        self.assertEqual([plugin.decide(plugin.policy, body)[1] for body in (signed, unsigned_scope)], [False, True])
+        for _ in range(2):
+            self.assertIn(b'"Allow": true', plugin.authorize(signed))
+        self.assertNotIn(signed, plugin.current.answers)
+        # The tag moves to unsigned content: the next pull sees it, though the verdict for v1's digest is remembered.
+        StandInRegistryHandler.routes[f"/v2/team/app/manifests/v1"] = StandInRegistryHandler.routes[
+            f"/v2/team/app/manifests/v2"]
+        self.assertIn(b"no signature (tag v1 is", plugin.authorize(signed))
+
+    def test_policy_tests_say_signed(self) -> None:
+        image = f"{self.repository}:v1"
+        tests = [{"image": image, "signed": True, "expect": "allow"},
+                 {"image": image, "signed": False, "expect": "deny"},
+                 {"image": image, "operation": "run", "signed": True, "expect": "allow"},
+                 {"image": image, "expect": "deny"}]
+        policy = self.signed_policy({"allow": f"{self.host}/team", "signedBy": ["release.pub"]}, tests=tests)
+        self.assertEqual(dip.policy_test_failures(policy), [])
+        self.assertEqual(policy.configuration()["tests"][0], {"image": image, "expect": "allow", "signed": True})
+        self.assertEqual(str(policy.tests[1]), f'"tests"[1] (pull of {image}, unsigned)')
+        for unchecked in (dip.judge(policy, "pull", image),   # a test without "signed", and --replay: no registry
+                          dip.replay_decision(policy, {"operation": "pull", "image": f"{image}", "rule": "scopes[0]"})):
+            self.assertFalse(unchecked.allow)
+            self.assertIn("scopes[0] needs a signature by release.pub: no signature can be verified here",
+                          unchecked.reason)
+        failing = self.signed_policy({"allow": f"{self.host}/team", "signedBy": ["release.pub"]},
+                                     tests=[{"image": image, "signed": False, "expect": "allow"}])
+        self.assertIn("not signed, as the test says", dip.policy_test_failures(failing)[0])
+        with self.assertRaisesRegex(dip.ConfigError, r'"tests"\[0\]\."signed": must be'):
+            self.signed_policy({"allow": "docker.io"}, tests=[{"image": "nginx", "signed": "yes", "expect": "allow"}])
+
+
 def openssl_key(test: unittest.TestCase) -> tuple[Path, dip.PublicKey]:
     """A fresh P-256 private key file (removed after the test) and its public key."""
     if not shutil.which("openssl"):
@@ -5185,12 +5424,19 @@ class TestOperations(unittest.TestCase):
             (["--addr", "127.0.0.1:99999"], "--addr: port 99999 is out of range (0 to 65535; 0 picks a free one)"),
             (["--log-decisions", "some"], "argument --log-decisions: invalid choice: 'some' (choose from 'all',"
                                           " 'denies', 'none')"),
+            (["--validate", "--registry-auth", "auth.json"], "--registry-auth goes with serving, --check or --scan:"
+                                                             " the others ask no registry"),
         ]:
             with self.subTest(argv), mock.patch.object(dip, "serve", side_effect=AssertionError("serve() called")), \
                     contextlib.redirect_stderr(io.StringIO()) as stderr, self.assertRaises(SystemExit) as caught:
                 dip.main(["--config", config, *argv])
             self.assertEqual(caught.exception.code, 2)
             self.assertEqual(stderr.getvalue().splitlines()[-1], f"docker-image-policy: error: {message}")
+        for mode in (["--check", "nginx"], ["--scan"]):   # an unusable credentials file is a configuration error
+            result = run_module("--config", config, *mode, "--registry-auth", "/nonexistent/auth.json")
+            self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
+            self.assertEqual(result.stderr, "docker-image-policy: error: /nonexistent/auth.json: cannot read the"
+                                            " registry credentials: No such file or directory\n")
         result = run_module("--config", config, "--addr", "nowhere")   # and as a process
         self.assertEqual(result.returncode, 2)
         self.assertTrue(result.stderr.startswith("usage: docker-image-policy "), result.stderr)
@@ -6570,6 +6816,107 @@ class EndToEnd:
                                  f"type=image,source={allowed},target=/mnt", allowed, "busybox", "ls", "/mnt/bin")
             self.assertEqual((result.returncode, result.stdout), (0, "busybox\n"), result.stderr)
 
+    def test_signed_scope_at_pull_and_at_run(self):
+        try:
+            cosign = cosign_tools()["2"]
+        except Missing as missing:
+            if REQUIRE_E2E:
+                raise AssertionError(f"the signed-scope test is required but cannot run: {missing}") from None
+            self.skipTest(f"cosign: {missing}")
+        keys = self.dir / "cosign"
+        keys.mkdir(exist_ok=True)
+        env = dict(os.environ, COSIGN_PASSWORD="", HOME=str(keys), TUF_ROOT=str(keys / "tuf"))
+
+        def cosign_ok(*args: str) -> None:
+            result = subprocess.run([str(cosign), *args], env=env, capture_output=True, text=True, timeout=120)
+            self.assertEqual(result.returncode, 0, result.stderr[-1000:])
+        cosign_ok("generate-key-pair", "--output-key-prefix", str(keys / "release"))
+        repository = f"{self.registry}/signed/busybox"
+        registry = LocalRegistry.__new__(LocalRegistry)   # the class's registry, written to through its API
+        registry.host = self.registry
+        digests = {}
+        with self.seeding_policy():
+            for tag in ("v1", "v2"):   # two imports: two images, v1 signed and v2 not
+                self.docker_ok("import", str(self.dir / "busybox.tar"), f"{repository}:{tag}")
+                self.docker_ok("push", f"{repository}:{tag}")
+                self.remove(f"{repository}:{tag}")
+                digests[tag] = "sha256:" + hashlib.sha256(registry.call("GET", f"/v2/signed/busybox/manifests/{tag}", headers={
+                    "Accept": ", ".join(dip.MANIFEST_TYPES)})[1]).hexdigest()
+        cosign_ok("sign", "--key", str(keys / "release.key"), "--tlog-upload=false", "--allow-http-registry", "-y",
+                  f"{repository}@{digests['v1']}")
+        self.addCleanup(self.apply_policy, self.test_policy)
+        self.addCleanup(self.remove, f"{repository}:v1", f"{repository}:v2", f"{repository}:copy",
+                        f"{self.registry}/open/imported:1")
+        open_scope = {"allow": f"{self.registry}/open"}
+        signed = {"scopes": [{"allow": f"{self.registry}/signed", "signedBy": [str(keys / "release.pub")]},
+                             open_scope], "defaultAllow": False, "allowImport": True}
+        unsigned = {"scopes": [{"allow": f"{self.registry}/signed"}, open_scope], "defaultAllow": False}
+        # An unsigned image pulled while the scope was unsigned: refused at run once it is signed.
+        self.apply_policy(unsigned)
+        self.docker_ok("pull", f"{repository}:v2")
+        self.apply_policy(signed)
+        self.denied(self.docker(CLIS[0], "create", f"{repository}:v2", "busybox", "true"),
+                    f"run of {repository}:v2 denied")
+        self.assertIn(f"no signature ({digests['v2']}, the digest image", self.docker(
+            CLIS[0], "create", f"{repository}:v2", "busybox", "true").stderr)
+        # A signed image pulls and runs, with every CLI; a retag within its repository keeps its digest.
+        for cli in CLIS:
+            with self.subTest(cli):
+                self.remove(f"{repository}:v1")
+                result = self.docker(cli, "pull", f"{repository}:v1")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                result = self.docker(cli, "run", "--rm", "--network", "none", f"{repository}:v1", "busybox", "echo",
+                                     "signed")
+                self.assertEqual((result.returncode, result.stdout), (0, "signed\n"), result.stderr)
+        self.docker_ok("tag", f"{repository}:v1", f"{repository}:copy")
+        self.docker_ok("run", "--rm", "--network", "none", f"{repository}:copy", "busybox", "true")
+        # An unsigned image is refused at pull, by digest and by tag, and when the registry moves a signed tag to it.
+        self.denied(self.docker(CLIS[0], "pull", f"{repository}@{digests['v2']}"),
+                    f"pull of {repository}@{digests['v2']} denied")
+        for cli in CLIS:
+            with self.subTest(cli):
+                result = self.docker(cli, "pull", f"{repository}:v2")
+                self.denied(result, f"pull of {repository}:v2 denied")
+                self.assertIn(f"needs a signature by {keys / 'release.pub'}: no signature (tag v2 is {digests['v2']})",
+                              result.stderr)
+        moved = registry.call("GET", f"/v2/signed/busybox/manifests/{digests['v2']}",
+                              headers={"Accept": ", ".join(dip.MANIFEST_TYPES)})[1]
+        registry.push_manifest("signed/busybox", "moved", moved)
+        self.denied(self.docker(CLIS[0], "pull", f"{repository}:moved"), f"pull of {repository}:moved denied")
+        # An imported image retagged into the signed scope is refused: it was never pulled from there.
+        self.docker_ok("import", str(self.dir / "busybox.tar"), f"{self.registry}/open/imported:1")
+        result = self.docker(CLIS[0], "tag", f"{self.registry}/open/imported:1", f"{repository}:v1")
+        self.denied(result, f"tag of {self.registry}/open/imported:1 as {repository}:v1 denied")
+        self.assertIn(f"was not pulled from {repository}", result.stderr)
+        self.docker_ok("run", "--rm", "--network", "none", f"{repository}:v1", "busybox", "true")   # still the signed one
+        if self.image_mounts:
+            self.denied(self.docker(CLIS[-1], "run", "--rm", "--network", "none", "--mount",
+                                    f"type=image,source={repository}:v2,target=/mnt", f"{repository}:v1", "busybox",
+                                    "true"), f"image mount of {repository}:v2 denied")
+        # Services: the CLI pins the tag's digest, whose signature is checked; a tag alone is refused.
+        self.swarm_init()
+        result = self.docker(CLIS[0], "service", "create", "--detach", "--restart-condition", "none",
+                             f"{repository}:v1", "busybox", "true")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.addCleanup(self.docker, CLIS[0], "service", "rm", result.stdout.strip())
+        for flags, reason in [([], f"no signature ({digests['v2']})"),
+                              (["--no-resolve-image"], "a swarm worker resolves a service's tag itself")]:
+            result = self.docker(CLIS[0], "service", "create", "--detach", *flags, f"{repository}:v2", "busybox", "true")
+            self.denied(result, "service of ")
+            self.assertIn(reason, result.stderr)
+        # --scan reports the unsigned image in the signed scope, and not the signed one.
+        scan = run_module("--config", str(self.config), "--scan", "--docker-host", f"unix://{self.docker_socket}",
+                          "--format", "json")
+        refused = {finding["name"] for finding in json.loads(scan.stdout)["refused"]}
+        self.assertIn(f"{repository}:v2", refused, scan.stderr)
+        self.assertNotIn(f"{repository}:v1", refused)
+        self.assertEqual(scan.returncode, 1)
+        # --check asks the registry.
+        check = run_module("--config", str(self.config), "--check", f"{repository}:v1", f"{repository}:v2")
+        self.assertEqual(check.returncode, 1, check.stdout)
+        self.assertIn("decision:  allow", check.stdout)
+        self.assertIn(f"no signature (tag v2 is {digests['v2']})", check.stdout)
+
     def test_swarm_join_follows_allow_swarm(self):
         for cli in CLIS:
             with self.subTest(cli):
@@ -7302,6 +7649,7 @@ def benchmark(argv: list[str]) -> int:
         benchmark_rules()
         benchmark_scan(work, python)
         benchmark_signatures(work)
+        benchmark_signed_pulls(work)
         if not args.no_dockerd:
             benchmark_dockerd(work, processes, load, args, compare, start, stop)
     finally:
@@ -7452,6 +7800,82 @@ def benchmark_scan(work: Path, python: str, count: int = 1000) -> float:
     print(f"--scan of {count:,} images and {count:,} containers (a stand-in daemon), whole process: {seconds:.2f} s,"
           f" {refused} refused")
     return seconds
+
+
+def benchmark_signed_pulls(work: Path) -> None:
+    """The plugin's decision on a pull in a signed scope (first and remembered verification, by digest and by tag),
+    and on a pull in another scope, beside the same pull under a policy without signedBy."""
+    import statistics
+    key_file = work / "release.key"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key_file))
+    (work / "release.pub").write_bytes(openssl("ec", "-in", str(key_file), "-pubout"))
+    image = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"digest": DIGEST}, "layers": []}).encode()
+    digest = "sha256:" + hashlib.sha256(image).hexdigest()
+    payload = json.dumps({"critical": {"identity": {"docker-reference": "bench/app"},
+                                       "image": {"docker-manifest-digest": digest},
+                                       "type": "cosign container image signature"}, "optional": None}).encode()
+    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    signature = base64.b64encode(signed_by(key_file, payload)).decode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "layers": [{"digest": payload_digest, "size": len(payload),
+                                       "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: signature}}]}).encode()
+
+    class Registry(StandInRegistryHandler):
+        routes = {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig": (200, {}, manifest),
+                  "/v2/bench/app/manifests/v1": (200, {}, image), f"/v2/bench/app/manifests/{digest}": (200, {}, image),
+                  f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
+        def do_GET(self) -> None:   # an anonymous registry: no token flow
+            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        scopes = [{"allow": "docker.io"}, {"allow": f"{host}/bench", "signedBy": [str(work / "release.pub")]}]
+        plugins = {}
+        for name, entries in (("signed", scopes), ("unsigned", scopes[:1])):
+            (work / f"{name}.json").write_text(json.dumps({"scopes": entries}))
+            plugins[name] = dip.Plugin(str(work / f"{name}.json"), dip.Log("error", io.StringIO()),
+                                       dip.DockerAPI("unix:///nonexistent"), signatures=dip.RegistrySignatures(None))
+
+        def body(image: str) -> bytes:
+            return json.dumps(pull(f"/v1.41/images/create?fromImage={quote(image, safe='')}")).encode()
+
+        def timed(plugin: dip.Plugin, request: bytes, count: int, forget: bool = False) -> float:
+            times = []
+            for _ in range(count):
+                if forget:   # a digest not yet remembered, from a registry already known
+                    plugin.signatures.daemon()[0].verdicts = dip.VerdictMemory()   # type: ignore[attr-defined]
+                started = time.perf_counter()
+                decision, _ = plugin.decide(plugin.policy, request)
+                times.append(time.perf_counter() - started)
+                assert decision.allow and decision.rule != "internal-error", decision
+            return statistics.median(times) * 1e6
+
+        by_digest, by_tag, other = body(f"{host}/bench/app@{digest}"), body(f"{host}/bench/app:v1"), body("nginx:1")
+        timed(plugins["signed"], by_digest, 1)   # HTTPS refused, then plain HTTP: remembered per host
+        print(f"signed pull decision (us): by digest first {timed(plugins['signed'], by_digest, 20, True):.0f},"
+              f" remembered {timed(plugins['signed'], by_digest, 1000):.0f}; by tag first"
+              f" {timed(plugins['signed'], by_tag, 20, True):.0f}, remembered {timed(plugins['signed'], by_tag, 200):.0f}"
+              " (the tag is resolved at every pull)")
+        def mean(plugin: dip.Plugin, request: bytes, count: int = 20000) -> float:
+            started = time.perf_counter()
+            for _ in range(count):
+                plugin.decide(plugin.policy, request)
+            return (time.perf_counter() - started) / count * 1e6
+        rounds = [(mean(plugins["signed"], other), mean(plugins["unsigned"], other)) for _ in range(3)]
+        print(f"pull in an unsigned scope, not remembered (us): policy with signedBy elsewhere"
+              f" {statistics.median(r[0] for r in rounds):.1f}, policy without"
+              f" {statistics.median(r[1] for r in rounds):.1f}")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare: Any, start: Any, stop: Any) -> None:
