@@ -1717,8 +1717,22 @@ def caller_of_selectors(selectors: Iterable[str]) -> Caller:
     return Caller(True, **fields) if selectors and selectors != ["unidentified"] else UNIDENTIFIED
 
 
-def _glob(pattern: str) -> re.Pattern[str]:
-    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S)
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether text matches a glob of * and ? whole, in time len(pattern) * len(text) at most (no backtracking
+    regular expression: a common name may be long)."""
+    p = t = 0
+    star, resume = -1, 0
+    while t < len(text):
+        if p < len(pattern) and pattern[p] in ("?", text[t]) and pattern[p] != "*":
+            p, t = p + 1, t + 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, resume, p = p, t, p + 1
+        elif star >= 0:
+            p, resume = star + 1, resume + 1
+            t = resume
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
 
 
 @dataclass(frozen=True)
@@ -1735,7 +1749,6 @@ class ScopeEntry:
     until_text: str = ""
     ticket: str = ""
     note: str = ""
-    tag_patterns: tuple[re.Pattern[str], ...] = ()
     signed_by: tuple[str, ...] = ()        # the key files, as the entry names them
     keys: tuple[PublicKey, ...] = ()       # loaded from them at policy load
 
@@ -1751,7 +1764,7 @@ class ScopeEntry:
             return "references by digest only"
         if self.tags:
             tag = None if reference.digest else reference.tag or "latest"   # dockerd ignores a tag beside a digest
-            if tag is None or not any(pattern.fullmatch(tag) for pattern in self.tag_patterns):
+            if tag is None or not any(glob_match(pattern, tag) for pattern in self.tags):
                 return f"tags {', '.join(self.tags)}" + ("" if tag else " (a digest has no tag)")
         if self.callers and not self.caller_holds(caller):
             return f"callers {', '.join(self.callers)}"
@@ -1763,7 +1776,7 @@ class ScopeEntry:
         for selector in self.callers:
             kind, _, value = selector.partition(":")
             if (selector == "unidentified" and not caller.identified
-                    or kind == "cn" and caller.identified and _glob(value).fullmatch(caller.cn)
+                    or kind == "cn" and caller.identified and glob_match(value, caller.cn)
                     or kind == "o" and value in caller.o or kind == "ou" and value in caller.ou):
                 return True
         return False
@@ -1876,17 +1889,16 @@ class ScopeTable:
                  signatures: Signatures = NO_SIGNATURES) -> Verdict | None:
         """The verdict of the scope governing reference; None when no scope governs it.
 
-        Another spelling of the same registry (registry-1.docker.io, :443) is
-        governed under its usual name too, where only deny entries apply: deny
-        scopes catch aliases, allow scopes do not admit them.
+        Another spelling of the same registry (registry-1.docker.io, :443,
+        :0443) is judged under its usual name too, and whatever denies the
+        usual name denies it: a deny entry, or a scope that governs the usual
+        name and allows it on conditions that do not hold. An allow there
+        does not admit the other spelling, which needs an allow of its own.
         """
+        return _as_usual_name(reference, lambda spelling: self._evaluate(spelling, caller, now, signatures))
+
+    def _evaluate(self, reference: Reference, caller: Caller, now: float, signatures: Signatures) -> Verdict | None:
         governing = self.governing(reference, now)
-        if reference.alias:
-            usual = self.governing(reference.alias, now)
-            for entry in usual[1] if usual else ():
-                if not entry.allow and entry.failed_condition(reference.alias, caller) is None:
-                    return Verdict(False, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches"
-                                   f" {reference.alias.familiar}, the same repository under its usual name")
         if governing is None:
             return None
         scope, entries = governing
@@ -1907,18 +1919,22 @@ class ScopeTable:
             if signed.ok:
                 return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches: {signed.reason}")
             misses.append(f"scopes[{entry.index}] needs a signature by {', '.join(entry.signed_by)}: {signed.reason}")
-        why = f" ({'; '.join(misses)}{'; the caller is ' + str(caller) if self.uses_callers else ''})" if misses else ""
+        who = f"; the caller is {cut(str(caller))}" if self.uses_callers else ""
+        why = f" ({'; '.join(misses)}{who})" if misses else ""
         return Verdict(False, f"scope {scope}", f"scope {json.dumps(scope)} governs it and no entry there allows it{why}")
 
     def evaluate_all_tags(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
         """A pull of every tag: allowed by an allow entry with no tag or digest condition, unless a deny may hold."""
-        verdict = self.evaluate(dataclasses.replace(reference, tag="latest"), caller, now, EVERY_TAG)
+        return _as_usual_name(reference, lambda spelling: self._evaluate_all_tags(spelling, caller, now))
+
+    def _evaluate_all_tags(self, reference: Reference, caller: Caller, now: float) -> Verdict | None:
+        verdict = self._evaluate(dataclasses.replace(reference, tag="latest"), caller, now, EVERY_TAG)
         if verdict is None or not verdict.allow:
             return verdict
         governing = self.governing(reference, now)
         entries = governing[1] if governing else []
         for entry in entries:
-            untagged = dataclasses.replace(entry, tags=(), tag_patterns=())
+            untagged = dataclasses.replace(entry, tags=())
             if not entry.allow and untagged.failed_condition(reference, caller) is None:
                 return Verdict(False, f"scopes[{entry.index}]", f"a pull of all tags includes tags {entry} denies")
         for entry in entries:
@@ -1937,6 +1953,16 @@ class ScopeTable:
         """When the next entry ends (inf if none does): no remembered answer outlives it."""
         index = bisect.bisect_right(self.ends, now)
         return self.ends[index] if index < len(self.ends) else float("inf")
+
+
+def _as_usual_name(reference: Reference, judge: Callable[[Reference], Verdict | None]) -> Verdict | None:
+    """judge's verdict on reference, unless judge denies the same repository under its usual name."""
+    if reference.alias:
+        usual = judge(reference.alias)
+        if usual is not None and not usual.allow:
+            return Verdict(False, usual.rule, f"{usual.reason}, for {reference.alias.familiar}, the same repository"
+                           " under its usual name")
+    return judge(reference)
 
 
 NO_SCOPES = ScopeTable((), MappingProxyType({}), False, ())
@@ -1990,7 +2016,7 @@ def compile_scope_entry(path: str, index: int, entry: dict[str, Any]) -> ScopeEn
     except ConfigError as error:
         raise ConfigError(path, where, f"signedBy {json.dumps(error.path)}: {error.problem}") from None
     return ScopeEntry(index, bool(allow), scope, tags, bool(entry.get("digestOnly")), callers, until, until_text,
-                      entry.get("ticket", ""), entry.get("note", ""), tuple(_glob(tag) for tag in tags),
+                      entry.get("ticket", ""), entry.get("note", ""),
                       signed_by, keys)
 
 
@@ -3050,7 +3076,8 @@ def caller_of(authz: dict[str, Any]) -> Caller:
         common_name = subject["cn"][-1] if subject["cn"] else ""   # Go's pkix.Name keeps the last CN
         if authz.get("UserAuthNMethod") != "TLS" or authz.get("User") != common_name:
             raise ValueError("the User dockerd reports is not the certificate's CN")
-        return Caller(True, cut(common_name), tuple(map(cut, subject["o"][:8])), tuple(map(cut, subject["ou"][:8])))
+        # Matched whole: a selector sees every value, however long (only their display is cut).
+        return Caller(True, common_name, tuple(subject["o"]), tuple(subject["ou"]))
     except (KeyError, IndexError, TypeError, ValueError, UnicodeError, binascii.Error):
         return Caller(True, unreadable=True)
 
@@ -3068,6 +3095,11 @@ def _der(data: bytes, at: int) -> tuple[int, int, int]:
     if at + length > len(data):
         raise ValueError("truncated DER")
     return tag, at, at + length
+
+
+# The ASN.1 string types Go's encoding/asn1 reads into a Go string, by tag.
+_STRING_TYPES = MappingProxyType({0x0C: "utf-8", 0x12: "ascii", 0x13: "ascii", 0x14: "latin-1", 0x16: "ascii",
+                                  0x1E: "utf-16-be"})
 
 
 def certificate_subject(der: bytes) -> dict[str, list[str]]:
@@ -3093,9 +3125,12 @@ def certificate_subject(der: bytes) -> dict[str, list[str]]:
             oid_tag, oid, oid_end = _der(der, pair)
             value_tag, value, value_end = _der(der, oid_end)
             name = _SUBJECT_OIDS.get(der[oid:oid_end]) if oid_tag == 0x06 else None
-            if name:
-                encoding = "utf-16-be" if value_tag == 0x1E else "latin-1" if value_tag == 0x14 else "utf-8"
-                subject[name].append(der[value:value_end].decode(encoding))
+            encoding = _STRING_TYPES.get(value_tag)
+            if name and encoding:   # Go's pkix.Name skips a value that is no string
+                text = der[value:value_end]
+                if value_tag == 0x1E and text.endswith(b"\0\0"):   # Go drops a BMPString's terminator
+                    text = text[:-2]
+                subject[name].append(text.decode(encoding))
     return subject
 
 

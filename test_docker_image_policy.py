@@ -1331,6 +1331,26 @@ class TestScopes(unittest.TestCase):
         self.assertEqual(self.decide(strict, "quay.io:443/calico/node:1"), (False, "defaultAllow"))
         self.assertEqual(self.decide(strict, "quay.io/calico/node:1"), (True, "scopes[0]"))
 
+    def test_another_spelling_of_a_registry_is_denied_whatever_denies_its_usual_name(self):
+        tags = policy_of({"defaultAllow": True, "scopes": [{"allow": "127.0.0.1:5000/app", "tags": ["1.*"]}]})
+        for image, allow in [("127.0.0.1:5000/app:bad", False), ("127.0.0.1:05000/app:bad", False),
+                             ("127.0.0.1:05000/app:1.2", True), ("127.0.0.1:5000/app:1.2", True)]:
+            with self.subTest(image):
+                self.assertEqual(tags.evaluate(parse_reference(image)).allow, allow)
+        self.assertIn("for 127.0.0.1:5000/app:bad, the same repository under its usual name",
+                      tags.evaluate(parse_reference("127.0.0.1:05000/app:bad")).reason)
+        wildcard = policy_of({"scopes": [{"allow": "*.example.com"},
+                                         {"allow": "registry.example.com/app", "tags": ["1.*"]}]})
+        self.assertFalse(wildcard.evaluate(parse_reference("registry.example.com:443/app:2")).allow)
+        self.assertTrue(wildcard.evaluate(parse_reference("registry.example.com:443/app:1.2")).allow)
+        debug = policy_of({"defaultAllow": True, "scopes": [{"allow": "docker.io/library/nginx"},
+                                                            {"deny": "docker.io/library/nginx", "tags": ["*-debug"]}]})
+        for image in ("nginx", "registry-1.docker.io/library/nginx", "docker.io:443/library/nginx"):
+            with self.subTest(image):
+                self.assertFalse(debug.evaluate_all_tags(parse_reference(image)).allow)
+        self.assertFalse(debug.evaluate(parse_reference("registry-1.docker.io/library/nginx:1-debug")).allow)
+        self.assertTrue(debug.evaluate(parse_reference("registry-1.docker.io/library/nginx:1")).allow)
+
     def test_exceptions_end_on_time_and_the_scope_falls_back(self):
         now = time.time()
         soon = datetime.datetime.fromtimestamp(now + 60, datetime.timezone.utc).isoformat()
