@@ -1542,7 +1542,7 @@ class Rule:
     search: Callable[[str], Any]   # regex.search, or a LinearMatcher's where re could take long
     prefix: str | None   # literal text every match starts with; None when unanchored
     only_prefix: bool    # the pattern is exactly ^prefix: it matches what starts with it
-    canonical: bool      # the pattern names docker.io: it is matched against canonical forms too
+    canonical: bool      # matched against canonical forms too: a blacklist rule, or one that names docker.io
 
     def __str__(self) -> str:
         return f"{self.kind}[{self.index}] {json.dumps(self.pattern)}"
@@ -2434,6 +2434,10 @@ def _unknown_key(key: str, known: Iterable[str]) -> str:
     return f"unknown key {json.dumps(key)}" + (f" (did you mean {json.dumps(close[0])}?)" if close else "")
 
 
+# Canonical names of Docker Hub images that no familiar-name rule was written for.
+HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
+
+
 def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
     """A rule as Go's regexp reads it: Python's re where it cannot take long, else a LinearMatcher."""
     def refuse(detail: str) -> ConfigError:
@@ -2457,8 +2461,13 @@ def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
         raise refuse(f"{STALLS} (with a look-around or back-reference it cannot be matched in linear time;"
                      " rewrite it without repetition of repetition, or without several unbounded repetitions"
                      " such as .* that can match the same characters)")
-    return Rule(kind, index, pattern, regex, search, *literal_prefix(regex, search),
-                canonical=names_docker_hub(_flattened(tree)))
+    # The Go plugin matched the name as the client sent it, familiar or canonical (docker.io/library/…, as
+    # today's CLI sends). A whitelist rule sees the canonical form only when it names docker.io, so that
+    # ^docker does not admit all of Docker Hub; a blacklist rule also when it refuses no Docker Hub image
+    # by the canonical form alone (\.io/badorg/, /library/evil), so that ^d does not refuse all of it.
+    canonical = names_docker_hub(_flattened(tree)) or \
+        kind == "blacklist" and not any(search(probe) for probe in HUB_PROBES)
+    return Rule(kind, index, pattern, regex, search, *literal_prefix(regex, search), canonical=canonical)
 
 
 # Why a rule with Python's syntax is refused when re could take long on it.
@@ -2483,7 +2492,6 @@ ANCHORED_RE = re.compile(r"(?:\(\?[imsU]+\))*(?:\^|\\A)")
 # The inline flags a pattern starts with: a suggested fix keeps them.
 INLINE_FLAGS_RE = re.compile(r"(?:\(\?[imsU]+\))*")
 # Canonical names of Docker Hub images that no familiar-name rule was written for.
-_HUB_PROBES = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
 # What may follow a whitelist rule's leading text in a name its author did not
 # mean: another Docker Hub user (nginxevil/miner), another repository
 # (quay.io/calico/node-evil), another registry (nginx:5000/evil/miner,
@@ -2502,6 +2510,12 @@ _DOT_RE = re.compile(r"""
     | .
     """, re.VERBOSE | re.DOTALL)
 
+def _may_start_hub_names(prefix: str) -> bool:
+    """Whether canonical Docker Hub names (docker.io/…) may start with prefix: only then do they differ from
+    the familiar names a rule is matched against."""
+    return prefix.startswith("docker.io/") or "docker.io/".startswith(prefix)
+
+
 def policy_warnings(policy: Policy) -> list[str]:
     """Likely mistakes in a valid configuration, for --validate: each names the
     rule, an image it wrongly allows or refuses, or that it never matches, and a fix."""
@@ -2515,7 +2529,7 @@ def policy_warnings(policy: Policy) -> list[str]:
         for allowed in policy.whitelist.rules:
             if (allowed.only_prefix and allowed.prefix is not None and blocked.prefix is not None
                     and blocked.prefix.startswith(allowed.prefix)
-                    and (allowed.canonical or not blocked.canonical)):
+                    and (allowed.canonical or not blocked.canonical or not _may_start_hub_names(blocked.prefix))):
                 warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
                 break
         else:
@@ -2545,7 +2559,7 @@ def _pattern_warnings(rule: Rule) -> list[str]:
             return [f"{rule}: no image reference can match it (rules see familiar names such as nginx:1.25, and"
                     " canonical ones such as docker.io/library/nginx:1.25 only when they name docker.io;"
                     " index.docker.io is spelled docker.io)"]
-        if not rule.canonical and any(rule.search(probe) for probe in _HUB_PROBES):
+        if not rule.canonical and any(rule.search(probe) for probe in HUB_PROBES):
             what = "allow" if rule.kind == "whitelist" else "refuse"
             return [f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did, so it does"
                     f" not {what} every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is"

@@ -410,7 +410,18 @@ class TestRE2(unittest.TestCase):
                 self.assertFalse(self.verdict(pattern, "redis:1"))
         for pattern in ["^docker", "^dockerXio/", "^[a-z]ocker\\.io/", "^docker\\.i"]:
             with self.subTest(pattern):
-                self.assertFalse(dip.compile_rule("test.json", "blacklist", 0, pattern).canonical)
+                self.assertFalse(dip.compile_rule("test.json", "whitelist", 0, pattern).canonical)
+        # A blacklist rule also sees canonical names, unless it would refuse every Docker Hub image by them.
+        for pattern, canonical in [("^docker", False), ("^d", False), ("library", False), ("\\.io/badorg/", True),
+                                   ("/library/evil", True), ("^[a-z.]+/library/miner", True), ("^dockerXio/", True)]:
+            with self.subTest(pattern):
+                self.assertEqual(dip.compile_rule("test.json", "blacklist", 0, pattern).canonical, canonical)
+        policy = policy_of({"blacklist": ["\\.io/badorg/", "/library/evil", "^[a-z.]+/library/miner"],
+                            "defaultAllow": True})
+        for image, allow in [("docker.io/badorg/tool:1", False), ("badorg/tool:1", False), ("evil:1", False),
+                             ("miner:1", False), ("nginx:1", True), ("quay.io/badorg/x:1", False)]:
+            with self.subTest(image):
+                self.assertEqual(policy.evaluate(parse_reference(image)).allow, allow)
 
     def test_what_re2_refuses_is_refused_with_go_words(self):
         for pattern, detail in [
