@@ -824,11 +824,16 @@ MAX_BACKTRACKING_DEGREE = 1
 # A repetition of at most this many rounds of something that can match in
 # several ways is as costly as that many copies of it, one after another.
 MAX_SMALL_REPEAT = 3
-# A LinearMatcher's program is as large as its rule; its memory of steps is
-# bounded so that crafted names cannot grow it without end (one name of the
-# longest valid length adds at most about 520 steps).
-MAX_LINEAR_STATES = 100_000
+# A LinearMatcher's program is as large as its rule, and each character of a
+# name costs at most one visit of each state: the bound keeps one decision on
+# the longest valid name at about what Go's regexp takes on such a rule, a
+# fraction of a second (ordinary rules have tens of states; a larger one is
+# refused at load). Its memory of
+# steps is bounded, in steps and in the states they hold, so that crafted
+# names cannot grow it without end (one name adds at most about 520 steps).
+MAX_LINEAR_STATES = 2_500
 MAX_CACHED_STEPS = 10_000
+MAX_CACHED_STATES = 200_000
 # Python's syntax that RE2 cannot parse and rules keep: look-arounds (as in the
 # shipped policy's ^nginx:(?!latest$)) and back-references \1 to \9. Around and
 # inside them the rule is still read as RE2.
@@ -1436,10 +1441,12 @@ class LinearMatcher:
         self.start = self._compile(tree, 0)
         self.steps: dict[tuple[frozenset[int], str, str], Any] = {}
         self.sets: dict[frozenset[int], frozenset[int]] = {}   # one object per set of states, shared by the steps
+        self.stored = 0   # states held by self.sets
 
     def _new(self, state: Any) -> int:
         if len(self.states) >= MAX_LINEAR_STATES:
-            raise RE2Error("expression too large to match in linear time", "")
+            raise RE2Error("expression too large to match in bounded time (write fewer or smaller counted"
+                           " repetitions)", f"more than {MAX_LINEAR_STATES} states")
         self.states.append(state)
         return len(self.states) - 1
 
@@ -1476,8 +1483,8 @@ class LinearMatcher:
     def search(self, text: str) -> bool:
         """regexp.MatchString: whether the rule matches anywhere in text."""
         steps = self.steps
-        if len(steps) > MAX_CACHED_STEPS:
-            self.steps, self.sets = {}, {}
+        if len(steps) > MAX_CACHED_STEPS or self.stored > MAX_CACHED_STATES:
+            self.steps, self.sets, self.stored = {}, {}, 0
             steps = self.steps
         current = frozenset({self.start})
         previous = ""
@@ -1512,7 +1519,10 @@ class LinearMatcher:
             code = code if code < 128 or code in (LONG_S, KELVIN) else OTHER
             step = frozenset({self.start} | {self.states[index][2] for index in reached
                                              if self.states[index][0] == "chars" and code in self.states[index][1]})
-            step = self.sets.setdefault(step, step)
+            if step not in self.sets:
+                self.sets[step] = step
+                self.stored += len(step)
+            step = self.sets[step]
         steps[(current, previous, character)] = step
         return step
 

@@ -423,6 +423,21 @@ class TestRE2(unittest.TestCase):
             with self.subTest(image):
                 self.assertEqual(policy.evaluate(parse_reference(image)).allow, allow)
 
+    def test_a_rule_too_large_to_match_in_bounded_time_is_refused(self):
+        # Valid RE2 whose automaton has 90,003 states: matched state by state, one decision would take
+        # seconds and hold half a gigabyte; it is refused at load, and a rule below the bound loads.
+        with self.assertRaises(dip.ConfigError) as caught:
+            policy_of({"blacklist": ["^" + "(?:.?){1000}" * 45 + "!"], "defaultAllow": True})
+        self.assertIn("expression too large to match in bounded time (write fewer or smaller counted repetitions):"
+                      f" `more than {dip.MAX_LINEAR_STATES} states`", str(caught.exception))
+        policy = policy_of({"blacklist": ["(a*){1000}!"], "defaultAllow": True})
+        self.assertIsInstance(policy.blacklist.rules[0].search.__self__, dip.LinearMatcher)
+        self.assertTrue(policy.evaluate(parse_reference("a" * 200 + ":1")).allow)   # there is no "!" in a name
+        matcher = policy.blacklist.rules[0].search.__self__
+        for index in range(200):   # the memory of steps stays bounded whatever names come
+            matcher.search(f"{'a' * index}b{'a' * (200 - index)}:1")
+        self.assertLessEqual(matcher.stored, dip.MAX_CACHED_STATES + 200 * len(matcher.states))
+
     def test_what_re2_refuses_is_refused_with_go_words(self):
         for pattern, detail in [
             ("a{1001}", "invalid repeat count: `{1001}`"),
