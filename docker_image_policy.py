@@ -103,6 +103,15 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # (about 5.5 MB), and AuthZRes adds the response it captured. 16 MiB holds
 # both with room to spare; an AuthZRes beyond it is discarded unread.
 MAX_BODY = 16 * 1024 * 1024
+# An AuthZ request this large carries a forwarded body of 700 KB or more:
+# such requests are read and decided a few at a time, so that many of them at
+# once (any Docker API user can send them) cannot take the host's memory.
+LARGE_REQUEST = 1024 * 1024
+LARGE_REQUESTS_AT_ONCE = 2
+# No container or service dockerd creates has a body of this many JSON values
+# (objects, arrays and the commas between values); decoding one costs tens of
+# MB of Python objects, so a body with more is denied unread.
+MAX_BODY_VALUES = 100_000
 # dockerd (Go's net/http) reads at most 1 MiB and 4 KiB of request line and
 # headers, so no RequestUri it forwards is longer: a longer one is denied
 # before it is parsed, which bounds the copies parsing makes.
@@ -2955,6 +2964,10 @@ SERVICE_SPEC = GoStruct.of(TaskTemplate=GoStruct.of(
 
 def decode_body(body: bytes, kind: GoStruct) -> dict[str, Any]:
     """Decode a body as dockerd's json.Decoder does: the first JSON value, into kind."""
+    values = body.count(b"{") + body.count(b"[") + body.count(b",")
+    if values > MAX_BODY_VALUES:
+        raise Unreadable(f"the request body holds about {values:,} JSON values, more than any container or service"
+                         f" dockerd creates ({MAX_BODY_VALUES:,}): not decoded")
     try:
         # Engines before 25 ignore what follows the value; newer ones reject it.
         document, _ = first_json_value(body.decode("utf-8", "docker-image-policy-go"))
@@ -5047,6 +5060,8 @@ class Plugin:
         self.started = _now()
         self.reload_status: dict[str, Any] = {"time": self.started, "ok": True, "error": None}
         self.reload_lock = threading.Lock()
+        self.large_requests = threading.BoundedSemaphore(LARGE_REQUESTS_AT_ONCE)
+        self.swap_lock = threading.Lock()   # replacing self.current: by a reload, or when an exception ends
         self.admin = AdminListener()
         # Names this process to --health, which checks that the admin listener is its own.
         self.instance = os.urandom(8).hex()
@@ -5061,7 +5076,8 @@ class Plugin:
                 self.metrics.reloaded(False)
                 self.log.event("error", f"reload failed, the running policy stays in force: {error}")
                 return False
-            self.current = Running.of(policy)  # one reference: no request sees half of each
+            with self.swap_lock:
+                self.current = Running.of(policy)  # one reference: no request sees half of each
             self.reload_status = {"time": _now(), "ok": True, "error": None}
             self.metrics.reloaded(True)
             self.log.event("info", f"reloaded {self.config_path}: {policy.summary()}")
@@ -5077,12 +5093,21 @@ class Plugin:
     def policy(self) -> Policy:
         return self.current.policy
 
+    def turn(self, length: int) -> contextlib.AbstractContextManager[Any]:
+        """Wait for a turn to read and decide a large request (LARGE_REQUESTS_AT_ONCE at a time)."""
+        if length > LARGE_REQUEST:
+            return self.large_requests
+        return contextlib.nullcontext()
+
     def authorize(self, body: bytes) -> bytes:
         """Answer one AuthZReq body with a complete HTTP response."""
         started = time.perf_counter()
         running = self.current
         if running.fresh_until <= time.time():   # a scope entry ended: forget what it decided
-            self.current = running = Running.of(running.policy)
+            with self.swap_lock:   # unless a reload has replaced the policy meanwhile
+                if self.current is running:
+                    self.current = Running.of(running.policy)
+                running = self.current
         policy, remembered = running.policy, running.answers
         answer = remembered.get(body)
         if answer is None:
@@ -5273,17 +5298,18 @@ class PluginHandler(BaseHTTPRequestHandler):
             response = _plugin_response({"Allow": False, "Err": "",
                                          "Msg": f"request denied: AuthZ request larger than {MAX_BODY} bytes"})
         else:
-            body = self.rfile.read(length)
-            if len(body) < length:
-                raise ConnectionError("client closed the connection mid-body")
-            if target == b"/AuthZPlugin.AuthZReq":
-                response = self.server.plugin.authorize(body)
-            elif target == b"/Plugin.Activate":
-                response = ACTIVATE_RESPONSE
-            elif target == HEALTH_ENDPOINT.encode():
-                response = _plugin_response(self.server.plugin.status())
-            else:
-                raise BadRequest(HTTPStatus.NOT_FOUND, f"no such plugin endpoint {target[:100]!r}")
+            with self.server.plugin.turn(length):
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    raise ConnectionError("client closed the connection mid-body")
+                if target == b"/AuthZPlugin.AuthZReq":
+                    response = self.server.plugin.authorize(body)
+                elif target == b"/Plugin.Activate":
+                    response = ACTIVATE_RESPONSE
+                elif target == HEALTH_ENDPOINT.encode():
+                    response = _plugin_response(self.server.plugin.status())
+                else:
+                    raise BadRequest(HTTPStatus.NOT_FOUND, f"no such plugin endpoint {target[:100]!r}")
         self.wfile.write(response)
         self.close_connection = not keep_alive
 

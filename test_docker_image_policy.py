@@ -4184,6 +4184,43 @@ class TestPluginServer(unittest.TestCase):
         self.fixture = PluginFixture(ORIGINAL_CONFIG)
         self.addCleanup(self.fixture.close)
 
+    def test_large_requests_are_decided_a_few_at_a_time(self):
+        # Many large requests at once cannot each hold their body and its decoding: they wait for a turn.
+        plugin = self.fixture.plugin
+        for _ in range(dip.LARGE_REQUESTS_AT_ONCE):
+            plugin.large_requests.acquire()
+        large = json.dumps(authz("POST", "/v1.41/containers/create",
+                                 {"Image": "redis:7", "Env": ["A=" + "x" * dip.LARGE_REQUEST]})).encode()
+        answers: list[dict[str, Any]] = []
+
+        def ask_large() -> None:
+            with self.fixture.connect() as sock:
+                sock.settimeout(30)
+                answers.append(json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", large))[2]))
+        waiting = threading.Thread(target=ask_large)
+        waiting.start()
+        with self.fixture.connect() as sock:   # a small request is answered meanwhile
+            small = json.dumps(pull("/v1.41/images/create?fromImage=nginx&tag=1")).encode()
+            self.assertTrue(json.loads(exchange(sock, post("/AuthZPlugin.AuthZReq", small))[2])["Allow"])
+        self.assertEqual(answers, [])   # no turn yet
+        plugin.large_requests.release()
+        waiting.join(30)
+        self.assertEqual(len(answers), 1)
+        self.assertFalse(answers[0]["Allow"])
+        self.assertIn("run of redis:7 denied", answers[0]["Msg"])
+        plugin.large_requests.release()
+
+    def test_a_body_of_more_values_than_any_real_one_is_not_decoded(self):
+        body = json.dumps({"Image": "nginx:1", "HostConfig": {"Mounts": [{}] * (dip.MAX_BODY_VALUES // 2 + 1)}})
+        decision = dip.decide(policy_of({"defaultAllow": True}),
+                              authz("POST", "/v1.41/containers/create", body.encode()), NO_DOCKER)
+        self.assertEqual((decision.allow, decision.rule), (False, "unreadable"))
+        self.assertIn("JSON values, more than any container or service dockerd creates (100,000): not decoded",
+                      decision.reason)
+        body = json.dumps({"Image": "nginx:1", "HostConfig": {"Mounts": [{}] * 1000}})
+        self.assertTrue(dip.decide(policy_of({"defaultAllow": True}),
+                                   authz("POST", "/v1.41/containers/create", body.encode()), NO_DOCKER).allow)
+
     def test_activation_and_keep_alive(self):
         with self.fixture.connect() as sock:
             status, headers, body = exchange(sock, post("/Plugin.Activate", b""))
@@ -7374,6 +7411,34 @@ class EndToEnd:
         self.assertGreaterEqual(status["admin"]["failedBinds"], 1)
         self.assertIn(f"admin_bind_failures_total {status['admin']['failedBinds']}\n", self.admin_get("/metrics"))
         self.assertNotIn("Traceback", log.read_bytes()[start:].decode())
+
+    def test_flood_of_bodies_of_many_values(self):
+        # Container bodies of 1.3 million empty mounts (3.9 MB: dockerd 28.5 forwards bodies under 4 MiB),
+        # sixteen at once: denied without decoding them, a few at a time, in bounded memory.
+        with open(self.dir / "plugin.log", "ab") as output:
+            plugin = self.replace_plugin(stderr=output)
+        wait_for(lambda: self.health().returncode == 0, "the plugin")
+        body = json.dumps({"Image": f"{self.registry}/allowed/busybox:1", "HostConfig": {"Mounts": [{}] * 1_300_000}},
+                          separators=(",", ":")).encode()
+        answers: list[tuple[int, str]] = []
+
+        def create() -> None:
+            answers.append(self.api("POST", "/v1.41/containers/create", body, {"Content-Type": "application/json"}))
+        threads = [threading.Thread(target=create) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        self.assertEqual(len(answers), 16)
+        for status, text in answers:
+            self.assertEqual(status, 403, text[:300])
+            self.assertRegex(text, "more than any container or service dockerd creates|did not forward the request"
+                                   " body")
+        peak = int(re.search(r"^VmHWM:\s+(\d+) kB$", Path(f"/proc/{plugin.pid}/status").read_text(), re.M)[1])
+        print(f"end-to-end {self.engine}: 16 bodies of 1.3 million values at once: peak resident {peak / 1024:.0f} MB",
+              file=sys.stderr)
+        self.assertLess(peak, 200 * 1024)   # before: about 210 MB for each request in flight
+        self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)
 
     def test_flood_of_long_requests_under_a_stalled_stderr(self):
         reader, writer = os.pipe()   # a stderr nobody reads, already full
