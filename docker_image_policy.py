@@ -2518,6 +2518,9 @@ INLINE_FLAGS_RE = re.compile(r"(?:\(\?[imsU]+\))*")
 _NAME_PROBES = ("evil/miner", "-evil", ":5000/evil/miner", "{port}/evil/miner", ".evil.example/miner")
 # Images a blacklist rule may be shown refusing, when the rules suggest none.
 _SAMPLE_IMAGES = ("evil/miner:1", "ubuntu:latest")
+# Names of every shape, as rules see them: a rule that matches the empty text may still match none of them.
+_EVERY_KIND_OF_NAME = ("nginx:1", "someone/app:v2", "quay.io/calico/node:v3.27", "localhost:5000/a_b:1",
+                       "nginx@sha256:" + "0" * 64, "nginx:sha256:" + "0" * 64, "docker.io/library/nginx:1")
 # The start of a digest pin as the original plugin saw it (nginx:sha256:…), and the hex digits each digest has.
 _DIGEST_AS_TAG_RE = re.compile(r":(?P<algorithm>sha256|sha384|sha512):(?P<hex>[0-9a-f]*)\Z")
 _DIGEST_LENGTHS = MappingProxyType({"sha256": 64, "sha384": 96, "sha512": 128})
@@ -2560,9 +2563,14 @@ def policy_warnings(policy: Policy) -> list[str]:
 def _pattern_warnings(rule: Rule) -> list[str]:
     """Patterns that match everything, anywhere, or nothing at all."""
     if rule.search(""):
-        if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
-            return [f"{rule}: matches every image, so the whitelist allows everything"]
-        return []
+        matched = [name for name in _EVERY_KIND_OF_NAME if rule.search(name)]
+        if len(matched) == len(_EVERY_KIND_OF_NAME):
+            if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
+                return [f"{rule}: matches every image, so the whitelist allows everything"]
+            return []
+        if not matched:
+            return [f"{rule}: matches the empty text but no image name: every reference has a tag or digest"
+                    " (nginx:1), which it does not allow for"]
     if rule.prefix is None:
         if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\z)$", rule.pattern):
             return [f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name"]
@@ -2598,10 +2606,15 @@ def _pattern_warnings(rule: Rule) -> list[str]:
 
 
 def _name_warnings(policy: Policy, rule: Rule) -> list[str]:
-    """Images a whitelist rule allows whose names its author did not mean."""
-    text, wildcards = _leading_text(rule.regex)
-    if not text:
-        return []
+    """Images a whitelist rule allows whose names its author did not mean, for each text it may begin with."""
+    warnings: list[str] = []
+    for text, wildcards in _leading_texts(rule.regex):
+        warnings += [warning for warning in _text_warnings(policy, rule, text, wildcards) if warning not in warnings]
+    return warnings
+
+
+def _text_warnings(policy: Policy, rule: Rule, text: str, wildcards: tuple[int, ...]) -> list[str]:
+    """Images a whitelist rule allows, beginning with text, whose names its author did not mean."""
     flags = _inline_flags(rule)
     warnings = []
     for position in wildcards:
@@ -2764,6 +2777,40 @@ def _inline_flags(rule: Rule) -> str:
 
 def _escape_dots(pattern: str) -> str:
     return _DOT_RE.sub(lambda match: "\\." if match["dot"] else match[0], pattern)
+
+
+def _leading_texts(regex: re.Pattern[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """Each text a match of a ^-anchored pattern may start with, through alternatives (^(nginx|redis)), "."
+    where any character may stand (and those positions)."""
+    if regex_parser is None:
+        return []
+    items = list(regex_parser.parse(regex.pattern, regex.flags))
+    if not items or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                                     (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
+        return []
+    return [found for found in _texts(items[1:], "", ())[:50] if found[0]]
+
+
+def _texts(items: list[Any], text: str, wildcards: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    for position, (op, value) in enumerate(items):
+        if op is regex_parser.ANY:
+            wildcards += (len(text),)
+            text += "."
+        elif op is regex_parser.LITERAL:
+            text += chr(value)
+        elif _either_case(op, value):
+            text += _either_case(op, value)
+        elif op is regex_parser.BRANCH or op is regex_parser.SUBPATTERN:
+            inner = list(value[-1])
+            branches = value[1] if op is regex_parser.BRANCH else \
+                inner[0][1][1] if len(inner) == 1 and inner[0][0] is regex_parser.BRANCH else [inner]
+            found: list[tuple[str, tuple[int, ...]]] = []
+            for branch in branches[:50]:
+                found += _texts(list(branch) + items[position + 1:], text, wildcards)
+            return found
+        else:
+            break
+    return [(text, wildcards)]
 
 
 def _leading_text(regex: re.Pattern[str]) -> tuple[str, tuple[int, ...]]:

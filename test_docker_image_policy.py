@@ -1097,6 +1097,23 @@ class TestPolicy(unittest.TestCase):
                 self.assertEqual(dip.policy_warnings(policy_of({"whitelist": [pattern]})), [])
                 self.assertEqual(dip.policy_warnings(policy_of({"blacklist": [pattern], "defaultAllow": True})), [])
 
+    def test_rules_that_match_no_image_and_alternatives_that_match_too_much(self):
+        for pattern in ["^[a-z]*$", "^(\\w+\\s?)*$", "^(?:[a-z]+)*$"]:
+            with self.subTest(pattern):
+                policy = policy_of({"whitelist": [pattern]})
+                self.assertFalse(policy.evaluate(parse_reference("nginx:1")).allow)
+                self.assertEqual(dip.policy_warnings(policy), [
+                    f"whitelist[0] {json.dumps(pattern)}: matches the empty text but no image name: every reference"
+                    " has a tag or digest (nginx:1), which it does not allow for"])
+        self.assertEqual(dip.policy_warnings(policy_of({"whitelist": [".*"]})),
+                         ['whitelist[0] ".*": matches every image, so the whitelist allows everything'])
+        policy = policy_of({"whitelist": ["^(nginx|redis)"]})
+        self.assertTrue(policy.evaluate(parse_reference("nginxevil/miner:1")).allow)
+        self.assertEqual(dip.policy_warnings(policy), [
+            f'whitelist[0] "^(nginx|redis)": allows {name}evil/miner, another name that begins with {name}; end the'
+            f" name, e.g. ^{name}:[^/]*$ for its tags and digests, or ^{name}/ for the repositories under it"
+            for name in ("nginx", "redis")])
+
     def test_blacklist_rules_that_never_change_a_decision(self):
         self.assert_warns({"whitelist": ["^nginx:[^/]*$", "^quay\\.io/calico/"],
                            "blacklist": [":latest$", "^ubuntu:", "^quay\\.io/calico/", ".*"]}, [
