@@ -5970,7 +5970,7 @@ class TestFleet(unittest.TestCase):
         self.alert_files()
         result = self.run_tool(promtool, "check", "rules", "docker-image-policy.rules.yml")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 6 rules found", result.stdout)
+        self.assertIn("SUCCESS: 7 rules found", result.stdout)
         result = self.run_tool(promtool, "test", "rules", "docker-image-policy.rules.test.yml")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("SUCCESS", result.stdout)
@@ -5981,12 +5981,13 @@ class TestFleet(unittest.TestCase):
         self.assertIn("alertname: DockerImagePolicyDown, time: 3m", result.stdout + result.stderr)
 
     def test_alert_rules_use_the_metrics_the_plugin_serves(self):
-        fixture = PluginFixture(ORIGINAL_CONFIG)
+        # With an exception, so that the plugin serves when the next one ends.
+        fixture = PluginFixture(dict(ORIGINAL_CONFIG, scopes=[{"allow": "ghcr.io/vendor", "until": "2099-01-31"}]))
         self.addCleanup(fixture.close)
         served = set(re.findall(r"^# TYPE (\S+)", fixture.get("/metrics")[1], re.M))
         rules = readme_block("**The alert rules**")
         used = {re.sub(r"_bucket$", "", name) for name in re.findall(r"\bdocker_image_policy_\w+", rules)}
-        self.assertEqual(len(used), 5, used)
+        self.assertEqual(len(used), 6, used)
         self.assertLessEqual(used, served)
 
 
