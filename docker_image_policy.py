@@ -112,6 +112,9 @@ LARGE_REQUESTS_AT_ONCE = 2
 # (objects, arrays and the commas between values); decoding one costs tens of
 # MB of Python objects, so a body with more is denied unread.
 MAX_BODY_VALUES = 100_000
+# Each image a container mounts is judged, some by asking dockerd: a container
+# mounts a few; more is refused rather than keeping the plugin busy for seconds.
+MAX_IMAGE_MOUNTS = 64
 # dockerd (Go's net/http) reads at most 1 MiB and 4 KiB of request line and
 # headers, so no RequestUri it forwards is longer: a longer one is denied
 # before it is parsed, which bounds the copies parsing makes.
@@ -2134,8 +2137,10 @@ class Policy:
         return self.judged_with(self.signatures.of_image(local))
 
     def needs_image(self, reference: Reference) -> bool:
-        """Whether a run of reference is judged by the image present under that name: its signature."""
-        return self.signatures.judges_images and self.scopes.needs_signature(reference, self.now())
+        """Whether a run of reference is judged by the image present under that name: its signature, under
+        the name as written or under its usual name (localhost:05000 is localhost:5000)."""
+        return self.signatures.judges_images and any(self.scopes.needs_signature(spelling, self.now())
+                                                     for spelling in (reference, reference.alias) if spelling)
 
     def now(self) -> float:
         return time.time() if self.at is None else self.at
@@ -2485,7 +2490,7 @@ def compile_rule(path: str, kind: str, index: int, pattern: str) -> Rule:
     # ^docker does not admit all of Docker Hub; a blacklist rule also when it refuses no Docker Hub image
     # by the canonical form alone (\.io/badorg/, /library/evil), so that ^d does not refuse all of it.
     canonical = names_docker_hub(_flattened(tree)) or \
-        kind == "blacklist" and not any(search(probe) for probe in HUB_PROBES)
+        kind == "blacklist" and not all(search(probe) for probe in HUB_PROBES)
     return Rule(kind, index, pattern, regex, search, *literal_prefix(regex, search), canonical=canonical)
 
 
@@ -3034,13 +3039,17 @@ def _field(struct: dict[str, Any] | None, name: str) -> Any:
 
 
 def _image_mounts(mounts: SliceValue | None, swarm: bool) -> list[str]:
-    sources = []
+    """The images a container's or service's mounts use, each once."""
+    sources: dict[str, None] = {}
     for mount in mounts.items if mounts else ():
         kind = mount.get("Type") or ""
         # dockerd takes exactly "image"; swarm's converter upper-cases the type first.
         if (kind.upper() == "IMAGE") if swarm else (kind == "image"):
-            sources.append(mount.get("Source") or "")
-    return sources
+            sources[mount.get("Source") or ""] = None
+    if len(sources) > MAX_IMAGE_MOUNTS:
+        raise Unreadable(f"{len(sources)} different images mounted, more than any container needs"
+                         f" ({MAX_IMAGE_MOUNTS}): each is an image to judge")
+    return list(sources)
 
 
 def images_in_body(kind: str, body: bytes) -> tuple[str, ...]:
@@ -3327,8 +3336,8 @@ def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, do
     if not policy.check_run:
         return unchecked("run")
     image, *mounts = images_in_body("run", request.body())
-    return first_denial([decide_image_name(policy, "run", image, docker)]
-                        + [decide_image_name(policy, "image mount", source, docker) for source in mounts])
+    return first_denial(itertools.chain([decide_image_name(policy, "run", image, docker)],
+                                        (decide_image_name(policy, "image mount", source, docker) for source in mounts)))
 
 
 def decide_service(policy: Policy, request: Request, match: re.Match[str] | None,
@@ -3348,8 +3357,8 @@ def decide_service(policy: Policy, request: Request, match: re.Match[str] | None
         if not isinstance(previous, dict):
             raise Unreadable("the service has no previous spec to roll back to")
         specs.append(images_in_body("service", json.dumps(previous).encode()))
-    return first_denial([decide_image_name(policy, "service", image, docker, pulled_first=True)
-                         for spec in specs for image in spec])
+    return first_denial((decide_image_name(policy, "service", image, docker, pulled_first=True)
+                         for spec in specs for image in spec))
 
 
 def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | None,
@@ -3447,8 +3456,16 @@ def decision_for(operation: str, reference: Reference, verdict: Verdict, named: 
                     named=named)
 
 
-def first_denial(decisions: list[Decision]) -> Decision:
-    return next((decision for decision in decisions if not decision.allow), decisions[0])
+def first_denial(decisions: Iterable[Decision]) -> Decision:
+    """The first denial, deciding nothing after it; or the first decision, when all allow."""
+    first = None
+    for decision in decisions:
+        if not decision.allow:
+            return decision
+        first = first or decision
+    if first is None:
+        raise Unreadable("the request names no image")
+    return first
 
 
 def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker | None,
@@ -4315,6 +4332,10 @@ def _config_digests(client: RegistryClient, reference: Reference) -> list[str]:
     return [config["digest"] for config in configs if isinstance(config, dict) and isinstance(config.get("digest"), str)]
 
 
+def _usual_repository(reference: Reference) -> str:
+    return (reference.alias or reference).repository
+
+
 @dataclass(frozen=True)
 class PresentImage(Signatures):
     """An image on the host: signed when a digest it was pulled by from the repository judged is signed, and
@@ -4325,8 +4346,9 @@ class PresentImage(Signatures):
 
     def check(self, reference: Reference, keys: tuple[PublicKey, ...]) -> SignatureVerdict:
         image = self.local.id.removeprefix("sha256:")[:12]
+        usual = (reference.alias or reference).repository
         digests = sorted({name.partition("@")[2] for name in self.local.names
-                          if "@" in name and parse_reference(name).repository == reference.repository})
+                          if "@" in name and _usual_repository(parse_reference(name)) == usual})
         if not digests:
             return SignatureVerdict(False, f"image {image} was not pulled from {reference.repository} (no digest"
                                            " from there: it was built, loaded, imported, committed or tagged from"

@@ -412,7 +412,8 @@ class TestRE2(unittest.TestCase):
             with self.subTest(pattern):
                 self.assertFalse(dip.compile_rule("test.json", "whitelist", 0, pattern).canonical)
         # A blacklist rule also sees canonical names, unless it would refuse every Docker Hub image by them.
-        for pattern, canonical in [("^docker", False), ("^d", False), ("library", False), ("\\.io/badorg/", True),
+        for pattern, canonical in [("^docker", False), ("^d", False), ("library", True), ("/library/", True),
+                                   ("\\.io/badorg/", True),
                                    ("/library/evil", True), ("^[a-z.]+/library/miner", True), ("^dockerXio/", True)]:
             with self.subTest(pattern):
                 self.assertEqual(dip.compile_rule("test.json", "blacklist", 0, pattern).canonical, canonical)
@@ -945,8 +946,11 @@ class TestPolicy(unittest.TestCase):
                 expected = None
                 for kind in ("whitelist", "blacklist"):
                     for index, text in enumerate(config[kind]):
-                        # Rules that name docker.io see canonical forms too (test_rules_that_name_docker_hub).
-                        forms = ref.forms(False) + (ref.forms(True) if re.search(r"docker\W*io", text, re.I) else ())
+                        # Rules that name docker.io see canonical forms too (test_rules_that_name_docker_hub), and
+                        # so do blacklist rules that do not refuse every Docker Hub image by them alone.
+                        canonical = re.search(r"docker\W*io", text, re.I) or kind == "blacklist" and not all(
+                            re.search(text, probe) for probe in ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1"))
+                        forms = ref.forms(False) + (ref.forms(True) if canonical else ())
                         if expected is None and any(re.search(text, form) for form in forms):
                             expected = (kind == "whitelist", f"{kind}[{index}] {json.dumps(text)}")
                 expected = expected or (config["defaultAllow"], "defaultAllow")
@@ -2562,17 +2566,20 @@ def judge(kind: str, body: bytes, answer: dict[str, Any], images: Any) -> str | 
         # Go reads 10,000 levels, Python's parser about 1,000; no client nests that deep: refused.
         return "nested too deeply, refused" if body.count(b"[") + body.count(b"{") > 900 else None
     if "images" in answer:
-        if images == tuple(answer["images"]):
+        # Each image mounted is judged once: a source mounted twice is one image to judge.
+        if images == (answer["images"][0], *dict.fromkeys(answer["images"][1:])):
             source = kind if kind == "run" else f"service {answer['from']}"
             return f"{source}: images" + (" with image mounts" if len(images) > 1 else "")
         return "ambiguous" if unreadable and "ambiguous" in str(images) else None
     if "empty" in answer:   # dockerd refuses it; the image is "" either way
-        return "run: empty config" if unreadable or images == tuple(answer["empty"]) else None
+        empty = (answer["empty"][0], *dict.fromkeys(answer["empty"][1:]))
+        return "run: empty config" if unreadable or images == empty else None
     if "spec" in answer:
         return f"{kind}: spec error" if unreadable else None
     first = answer.get("first", {})
     if "images" in first or "empty" in first:   # older engines read the first value and ignore the rest
-        expected = tuple(first.get("images", first.get("empty")))
+        listed = first.get("images", first.get("empty"))
+        expected = (listed[0], *dict.fromkeys(listed[1:]))
         return "trailing data" if unreadable or images == expected else None
     if unreadable:
         return f"{kind}: decode error, refused"
@@ -3910,6 +3917,49 @@ class TestSignedScopes(unittest.TestCase):
                 self.assertEqual(dip.decide(policy, request, docker).allow, allow)
         unsigned = policy_of({"scopes": [{"allow": "docker.io"}]})
         self.assertIs(unsigned.judged_with(NeverAsked()), unsigned)   # nothing changes for policies without signedBy
+
+    def test_another_spelling_of_a_signed_repository_is_judged_by_the_image(self) -> None:
+        host, port = self.host.rsplit(":", 1)
+        other = f"{host}:0{port}/team/app:v1"   # the same registry: Go reads 0PORT as PORT
+        policy = self.signed_policy({"allow": f"{self.host}/team", "signedBy": ["release.pub"]}, defaultAllow=True)
+        unsigned = dip.LocalImage("sha256:" + "e" * 64, (other,))
+        docker = FakeDocker({other: [unsigned], unsigned.id: [unsigned]})
+        for request in (self.run_of(other), authz("POST", f"/v1.41/images/{unsigned.id}/tag?repo={quote(other, safe='')}"),
+                        authz("POST", "/v1.41/containers/create", {"Image": "nginx:1", "HostConfig": {
+                            "Mounts": [{"Type": "image", "Source": other}]}})):
+            with self.subTest(request["RequestUri"]):
+                decision = self.decide(request, docker, policy=policy)
+                self.assertFalse(decision.allow, decision.reason)
+                self.assertIn(f"was not pulled from {self.host}/team/app", decision.reason)
+                self.assertIn("the same repository under its usual name", decision.reason)
+        service = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
+            "Image": other}}}), policy=policy)
+        self.assertFalse(service.allow)
+        self.assertIn("a swarm worker resolves a service's tag itself", service.reason)
+        # Pulled under the usual name (its digest recorded there), the image runs under either spelling.
+        v1, config1 = self.images["v1"]
+        pulled = dip.LocalImage(config1, (other, f"{self.repository}@{v1}"))
+        decision = self.decide(self.run_of(other), FakeDocker({other: [pulled], pulled.id: [pulled]}), policy=policy)
+        self.assertTrue(decision.allow, decision.reason)
+
+    def test_image_mounts_are_judged_once_each_up_to_a_bound(self) -> None:
+        policy = policy_of({"defaultAllow": False, "whitelist": ["^nginx:"]})
+        mounts = [{"Type": "image", "Source": f"nginx:{index % 3}"} for index in range(1000)]
+        decision = dip.decide(policy, authz("POST", "/v1.41/containers/create", {"Image": "nginx:1", "HostConfig": {
+            "Mounts": mounts}}), NO_DOCKER)
+        self.assertTrue(decision.allow, decision.reason)   # three images, each judged once
+        many = [{"Type": "image", "Source": f"nginx:{index}"} for index in range(dip.MAX_IMAGE_MOUNTS + 1)]
+        decision = dip.decide(policy, authz("POST", "/v1.41/containers/create", {"Image": "nginx:1", "HostConfig": {
+            "Mounts": many}}), NO_DOCKER)
+        self.assertEqual((decision.allow, decision.rule), (False, "unreadable"))
+        self.assertIn(f"{dip.MAX_IMAGE_MOUNTS + 1} different images mounted, more than any container needs",
+                      decision.reason)
+        # The first denial ends the decision: no image after it is looked up on the daemon.
+        docker = FakeDocker({"cafe": []})
+        decision = dip.decide(policy, authz("POST", "/v1.41/containers/create", {"Image": "redis:7", "HostConfig": {
+            "Mounts": [{"Type": "image", "Source": "cafe"}]}}), docker)
+        self.assertFalse(decision.allow)
+        self.assertEqual(docker.looked_up, [])
 
     def test_images_present_by_the_digest_they_were_pulled_by(self) -> None:
         (v1, config1), (v2, config2) = self.images["v1"], self.images["v2"]
