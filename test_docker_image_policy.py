@@ -185,6 +185,16 @@ class TestReference(unittest.TestCase):
             with self.subTest(text):
                 self.assertEqual(parse_reference(text).canonical, canonical)
 
+    def test_localhost_is_a_registry_without_a_port(self):
+        # distribution/reference reads "localhost" as a domain however it stands: never a Docker Hub user.
+        for text, canonical in [("localhost/evil:1", "localhost/evil:1"), ("localhost/team/app", "localhost/team/app:latest"),
+                                ("localhostx/app:1", "docker.io/localhostx/app:1")]:
+            with self.subTest(text):
+                self.assertEqual(parse_reference(text).canonical, canonical)
+        policy = policy_of({"whitelist": ["^docker\\.io/"], "defaultAllow": False})
+        verdict = policy.evaluate(parse_reference("localhost/evil:1"))
+        self.assertEqual((verdict.allow, verdict.rule), (False, "defaultAllow"))
+
     def test_familiar_forms(self):
         table = {
             "docker.io/library/nginx:1.25": "nginx:1.25",
@@ -914,6 +924,20 @@ class TestPolicy(unittest.TestCase):
             with self.subTest(pattern):
                 self.assertEqual(dip.literal_prefix(re.compile(pattern)), expected)
 
+    def test_the_first_matching_rule_in_file_order_decides(self):
+        # The index finds anchored and unanchored rules apart: the verdict still names the first in the
+        # file, which the log, --replay and --validate report.
+        for rules, image, index in [(["^nginx:", "nginx"], "nginx:1", 0), (["nginx", "^nginx:"], "nginx:1", 0),
+                                    (["^nginx:1", "^nginx:", "1$"], "nginx:1", 0), ([":1$", "^nginx:"], "nginx:1", 0),
+                                    (["^redis:", "q", "^nginx:", "nginx"], "nginx:1", 2),
+                                    (["^nginx", "^nginx:"], "nginx:1", 0), (["^nginx:", "^nginx"], "nginx:1", 0)]:
+            for kind in ("whitelist", "blacklist"):
+                with self.subTest(rules=rules, kind=kind):
+                    verdict = policy_of({kind: rules, "defaultAllow": kind == "blacklist"}).evaluate(
+                        parse_reference(image))
+                    self.assertEqual((verdict.allow, verdict.rule),
+                                     (kind == "whitelist", f"{kind}[{index}] {json.dumps(rules[index])}"))
+
     def test_indexed_lookup_equals_rule_by_rule_evaluation(self):
         rng = random.Random(6)
         hosts = ["docker.io", "quay.io", "localhost:5000", "registry.example.com", "ghcr.io"]
@@ -1640,14 +1664,16 @@ class TestRequests(unittest.TestCase):
         self.assertDecision(tag, False, f'"^team/app:1$" matches team/app:1{usual} for the new name', policy=policy)
 
     def test_a_first_component_that_is_no_domain_is_judged(self):
-        # "my_registry.example.com" has a dot, so it is read as a registry, but "_" is
-        # not allowed in a host name: such a name is judged (here: denied), never an error.
-        for request in [pull("/v1.41/images/create?fromImage=my_registry.example.com/app&tag=1"),
-                        authz("POST", "/v1.41/containers/create", {"Image": "my_registry.example.com/app:1"})]:
+        # "my_registry.example.com" has a dot, so distribution reads it as a registry, and "_" is not
+        # allowed in a host name: dockerd refuses the name, and so does the plugin, saying why.
+        for request, operation in [(pull("/v1.41/images/create?fromImage=my_registry.example.com/app&tag=1"),
+                                    "pull or import"),
+                                   (authz("POST", "/v1.41/containers/create", {"Image": "my_registry.example.com/app:1"}),
+                                    "run")]:
             with self.subTest(request["RequestUri"]):
-                decision = self.decide(request)
-                self.assertEqual(decision.allow, False)
-                self.assertIn(decision.rule, ("unreadable", "defaultAllow"))
+                decision = self.decide(request, policy=policy_of({"defaultAllow": True}))
+                self.assertEqual((decision.allow, decision.operation, decision.rule), (False, operation, "unreadable"))
+                self.assertIn("'my_registry.example.com' is not a valid registry host name", decision.reason)
 
     def test_opaque_operations_follow_their_setting(self):
         routes = {"/v1.41/images/load": "load", "/v1.41/images/create?fromSrc=-&repo=x": "import",
@@ -1687,6 +1713,11 @@ class TestRequests(unittest.TestCase):
                     "/v1.41/Images/Create?fromImage=redis&tag=7"]:
             with self.subTest(uri):
                 self.assertDecision(pull(uri), False, denied)
+        # dockerd routes /v{version:[0-9.]+}/…: any run of digits and dots is a version prefix.
+        for version in ["/v1.41.0", "/v1", "/v1.4.1.2", "/v.", "/v1..41"]:
+            with self.subTest(version):
+                self.assertDecision(pull(f"{version}/images/create?fromImage=redis&tag=7"), False, denied)
+        self.assertIs(self.decide(pull("/v1.41a/images/create?fromImage=redis&tag=7")), dip.BENIGN)
         self.assertDecision(pull("/v1.41/images/redis%3A7/tag?repo=nginx&tag=1"), False, "tag of redis:7 denied")
         self.assertDecision(pull("/v1.41/images/%zz/create?fromImage=redis"), False, "invalid %-escape")
         self.assertDecision(pull("relative/images/create?fromImage=redis"), False, "neither a path")
@@ -1803,6 +1834,17 @@ class TestRequests(unittest.TestCase):
                             False, "image mount of redis:7 denied: no whitelist rule matches")
         self.assertTrue(run("nginx:1", ("image", "nginx:2"), ("volume", "redis")).allow)
         self.assertTrue(run("nginx:1", ("Image", "redis:7")).allow)   # dockerd rejects any other spelling
+        # Swarm's converter upper-cases a service mount's type (mountToGRPC): every spelling of image is one.
+        for kind in ("image", "Image", "IMAGE", "iMaGe", "\u0131mage"):   # Go's ToUpper makes the dotless i an I
+            with self.subTest(kind):
+                body = {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1", "Mounts": [
+                    {"Type": kind, "Source": "redis:7", "Target": "/m"}]}}}
+                self.assertDecision(authz("POST", "/v1.41/services/create", body), False, "service of redis:7 denied")
+        for kind in ("bind", "volume", "images", ""):
+            with self.subTest(kind):
+                body = {"TaskTemplate": {"ContainerSpec": {"Image": "nginx:1", "Mounts": [
+                    {"Type": kind, "Source": "redis:7", "Target": "/m"}]}}}
+                self.assertTrue(self.decide(authz("POST", "/v1.41/services/create", body)).allow)
         image_id = "sha256:" + "c" * 64
         redis = dip.LocalImage(image_id, ("redis:7",))
         docker = FakeDocker({image_id: [redis], "cccc": [redis]})
