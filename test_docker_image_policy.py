@@ -7185,6 +7185,7 @@ class EndToEnd:
         allowed = f"{self.registry}/allowed/busybox"
         self.addCleanup(self.apply_policy, self.test_policy)
         self.apply_policy(dict(self.test_policy, whitelist=self.test_policy["whitelist"] + ["^smuggled:"]))
+        self.docker_ok("pull", f"{allowed}:1")   # its digest pins the update below
         for name, first in [("back-refused", "smuggled:1"), ("back-allowed", f"{allowed}:1")]:
             self.docker_ok("service", "create", "--detach", "--no-resolve-image", "--name", name, first,
                            "busybox", "sleep", "60")
@@ -7635,7 +7636,7 @@ class EndToEnd:
 
     @unittest.skipUnless(LONG or REQUIRE_E2E, "takes a minute or two per engine: DOCKER_IMAGE_POLICY_LONG=1"
                                               " (CI runs it)")
-    def test_zz_downtime_as_a_user_sees_it(self):
+    def test_downtime_as_a_user_sees_it(self):
         # What a docker CLI call sees while the plugin is stopped (socket removed, as systemctl stop
         # leaves it) and after a crash (its socket left behind): how long until it fails, and the message.
         cls, image = type(self), f"{self.registry}/denied/busybox:1"
@@ -7668,8 +7669,10 @@ class EndToEnd:
             self.assertFalse(self.image_present(image))
         self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)
 
-    def test_zz_restart_plugin_under_running_dockerd(self):
+    def test_restart_plugin_under_running_dockerd(self):
         cls = type(self)
+        allowed = f"{self.registry}/allowed/busybox:1"
+        self.addCleanup(self.remove, allowed)
         cls.plugin.kill()   # leaves its socket behind, as a crash would
         cls.plugin.wait()
         self.assertTrue(cls.plugin_socket.exists())
@@ -7677,9 +7680,14 @@ class EndToEnd:
         results: dict[str, subprocess.CompletedProcess] = {}
         calls = [threading.Thread(target=lambda: results.update(pull=self.docker(CLIS[0], "pull", image))),
                  threading.Thread(target=lambda: results.update(ps=self.docker(CLIS[-1], "ps")))]
-        for call in calls:
-            call.start()
-        time.sleep(3)
+        with open(self.dir / "dockerd.log") as log:
+            log.seek(0, os.SEEK_END)
+            for call in calls:
+                call.start()
+            # pkg/plugins' callWithRetry warns at each failed connect: both calls have reached the plugin's socket.
+            logged: list[str] = []
+            wait_for(lambda: logged.append(log.read()) or "".join(logged).count("Unable to connect to plugin") >= 2,
+                     "dockerd's retries of both calls")
         self.assertEqual(results, {})   # dockerd holds the calls while the plugin is gone
         cls.start_plugin()              # over the stale socket
         cls.apply_policy(self.test_policy)
@@ -7688,7 +7696,7 @@ class EndToEnd:
         self.assertNotEqual(results["pull"].returncode, 0)
         self.assertFalse(self.image_present(image))
         self.assertEqual(self.docker(CLIS[0], "ps").returncode, 0)
-        self.assertEqual(self.docker(CLIS[-1], "pull", f"{self.registry}/allowed/busybox:1").returncode, 0)
+        self.assertEqual(self.docker(CLIS[-1], "pull", allowed).returncode, 0)
 
 
 class TestEndToEndEngine20(EndToEnd, unittest.TestCase):
