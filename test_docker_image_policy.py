@@ -179,6 +179,8 @@ class TestReference(unittest.TestCase):
             f"ubuntu:22.04@{DIGEST}": f"docker.io/library/ubuntu:22.04@{DIGEST}",
             f"ubuntu@{DIGEST}": f"docker.io/library/ubuntu@{DIGEST}",
             "LOCALHOST:5000/x": "localhost:5000/x:latest",
+            "LOCALHOST/x": "localhost/x:latest",   # an upper-case first component is a registry: the same host
+            "docker.io/library/team/app:1": "docker.io/library/team/app:1",
             "Quay.IO/calico/node:v3": "quay.io/calico/node:v3",
         }
         for text, canonical in table.items():
@@ -202,6 +204,7 @@ class TestReference(unittest.TestCase):
             "quay.io/calico/node:v3": "quay.io/calico/node:v3",
             "nginx": "nginx:latest",
             f"nginx@{DIGEST}": f"nginx@{DIGEST}",
+            "docker.io/library/team/app:1": "library/team/app:1",   # not team/app, another repository
         }
         for text, familiar in table.items():
             with self.subTest(text):
@@ -251,6 +254,15 @@ class TestReference(unittest.TestCase):
     def test_no_reference_is_longer_than_a_valid_one(self):
         # distribution/reference caps a whole name at 255 characters; rules never see more.
         self.assertEqual(parse_reference("a." * 124 + "io/x:1").domain, "a." * 124 + "io")
+        # At the limits: a name of 255 characters, a tag of 128, a sha512 digest; one more is refused.
+        name = "a." * 125 + "io/xx"
+        longest = f"{name}:{'t' * 128}@sha512:{'a' * 128}"
+        self.assertEqual(len(longest), dip.MAX_REFERENCE)
+        self.assertEqual(parse_reference(longest).repository, name)
+        with self.assertRaisesRegex(InvalidReference, "repository name longer than 255 characters"):
+            parse_reference(name + "x")
+        with self.assertRaisesRegex(InvalidReference, "longer than any valid reference"):
+            parse_reference(longest + "a")
         for text in ["a." * 127 + "io/x:1", "a." * 100000 + "io/x:1", "x" * 300, "nginx:" + "1" * 10**6]:
             with self.subTest(len(text)), self.assertRaisesRegex(InvalidReference, "longer than"):
                 parse_reference(text)
@@ -272,6 +284,10 @@ class TestReference(unittest.TestCase):
         self.assertEqual(pulled("nginx:1.25", ""), ("nginx:1.25", False))
         self.assertEqual(pulled("nginx", ""), ("nginx:latest", True))   # all tags
         self.assertEqual(pulled("nginx:", ""), ("nginx:latest", True))  # "pull -a" clients send "name:"
+        self.assertEqual(pulled(f"nginx@{DIGEST}", ""), (f"nginx@{DIGEST}", False))   # a digest is one image
+        for tag in ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32]:   # neither a digest nor a tag
+            with self.subTest(tag), self.assertRaisesRegex(InvalidReference, "invalid tag"):
+                pull_reference("nginx", tag)
         with self.assertRaises(InvalidReference):
             pull_reference("nginx", "bad:tag")
 
@@ -1387,6 +1403,10 @@ class TestScopes(unittest.TestCase):
         self.assertFalse(policy_of({"scopes": [{"allow": "docker.io/library/nginx"},
                                                {"deny": "docker.io/library/nginx", "tags": ["*-debug"]}]})
                          .evaluate_all_tags(nginx).allow)
+        # A blacklist rule may deny some of the tags: the scope cannot answer for all of them.
+        verdict = policy_of({"scopes": [{"allow": "docker.io/library/nginx"}], "blacklist": [":latest$"]}) \
+            .evaluate_all_tags(nginx)
+        self.assertEqual((verdict.allow, verdict.rule), (False, "all-tags"))
 
     def test_regex_rules_decide_first_and_aliases_are_caught_by_denies_only(self):
         policy = policy_of({"whitelist": ["^quay\\.io/calico/"], "blacklist": ["^evil/"],
@@ -1725,6 +1745,11 @@ class TestRequests(unittest.TestCase):
         self.assertDecision(pull("/v1.41/images/redis%3A7/tag?repo=nginx&tag=1"), False, "tag of redis:7 denied")
         self.assertDecision(pull("/v1.41/images/%zz/create?fromImage=redis"), False, "invalid %-escape")
         self.assertDecision(pull("relative/images/create?fromImage=redis"), False, "neither a path")
+        self.assertDecision(pull("http://docker?fromImage=redis"), False, "has no absolute path")
+        # Matched however the method and path are spelled, and whatever a name holds (a decoded newline too).
+        self.assertDecision(authz("post", "/v1.41/images/create?fromImage=redis&tag=7"), False, denied)
+        self.assertDecision(pull("/v1.41/IMAGES/redis:7/TAG?repo=nginx&tag=1"), False, "tag of redis:7 denied")
+        self.assertDecision(pull("/v1.41/images/redis%0A:7/tag?repo=nginx&tag=1"), False, "invalid reference")
 
     def test_query_read_like_go(self):
         for query, allow, reason in [
@@ -1884,6 +1909,12 @@ class TestRequests(unittest.TestCase):
                              (b'{"Image":"redis:7"} {"Image":"nginx:1"}', "run of redis:7 denied")]:
             with self.subTest(body):
                 self.assertDecision(authz("POST", "/v1.41/containers/create", body), False, reason)
+        # Base64 with characters outside its alphabet is no body dockerd sent, however it would decode.
+        request = authz("POST", "/v1.41/containers/create", {"Image": "nginx:1"})
+        self.assertTrue(self.decide(request).allow)
+        for encoded in ["!" + request["RequestBody"], request["RequestBody"] + "\n", request["RequestBody"][:-1]]:
+            with self.subTest(encoded):
+                self.assertDecision(dict(request, RequestBody=encoded), False, "RequestBody is not valid base64")
 
     def test_names_that_may_be_short_ids_are_resolved_through_docker(self):
         allowed_id, refused_id, nameless_id = "sha256:" + "b" * 64, "sha256:3f9a" + "1" * 60, "sha256:" + "d" * 64
