@@ -1388,6 +1388,8 @@ class TestScopes(unittest.TestCase):
         for image, allow, why in [
                 ("nginx:1.25", True, "scopes[0]"), ("nginx:stable", True, "scopes[0]"),
                 ("nginx:1.25-debug", False, "scopes[1]"), ("nginx:2", False, "no entry there allows it"),
+                # A tag pattern's dot is a dot, and the pattern covers the whole tag.
+                ("nginx:1x25", False, "no entry there allows it"), ("nginx:stable2", False, "no entry there allows it"),
                 ("nginx", False, "tags 1.*, stable"), (f"nginx@{digest}", False, "a digest has no tag"),
                 (f"nginx:1.25@{digest}", False, "a digest has no tag"),
                 ("registry.example.com/releases/app:1", False, "references by digest only"),
@@ -1520,6 +1522,11 @@ class TestScopes(unittest.TestCase):
                                         {"allow": "registry.example.com"}]})
         self.assertFalse(dip.decide(denying, dict(pull(uri), **tls_fields(alice, "bob")), NO_DOCKER).allow)
         self.assertTrue(dip.decide(denying, dict(pull(uri), **tls_fields(alice, "alice")), NO_DOCKER).allow)
+        # A cn glob covers the whole name: cn:mallory is not mallory2.
+        for cn, allow in [("mallory", False), ("mallory2", True), ("xmallory", True)]:
+            with self.subTest(cn):
+                asked = denying.asked_by(dip.caller_of_selectors([f"cn:{cn}"]))
+                self.assertEqual(dip.judge(asked, "pull", "registry.example.com/team-a/app:1").allow, allow)
         # --check --caller and a policy test's caller judge as that caller.
         judged = dataclasses.replace(policy.asked_by(dip.caller_of_selectors(["cn:ci-runner"])))
         self.assertTrue(dip.judge(judged, "pull", "registry.example.com/team-a/app:1").allow)
@@ -1789,6 +1796,8 @@ class TestRequests(unittest.TestCase):
                 self.assertDecision(authz("POST", uri, headers=headers), allow, reason)
         tag = authz("POST", "/v1.41/images/nginx:1/tag?repo=nginx&tag=2", headers={"Content-Type": form})
         self.assertDecision(tag, False, "form-encoded")
+        plugin = authz("POST", "/v1.41/plugins/pull?remote=nginx:1", headers={"Content-Type": "text/plain"})
+        self.assertDecision(plugin, False, "a body the plugin cannot see")
 
     def test_form_body_is_asked_about_before_import(self):
         # With imports allowed, a form body may still carry fromImage: dockerd would pull it.
@@ -1905,6 +1914,9 @@ class TestRequests(unittest.TestCase):
                              (b"null", "names no image"), (b"\xff\xfe", "not valid JSON"),
                              (b'{"HostConfig": {"Mounts": {}}}', "{} where a list of objects belongs"),
                              (b"[" * 5000, "nested too deeply"),
+                             # JSON's whitespace is four characters: Go refuses a form feed, a no-break space.
+                             (b'\x0c{"Image":"nginx:1"}', "not valid JSON"),
+                             ('\u00a0{"Image":"nginx:1"}'.encode(), "not valid JSON"),
                              # dockerd reads the first value (engines before 25) or rejects the rest.
                              (b'{"Image":"redis:7"} {"Image":"nginx:1"}', "run of redis:7 denied")]:
             with self.subTest(body):
@@ -1996,6 +2008,9 @@ class TestRequests(unittest.TestCase):
         ]:
             with self.subTest(uri):
                 self.assertDecision(authz("POST", uri, service("nginx:1")), allow, reason, docker=docker)
+        # Any rollback value but "previous" leaves the body judged too.
+        self.assertDecision(authz("POST", "/v1.41/services/api/update?rollback=Previous", service("redis:7")), False,
+                            "service of redis:7 denied", docker=docker)
         decision = self.decide(authz("POST", "/v1.41/services/web/update?rollback=previous", service("nginx:1")),
                                docker=None)
         self.assertIn("needs the Docker API", decision.reason)
