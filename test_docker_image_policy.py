@@ -6028,8 +6028,9 @@ def expected_verdict(config: dict[str, Any], reference: dip.Reference) -> tuple[
     """What the original plugin's loop says of a reference: (allow, rule, reason), rule by rule in file order.
 
     Independent of Policy.evaluate: each rule is Python's re over the forms,
-    the canonical ones too for a rule that names docker.io, and a blacklist
-    sees the repository's usual name as well.
+    the canonical ones too for a rule that names docker.io or a blacklist rule
+    that does not match every Docker Hub name, and a blacklist sees the
+    repository's usual name as well.
     """
     if reference.repository == "docker.io/library/moby-dangling":
         return False, "nameless", ("moby-dangling is the containerd image store's placeholder for an image that lost"
@@ -6039,7 +6040,10 @@ def expected_verdict(config: dict[str, Any], reference: dip.Reference) -> tuple[
     for kind in ("whitelist", "blacklist"):
         for also, spelling in spellings[:1] if kind == "whitelist" else spellings:
             for index, pattern in enumerate(config.get(kind, [])):
-                forms = spelling.forms(False) + (spelling.forms(True) if "docker\\.io" in pattern else ())
+                hub = ("docker.io/library/zz0:1", "docker.io/zz0/zz0:1")
+                canonical = "docker\\.io" in pattern or kind == "blacklist" and not all(
+                    re.search(pattern, name) for name in hub)
+                forms = spelling.forms(False) + (spelling.forms(True) if canonical else ())
                 if any(re.search(pattern, form) for form in forms):
                     return (kind == "whitelist", f"{kind}[{index}] {json.dumps(pattern)}",
                             f"{kind} rule {json.dumps(pattern)} matches{also}")
