@@ -5608,6 +5608,14 @@ def serve_admin(address: AdminAddress, plugin: Plugin, server: AdminServer | Non
     server.serve_forever()
 
 
+def startup_warnings() -> list[str]:
+    """What this Python lacks that the plugin would use: said once, at start, never silently degraded."""
+    if regex_parser is None:
+        return ["this Python has no re._parser: rules are not indexed by their literal prefix (each rule is tried"
+                " on every name, which is slower with many rules) and --validate cannot say what a rule begins with"]
+    return []
+
+
 def notify_systemd(state: str, log: Log) -> None:
     """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
 
@@ -5752,6 +5760,8 @@ def serve_plugin(args: argparse.Namespace, address: AdminAddress, log: Log, hand
     log.event("info", f"{PLUGIN_NAME} {__version__} serving {args.socket}, {admin}, policy"
               f" {args.config} ({policy.summary()}{' set by --mode' if args.mode else ''}, sha256"
               f" {policy.sha256[:12]})")
+    for warning in startup_warnings():
+        log.event("warning", warning)
     notify_systemd("READY=1", log)
     while True:
         signum = signal.sigwait(handled)

@@ -5908,6 +5908,15 @@ class TestOperations(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertTrue(result.stdout.startswith("Success"), result.stdout)
 
+    def test_a_missing_private_parser_is_said_at_start(self):
+        self.assertEqual(dip.startup_warnings(), [])
+        with mock.patch.object(dip, "regex_parser", None):
+            self.assertEqual(len(dip.startup_warnings()), 1)
+            self.assertIn("no re._parser: rules are not indexed", dip.startup_warnings()[0])
+            policy = policy_of({"whitelist": ["^nginx:"]})   # rules still decide, unindexed
+            self.assertTrue(policy.evaluate(parse_reference("nginx:1")).allow)
+            self.assertFalse(policy.evaluate(parse_reference("redis:1")).allow)
+
     def test_module_compiles_without_warnings(self):
         # An invalid escape in a docstring is a SyntaxWarning on Python 3.12 and later, printed to the
         # journal at every start: -W error makes it fail here, on every interpreter the machine has.
