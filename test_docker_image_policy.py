@@ -7977,6 +7977,36 @@ def benchmark(argv: list[str]) -> int:
     return 0
 
 
+def signature_routes(digest: str, payload: bytes, key_file: Path) -> dict[str, tuple[int, dict[str, str], bytes]]:
+    """A registry's answers for a cosign 2 signature of bench/app's digest: its .sig manifest and payload."""
+    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    signature = base64.b64encode(signed_by(key_file, payload)).decode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {}, "layers": [{
+                               "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                               "digest": payload_digest, "size": len(payload),
+                               "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: signature}}]}).encode()
+    return {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig":
+            (200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest),
+            f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
+
+
+def anonymous_registry(routes: dict[str, tuple[int, dict[str, str], bytes]]) -> dip.ThreadingHTTPServer:
+    """A stand-in registry on a free loopback port answering GET from routes, with no token flow."""
+    class Registry(StandInRegistryHandler):
+        def do_GET(self) -> None:
+            status, headers, body = routes.get(self.path, (404, {}, b"{}"))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def benchmark_signatures(work: Path) -> None:
     """A cosign signature check: the ECDSA verification, a first check through a loopback registry, a remembered one."""
     import statistics
@@ -7988,28 +8018,7 @@ def benchmark_signatures(work: Path) -> None:
                                        "image": {"docker-manifest-digest": digest},
                                        "type": "cosign container image signature"}, "optional": None}).encode()
     signature = signed_by(key_file, payload)
-    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {}, "layers": [{
-                               "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
-                               "digest": payload_digest, "size": len(payload),
-                               "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: base64.b64encode(signature).decode()}}]})
-
-    class Registry(StandInRegistryHandler):
-        routes = {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig":
-                  (200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest.encode()),
-                  f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
-
-        def do_GET(self) -> None:   # an anonymous registry: no token flow
-            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
-            self.send_response(status)
-            for name, value in {"Content-Length": str(len(body)), **headers}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = anonymous_registry(signature_routes(digest, payload, key_file))
     try:
         reference = parse_reference(f"127.0.0.1:{server.server_address[1]}/bench/app@{digest}")
 
@@ -8132,26 +8141,9 @@ def benchmark_signed_pulls(work: Path) -> None:
     payload = json.dumps({"critical": {"identity": {"docker-reference": "bench/app"},
                                        "image": {"docker-manifest-digest": digest},
                                        "type": "cosign container image signature"}, "optional": None}).encode()
-    payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
-    signature = base64.b64encode(signed_by(key_file, payload)).decode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "layers": [{"digest": payload_digest, "size": len(payload),
-                                       "annotations": {dip.COSIGN_SIGNATURE_ANNOTATION: signature}}]}).encode()
-
-    class Registry(StandInRegistryHandler):
-        routes = {f"/v2/bench/app/manifests/{digest.replace(':', '-')}.sig": (200, {}, manifest),
-                  "/v2/bench/app/manifests/v1": (200, {}, image), f"/v2/bench/app/manifests/{digest}": (200, {}, image),
-                  f"/v2/bench/app/blobs/{payload_digest}": (200, {}, payload)}
-        def do_GET(self) -> None:   # an anonymous registry: no token flow
-            status, headers, body = self.routes.get(self.path, (404, {}, b"{}"))
-            self.send_response(status)
-            for name, value in {"Content-Length": str(len(body)), **headers}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = dip.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = anonymous_registry({**signature_routes(digest, payload, key_file),
+                                 "/v2/bench/app/manifests/v1": (200, {}, image),
+                                 f"/v2/bench/app/manifests/{digest}": (200, {}, image)})
     try:
         host = f"127.0.0.1:{server.server_address[1]}"
         scopes = [{"allow": "docker.io"}, {"allow": f"{host}/bench", "signedBy": [str(work / "release.pub")]}]
