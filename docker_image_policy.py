@@ -172,15 +172,86 @@ CONFIG_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
 })
 MODES = frozenset({"enforce", "audit"})
 
-# Operations whose content the plugin cannot see, and the key deciding each.
-OPAQUE_OPERATIONS = MappingProxyType({
-    "build": ("allowBuild", "the plugin cannot see the Dockerfile or the base images dockerd will pull for it"),
-    "commit": ("allowCommit", "the plugin cannot see what the container holds"),
-    "import": ("allowImport", "the plugin cannot see what the archive or URL holds"),
-    "load": ("allowLoad", "the plugin cannot see which images the archive holds"),
-    "plugin-create": ("allowPluginCreate", "the plugin cannot see what the archive holds"),
-    "swarm": ("allowSwarm", "a swarm manager can then run any image on this host without asking any plugin"),
-})
+
+
+@dataclass(frozen=True, eq=False)
+class Operation:
+    """What a request does with images, by every name it goes by: one value per operation.
+
+    name: in decision lines, metrics and messages ("pull (all tags)").
+    command: in --check --operation and policy tests ("pull-all-tags"); none
+    for what no docker command sends alone. key and why: the setting that
+    decides an operation whose content the plugin cannot see. request: the
+    AuthZReq dockerd sends for the docker command (image, new name). replay:
+    how --replay makes a logged decision of it again.
+    """
+
+    name: str
+    command: str = ""
+    key: str = ""
+    why: str = ""
+    request: Callable[[str, str], dict[str, Any]] | None = None
+    replay: Callable[[Operation, Policy, dict[str, Any]], Decision] | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def opaque(self) -> bool:
+        return bool(self.key)
+
+
+# Every operation, in the order --operation lists them. The functions they
+# name are those of "Judging without dockerd", which decide a docker
+# command's request and a logged decision as dockerd's requests are decided.
+PULL = Operation("pull", "pull", request=lambda image, target: _pull_request(image),
+                 replay=lambda operation, policy, record: decide_pull(policy, canonical_reference(record["image"]), False))
+PULL_ALL_TAGS = Operation(
+    "pull (all tags)", "pull-all-tags",
+    request=lambda image, target: client_request(f"/images/create?fromImage={quote(image, safe='')}"),
+    replay=lambda operation, policy, record: decide_pull(policy, canonical_reference(record["image"]), True))
+RUN = Operation("run", "run", request=lambda image, target: client_request("/containers/create", {"Image": image}),
+                replay=lambda operation, policy, record: _replay_image(operation, policy, record))
+TAG = Operation("tag", "tag", request=lambda image, target: client_request(
+                    f"/images/{quote(image, safe='/:@')}/tag?repo={quote(target, safe='')}"),
+                replay=lambda operation, policy, record: _replay_tag(policy, record))
+SERVICE = Operation("service", "service", request=lambda image, target: _service_request(image),
+                    replay=lambda operation, policy, record: _replay_image(operation, policy, record))
+PLUGIN_INSTALL = Operation(
+    "plugin install", "plugin-install",
+    request=lambda image, target: client_request(f"/plugins/pull?remote={quote(image, safe='')}"),
+    replay=lambda operation, policy, record: _replay_image(operation, policy, record))
+
+
+def _opaque(name: str, key: str, why: str, path: str) -> Operation:
+    return Operation(name, name, key, why, request=lambda image, target: client_request(path),
+                     replay=lambda operation, policy, record: decide_opaque(policy, operation))
+
+
+BUILD = _opaque("build", "allowBuild", "the plugin cannot see the Dockerfile or the base images dockerd will pull"
+                " for it", "/build")
+COMMIT = _opaque("commit", "allowCommit", "the plugin cannot see what the container holds", "/commit")
+IMPORT = _opaque("import", "allowImport", "the plugin cannot see what the archive or URL holds",
+                 "/images/create?fromSrc=-")
+LOAD = _opaque("load", "allowLoad", "the plugin cannot see which images the archive holds", "/images/load")
+PLUGIN_CREATE = _opaque("plugin-create", "allowPluginCreate", "the plugin cannot see what the archive holds",
+                        "/plugins/create")
+SWARM = _opaque("swarm", "allowSwarm", "a swarm manager can then run any image on this host without asking any"
+                " plugin", "/swarm/init")
+# A run's image mounts, decided and logged apart from its image.
+IMAGE_MOUNT = Operation("image mount", replay=lambda operation, policy, record: _replay_image(operation, policy, record))
+# What a POST /images/create is until its query says which (an unreadable one stays so).
+PULL_OR_IMPORT = Operation("pull or import")
+# An AuthZReq read no further than its method and target.
+REQUEST = Operation("request")
+# Every request that can bring in or run no image.
+OTHER_REQUEST = Operation("other")
+OPERATIONS: MappingProxyType[str, Operation] = MappingProxyType({operation.name: operation for operation in (
+    PULL, PULL_ALL_TAGS, RUN, TAG, SERVICE, PLUGIN_INSTALL, BUILD, COMMIT, IMPORT, LOAD, PLUGIN_CREATE, SWARM,
+    IMAGE_MOUNT, PULL_OR_IMPORT, REQUEST, OTHER_REQUEST)})
+# By the names --operation and policy tests use.
+COMMANDS: MappingProxyType[str, Operation] = MappingProxyType(
+    {operation.command: operation for operation in OPERATIONS.values() if operation.command})
 
 
 class ImagePolicyError(Exception):
@@ -2105,7 +2176,7 @@ class Policy:
     mode: str
     check_run: bool
     message: str
-    operations: MappingProxyType[str, Verdict]   # every opaque operation's verdict, resolved at load
+    operations: MappingProxyType[Operation, Verdict]   # every opaque operation's verdict, resolved at load
     sha256: str = ""     # of the file's contents: logs and metrics say which policy decided
     tests: tuple[PolicyTest, ...] = ()             # the file's own expectations, run by load_tested_policy
     scopes: ScopeTable = NO_SCOPES
@@ -2184,7 +2255,7 @@ class Policy:
         return Verdict(False, "all-tags", "a pull of all tags is allowed only when a whitelist rule of the"
                        " form ^prefix covers every tag; pull a tag or digest instead")
 
-    def allows_operation(self, operation: str) -> Verdict:
+    def allows_operation(self, operation: Operation) -> Verdict:
         return self.operations[operation]
 
     def configuration(self) -> dict[str, Any]:
@@ -2193,7 +2264,7 @@ class Policy:
                 "blacklist": [rule.pattern for rule in self.blacklist.rules],
                 "scopes": [entry_document(entry) for entry in self.scopes.entries],
                 "defaultAllow": self.default_allow, "mode": self.mode, "checkRun": self.check_run,
-                **{key: self.operations[operation].allow for operation, (key, _) in OPAQUE_OPERATIONS.items()},
+                **{operation.key: verdict.allow for operation, verdict in self.operations.items()},
                 "message": self.message, "tests": [test.document() for test in self.tests]}
 
 
@@ -2267,12 +2338,14 @@ def compile_policy(text: str, path: str) -> Policy:
             ConfigError(path, "", "; ".join(f"{where}: {problem}" if where else problem for where, problem in problems))
     default_allow = settings["defaultAllow"]
     operations = {}
-    for operation, (key, why) in OPAQUE_OPERATIONS.items():
-        value = settings[key]
+    for operation in OPERATIONS.values():
+        if not operation.opaque:
+            continue
+        value = settings[operation.key]
         allowed = default_allow if value is None else value
-        origin = f"{key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
-            else f"{key!r} is {str(allowed).lower()}"
-        operations[operation] = Verdict(allowed, key, f"{origin}; {why}")
+        origin = f"{operation.key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
+            else f"{operation.key!r} is {str(allowed).lower()}"
+        operations[operation] = Verdict(allowed, operation.key, f"{origin}; {operation.why}")
     given = [POLICY_FILE.fields[key.translate(_GO_FOLD)][0] for key, _ in document]
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
                   settings["checkRun"], settings["message"], MappingProxyType(operations),
@@ -2314,7 +2387,7 @@ def go_era_warning(policy: Policy) -> str | None:
     and the keys that keep the Go plugin's behaviour."""
     if policy.keys - GO_PLUGIN_KEYS:
         return None
-    refused = {operation.replace("-", " "): verdict.rule for operation, verdict in policy.operations.items()
+    refused = {operation.name.replace("-", " "): verdict.rule for operation, verdict in policy.operations.items()
                if not verdict.allow}
     restore = ['"checkRun": false'] + [f'"{key}": true' for key in refused.values() if key != "allowImport"]
     return ("this file has only the Go plugin's keys (whitelist, blacklist, defaultAllow), and this plugin decides"
@@ -2381,7 +2454,7 @@ class PolicyTest:
     """One expectation a policy file carries: {"image": "nginx:1.25", "expect": "allow"}."""
 
     index: int
-    operation: str     # a key of CLIENT_REQUESTS
+    operation: Operation   # one with a command
     image: str
     target: str        # a tag's new name
     allow: bool
@@ -2400,7 +2473,7 @@ class PolicyTest:
             self.signed, "signed, as the test says" if self.signed else "not signed, as the test says")))
 
     def document(self) -> dict[str, Any]:
-        written = {"image": self.image, "operation": self.operation, "target": self.target, "caller": self.caller,
+        written = {"image": self.image, "operation": self.operation.command, "target": self.target, "caller": self.caller,
                    "at": self.at, "expect": "allow" if self.allow else "deny", "note": self.note}
         document: dict[str, Any] = {key: value for key, value in written.items()
                                     if value and (key, value) != ("operation", "pull")}
@@ -2423,17 +2496,18 @@ def compile_tests(path: str, tests: tuple[dict[str, Any], ...]) -> tuple[PolicyT
             raise ConfigError(path, where, '"expect" must be "allow" or "deny", '
                                            + (f"not {_shown(expect)}" if expect else "and is missing"))
         given = test.get("operation") or "pull"
-        operation = OPERATION_ALIASES.get(given, given)
-        if operation not in CLIENT_REQUESTS:
-            raise ConfigError(path, where, f'"operation" must be one of {", ".join(CLIENT_REQUESTS)},'
+        # The decision log's names are taken too: "pull (all tags)", "plugin install".
+        operation = COMMANDS.get(given) or OPERATIONS.get(given)
+        if operation is None or not operation.command:
+            raise ConfigError(path, where, f'"operation" must be one of {", ".join(COMMANDS)},'
                                            f" not {_shown(given)}")
         image, target = test.get("image", ""), test.get("target", "")
-        if operation in OPAQUE_OPERATIONS:
+        if operation.opaque:
             if image:
                 raise ConfigError(path, where, f"a {operation} names no image: remove \"image\"")
         elif not image:
             raise ConfigError(path, where, f'"image" is missing: a {operation} names an image')
-        if (operation == "tag") != bool(target):
+        if (operation is TAG) != bool(target):
             raise ConfigError(path, where, '"target", the new name, is needed for a tag and only for a tag')
         if image and not IMAGE_ID_LIKE_RE.fullmatch(image):
             try:
@@ -2874,7 +2948,7 @@ class Decision:
     """One authorization decision: answered, logged and counted the same way."""
 
     allow: bool
-    operation: str
+    operation: Operation
     image: str = ""      # canonical form, when the operation names an image
     familiar: str = ""
     rule: str = ""
@@ -2887,7 +2961,7 @@ class Decision:
 
     def __post_init__(self) -> None:
         # The decision log's fields, rendered once: a remembered decision is logged again and again.
-        fields: dict[str, Any] = {"operation": self.operation, "image": self.image, "rule": self.rule,
+        fields: dict[str, Any] = {"operation": self.operation.name, "image": self.image, "rule": self.rule,
                                   "reason": self.reason}
         # What --replay needs to decide it again: the name a run, service or tag gave (an image ID, a
         # short ID, a tag's source) when image does not already say it, and a tag's new name.
@@ -2933,7 +3007,7 @@ def _names_image(name: str, canonical: str) -> bool:
         return False
 
 
-BENIGN = Decision(True, "other", reason="not an image operation")
+BENIGN = Decision(True, OTHER_REQUEST, reason="not an image operation")
 
 
 class Unreadable(ImagePolicyError):
@@ -3283,7 +3357,7 @@ def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Deci
     method = authz.get("RequestMethod")
     if isinstance(method, str) and method.upper() != "POST":
         return BENIGN  # every route that brings in or runs an image is a POST
-    operation = "request"
+    operation = REQUEST
     try:
         request = Request(authz)
         found = find_route(request.path)
@@ -3300,7 +3374,7 @@ def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Deci
         return Decision(False, operation, rule="unreadable", reason=str(error))
 
 
-def find_route(path: str) -> tuple[tuple[str, Route], re.Match[str] | None] | None:
+def find_route(path: str) -> tuple[tuple[Operation, Route], re.Match[str] | None] | None:
     # Matched case-insensitively: a route dockerd would answer 404 may be denied.
     route = ROUTES.get(path.lower())
     if route:
@@ -3318,7 +3392,7 @@ def decide_images_create(policy: Policy, request: Request, match: re.Match[str] 
     request.check_no_form_body()
     query = request.query
     if not query.get("fromImage"):
-        return decide_opaque(policy, "import")
+        return decide_opaque(policy, IMPORT)
     request.check_query_is_whole()
     reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
     return decide_pull(policy, reference, all_tags)
@@ -3327,17 +3401,17 @@ def decide_images_create(policy: Policy, request: Request, match: re.Match[str] 
 def decide_pull(policy: Policy, reference: Reference, all_tags: bool) -> Decision:
     if all_tags:
         verdict = policy.evaluate_all_tags(reference)
-        return Decision(verdict.allow, "pull (all tags)", reference.repository, reference.familiar_repository,
+        return Decision(verdict.allow, PULL_ALL_TAGS, reference.repository, reference.familiar_repository,
                         verdict.rule, verdict.reason)
-    return decision_for("pull", reference, policy.evaluate(reference))
+    return decision_for(PULL, reference, policy.evaluate(reference))
 
 
 def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
     if not policy.check_run:
-        return unchecked("run")
+        return unchecked(RUN)
     image, *mounts = images_in_body("run", request.body())
-    return first_denial(itertools.chain([decide_image_name(policy, "run", image, docker)],
-                                        (decide_image_name(policy, "image mount", source, docker) for source in mounts)))
+    return first_denial(itertools.chain([decide_image_name(policy, RUN, image, docker)],
+                                        (decide_image_name(policy, IMAGE_MOUNT, source, docker) for source in mounts)))
 
 
 def decide_service(policy: Policy, request: Request, match: re.Match[str] | None,
@@ -3357,7 +3431,7 @@ def decide_service(policy: Policy, request: Request, match: re.Match[str] | None
         if not isinstance(previous, dict):
             raise Unreadable("the service has no previous spec to roll back to")
         specs.append(images_in_body("service", json.dumps(previous).encode()))
-    return first_denial((decide_image_name(policy, "service", image, docker, pulled_first=True)
+    return first_denial((decide_image_name(policy, SERVICE, image, docker, pulled_first=True)
                          for spec in specs for image in spec))
 
 
@@ -3368,16 +3442,16 @@ def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | 
     if not remote:
         raise Unreadable("a plugin pull without a 'remote' image")
     reference = parse_reference(remote)
-    return decision_for("plugin install", reference, policy.evaluate(reference))
+    return decision_for(PLUGIN_INSTALL, reference, policy.evaluate(reference))
 
 
 def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
     """A new name for a present image: the image must be allowed, and so must its new name."""
     if not policy.check_run:
-        return unchecked("tag")
+        return unchecked(TAG)
     request.check_query_is_whole()
     name = match["name"]   # type: ignore[index]
-    source = decide_image_name(policy, "tag", name, docker)
+    source = decide_image_name(policy, TAG, name, docker)
     if not source.allow:
         with contextlib.suppress(InvalidReference):   # logged for --replay; the source's denial stands
             source = dataclasses.replace(source, target=tag_target(request).canonical)
@@ -3409,20 +3483,20 @@ def tag_target(request: Request) -> Reference:
 def decide_tag_target(policy: Policy, source: Decision, target: Reference) -> Decision:
     """A tag whose source image is allowed (source) is decided by its new name."""
     verdict = policy.evaluate(target)
-    return Decision(verdict.allow, "tag", target.canonical, f"{source.familiar} as {target.familiar}",
+    return Decision(verdict.allow, TAG, target.canonical, f"{source.familiar} as {target.familiar}",
                     verdict.rule, f"{verdict.reason} for the new name", named=source.named or source.familiar,
                     target=target.canonical)
 
 
-def unchecked(operation: str) -> Decision:
+def unchecked(operation: Operation) -> Decision:
     return Decision(True, operation, rule="checkRun", reason="checkRun is false")
 
 
-def opaque(operation: str) -> tuple[str, Route]:
+def opaque(operation: Operation) -> tuple[Operation, Route]:
     return operation, lambda policy, request, match, docker: decide_opaque(policy, operation)
 
 
-def decide_opaque(policy: Policy, operation: str) -> Decision:
+def decide_opaque(policy: Policy, operation: Operation) -> Decision:
     verdict = policy.allows_operation(operation)
     return Decision(verdict.allow, operation, rule=verdict.rule, reason=verdict.reason)
 
@@ -3430,28 +3504,28 @@ def decide_opaque(policy: Policy, operation: str) -> Decision:
 # What the plugin does with POST /X: the operation its decisions are logged
 # and counted as (until the route names a more exact one), and who decides.
 # Paths are as dockerd registers them, after the optional /vN.NN prefix.
-ROUTES: MappingProxyType[str, tuple[str, Route]] = MappingProxyType({
-    "/images/create": ("pull or import", decide_images_create),
-    "/images/load": opaque("load"),
-    "/build": opaque("build"),
-    "/session": opaque("build"),   # BuildKit, over a hijacked connection
-    "/grpc": opaque("build"),
-    "/commit": opaque("commit"),
-    "/containers/create": ("run", decide_run),
-    "/services/create": ("service", decide_service),
-    "/plugins/pull": ("plugin install", decide_plugin_pull),
-    "/plugins/create": opaque("plugin-create"),
-    "/swarm/init": opaque("swarm"),
-    "/swarm/join": opaque("swarm"),
+ROUTES: MappingProxyType[str, tuple[Operation, Route]] = MappingProxyType({
+    "/images/create": (PULL_OR_IMPORT, decide_images_create),
+    "/images/load": opaque(LOAD),
+    "/build": opaque(BUILD),
+    "/session": opaque(BUILD),   # BuildKit, over a hijacked connection
+    "/grpc": opaque(BUILD),
+    "/commit": opaque(COMMIT),
+    "/containers/create": (RUN, decide_run),
+    "/services/create": (SERVICE, decide_service),
+    "/plugins/pull": (PLUGIN_INSTALL, decide_plugin_pull),
+    "/plugins/create": opaque(PLUGIN_CREATE),
+    "/swarm/init": opaque(SWARM),
+    "/swarm/join": opaque(SWARM),
 })
-ROUTE_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, Route]], ...] = (
-    (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), ("tag", decide_tag)),
-    (re.compile(r"/services/(?P<service>.+)/update", re.I | re.S), ("service", decide_service)),
-    (re.compile(r"/plugins/.+/upgrade", re.I | re.S), ("plugin install", decide_plugin_pull)),
+ROUTE_PATTERNS: tuple[tuple[re.Pattern[str], tuple[Operation, Route]], ...] = (
+    (re.compile(r"/images/(?P<name>.+)/tag", re.I | re.S), (TAG, decide_tag)),
+    (re.compile(r"/services/(?P<service>.+)/update", re.I | re.S), (SERVICE, decide_service)),
+    (re.compile(r"/plugins/.+/upgrade", re.I | re.S), (PLUGIN_INSTALL, decide_plugin_pull)),
 )
 
 
-def decision_for(operation: str, reference: Reference, verdict: Verdict, named: str = "") -> Decision:
+def decision_for(operation: Operation, reference: Reference, verdict: Verdict, named: str = "") -> Decision:
     return Decision(verdict.allow, operation, reference.canonical, reference.familiar, verdict.rule, verdict.reason,
                     named=named)
 
@@ -3468,7 +3542,7 @@ def first_denial(decisions: Iterable[Decision]) -> Decision:
     return first
 
 
-def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker | None,
+def decide_image_name(policy: Policy, operation: Operation, image: str, docker: Docker | None,
                       pulled_first: bool = False) -> Decision:
     """Decide on an image given by name, digest, ID or short ID.
 
@@ -3504,7 +3578,7 @@ def decide_image_name(policy: Policy, operation: str, image: str, docker: Docker
     return first_denial(decisions)
 
 
-def decide_present_image(policy: Policy, operation: str, image: str, reference: Reference,
+def decide_present_image(policy: Policy, operation: Operation, image: str, reference: Reference,
                          docker: Docker | None) -> Decision:
     """A name in a signed scope runs the image present under it: judged by that image's own signature."""
     try:
@@ -3540,7 +3614,7 @@ def cannot_look_up(error: ImagePolicyError) -> Signatures:
     return OfflineSignatures(SignatureVerdict(False, f"cannot look up the image present under the name: {error}"))
 
 
-def decide_local_image(policy: Policy, operation: str, image: str, local: LocalImage) -> Decision:
+def decide_local_image(policy: Policy, operation: Operation, image: str, local: LocalImage) -> Decision:
     """A present image is allowed when one of its names is."""
     denial = None
     judging = policy.of_image(local)
@@ -4387,35 +4461,16 @@ def client_request(path: str, body: dict[str, Any] | None = None) -> dict[str, A
     return request
 
 
-def _pull_request(image: str, target: str) -> dict[str, Any]:
+def _pull_request(image: str) -> dict[str, Any]:
     # docker pull sends tag=latest for a name without tag or digest; no tag at all means every tag.
     untagged = "@" not in image and ":" not in image.rsplit("/", 1)[-1]
     return client_request(f"/images/create?fromImage={quote(image, safe='')}" + ("&tag=latest" if untagged else ""))
 
 
-def _service_request(image: str, target: str) -> dict[str, Any]:
+def _service_request(image: str) -> dict[str, Any]:
     return client_request("/services/create", {"Name": "check", "TaskTemplate": {"ContainerSpec": {"Image": image}}})
 
 
-# What each docker CLI command sends, by the operation name --check, --operation
-# and policy tests use: the same requests are decided as dockerd's are.
-CLIENT_REQUESTS: MappingProxyType[str, Callable[[str, str], dict[str, Any]]] = MappingProxyType({
-    "pull": _pull_request,
-    "pull-all-tags": lambda image, target: client_request(f"/images/create?fromImage={quote(image, safe='')}"),
-    "run": lambda image, target: client_request("/containers/create", {"Image": image}),
-    "tag": lambda image, target: client_request(f"/images/{quote(image, safe='/:@')}/tag?repo={quote(target, safe='')}"),
-    "service": _service_request,
-    "plugin-install": lambda image, target: client_request(f"/plugins/pull?remote={quote(image, safe='')}"),
-    "build": lambda image, target: client_request("/build"),
-    "commit": lambda image, target: client_request("/commit"),
-    "import": lambda image, target: client_request("/images/create?fromSrc=-"),
-    "load": lambda image, target: client_request("/images/load"),
-    "plugin-create": lambda image, target: client_request("/plugins/create"),
-    "swarm": lambda image, target: client_request("/swarm/init"),
-})
-CHECK_OPERATIONS = tuple(CLIENT_REQUESTS)
-# The decision log's names for the same operations.
-OPERATION_ALIASES = MappingProxyType({"pull (all tags)": "pull-all-tags", "plugin install": "plugin-install"})
 
 
 class NoDaemon(Docker):
@@ -4431,9 +4486,11 @@ class NoDaemon(Docker):
 NO_DAEMON = NoDaemon()
 
 
-def judge(policy: Policy, operation: str, image: str, target: str = "", docker: Docker = NO_DAEMON) -> Decision:
+def judge(policy: Policy, operation: Operation, image: str, target: str = "", docker: Docker = NO_DAEMON) -> Decision:
     """The decision for a docker CLI command, made as dockerd's request would be."""
-    return decide(policy, CLIENT_REQUESTS[operation](image, target), docker)
+    if operation.request is None:
+        raise ImagePolicyError(f"no docker command sends a {operation} request alone")
+    return decide(policy, operation.request(image, target), docker)
 
 
 class PolicyTestsFailed(ConfigError):
@@ -4464,17 +4521,17 @@ def load_tested_policy(path: str) -> Policy:
     return policy
 
 
-def check_operation(policy: Policy, operation: str, images: list[str], target: str, docker: Docker,
+def check_operation(policy: Policy, operation: Operation, images: list[str], target: str, docker: Docker,
                     output: str) -> int:
     """--check: each image's decision for operation; 1 when any is denied."""
     results = [(image, judge(policy, operation, image, target, docker)) for image in images]
     if output == "json":
-        print(json.dumps([{"image": image, "operation": decision.operation, "decision": _verdict_word(decision),
+        print(json.dumps([{"image": image, "operation": decision.operation.name, "decision": _verdict_word(decision),
                            "canonical": decision.image, "rule": decision.rule, "reason": decision.reason}
                           for image, decision in results], indent=2))
     for image, decision in results if output == "text" else ():
-        print(image or operation)
-        if operation != "pull":
+        print(image or operation.command)
+        if operation is not PULL:
             print(f"  operation: {decision.operation}")
         if decision.image:
             print(f"  canonical: {decision.image}\n  familiar:  {decision.familiar}")
@@ -4561,12 +4618,12 @@ def scan_host(policy: Policy, docker: DockerAPI) -> Scan:
     findings = []
     for image in images:
         for name in image.names:   # in a signed scope, by the digest it was pulled by
-            findings.append(Finding("image", image.id, name, judge(policy.of_image(image), "pull", name)))
+            findings.append(Finding("image", image.id, name, judge(policy.of_image(image), PULL, name)))
         if not image.names:
-            findings.append(Finding("image", image.id, "<none>", judge(policy, "run", image.id, docker=host)))
+            findings.append(Finding("image", image.id, "<none>", judge(policy, RUN, image.id, docker=host)))
     for container in containers:
         findings.append(Finding("container", container.id, container.name,
-                                judge(policy, "run", container.image, docker=host)))
+                                judge(policy, RUN, container.image, docker=host)))
     for service in services or ():
         findings.append(Finding("service", service.id, service.name,
                                 decide(policy, client_request("/services/create", service.spec), host)))
@@ -4581,7 +4638,7 @@ def print_scan(policy: Policy, scan: Scan, output: str) -> int:
             "policy": policy.path, "policySha256": policy.sha256, "mode": policy.mode,
             "scanned": {"images": scan.images, "containers": scan.containers, "services": scan.services},
             "refused": [{"kind": finding.kind, "id": finding.id, "name": finding.name,
-                         "operation": finding.decision.operation, "image": finding.decision.image,
+                         "operation": finding.decision.operation.name, "image": finding.decision.image,
                          "rule": finding.decision.rule, "reason": finding.decision.reason}
                         for finding in refused],
             "exceptions": [{"kind": finding.kind, "id": finding.id, "name": finding.name, "rule": f"scopes[{entry.index}]",
@@ -4629,37 +4686,23 @@ def _logged_name(record: dict[str, Any]) -> Reference:
     return canonical_reference(record["image"])
 
 
-def _replay_image(operation: str) -> Callable[[Policy, dict[str, Any]], Decision]:
-    def replay(policy: Policy, record: dict[str, Any]) -> Decision:
-        if operation in ("run", "image mount") and not policy.check_run:
-            return unchecked("run")
-        reference = _logged_name(record)
-        return decision_for(operation, reference, policy.evaluate(reference))
-    return replay
+def _replay_image(operation: Operation, policy: Policy, record: dict[str, Any]) -> Decision:
+    if operation in (RUN, IMAGE_MOUNT) and not policy.check_run:
+        return unchecked(RUN)
+    reference = _logged_name(record)
+    return decision_for(operation, reference, policy.evaluate(reference))
 
 
 def _replay_tag(policy: Policy, record: dict[str, Any]) -> Decision:
     if not policy.check_run:
-        return unchecked("tag")
+        return unchecked(TAG)
     if not isinstance(record.get("target"), str):
         raise NotReplayable("a tag whose new name was not logged")
     reference = _logged_name(record)
-    source = decision_for("tag", reference, policy.evaluate(reference), reference.familiar)
+    source = decision_for(TAG, reference, policy.evaluate(reference), reference.familiar)
     return decide_tag_target(policy, source, canonical_reference(record["target"])) if source.allow else source
 
 
-# How a logged decision is made again, by its operation: by the same functions a request's is.
-REPLAYS: MappingProxyType[str, Callable[[Policy, dict[str, Any]], Decision]] = MappingProxyType({
-    "pull": lambda policy, record: decide_pull(policy, canonical_reference(record["image"]), False),
-    "pull (all tags)": lambda policy, record: decide_pull(policy, canonical_reference(record["image"]), True),
-    "plugin install": _replay_image("plugin install"),
-    "run": _replay_image("run"),
-    "image mount": _replay_image("image mount"),
-    "service": _replay_image("service"),
-    "tag": _replay_tag,
-    **{operation: functools.partial(lambda operation, policy, record: decide_opaque(policy, operation), operation)
-       for operation in OPAQUE_OPERATIONS},
-})
 
 
 def replay_decision(policy: Policy, record: dict[str, Any]) -> Decision:
@@ -4668,14 +4711,15 @@ def replay_decision(policy: Policy, record: dict[str, Any]) -> Decision:
         raise NotReplayable("a request that could not be read")
     if record.get("rule") == "image-id":
         raise NotReplayable("an image ID resolved at the time")
-    replay = REPLAYS.get(record.get("operation"))   # type: ignore[arg-type]
-    if replay is None:
+    name = record.get("operation")
+    operation = OPERATIONS.get(name) if isinstance(name, str) else None
+    if operation is None or operation.replay is None:
         raise NotReplayable("not an image operation")
     try:
         if policy.scopes.entries:   # judged at the time it was made, for the caller who asked
             policy = dataclasses.replace(policy.asked_by(logged_caller(record.get("caller"))),
                                          at=parse_time(record.get("time", "")))
-        return replay(policy, record)
+        return operation.replay(operation, policy, record)
     except (KeyError, TypeError, AttributeError, InvalidReference) as error:
         raise NotReplayable("a line without a readable image") from error
 
@@ -4762,9 +4806,9 @@ def replay_log(policy: Policy, lines: Any) -> Replay:
         was_allowed = record["decision"] == "allow"
         if decision.allow == was_allowed:
             continue
-        image = decision.familiar or decision.image or decision.operation
+        image = decision.familiar or decision.image or decision.operation.name
         change = replay.changes.setdefault((image, decision.allow), Change(image, decision))
-        change.operations[decision.operation] = change.operations.get(decision.operation, 0) + 1
+        change.operations[decision.operation.name] = change.operations.get(decision.operation.name, 0) + 1
     return replay
 
 
@@ -5195,7 +5239,7 @@ class Plugin:
         decision, outcome, response = answer
         if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
             self.log.decision(decision, outcome, policy)
-        self.metrics.count(decision.operation, outcome, time.perf_counter() - started)
+        self.metrics.count(decision.operation.name, outcome, time.perf_counter() - started)
         return response
 
     def decide(self, policy: Policy, body: bytes) -> tuple[Decision, bool]:
@@ -5205,13 +5249,13 @@ class Plugin:
         except (ValueError, RecursionError):
             authz = None
         if not isinstance(authz, dict):
-            return Decision(False, "request", rule="unreadable", reason="the AuthZ request is not a JSON object"), False
+            return Decision(False, REQUEST, rule="unreadable", reason="the AuthZ request is not a JSON object"), False
         docker, signatures = AskedDocker(self.docker), AskedSignatures(self.signatures)
         try:
             decision = decide(policy.judged_with(signatures), authz, docker)
         except Exception as error:  # the last line of defence: a fault is a deny, never a crash or an allow
             self.log.event("error", f"internal error deciding a request: {cut(repr(error))}")
-            return Decision(False, "request", rule="internal-error", reason=f"internal error: {cut(repr(error))}"), False
+            return Decision(False, REQUEST, rule="internal-error", reason=f"internal error: {cut(repr(error))}"), False
         user = authz.get("User")
         if decision is not BENIGN and isinstance(user, str) and user:
             decision = dataclasses.replace(decision, user=user)
@@ -5855,8 +5899,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", metavar="IMAGE", nargs="*",
                         help="print the decision for each image (none for an operation that names no image) and"
                              " exit: 0 all allowed, 1 any denied, 2 bad config")
-    parser.add_argument("--operation", metavar="OPERATION", choices=CHECK_OPERATIONS,
-                        help="what --check judges: " + ", ".join(CHECK_OPERATIONS) + " (default: pull); --check"
+    parser.add_argument("--operation", metavar="OPERATION", choices=tuple(COMMANDS),
+                        help="what --check judges: " + ", ".join(COMMANDS) + " (default: pull); --check"
                              " looks a run by image ID up only on an explicit --docker-host")
     parser.add_argument("--tag-target", metavar="NAME", help="the new name, for --check --operation tag")
     parser.add_argument("--caller", metavar="SELECTOR", action="append",
@@ -5901,9 +5945,9 @@ def main(argv: list[str] | None = None) -> int:
     at = parse_time(args.at) if args.at else None
     if args.at and at is None:
         parser.error(f"--at: expected a date (2027-01-31) or an RFC 3339 time with its zone, not {args.at!r}")
-    if (args.operation == "tag") != (args.tag_target is not None):
+    if (args.operation == TAG.command) != (args.tag_target is not None):
         parser.error("--tag-target NAME goes with --operation tag, and --operation tag needs it")
-    if args.check is not None and (args.operation in OPAQUE_OPERATIONS) == bool(args.check):
+    if args.check is not None and COMMANDS[args.operation or "pull"].opaque == bool(args.check):
         parser.error(f"--check: a {args.operation} names no image" if args.check else
                      "--check needs at least one IMAGE")
     if args.format != "text" and not (args.check is not None or args.scan or args.replay is not None):
@@ -5936,7 +5980,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = dataclasses.replace(policy, mode=args.mode)
     if args.check is not None:
         policy = dataclasses.replace(policy.asked_by(caller), at=at)
-        return check_operation(policy, args.operation or "pull", args.check or [""], args.tag_target or "",
+        return check_operation(policy, COMMANDS[args.operation or "pull"], args.check or [""], args.tag_target or "",
                                DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
     if args.scan:
         return scan_command(policy, args.docker_host, args.format)

@@ -829,7 +829,7 @@ class TestPolicy(unittest.TestCase):
             Path(path).write_text(text)
             policy = dip.load_policy(path)
             self.assertEqual(policy.configuration(), {**dip.CONFIG_DEFAULTS, **json.loads(text), **{
-                key: False for key, _ in dip.OPAQUE_OPERATIONS.values()}})
+                operation.key: False for operation in dip.OPERATIONS.values() if operation.opaque}})
             for repository, tag, rule in decisions[name]:
                 # The CLI 20.10 sends the familiar name, the CLI 28 the canonical one.
                 canonical = repository if "." in repository.split("/")[0] else \
@@ -841,9 +841,9 @@ class TestPolicy(unittest.TestCase):
                         self.assertEqual((decision.allow, decision.rule), (rule.startswith("whitelist"), rule))
         policy = policy_of(ORIGINAL_CONFIG)
         self.assertEqual((policy.mode, policy.check_run, policy.message), ("enforce", True, ""))
-        self.assertFalse(policy.allows_operation("load").allow)
-        self.assertTrue(policy_of(dict(ORIGINAL_CONFIG, defaultAllow=True)).allows_operation("build").allow)
-        self.assertFalse(policy_of({"defaultAllow": True, "allowBuild": False}).allows_operation("build").allow)
+        self.assertFalse(policy.allows_operation(dip.LOAD).allow)
+        self.assertTrue(policy_of(dict(ORIGINAL_CONFIG, defaultAllow=True)).allows_operation(dip.BUILD).allow)
+        self.assertFalse(policy_of({"defaultAllow": True, "allowBuild": False}).allows_operation(dip.BUILD).allow)
 
     def config_error(self, text: str) -> str:
         with self.assertRaises(dip.ConfigError) as caught:
@@ -894,7 +894,7 @@ class TestPolicy(unittest.TestCase):
                                 ' "mode": null, "allowBuild": null, "message": null, "tests": null}')
         self.assertEqual((policy.whitelist.rules, policy.blacklist.rules, policy.default_allow, policy.check_run,
                           policy.mode, policy.message, policy.tests), ((), (), False, True, "enforce", "", ()))
-        self.assertEqual(policy.operations["build"].reason.split(";")[0], "'allowBuild' is not set and defaultAllow"
+        self.assertEqual(policy.operations[dip.BUILD].reason.split(";")[0], "'allowBuild' is not set and defaultAllow"
                                                                           " is false")
         # A null in a list is Go's empty string, a rule that matches every name.
         self.assertEqual([r.pattern for r in policy_of_text('{"blacklist": [null, "^x"]}').blacklist.rules], ["", "^x"])
@@ -1227,7 +1227,7 @@ class TestPolicy(unittest.TestCase):
             {"image": "nginx", "operation": "pull (all tags)", "expect": "allow", "note": "every tag"},
             {"image": "nginx:1", "operation": "tag", "target": "redis:7", "expect": "deny"},
             {"operation": "load", "expect": "deny"}]})
-        self.assertEqual([(test.index, test.operation, test.allow) for test in policy.tests],
+        self.assertEqual([(test.index, test.operation.command, test.allow) for test in policy.tests],
                          [(0, "pull", True), (1, "pull-all-tags", True), (2, "tag", False), (3, "load", False)])
         self.assertEqual(policy.configuration()["tests"], [
             {"image": "nginx:1.25", "expect": "allow"},
@@ -1235,7 +1235,7 @@ class TestPolicy(unittest.TestCase):
             {"image": "nginx:1", "operation": "tag", "target": "redis:7", "expect": "deny"},
             {"operation": "load", "expect": "deny"}])
         self.assertEqual(policy_of(ORIGINAL_CONFIG).tests, ())
-        operations = ", ".join(dip.CLIENT_REQUESTS)
+        operations = ", ".join(dip.COMMANDS)
         for tests, error in [
             ({"image": "x"}, '"tests": must be a list of objects, not {"image": "x"}'),
             ([["nginx"]], '"tests"[0]: must be an object such as {"image": "nginx:1.25", "expect": "allow"},'
@@ -1526,11 +1526,11 @@ class TestScopes(unittest.TestCase):
         for cn, allow in [("mallory", False), ("mallory2", True), ("xmallory", True)]:
             with self.subTest(cn):
                 asked = denying.asked_by(dip.caller_of_selectors([f"cn:{cn}"]))
-                self.assertEqual(dip.judge(asked, "pull", "registry.example.com/team-a/app:1").allow, allow)
+                self.assertEqual(dip.judge(asked, dip.PULL, "registry.example.com/team-a/app:1").allow, allow)
         # --check --caller and a policy test's caller judge as that caller.
         judged = dataclasses.replace(policy.asked_by(dip.caller_of_selectors(["cn:ci-runner"])))
-        self.assertTrue(dip.judge(judged, "pull", "registry.example.com/team-a/app:1").allow)
-        self.assertFalse(dip.judge(policy, "pull", "registry.example.com/team-a/app:1").allow)
+        self.assertTrue(dip.judge(judged, dip.PULL, "registry.example.com/team-a/app:1").allow)
+        self.assertFalse(dip.judge(policy, dip.PULL, "registry.example.com/team-a/app:1").allow)
 
     def test_scope_configuration_errors(self):
         for entry, error in [
@@ -1703,7 +1703,7 @@ class TestRequests(unittest.TestCase):
                                     "run")]:
             with self.subTest(request["RequestUri"]):
                 decision = self.decide(request, policy=policy_of({"defaultAllow": True}))
-                self.assertEqual((decision.allow, decision.operation, decision.rule), (False, operation, "unreadable"))
+                self.assertEqual((decision.allow, decision.operation.name, decision.rule), (False, operation, "unreadable"))
                 self.assertIn("'my_registry.example.com' is not a valid registry host name", decision.reason)
 
     def test_opaque_operations_follow_their_setting(self):
@@ -1717,7 +1717,7 @@ class TestRequests(unittest.TestCase):
             for uri, operation in routes.items():
                 with self.subTest(uri=uri, allowed=allowed):
                     decision = self.decide(authz("POST", uri), policy=policy)
-                    self.assertEqual((decision.allow, decision.operation), (allowed, operation))
+                    self.assertEqual((decision.allow, decision.operation.name), (allowed, operation))
         policy = policy_of({"defaultAllow": False, "allowLoad": True, "allowBuild": True})
         for uri, allow in [("/v1.41/images/load", True), ("/v1.41/build", True), ("/session", True),
                            ("/v1.41/images/create?fromSrc=-", False), ("/v1.41/commit?container=c", False)]:
@@ -1814,7 +1814,7 @@ class TestRequests(unittest.TestCase):
         ]:
             with self.subTest(headers):
                 decision = self.decide(authz("POST", "/v1.41/images/create?fromSrc=-&repo=x", headers=headers), policy)
-                self.assertEqual((decision.allow, decision.operation), (allow, operation), decision)
+                self.assertEqual((decision.allow, decision.operation.name), (allow, operation), decision)
                 self.assertIn(reason, decision.reason)
 
     def test_json_keys_fold_like_go(self):
@@ -1970,7 +1970,7 @@ class TestRequests(unittest.TestCase):
         self.assertEqual((decision.allow, decision.reason), (False, "cannot resolve the image: Docker API at"
                                                                     " unix:///x: connection refused"))
         tag = self.decide(pull("/v1.41/images/3f9a1/tag?repo=nginx&tag=x"), docker=docker)
-        self.assertEqual((tag.allow, tag.operation), (False, "tag"))
+        self.assertEqual((tag.allow, tag.operation), (False, dip.TAG))
 
     def test_services_by_image_id_and_rollbacks(self):
         refused_id, allowed_id = "sha256:" + "f" * 64, "sha256:" + "a" * 64
@@ -2794,13 +2794,13 @@ class ConfigGenerator:
 
 def python_settings(policy: dip.Policy) -> dict[str, Any]:
     """What compile_policy made of a file, in the Go program's terms."""
-    raw = {key: None if "is not set" in policy.operations[operation].reason else policy.operations[operation].allow
-           for operation, (key, _) in dip.OPAQUE_OPERATIONS.items()}
+    raw = {operation.key: None if "is not set" in verdict.reason else verdict.allow
+           for operation, verdict in policy.operations.items()}
     return {"whitelist": [rule.pattern for rule in policy.whitelist.rules],
             "blacklist": [rule.pattern for rule in policy.blacklist.rules],
             "defaultAllow": policy.default_allow, "mode": policy.mode, "checkRun": policy.check_run,
             **raw, "message": policy.message,
-            "tests": [{"image": test.image, "operation": test.operation, "target": test.target,
+            "tests": [{"image": test.image, "operation": test.operation.command, "target": test.target,
                        "expect": "allow" if test.allow else "deny", "note": test.note} for test in policy.tests]}
 
 
@@ -4086,7 +4086,7 @@ class TestSignedScopes(unittest.TestCase):
                                              "&tag=v1"), FakeDocker({"built:1": [built]}),
                                policy=self.signed_policy(self.policy.configuration()["scopes"][0],
                                                          {"allow": "docker.io"}))
-        self.assertEqual((decision.allow, decision.operation), (False, "tag"))
+        self.assertEqual((decision.allow, decision.operation), (False, dip.TAG))
         self.assertIn(f"image {'b' * 12} was not pulled from {self.repository}", decision.reason)
         absent = self.decide(self.run_of(name), FakeDocker({name: []}))
         self.assertFalse(absent.allow)
@@ -4128,7 +4128,7 @@ class TestSignedScopes(unittest.TestCase):
         self.assertEqual(dip.policy_test_failures(policy), [])
         self.assertEqual(policy.configuration()["tests"][0], {"image": image, "expect": "allow", "signed": True})
         self.assertEqual(str(policy.tests[1]), f'"tests"[1] (pull of {image}, unsigned)')
-        for unchecked in (dip.judge(policy, "pull", image),   # a test without "signed", and --replay: no registry
+        for unchecked in (dip.judge(policy, dip.PULL, image),   # a test without "signed", and --replay: no registry
                           dip.replay_decision(policy, {"operation": "pull", "image": f"{image}", "rule": "scopes[0]"})):
             self.assertFalse(unchecked.allow)
             self.assertIn("scopes[0] needs a signature by release.pub: no signature can be verified here",
@@ -4784,7 +4784,7 @@ def buffered_log(test: unittest.TestCase, stream: Stream, interval: float) -> tu
 
 
 def decision_number(number: int) -> dip.Decision:
-    return dip.Decision(False, "pull", f"docker.io/library/redis:{number}", f"redis:{number}", "defaultAllow",
+    return dip.Decision(False, dip.PULL, f"docker.io/library/redis:{number}", f"redis:{number}", "defaultAllow",
                         "no whitelist rule matches and defaultAllow is false")
 
 
@@ -4856,7 +4856,7 @@ class TestOperations(unittest.TestCase):
         # Every field at its longest and costliest to encode (a control character is
         # \u0000, a character outside the BMP two \u escapes), in the longest outcome.
         worst = "\x00\U0001f600\ud800\u2028\"" * 100_000
-        decision = dip.Decision(False, "pull (all tags)", *[worst] * 4, user=worst, named="n" + worst, target=worst)
+        decision = dip.Decision(False, dip.PULL_ALL_TAGS, *[worst] * 4, user=worst, named="n" + worst, target=worst)
         log = io.StringIO()
         with mock.patch.dict(os.environ, JOURNAL_STREAM="x"), mock.patch.object(dip, "stderr_is_journal",
                                                                                 return_value=True):
@@ -4871,7 +4871,7 @@ class TestOperations(unittest.TestCase):
             self.assertLessEqual(len(json.dumps(record[key])), dip.MAX_LOG_FIELD)
         self.assertLess(len(line.encode()), 8 * 1024)   # the bound the README states; journald's LineMax is 48 KiB
         # Short fields are left whole.
-        self.assertNotIn("cut", dip.Decision(False, "pull", "docker.io/library/redis:7", "redis:7", "r", "x" * 900)
+        self.assertNotIn("cut", dip.Decision(False, dip.PULL, "docker.io/library/redis:7", "redis:7", "r", "x" * 900)
                          .log_fields)
 
     def test_remembered_answers_under_concurrent_threads(self):
@@ -5337,7 +5337,7 @@ class TestOperations(unittest.TestCase):
         log = dip.Log("info", stream, decisions="denies")
         policy = policy_of(ORIGINAL_CONFIG)
         for image in ("nginx:1", "redis:7", "nginx:2"):
-            decision = dip.judge(policy, "pull", image)
+            decision = dip.judge(policy, dip.PULL, image)
             log.decision(decision, "allow" if decision.allow else "deny", policy)
         denies = Path(self.fixture.dir, "denies.log")
         denies.write_text(stream.getvalue())
@@ -5437,7 +5437,7 @@ class TestOperations(unittest.TestCase):
                                         ("pull", "nginx:1.25", True)]:
             with self.subTest(operation=operation):
                 target = "evil/other:1" if operation == "tag" else ""
-                self.assertEqual(dip.judge(policy, operation, image, target).allow, allow)
+                self.assertEqual(dip.judge(policy, dip.COMMANDS[operation], image, target).allow, allow)
         # --mode overrides the file's mode wherever the file is read: the daemon, --check, --validate.
         Path(config).write_text(ORIGINAL_README_CONFIG)
         result = run_module("--config", config, "--mode", "audit", "--check", "redis:7")
@@ -5862,7 +5862,7 @@ class TestOperations(unittest.TestCase):
                 log = dip.Log("info", stream)
             log.event("error", "reload failed")
             log.event("warning", "slow")
-            log.decision(dip.Decision(False, "pull", "docker.io/library/redis:7", "redis:7"), "deny", ENFORCE)
+            log.decision(dip.Decision(False, dip.PULL, "docker.io/library/redis:7", "redis:7"), "deny", ENFORCE)
             stream.seek(0)
             lines = stream.read().splitlines()
         self.assertEqual([line[:3] for line in lines], ["<3>", "<4>", "<5>"])
