@@ -5331,6 +5331,35 @@ class BadRequest(ImagePolicyError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class PluginCall:
+    """A request on the plugin socket, read up to its body: what answering it needs."""
+
+    method: bytes
+    target: bytes
+    length: int        # of the body, from Content-Length
+    keep_alive: bool
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What the plugin answers on one target of its socket."""
+
+    respond: Callable[[Plugin, bytes], bytes]   # the answer to a body
+    reads_body: bool = True   # AuthZRes: the response dockerd captured is discarded, never decoded
+
+
+# The plugin socket's endpoints, by target: decisions are made in AuthZReq.
+PLUGIN_ENDPOINTS: MappingProxyType[bytes, Endpoint] = MappingProxyType({
+    b"/AuthZPlugin.AuthZReq": Endpoint(lambda plugin, body: plugin.authorize(body)),
+    b"/AuthZPlugin.AuthZRes": Endpoint(lambda plugin, body: ALLOW_RESPONSE, reads_body=False),
+    b"/Plugin.Activate": Endpoint(lambda plugin, body: ACTIVATE_RESPONSE),
+    HEALTH_ENDPOINT.encode(): Endpoint(lambda plugin, body: _plugin_response(plugin.status())),
+})
+OVERSIZED_RESPONSE = _plugin_response({"Allow": False, "Err": "",
+                                       "Msg": f"request denied: AuthZ request larger than {MAX_BODY} bytes"})
+
+
 class PluginHandler(BaseHTTPRequestHandler):
     """dockerd's side of the plugin socket: Plugin.Activate, AuthZReq, AuthZRes.
 
@@ -5350,10 +5379,11 @@ class PluginHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self.close_connection = True
         try:
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not line:
+            call = self.read_call()
+            if call is None:
                 return
-            self.answer(line)
+            self.wfile.write(self.answer(call))
+            self.close_connection = not call.keep_alive
         except BadRequest as error:
             body = json.dumps({"Err": str(error)}).encode()
             with contextlib.suppress(OSError):
@@ -5363,7 +5393,11 @@ class PluginHandler(BaseHTTPRequestHandler):
         except OSError:
             return  # an idle, stalled or vanished client (timeouts and resets): close the connection
 
-    def answer(self, line: bytes) -> None:
+    def read_call(self) -> PluginCall | None:
+        """The request line and headers, read once; None when the client closed the connection before it."""
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not line:
+            return None
         if len(line) > MAX_REQUEST_LINE:
             raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
         if not line.endswith(b"\n"):
@@ -5378,7 +5412,7 @@ class PluginHandler(BaseHTTPRequestHandler):
         for _ in range(MAX_HEADERS + 1):
             header = readline(MAX_HEADER_LINE + 1)
             if header == b"\r\n" or header == b"\n":
-                break
+                return PluginCall(method, target, length, keep_alive)
             if not header.endswith(b"\n"):
                 if len(header) > MAX_HEADER_LINE:
                     raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
@@ -5386,8 +5420,6 @@ class PluginHandler(BaseHTTPRequestHandler):
             name, colon, value = header.partition(b":")
             if not colon:
                 raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
-            if len(name) not in (10, 14, 17):   # only these three header names matter
-                continue
             name = name.lower()
             if name == b"content-length":
                 if not value.strip().isdigit() or len(value.strip()) > 18:
@@ -5398,33 +5430,26 @@ class PluginHandler(BaseHTTPRequestHandler):
                 keep_alive = option == b"keep-alive" or (keep_alive and option != b"close")
             elif name == b"transfer-encoding":
                 raise BadRequest(HTTPStatus.NOT_IMPLEMENTED, "chunked requests are not supported; send Content-Length")
-        else:
-            raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
-        if method != b"POST":
+        raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
+
+    def answer(self, call: PluginCall) -> bytes:
+        """The answer to a call, once its body is read (or discarded)."""
+        if call.method != b"POST":
             raise BadRequest(HTTPStatus.METHOD_NOT_ALLOWED, "plugin endpoints accept POST only")
-        if target == b"/AuthZPlugin.AuthZRes":
-            # Decisions are made in AuthZReq; the response is not even decoded.
-            self.discard(length)
-            response = ALLOW_RESPONSE
-        elif length > MAX_BODY:
-            self.discard(length)
-            response = _plugin_response({"Allow": False, "Err": "",
-                                         "Msg": f"request denied: AuthZ request larger than {MAX_BODY} bytes"})
-        else:
-            with self.server.plugin.turn(length):
-                body = self.rfile.read(length)
-                if len(body) < length:
-                    raise ConnectionError("client closed the connection mid-body")
-                if target == b"/AuthZPlugin.AuthZReq":
-                    response = self.server.plugin.authorize(body)
-                elif target == b"/Plugin.Activate":
-                    response = ACTIVATE_RESPONSE
-                elif target == HEALTH_ENDPOINT.encode():
-                    response = _plugin_response(self.server.plugin.status())
-                else:
-                    raise BadRequest(HTTPStatus.NOT_FOUND, f"no such plugin endpoint {target[:100]!r}")
-        self.wfile.write(response)
-        self.close_connection = not keep_alive
+        endpoint = PLUGIN_ENDPOINTS.get(call.target)
+        if endpoint is None:
+            raise BadRequest(HTTPStatus.NOT_FOUND, f"no such plugin endpoint {call.target[:100]!r}")
+        if not endpoint.reads_body:
+            self.discard(call.length)
+            return endpoint.respond(self.server.plugin, b"")
+        if call.length > MAX_BODY:
+            self.discard(call.length)
+            return OVERSIZED_RESPONSE
+        with self.server.plugin.turn(call.length):
+            body = self.rfile.read(call.length)
+            if len(body) < call.length:
+                raise ConnectionError("client closed the connection mid-body")
+            return endpoint.respond(self.server.plugin, body)
 
     def discard(self, length: int) -> None:
         while length > 0:
