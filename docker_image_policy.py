@@ -3167,6 +3167,7 @@ class Request:
         self.method, self.target = method, target
         self.path, self.raw_query = split_target(target)
         self._query: dict[str, str] | None = None
+        self.vars: dict[str, str] = {}   # what the route's path names, as dockerd's router's mux.Vars
 
     @property
     def query(self) -> dict[str, str]:
@@ -3349,7 +3350,7 @@ class Docker:
         raise NotImplementedError
 
 
-Route = Callable[[Policy, Request, "re.Match[str] | None", "Docker | None"], "Decision"]
+Route = Callable[[Policy, Request, "Docker | None"], "Decision"]
 
 
 def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Decision:
@@ -3360,34 +3361,35 @@ def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Deci
     operation = REQUEST
     try:
         request = Request(authz)
-        found = find_route(request.path)
+        found = find_route(request)
         if found is None:
             return BENIGN
-        (operation, route), match = found
+        operation, route = found
         caller = caller_of(authz)
         if caller.identified:
             policy = policy.asked_by(caller)
-        decision = route(policy, request, match, docker)
+        decision = route(policy, request, docker)
         caller = caller if caller.identified else policy.caller
         return dataclasses.replace(decision, caller=caller) if caller.identified else decision
     except (Unreadable, InvalidReference) as error:
         return Decision(False, operation, rule="unreadable", reason=str(error))
 
 
-def find_route(path: str) -> tuple[tuple[Operation, Route], re.Match[str] | None] | None:
+def find_route(request: Request) -> tuple[Operation, Route] | None:
+    """The route of request's path, with what the path names in request.vars."""
     # Matched case-insensitively: a route dockerd would answer 404 may be denied.
-    route = ROUTES.get(path.lower())
+    route = ROUTES.get(request.path.lower())
     if route:
-        return route, None
+        return route
     for pattern, route in ROUTE_PATTERNS:
-        match = pattern.fullmatch(path)
+        match = pattern.fullmatch(request.path)
         if match:
-            return route, match
+            request.vars = match.groupdict()
+            return route
     return None
 
 
-def decide_images_create(policy: Policy, request: Request, match: re.Match[str] | None,
-                         docker: Docker | None) -> Decision:
+def decide_images_create(policy: Policy, request: Request, docker: Docker | None) -> Decision:
     # Asked first: a form body dockerd does not forward may carry fromImage.
     request.check_no_form_body()
     query = request.query
@@ -3406,7 +3408,7 @@ def decide_pull(policy: Policy, reference: Reference, all_tags: bool) -> Decisio
     return decision_for(PULL, reference, policy.evaluate(reference))
 
 
-def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
+def decide_run(policy: Policy, request: Request, docker: Docker | None) -> Decision:
     if not policy.check_run:
         return unchecked(RUN)
     image, *mounts = images_in_body("run", request.body())
@@ -3414,10 +3416,9 @@ def decide_run(policy: Policy, request: Request, match: re.Match[str] | None, do
                                         (decide_image_name(policy, IMAGE_MOUNT, source, docker) for source in mounts)))
 
 
-def decide_service(policy: Policy, request: Request, match: re.Match[str] | None,
-                   docker: Docker | None) -> Decision:
+def decide_service(policy: Policy, request: Request, docker: Docker | None) -> Decision:
     specs = []
-    rollback = request.query.get("rollback", "") if match else ""
+    rollback = request.query.get("rollback", "") if "service" in request.vars else ""   # an update
     if rollback != "previous":
         specs.append(images_in_body("service", request.body()))
     if rollback:
@@ -3425,7 +3426,7 @@ def decide_service(policy: Policy, request: Request, match: re.Match[str] | None
         if docker is None:
             raise Unreadable("a rollback runs the service's previous spec, which needs the Docker API")
         try:
-            previous = docker.service(match["service"]).get("PreviousSpec")   # type: ignore[index]
+            previous = docker.service(request.vars["service"]).get("PreviousSpec")
         except ImagePolicyError as error:
             raise Unreadable(f"cannot read the service's previous spec: {error}") from None
         if not isinstance(previous, dict):
@@ -3435,8 +3436,7 @@ def decide_service(policy: Policy, request: Request, match: re.Match[str] | None
                          for spec in specs for image in spec))
 
 
-def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | None,
-                       docker: Docker | None) -> Decision:
+def decide_plugin_pull(policy: Policy, request: Request, docker: Docker | None) -> Decision:
     request.check_query_is_whole()
     remote = request.query.get("remote", "")
     if not remote:
@@ -3445,12 +3445,12 @@ def decide_plugin_pull(policy: Policy, request: Request, match: re.Match[str] | 
     return decision_for(PLUGIN_INSTALL, reference, policy.evaluate(reference))
 
 
-def decide_tag(policy: Policy, request: Request, match: re.Match[str] | None, docker: Docker | None) -> Decision:
+def decide_tag(policy: Policy, request: Request, docker: Docker | None) -> Decision:
     """A new name for a present image: the image must be allowed, and so must its new name."""
     if not policy.check_run:
         return unchecked(TAG)
     request.check_query_is_whole()
-    name = match["name"]   # type: ignore[index]
+    name = request.vars["name"]
     source = decide_image_name(policy, TAG, name, docker)
     if not source.allow:
         with contextlib.suppress(InvalidReference):   # logged for --replay; the source's denial stands
@@ -3493,7 +3493,7 @@ def unchecked(operation: Operation) -> Decision:
 
 
 def opaque(operation: Operation) -> tuple[Operation, Route]:
-    return operation, lambda policy, request, match, docker: decide_opaque(policy, operation)
+    return operation, lambda policy, request, docker: decide_opaque(policy, operation)
 
 
 def decide_opaque(policy: Policy, operation: Operation) -> Decision:
