@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 from urllib.parse import quote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
 if sys.version_info < (3, 11):
@@ -5897,8 +5897,21 @@ def admin_status(address: str) -> dict[str, Any]:
         connection.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+# The modes, one at a time (none: serve dockerd), in the order a conflict names them.
+MODE_FLAGS = ("--check", "--validate", "--scan", "--replay", "--health")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse names two exclusive flags in the order given; say it the same way whatever the order.
+        conflict = re.fullmatch(r"argument (\S+): not allowed with argument (\S+)", message)
+        if conflict and all(flag in MODE_FLAGS for flag in conflict.groups()):
+            message = " and ".join(sorted(conflict.groups(), key=MODE_FLAGS.index)) + " cannot be combined"
+        super().error(message)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog=PLUGIN_NAME, description="Docker authorization plugin that allows only approved images.")
     parser.add_argument("--config", metavar="PATH", default=DEFAULT_CONFIG,
                         help="policy file (default: %(default)s)")
@@ -5921,9 +5934,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-decisions", metavar="WHICH", default="all", choices=DECISION_LOGGING,
                         help="decisions the decision log keeps: all (image decisions and every deny), denies"
                              " (denies and would-denies only) or none (default: %(default)s)")
-    parser.add_argument("--check", metavar="IMAGE", nargs="*",
-                        help="print the decision for each image (none for an operation that names no image) and"
-                             " exit: 0 all allowed, 1 any denied, 2 bad config")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--check", metavar="IMAGE", nargs="*",
+                       help="print the decision for each image (none for an operation that names no image) and"
+                            " exit: 0 all allowed, 1 any denied, 2 bad config")
+    modes.add_argument("--validate", action="store_true",
+                       help="check the configuration, print warnings, run its tests, exit 0 (valid) or 2 (invalid)")
+    modes.add_argument("--scan", action="store_true",
+                       help="judge every image, container and service on --docker-host and print what the policy"
+                            " refuses: exit 0 nothing, 1 something, 2 bad config or unreachable daemon")
+    modes.add_argument("--replay", metavar="FILE",
+                       help="decide the decision log lines in FILE (- for stdin) again under --config and print"
+                            " what would change: exit 0 nothing, 1 something, 2 bad config, unreadable FILE or"
+                            " no decision in it")
+    modes.add_argument("--health", action="store_true",
+                       help="ask the running plugin on --socket whether it serves, and whether the admin listener"
+                            " is its own: exit 0 healthy, 1 not")
     parser.add_argument("--operation", metavar="OPERATION", choices=tuple(COMMANDS),
                         help="what --check judges: " + ", ".join(COMMANDS) + " (default: pull); --check"
                              " looks a run by image ID up only on an explicit --docker-host")
@@ -5933,84 +5959,59 @@ def main(argv: list[str] | None = None) -> int:
                              " unidentified (default: unidentified, as on the unix socket)")
     parser.add_argument("--at", metavar="TIME",
                         help="judge --check at this date (2027-01-31) or RFC 3339 time instead of now")
-    parser.add_argument("--validate", action="store_true",
-                        help="check the configuration, print warnings, run its tests, exit 0 (valid) or 2 (invalid)")
     parser.add_argument("--strict", action="store_true",
                         help="with --validate: exit 1 when there is any warning, as CI checks before a rollout")
-    parser.add_argument("--scan", action="store_true",
-                        help="judge every image, container and service on --docker-host and print what the policy"
-                             " refuses: exit 0 nothing, 1 something, 2 bad config or unreachable daemon")
-    parser.add_argument("--replay", metavar="FILE",
-                        help="decide the decision log lines in FILE (- for stdin) again under --config and print"
-                             " what would change: exit 0 nothing, 1 something, 2 bad config, unreadable FILE or"
-                             " no decision in it")
     parser.add_argument("--format", metavar="FORMAT", choices=("text", "json"), default="text",
                         help="output of --check, --scan and --replay: text or json (default: %(default)s)")
-    parser.add_argument("--health", action="store_true",
-                        help="ask the running plugin on --socket whether it serves, and whether the admin listener"
-                             " is its own: exit 0 healthy, 1 not")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--original-version", action="version", version=f"Version: {__version__}",
                         help=argparse.SUPPRESS)   # the original plugin's -version
-    try:
-        argv = translate_original_flags(sys.argv[1:] if argv is None else argv)
-    except ValueError as error:
-        parser.error(str(error))
-    args = parser.parse_args(argv)
-    modes = [flag for flag, given in [("--check", args.check is not None), ("--validate", args.validate), ("--scan", args.scan),
-                                      ("--replay", args.replay is not None), ("--health", args.health)] if given]
-    if len(modes) > 1:
-        parser.error(f"{modes[0]} and {modes[1]} cannot be combined")
+    return parser
+
+
+def check_arguments(parser: ArgumentParser, args: argparse.Namespace) -> AdminAddress:
+    """Refuse flags that do not go together (parser.error exits 2); the admin address --addr gives."""
     if (args.operation or args.tag_target or args.caller or args.at) and args.check is None:
         parser.error("--operation, --tag-target, --caller and --at go with --check")
     try:
-        caller = caller_of_selectors(args.caller or [])
+        args.caller = caller_of_selectors(args.caller or [])
     except ValueError as error:
         parser.error(f"--caller: {error}")
     at = parse_time(args.at) if args.at else None
     if args.at and at is None:
         parser.error(f"--at: expected a date (2027-01-31) or an RFC 3339 time with its zone, not {args.at!r}")
-    if (args.operation == TAG.command) != (args.tag_target is not None):
+    args.at = at
+    args.operation = COMMANDS[args.operation or PULL.command]
+    if (args.operation is TAG) != (args.tag_target is not None):
         parser.error("--tag-target NAME goes with --operation tag, and --operation tag needs it")
-    if args.check is not None and COMMANDS[args.operation or "pull"].opaque == bool(args.check):
+    if args.check is not None and args.operation.opaque == bool(args.check):
         parser.error(f"--check: a {args.operation} names no image" if args.check else
                      "--check needs at least one IMAGE")
     if args.format != "text" and not (args.check is not None or args.scan or args.replay is not None):
         parser.error("--format goes with --check, --scan or --replay")
-    docker_host_given = args.docker_host is not None
     if args.strict and not args.validate:
         parser.error("--strict is valid only with --validate")
     if args.registry_auth and (args.validate or args.replay is not None or args.health):
         parser.error("--registry-auth goes with serving, --check or --scan: the others ask no registry")
-    args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
     try:
         address = parse_addr(args.addr)
     except ValueError as error:
         parser.error(f"--addr: {error}")
-    if not args.docker_host.startswith(("unix://", "tcp://")):
-        parser.error(f"--docker-host: expected unix://PATH or tcp://HOST:PORT, not {args.docker_host!r}")
-    if not modes:
-        return serve(args, address)
-    if args.health:
-        return health_command(args.socket)
-    try:
-        policy = load_policy(args.config)
-        if args.check is not None or args.scan:   # signedBy is checked at the registry, as the daemon checks it
-            policy = policy.judged_with(registry_signatures(
-                args.registry_auth, DockerAPI(args.docker_host) if docker_host_given or args.scan else None))
-    except ConfigError as error:
-        print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
-        return 2
-    if args.mode:
-        policy = dataclasses.replace(policy, mode=args.mode)
-    if args.check is not None:
-        policy = dataclasses.replace(policy.asked_by(caller), at=at)
-        return check_operation(policy, COMMANDS[args.operation or "pull"], args.check or [""], args.tag_target or "",
-                               DockerAPI(args.docker_host) if docker_host_given else NO_DAEMON, args.format)
-    if args.scan:
-        return scan_command(policy, args.docker_host, args.format)
-    if args.replay is not None:
-        return replay_command(policy, args.replay, args.format)
+    docker_host = args.docker_host or DEFAULT_DOCKER_HOST
+    if not docker_host.startswith(("unix://", "tcp://")):
+        parser.error(f"--docker-host: expected unix://PATH or tcp://HOST:PORT, not {docker_host!r}")
+    return address
+
+
+def check_command(policy: Policy, args: argparse.Namespace) -> int:
+    """--check: judged as --caller at --at; a run by image ID is looked up only on an explicit --docker-host."""
+    policy = dataclasses.replace(policy.asked_by(args.caller), at=args.at)
+    docker = DockerAPI(args.docker_host) if args.docker_host is not None else NO_DAEMON
+    return check_operation(policy, args.operation, args.check or [""], args.tag_target or "", docker, args.format)
+
+
+def validate_command(policy: Policy, args: argparse.Namespace) -> int:
+    """--validate: the warnings, then the policy's own tests; with --strict a warning fails too."""
     warnings = [*policy.notes, *filter(None, [go_era_warning(policy)]), *scope_warnings(policy, time.time()),
                 *policy_warnings(policy)]
     for warning in warnings:
@@ -6019,6 +6020,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.config}: valid, {policy.summary()}")
     return 1 if args.strict and warnings else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        argv = translate_original_flags(sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        parser.error(str(error))
+    args = parser.parse_args(argv)
+    address = check_arguments(parser, args)
+    if args.health:
+        return health_command(args.socket)
+    if args.check is None and not (args.validate or args.scan or args.replay is not None):
+        args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
+        return serve(args, address)
+    try:
+        policy = load_policy(args.config)
+        if args.check is not None or args.scan:   # signedBy is checked at the registry, as the daemon checks it
+            policy = policy.judged_with(registry_signatures(args.registry_auth, DockerAPI(
+                args.docker_host or DEFAULT_DOCKER_HOST) if args.docker_host or args.scan else None))
+    except ConfigError as error:
+        print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
+        return 2
+    if args.mode:
+        policy = dataclasses.replace(policy, mode=args.mode)
+    if args.check is not None:
+        return check_command(policy, args)
+    if args.scan:
+        return scan_command(policy, args.docker_host or DEFAULT_DOCKER_HOST, args.format)
+    if args.replay is not None:
+        return replay_command(policy, args.replay, args.format)
+    return validate_command(policy, args)
 
 
 if __name__ == "__main__":
