@@ -2957,10 +2957,11 @@ class Decision:
     named: str = ""      # the image as the request named it (a run's, service's or tag's), if not image
     target: str = ""     # a tag's new name, canonical
     caller: Caller = UNIDENTIFIED   # who asked, when dockerd identified the client by its TLS certificate
-    log_fields: str = dataclasses.field(init=False, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        # The decision log's fields, rendered once: a remembered decision is logged again and again.
+    @functools.cached_property
+    def log_fields(self) -> str:
+        """The decision log's fields, rendered when first logged: a remembered decision is logged again and
+        again, and under --log-decisions none never."""
         fields: dict[str, Any] = {"operation": self.operation.name, "image": self.image, "rule": self.rule,
                                   "reason": self.reason}
         # What --replay needs to decide it again: the name a run, service or tag gave (an image ID, a
@@ -2976,7 +2977,7 @@ class Decision:
         text = json.dumps(fields)
         if len(text) > MAX_LOG_FIELD:
             text = json.dumps({key: _capped(value) for key, value in fields.items()})
-        object.__setattr__(self, "log_fields", text[1:])
+        return text[1:]
 
     def message(self, policy: Policy | None) -> str:
         what = f"{self.operation} of {self.familiar}" if self.familiar else self.operation
