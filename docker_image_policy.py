@@ -3176,16 +3176,27 @@ class Request:
             self._query = parse_query(self.raw_query)
         return self._query
 
-    def header(self, name: str) -> str | None:
+    @functools.cached_property
+    def headers(self) -> dict[str, tuple[str, Any]]:
+        """Each header by its lower-case name: the name as sent and its value, the first of a name."""
         headers = self.authz.get("RequestHeaders") or {}
         if not isinstance(headers, dict):
             raise Unreadable("RequestHeaders is not an object")
+        found: dict[str, tuple[str, Any]] = {}
         for key, value in headers.items():
-            if key.isascii() and key.lower() == name.lower():   # Go canonicalizes ASCII names only
-                if not isinstance(value, str):
-                    raise Unreadable(f"header {key} is not a string")
-                return value
-        return None
+            if key.isascii():   # Go canonicalizes ASCII names only
+                found.setdefault(key.lower(), (key, value))
+        return found
+
+    def header(self, name: str) -> str | None:
+        """The value of a header, name in lower case."""
+        found = self.headers.get(name)
+        if found is None:
+            return None
+        key, value = found
+        if not isinstance(value, str):
+            raise Unreadable(f"header {key} is not a string")
+        return value
 
     def body(self) -> bytes:
         """The JSON body dockerd will decode; no visible body means deny."""
@@ -3205,15 +3216,19 @@ class Request:
 
     def check_no_form_body(self) -> None:
         """Deny when a form-encoded body that dockerd does not forward may set query values."""
-        content_type = self.header("Content-Type") or ""
+        content_type = self.header("content-type") or ""
         if (go_lower(content_type.split(";")[0]).strip() == "application/x-www-form-urlencoded"
-                and self.header("Content-Length") != "0"):
+                and self.header("content-length") != "0"):
             raise Unreadable("a form-encoded body may override the query, and dockerd does not forward it")
 
     def check_query_is_whole(self) -> None:
         """Deny when dockerd may take form values from a body the plugin cannot see."""
         self.check_no_form_body()
-        if self.header("Content-Type") is None or self.header("Content-Length") == "0":
+        self.check_body_is_seen()
+
+    def check_body_is_seen(self) -> None:
+        """Deny when a body the plugin cannot see may carry form values (the form check already done)."""
+        if self.header("content-type") is None or self.header("content-length") == "0":
             return   # no Content-Type at all: dockerd does not parse the body as a form
         if self.authz.get("RequestBody") is not None:
             return
@@ -3396,7 +3411,7 @@ def decide_images_create(policy: Policy, request: Request, docker: Docker | None
     query = request.query
     if not query.get("fromImage"):
         return decide_opaque(policy, IMPORT)
-    request.check_query_is_whole()
+    request.check_body_is_seen()
     reference, all_tags = pull_reference(query["fromImage"], query.get("tag", ""))
     return decide_pull(policy, reference, all_tags)
 
