@@ -1636,9 +1636,18 @@ class Rule:
     prefix: str | None   # literal text every match starts with; None when unanchored
     only_prefix: bool    # the pattern is exactly ^prefix: it matches what starts with it
     canonical: bool      # matched against canonical forms too: a blacklist rule, or one that names docker.io
+    label: str = dataclasses.field(init=False, repr=False)       # whitelist[0] "^nginx:", as verdicts name it
+    verdict: Verdict = dataclasses.field(init=False, repr=False)   # what the rule says of a name it matches
+
+    def __post_init__(self) -> None:
+        # Made once, at load: every decision a rule takes names it the same way.
+        written = json.dumps(self.pattern)
+        object.__setattr__(self, "label", f"{self.kind}[{self.index}] {written}")
+        object.__setattr__(self, "verdict", Verdict(self.kind == "whitelist", self.label,
+                                                    f"{self.kind} rule {written} matches"))
 
     def __str__(self) -> str:
-        return f"{self.kind}[{self.index}] {json.dumps(self.pattern)}"
+        return self.label
 
 
 # Suffixes that make probe strings out of a prefix (see trusted_prefix).
@@ -1706,15 +1715,18 @@ class RuleSet:
     prefix_lengths: tuple[int, ...]
     unanchored: tuple[Rule, ...]
 
-    def candidates(self, texts: tuple[str, ...]) -> list[Rule]:
-        found = list(self.unanchored)
+    def candidates(self, texts: tuple[str, ...]) -> tuple[Rule, ...] | list[Rule]:
+        """The rules that can match one of texts, in file order."""
+        found: list[Rule] = []
         for text in texts:
             for length in self.prefix_lengths:
                 if length > len(text):
                     break
                 found += self.by_prefix.get(text[:length], ())
-        if len(found) > 1:
-            found = sorted(set(found), key=_rule_index)
+        if not found:
+            return self.unanchored   # already in order
+        if len(found) > 1 or self.unanchored:
+            return sorted(set(found).union(self.unanchored), key=_rule_index)
         return found
 
     def first_match(self, reference: Reference) -> Rule | None:
@@ -1750,6 +1762,8 @@ class Verdict:
     reason: str
 
 
+DEFAULT_ALLOWED = Verdict(True, "defaultAllow", "no rule matches and defaultAllow is true")
+DEFAULT_DENIED = Verdict(False, "defaultAllow", "no whitelist rule matches and defaultAllow is false")
 NAMELESS = Verdict(False, "nameless", "moby-dangling is the containerd image store's placeholder for an image that"
                    " lost its last name, and a nameless image has no name the policy could allow")
 
@@ -2221,20 +2235,19 @@ class Policy:
             return NAMELESS
         rule = self.whitelist.first_match(reference)
         if rule:
-            return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches")
+            return rule.verdict
         for spelling in (reference, reference.alias) if reference.alias else (reference,):
             rule = self.blacklist.first_match(spelling)
             if rule:
-                also = f" {spelling.familiar}, the same repository under its usual name" \
-                    if spelling is not reference else ""
-                return Verdict(False, str(rule), f"blacklist rule {json.dumps(rule.pattern)} matches{also}")
+                if spelling is reference:
+                    return rule.verdict
+                return Verdict(False, rule.label, f"{rule.verdict.reason} {spelling.familiar}, the same repository"
+                                                  " under its usual name")
         if self.scopes.entries:
             verdict = self.scopes.evaluate(reference, self.caller, self.now(), self.signatures)
             if verdict:
                 return verdict
-        if self.default_allow:
-            return Verdict(True, "defaultAllow", "no rule matches and defaultAllow is true")
-        return Verdict(False, "defaultAllow", "no whitelist rule matches and defaultAllow is false")
+        return DEFAULT_ALLOWED if self.default_allow else DEFAULT_DENIED
 
     def evaluate_all_tags(self, reference: Reference) -> Verdict:
         """A pull without a tag fetches every tag: allow only if every tag is."""
@@ -2245,7 +2258,7 @@ class Policy:
         for rule in self.whitelist.rules:
             forms = canonical if rule.canonical else familiar
             if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):   # type: ignore[arg-type]
-                return Verdict(True, str(rule), f"whitelist rule {json.dumps(rule.pattern)} matches every tag")
+                return Verdict(True, rule.label, f"{rule.verdict.reason} every tag")
         if self.scopes.entries and not self.blacklist.rules:
             verdict = self.scopes.evaluate_all_tags(reference, self.caller, self.now())
             if verdict:
@@ -2800,7 +2813,7 @@ def _allowed_by(policy: Policy, rule: Rule, text: str) -> Reference | None:
     except InvalidReference:
         return None
     verdict = policy.evaluate(reference)
-    return reference if verdict.allow and verdict.rule == str(rule) else None
+    return reference if verdict.allow and verdict.rule == rule.label else None
 
 
 def _overreach(rule: Rule, reference: Reference, length: int) -> str | None:
