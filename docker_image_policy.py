@@ -458,7 +458,7 @@ def pull_reference(from_image: str, tag: str) -> tuple[Reference, bool]:
             return Reference(reference.domain, reference.path, None, tag), False
         if not TAG_RE.fullmatch(tag):
             raise InvalidReference(f"invalid tag {tag!r}")
-        return dataclasses.replace(reference, tag=tag), False
+        return Reference(reference.domain, reference.path, tag, reference.digest), False
     return reference, reference.tag is None and reference.digest is None
 
 
@@ -3388,6 +3388,8 @@ def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Deci
     if isinstance(method, str) and method.upper() != "POST":
         return BENIGN  # every route that brings in or runs an image is a POST
     operation = REQUEST
+    user = authz.get("User")   # the TLS client user dockerd reports, logged with the decision
+    user = user if isinstance(user, str) else ""
     try:
         request = Request(authz)
         found = find_route(request)
@@ -3399,9 +3401,9 @@ def decide(policy: Policy, authz: dict[str, Any], docker: Docker | None) -> Deci
             policy = policy.asked_by(caller)
         decision = route(policy, request, docker)
         caller = caller if caller.identified else policy.caller
-        return dataclasses.replace(decision, caller=caller) if caller.identified else decision
+        return dataclasses.replace(decision, caller=caller, user=user) if caller.identified or user else decision
     except (Unreadable, InvalidReference) as error:
-        return Decision(False, operation, rule="unreadable", reason=str(error))
+        return Decision(False, operation, rule="unreadable", reason=str(error), user=user)
 
 
 def find_route(request: Request) -> tuple[Operation, Route] | None:
@@ -5285,9 +5287,6 @@ class Plugin:
         except Exception as error:  # the last line of defence: a fault is a deny, never a crash or an allow
             self.log.event("error", f"internal error deciding a request: {cut(repr(error))}")
             return Decision(False, REQUEST, rule="internal-error", reason=f"internal error: {cut(repr(error))}"), False
-        user = authz.get("User")
-        if decision is not BENIGN and isinstance(user, str) and user:
-            decision = dataclasses.replace(decision, user=user)
         return decision, not docker.asked and not signatures.asked
 
     def status(self) -> dict[str, Any]:
