@@ -4094,7 +4094,7 @@ class TestSignedScopes(unittest.TestCase):
         # A swarm task pulls the name itself: judged at the registry, as a pull is.
         service = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
             "Image": f"{self.repository}:v1@{v1}"}}}))
-        self.assertEqual((service.allow, service.operation), (True, "service"), service.reason)
+        self.assertEqual((service.allow, service.operation), (True, dip.SERVICE), service.reason)
         unpinned = self.decide(authz("POST", "/v1.41/services/create", {"TaskTemplate": {"ContainerSpec": {
             "Image": name}}}))
         self.assertFalse(unpinned.allow)
