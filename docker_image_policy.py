@@ -173,7 +173,6 @@ CONFIG_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
 MODES = frozenset({"enforce", "audit"})
 
 
-
 @dataclass(frozen=True, eq=False)
 class Operation:
     """What a request does with images, by every name it goes by: one value per operation.
@@ -201,9 +200,11 @@ class Operation:
         return bool(self.key)
 
 
-# Every operation, in the order --operation lists them. The functions they
-# name are those of "Judging without dockerd", which decide a docker
-# command's request and a logged decision as dockerd's requests are decided.
+# Every operation, in the order --operation lists them. Its lambdas are the
+# one place the module reaches forward: they are called only by the offline
+# tools, at the end, and name the routes' deciders and the functions of
+# "Judging without dockerd" and "Offline tools" that make a docker command's
+# request and decide a logged decision again.
 PULL = Operation("pull", "pull", request=lambda image, target: _pull_request(image),
                  replay=lambda operation, policy, record: decide_pull(policy, canonical_reference(record["image"]), False))
 PULL_ALL_TAGS = Operation(
@@ -1621,7 +1622,7 @@ def _holds(assertion: str, previous: str, following: str) -> bool:
 
 
 # --------------------------------------------------------------------------
-# Policy
+# Policy: rules and verdicts
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -1766,6 +1767,7 @@ DEFAULT_ALLOWED = Verdict(True, "defaultAllow", "no rule matches and defaultAllo
 DEFAULT_DENIED = Verdict(False, "defaultAllow", "no whitelist rule matches and defaultAllow is false")
 NAMELESS = Verdict(False, "nameless", "moby-dangling is the containerd image store's placeholder for an image that"
                    " lost its last name, and a nameless image has no name the policy could allow")
+
 
 # --------------------------------------------------------------------------
 # Policy: scopes (registries, namespaces and repositories by whole components)
@@ -2062,14 +2064,14 @@ class ScopeTable:
         return self.ends[index] if index < len(self.ends) else float("inf")
 
 
-def _as_usual_name(reference: Reference, judge: Callable[[Reference], Verdict | None]) -> Verdict | None:
-    """judge's verdict on reference, unless judge denies the same repository under its usual name."""
+def _as_usual_name(reference: Reference, verdict_of: Callable[[Reference], Verdict | None]) -> Verdict | None:
+    """verdict_of(reference), unless verdict_of denies the same repository under its usual name."""
     if reference.alias:
-        usual = judge(reference.alias)
+        usual = verdict_of(reference.alias)
         if usual is not None and not usual.allow:
             return Verdict(False, usual.rule, f"{usual.reason}, for {reference.alias.familiar}, the same repository"
                            " under its usual name")
-    return judge(reference)
+    return verdict_of(reference)
 
 
 NO_SCOPES = ScopeTable((), MappingProxyType({}), False, ())
@@ -2192,7 +2194,7 @@ class Policy:
     message: str
     operations: MappingProxyType[Operation, Verdict]   # every opaque operation's verdict, resolved at load
     sha256: str = ""     # of the file's contents: logs and metrics say which policy decided
-    tests: tuple[PolicyTest, ...] = ()             # the file's own expectations, run by load_tested_policy
+    tests: tuple[PolicyTest, ...] = ()             # the file's own expectations: see policy_test_failures
     scopes: ScopeTable = NO_SCOPES
     caller: Caller = UNIDENTIFIED                  # who asks: see asked_by
     at: float | None = None                        # judge at this time, not now (--check --at, tests, --replay)
@@ -2280,6 +2282,10 @@ class Policy:
                 **{operation.key: verdict.allow for operation, verdict in self.operations.items()},
                 "message": self.message, "tests": [test.document() for test in self.tests]}
 
+
+# --------------------------------------------------------------------------
+# The policy file: the Go plugin's Config, read as Go's encoding/json reads it
+# --------------------------------------------------------------------------
 
 # The policy file as Go's encoding/json reads it: the Go plugin's Config
 # struct (whitelist, blacklist, defaultAllow) with this plugin's keys beside it.
@@ -2393,73 +2399,6 @@ def _reading_notes(text: str, given: list[str], after: str) -> tuple[str, ...]:
         notes.append(f"the text after the configuration object (from line {line}) is ignored, as the Go plugin's"
                      " decoder ignored it")
     return tuple(notes)
-
-
-def go_era_warning(policy: Policy) -> str | None:
-    """For a file with only the Go plugin's keys: what this plugin decides that the Go plugin never looked at,
-    and the keys that keep the Go plugin's behaviour."""
-    if policy.keys - GO_PLUGIN_KEYS:
-        return None
-    refused = {operation.name.replace("-", " "): verdict.rule for operation, verdict in policy.operations.items()
-               if not verdict.allow}
-    restore = ['"checkRun": false'] + [f'"{key}": true' for key in refused.values() if key != "allowImport"]
-    return ("this file has only the Go plugin's keys (whitelist, blacklist, defaultAllow), and this plugin decides"
-            " more than pulls: it judges runs, creates, image mounts and tags by image name (\"checkRun\", default"
-            " true), and services and plugin installs too; build, commit, import, load, plugin create and swarm"
-            f" init/join follow allowBuild, allowCommit, allowImport, allowLoad, allowPluginCreate and allowSwarm,"
-            f" which follow defaultAllow ({str(policy.default_allow).lower()}"
-            + (": " + ", ".join(refused) + " are refused" if refused else "")
-            + "). The Go plugin let all of these through unchecked, except imports, which it failed. To decide only"
-            " what it decided, add " + ", ".join(restore) + " (services and plugin installs stay judged by name);"
-            " to keep the new checks, add them with the values you mean")
-
-
-# Registries anyone can push to: an allow over every host under one of them admits strangers' images.
-PUBLIC_REGISTRY_DOMAINS = frozenset({"docker.io", "docker.com", "gcr.io", "pkg.dev", "amazonaws.com", "ecr.aws",
-                                     "azurecr.io", "ghcr.io", "github.com", "quay.io", "gitlab.com", "icr.io",
-                                     "ocir.io", "k8s.io"})
-# Exceptions that end this soon are named by --validate, so that they are renewed or retired in time.
-EXCEPTION_NOTICE = 14 * 86400
-
-
-def scope_warnings(policy: Policy, now: float) -> list[str]:
-    """Mistakes scopes still allow: entries that ended or end soon, that no image reaches, that admit strangers."""
-    warnings = []
-    entries = policy.scopes.entries
-    for entry in entries:
-        if entry.until is not None and entry.until <= now:
-            warnings.append(f"{entry} ended at {entry.until_text}: it decides nothing now; remove it")
-        elif entry.until is not None and entry.until - now < EXCEPTION_NOTICE:
-            days = (entry.until - now) / 86400
-            warnings.append(f"{entry} ends at {entry.until_text}, in {days:.1f} days"
-                            + (f" (ticket {entry.ticket})" if entry.ticket else ""))
-        for tag in entry.tags:
-            if tag[0] in ".-":
-                warnings.append(f"{entry}: tags {json.dumps(tag)} matches no tag (a tag starts with a letter, digit"
-                                " or _)")
-        host = entry.scope.split("/")[0]
-        domain = host.removeprefix("*.").split(":")[0]
-        if entry.allow and host.startswith("*.") and ("." not in domain or any(
-                domain == public or domain.endswith("." + public) for public in PUBLIC_REGISTRY_DOMAINS)):
-            warnings.append(f"{entry} allows every registry under {domain}, where anyone can publish images; name"
-                            " your own registry or namespace instead")
-        components = entry.scope.split("/")
-        if components[0] == "docker.io" and len(components) == 2 and components[1] != "library":
-            warnings.append(f"{entry} is the Docker Hub namespace {components[1]} ({components[1]}/…), not the"
-                            f" official image {components[1]}, which is docker.io/library/{components[1]}")
-        blocker = next((other for other in entries if other.scope == entry.scope and not other.allow
-                        and not (other.tags or other.digest_only or other.callers or other.until)), None)
-        if entry.allow and blocker:
-            warnings.append(f"{entry} can never allow: {blocker} denies everything in its scope")
-        probes = [f"{entry.scope.replace('*.', 'zz0.')}/zz0:1", f"{entry.scope.replace('*.', 'zz0.')}/zz0/zz0:1"]
-        probes += [f"{entry.scope}:1"] if "/" in entry.scope and not host.startswith("*.") else []
-        for rules in (policy.whitelist, policy.blacklist):
-            decisive = {rules.first_match(parse_reference(probe)) for probe in probes}
-            if None not in decisive:
-                rule = min(decisive, key=_rule_index)   # type: ignore[arg-type]
-                warnings.append(f"{entry} is dead: {rule} decides every image in its scope first")
-                break
-    return warnings
 
 
 @dataclass(frozen=True)
@@ -2595,365 +2534,8 @@ def load_policy(path: str) -> Policy:
     return compile_policy(data.decode("utf-8", "docker-image-policy-go"), path)
 
 
-# Suffixes that complete a literal prefix into a reference, to see whether a
-# pattern can match any image at all.
-_COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
-# ^ at the start, after any inline flags such as (?i).
-ANCHORED_RE = re.compile(r"(?:\(\?[imsU]+\))*(?:\^|\\A)")
-# The inline flags a pattern starts with: a suggested fix keeps them.
-INLINE_FLAGS_RE = re.compile(r"(?:\(\?[imsU]+\))*")
-# Canonical names of Docker Hub images that no familiar-name rule was written for.
-# What may follow a whitelist rule's leading text in a name its author did not
-# mean: another Docker Hub user (nginxevil/miner), another repository
-# (quay.io/calico/node-evil), another registry (nginx:5000/evil/miner,
-# localhost:50000/evil/miner, registry.example.com.evil.example/miner).
-_NAME_PROBES = ("evil/miner", "-evil", ":5000/evil/miner", "{port}/evil/miner", ".evil.example/miner")
-# Images a blacklist rule may be shown refusing, when the rules suggest none.
-_SAMPLE_IMAGES = ("evil/miner:1", "ubuntu:latest")
-# Names of every shape, as rules see them: a rule that matches the empty text may still match none of them.
-_EVERY_KIND_OF_NAME = ("nginx:1", "someone/app:v2", "quay.io/calico/node:v3.27", "localhost:5000/a_b:1",
-                       "nginx@sha256:" + "0" * 64, "nginx:sha256:" + "0" * 64, "docker.io/library/nginx:1")
-# The start of a digest pin as the original plugin saw it (nginx:sha256:…), and the hex digits each digest has.
-_DIGEST_AS_TAG_RE = re.compile(r":(?P<algorithm>sha256|sha384|sha512):(?P<hex>[0-9a-f]*)\Z")
-_DIGEST_LENGTHS = MappingProxyType({"sha256": 64, "sha384": 96, "sha512": 128})
-# A dot that matches any character: not escaped, not in a class, not repeated as in .*
-_DOT_RE = re.compile(r"""
-      \\.                          # an escaped character
-    | \[\^?\]?(?:\\.|[^]\\])*\]    # a character class, where . is a dot
-    | (?P<dot>\.)(?![*+?{])        # a dot standing for any character
-    | .
-    """, re.VERBOSE | re.DOTALL)
-
-def _may_start_hub_names(prefix: str) -> bool:
-    """Whether canonical Docker Hub names (docker.io/…) may start with prefix: only then do they differ from
-    the familiar names a rule is matched against."""
-    return prefix.startswith("docker.io/") or "docker.io/".startswith(prefix)
-
-
-def policy_warnings(policy: Policy) -> list[str]:
-    """Likely mistakes in a valid configuration, for --validate: each names the
-    rule, an image it wrongly allows or refuses, or that it never matches, and a fix."""
-    warnings = []
-    for rule in policy.whitelist.rules + policy.blacklist.rules:
-        warnings += _pattern_warnings(rule)
-        if rule.kind == "whitelist":
-            warnings += _name_warnings(policy, rule)
-    bases = [text for text, _ in (_leading_text(rule.regex) for rule in policy.whitelist.rules) if text]
-    for blocked in policy.blacklist.rules:
-        for allowed in policy.whitelist.rules:
-            if (allowed.only_prefix and allowed.prefix is not None and blocked.prefix is not None
-                    and blocked.prefix.startswith(allowed.prefix)
-                    and (allowed.canonical or not blocked.canonical or not _may_start_hub_names(blocked.prefix))):
-                warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
-                break
-        else:
-            if not policy.default_allow:
-                warnings.append(_futile_warning(policy, blocked, bases))
-    return warnings
-
-
-def _pattern_warnings(rule: Rule) -> list[str]:
-    """Patterns that match everything, anywhere, or nothing at all."""
-    if rule.search(""):
-        matched = [name for name in _EVERY_KIND_OF_NAME if rule.search(name)]
-        if len(matched) == len(_EVERY_KIND_OF_NAME):
-            if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
-                return [f"{rule}: matches every image, so the whitelist allows everything"]
-            return []
-        if not matched:
-            return [f"{rule}: matches the empty text but no image name: every reference has a tag or digest"
-                    " (nginx:1), which it does not allow for"]
-    if rule.prefix is None:
-        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\z)$", rule.pattern):
-            return [f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name"]
-    else:
-        forms: set[str] = set()
-        for name in [rule.prefix + completion for completion in _COMPLETIONS] + [_pinned(rule.prefix)]:
-            try:
-                reference = parse_reference(name)
-            except InvalidReference:
-                continue
-            forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
-        if not any(form.startswith(rule.prefix) for form in forms):
-            return [f"{rule}: no image reference can match it (rules see familiar names such as nginx:1.25, and"
-                    " canonical ones such as docker.io/library/nginx:1.25 only when they name docker.io;"
-                    " index.docker.io is spelled docker.io)"]
-        if not rule.canonical and any(rule.search(probe) for probe in HUB_PROBES):
-            what = "allow" if rule.kind == "whitelist" else "refuse"
-            return [f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did, so it does"
-                    f" not {what} every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is"
-                    f" matched against canonical names too"]
-    text = _exact_text(rule.regex)
-    if text is None or any(_seen_by(rule, candidate) for candidate in {text, text.lower()}):
-        return []
-    flags = _inline_flags(rule)
-    try:
-        reference = parse_reference(text.lower() if rule.regex.flags & re.IGNORECASE else text)
-    except InvalidReference:
-        return [f"{rule}: never matches: no image reference is spelled {text}"]
-    seen = reference.canonical if rule.canonical else reference.familiar
-    name = reference.repository if rule.canonical else reference.familiar_repository
-    return [f"{rule}: never matches: every image reference has a tag or digest, and {text} is matched as {seen};"
-            f" use {flags}^{_escaped(seen)}$ for that tag, or {_name_fix(flags, name)}"]
-
-
-def _name_warnings(policy: Policy, rule: Rule) -> list[str]:
-    """Images a whitelist rule allows whose names its author did not mean, for each text it may begin with."""
-    warnings: list[str] = []
-    for text, wildcards in _leading_texts(rule.regex):
-        warnings += [warning for warning in _text_warnings(policy, rule, text, wildcards) if warning not in warnings]
-    return warnings
-
-
-def _text_warnings(policy: Policy, rule: Rule, text: str, wildcards: tuple[int, ...]) -> list[str]:
-    """Images a whitelist rule allows, beginning with text, whose names its author did not mean."""
-    flags = _inline_flags(rule)
-    warnings = []
-    for position in wildcards:
-        example = _dot_example(policy, rule, text, position)
-        if example:
-            warnings.append(f"{rule}: allows {example}: an unescaped . matches any character; escape the dots:"
-                            f" {_escape_dots(rule.pattern)}")
-            break
-    found: dict[str, tuple[str, Reference]] = {}
-    for suffix in _NAME_PROBES:
-        example = text + suffix.format(port="5000" if text.endswith(":") else "0")
-        reference = _allowed_by(policy, rule, example)
-        kind = _overreach(rule, reference, len(text)) if reference else None
-        if reference and kind:
-            found.setdefault(kind, (example, reference))
-    if "name" in found:
-        example, _ = found["name"]
-        warnings.append(f"{rule}: allows {example}, another name that begins with {text}; end the name, e.g."
-                        f" {_name_fix(flags, text)}")
-    elif "port" in found:   # (the fix for a name also ends the rule at the tag)
-        example, reference = found["port"]
-        tag = _escaped(text) + ("" if ":" in text else ":")
-        warnings.append(f"{rule}: allows {example}, an image from the registry {reference.domain}, not a tag of"
-                        f" {reference.domain.partition(':')[0]}; end the rule at the tag, e.g. {flags}^{tag}[^/]*$"
-                        " (a tag has no /)")
-    return warnings
-
-
-def _futile_warning(policy: Policy, rule: Rule, bases: list[str]) -> str:
-    """With defaultAllow false, a blacklist rule only renames the reason for a deny."""
-    why = (f"{rule} can never change a decision: defaultAllow is false, so what no whitelist rule allows is"
-           " denied anyway")
-    refused = None
-    for example in _blacklist_examples(rule, bases):
-        try:
-            reference = parse_reference(example)
-        except InvalidReference:
-            continue
-        spellings = (reference, reference.alias) if reference.alias else (reference,)
-        if not any(rule.search(form) for spelling in spellings for form in _forms_seen(rule, spelling)):
-            continue
-        verdict = policy.evaluate(reference)
-        if verdict.allow and not rule.search(""):
-            allowed = next(allowed for allowed in policy.whitelist.rules if str(allowed) == verdict.rule)
-            narrowed = f"{allowed.pattern}(?!{_escaped(reference.tag)}$)" if (
-                allowed.only_prefix and reference.tag and allowed.prefix is not None
-                and allowed.prefix.endswith(":") and reference.familiar == allowed.prefix + reference.tag) \
-                else "a lookahead (?!…)"
-            return (f"{why}, and what one allows is allowed whatever the blacklist says: {example} is allowed by"
-                    f" {allowed}; narrow that rule so that it does not allow {example}, e.g. with {narrowed},"
-                    " and remove this one")
-        if refused is None and not verdict.allow:
-            refused = example
-    return f"{why} ({refused} is denied with or without it); remove it" if refused else f"{why}; remove it"
-
-
-def _blacklist_examples(rule: Rule, bases: list[str]) -> list[str]:
-    """Names a blacklist rule may match, from its own leading text or, when
-    it has none (:latest$), from the whitelist rules' (bases)."""
-    text, _ = _leading_text(rule.regex)
-    if text:   # what it matches starts with text
-        examples = [text + suffix for suffix in _tags_after(text)]
-        examples += [base + suffix for base in bases if base.startswith(text) for suffix in _tags_after(base)]
-    else:
-        plain = re.sub(r"\\(.)", r"\1", rule.pattern.lstrip("^").rstrip("$"))   # the pattern read as plain text
-        examples = [name for base in bases for name in (base.rstrip(":@/") + plain, base + plain.lstrip(":@/"),
-                                                        *(base + suffix for suffix in _tags_after(base)))]
-    return list(dict.fromkeys(examples + list(_SAMPLE_IMAGES)))
-
-
-def _tags_after(text: str) -> tuple[str, ...]:
-    return ("latest", "1") if text.endswith(":") else (":latest", ":1", "/a:1", "a:1", "")
-
-
-def _seen_by(rule: Rule, text: str) -> bool:
-    """Whether a rule matches text as some image reference's form."""
-    for name in (text, _pinned(text)):
-        try:
-            reference = parse_reference(name)
-        except InvalidReference:
-            continue
-        if any(rule.search(form) for form in _forms_seen(rule, reference)):
-            return True
-    return False
-
-
-def _pinned(text: str) -> str:
-    """The name pinned by digest whose form the original plugin saw begins as text does (nginx:sha256:…)."""
-    match = _DIGEST_AS_TAG_RE.search(text)
-    if not match:
-        return ""
-    padding = "0" * (_DIGEST_LENGTHS[match["algorithm"]] - len(match["hex"]))
-    return f"{text[:match.start()]}@{match['algorithm']}:{match['hex']}{padding}"
-
-
-def _forms_seen(rule: Rule, reference: Reference) -> tuple[str, ...]:
-    return reference.all_forms if rule.canonical else reference.familiar_forms
-
-
-def _allowed_by(policy: Policy, rule: Rule, text: str) -> Reference | None:
-    """The reference text names, if this very rule is what allows it."""
-    try:
-        reference = parse_reference(text)
-    except InvalidReference:
-        return None
-    verdict = policy.evaluate(reference)
-    return reference if verdict.allow and verdict.rule == rule.label else None
-
-
-def _overreach(rule: Rule, reference: Reference, length: int) -> str | None:
-    """Whether a rule's leading text (of this length) ends inside the name it
-    matched: "port" when a tag it meant is read as a registry's port, "name"
-    when the name merely begins with it."""
-    form = next((form for form in _forms_seen(rule, reference) if rule.search(form)), None)
-    if form is None:
-        return None
-    name = reference.familiar_repository if form in reference.familiar_forms else reference.repository
-    if length >= len(name) or "/" in form[length - 1:length + 1]:
-        return None
-    host, colon, _ = reference.domain.partition(":")
-    in_domain = name.startswith(reference.domain + "/") and len(host) <= length <= len(reference.domain)
-    return "port" if in_domain and colon and "." not in host and host != "localhost" else "name"
-
-
-def _dot_example(policy: Policy, rule: Rule, text: str, position: int) -> str | None:
-    """An image the rule allows because the dot at position matches another character."""
-    for replacement in "-x":
-        for tail in ("/evil/miner", "evil/miner", "", "1"):
-            example = text[:position] + replacement + text[position + 1:] + tail
-            try:
-                meant = parse_reference(text + tail)
-            except InvalidReference:
-                continue
-            reference = _allowed_by(policy, rule, example)
-            if reference and reference.repository != meant.repository:
-                return example
-    return None
-
-
-def _name_fix(flags: str, name: str) -> str:
-    """Rules for a repository name (or a registry) that end where the name ends."""
-    rule = flags + "^" + _escaped(name)
-    first = name.split("/", 1)[0]
-    if "/" not in name and (any(c in first for c in ".:") or first == "localhost"):
-        return f"{rule}/ for the repositories on that registry"
-    if "/" not in name:
-        return f"{rule}:[^/]*$ for its tags and digests, or {rule}/ for the repositories under it"
-    return f"{rule}[:@] for its tags and digests, or {rule}/ for the repositories under it"
-
-
-def _escaped(text: str) -> str:
-    """text as a pattern: re.escape would also escape - and /, which rules do not need."""
-    return re.sub(r"[.^$*+?{}\[\]\\|()]", r"\\\g<0>", text)
-
-
-def _inline_flags(rule: Rule) -> str:
-    match = INLINE_FLAGS_RE.match(rule.pattern)
-    return match[0] if match else ""
-
-
-def _escape_dots(pattern: str) -> str:
-    return _DOT_RE.sub(lambda match: "\\." if match["dot"] else match[0], pattern)
-
-
-def _leading_texts(regex: re.Pattern[str]) -> list[tuple[str, tuple[int, ...]]]:
-    """Each text a match of a ^-anchored pattern may start with, through alternatives (^(nginx|redis)), "."
-    where any character may stand (and those positions)."""
-    if regex_parser is None:
-        return []
-    items = list(regex_parser.parse(regex.pattern, regex.flags))
-    if not items or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
-                                     (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
-        return []
-    return [found for found in _texts(items[1:], "", ())[:50] if found[0]]
-
-
-def _texts(items: list[Any], text: str, wildcards: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    for position, (op, value) in enumerate(items):
-        if op is regex_parser.ANY:
-            wildcards += (len(text),)
-            text += "."
-        elif op is regex_parser.LITERAL:
-            text += chr(value)
-        elif _either_case(op, value):
-            text += _either_case(op, value)
-        elif op is regex_parser.BRANCH or op is regex_parser.SUBPATTERN:
-            inner = list(value[-1])
-            branches = value[1] if op is regex_parser.BRANCH else \
-                inner[0][1][1] if len(inner) == 1 and inner[0][0] is regex_parser.BRANCH else [inner]
-            found: list[tuple[str, tuple[int, ...]]] = []
-            for branch in branches[:50]:
-                found += _texts(list(branch) + items[position + 1:], text, wildcards)
-            return found
-        else:
-            break
-    return [(text, wildcards)]
-
-
-def _leading_text(regex: re.Pattern[str]) -> tuple[str, tuple[int, ...]]:
-    """The characters every match of a ^-anchored pattern starts with, "."
-    where any character may stand (and those positions); ("", ()) if none."""
-    if regex_parser is None:
-        return "", ()
-    parsed = regex_parser.parse(regex.pattern, regex.flags)
-    items = list(parsed)
-    if not items or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
-                                     (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
-        return "", ()
-    text: list[str] = []
-    wildcards = []
-    for op, value in items[1:]:
-        if op is regex_parser.ANY:
-            wildcards.append(len(text))
-            text.append(".")
-        elif op is regex_parser.LITERAL:
-            text.append(chr(value))
-        elif _either_case(op, value):
-            text.append(_either_case(op, value))
-        else:
-            break
-    return "".join(text), tuple(wildcards)
-
-
-def _either_case(op: Any, value: Any) -> str:
-    """The letter, in lower case, of a set that is one letter in either case ([Nn], as (?i)n is written)."""
-    if op is not regex_parser.IN or any(member_op is not regex_parser.LITERAL for member_op, _ in value):
-        return ""
-    letters = "".join(sorted(chr(member) for _, member in value if member < 128))
-    return letters[1] if len(letters) == 2 and letters[0].isupper() and letters[0].lower() == letters[1] else ""
-
-
-def _exact_text(regex: re.Pattern[str]) -> str | None:
-    """The one text a pattern such as ^nginx$ matches, if it is one."""
-    if regex_parser is None:
-        return None
-    items = list(regex_parser.parse(regex.pattern, regex.flags))
-    if (len(items) < 2 or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
-                                           (regex_parser.AT, regex_parser.AT_BEGINNING_STRING))
-            or items[-1] not in ((regex_parser.AT, regex_parser.AT_END),
-                                 (regex_parser.AT, regex_parser.AT_END_STRING))
-            or any(op is not regex_parser.LITERAL for op, _ in items[1:-1])):
-        return None
-    return "".join(chr(value) for _, value in items[1:-1])
-
-
 # --------------------------------------------------------------------------
-# Request classification (reading a request the way dockerd does)
+# Requests: reading an AuthZReq the way dockerd reads the request
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -3088,85 +2670,14 @@ def parse_query(query: str) -> dict[str, str]:
     return values
 
 
-# --------------------------------------------------------------------------
-# JSON bodies, decoded the way Go's encoding/json fills dockerd's structs
-# --------------------------------------------------------------------------
+def go_lower(text: str) -> str:
+    """Go's strings.ToLower, which mime.ParseMediaType applies: one rune to one.
 
-MOUNTS = GoSlice(GoStruct.of(Type=STRING, Source=STRING))
-# The parts of dockerd's request types that name images: CreateRequest
-# (an embedded *Config, HostConfig *HostConfig) and swarm's ServiceSpec.
-CREATE_REQUEST = GoStruct.of(Image=STRING, HostConfig=GoStruct.of(pointer=True, Mounts=MOUNTS))
-SERVICE_SPEC = GoStruct.of(TaskTemplate=GoStruct.of(
-    ContainerSpec=GoStruct.of(pointer=True, Image=STRING, Mounts=MOUNTS),
-    PluginSpec=GoStruct.of(pointer=True, Remote=STRING),
-    Runtime=STRING))
-
-
-def decode_body(body: bytes, kind: GoStruct) -> dict[str, Any]:
-    """Decode a body as dockerd's json.Decoder does: the first JSON value, into kind."""
-    values = body.count(b"{") + body.count(b"[") + body.count(b",")
-    if values > MAX_BODY_VALUES:
-        raise Unreadable(f"the request body holds about {values:,} JSON values, more than any container or service"
-                         f" dockerd creates ({MAX_BODY_VALUES:,}): not decoded")
-    try:
-        # Engines before 25 ignore what follows the value; newer ones reject it.
-        document, _ = first_json_value(body.decode("utf-8", "docker-image-policy-go"))
-        return go_decode(document, kind, None) or {}
-    except GoAmbiguity as error:
-        raise Unreadable(f"{error}: dockerd's own build decides") from None
-    except GoDecodeError as error:
-        raise Unreadable(f"dockerd rejects this body: {error}") from None
-    except ValueError as error:
-        raise Unreadable(f"the request body is not valid JSON ({error})") from None
-    except RecursionError:
-        raise Unreadable("the request body is nested too deeply to read") from None
-
-
-def _field(struct: dict[str, Any] | None, name: str) -> Any:
-    return (struct or {}).get(name)
-
-
-def _image_mounts(mounts: SliceValue | None, swarm: bool) -> list[str]:
-    """The images a container's or service's mounts use, each once."""
-    sources: dict[str, None] = {}
-    for mount in mounts.items if mounts else ():
-        kind = mount.get("Type") or ""
-        # dockerd takes exactly "image"; swarm's converter upper-cases the type first.
-        if (kind.upper() == "IMAGE") if swarm else (kind == "image"):
-            sources[mount.get("Source") or ""] = None
-    if len(sources) > MAX_IMAGE_MOUNTS:
-        raise Unreadable(f"{len(sources)} different images mounted, more than any container needs"
-                         f" ({MAX_IMAGE_MOUNTS}): each is an image to judge")
-    return list(sources)
-
-
-def images_in_body(kind: str, body: bytes) -> tuple[str, ...]:
-    """The images dockerd will use for a run ("run") or service ("service") body.
-
-    A run names its Image, then the Source of each image mount. A service
-    runs its ContainerSpec when TaskTemplate.Runtime is empty or "container"
-    and its PluginSpec when it is "plugin" (moby's convert/service.go).
+    Python's lower() maps U+0130 (İ) to "i" and a combining dot, so
+    "applİcation/x-www-form-urlencoded" is a form to dockerd and not to it.
     """
-    if kind == "run":
-        request = decode_body(body, CREATE_REQUEST)
-        return (request.get("Image") or "", *_image_mounts(_field(request.get("HostConfig"), "Mounts"), swarm=False))
-    task = decode_body(body, SERVICE_SPEC).get("TaskTemplate") or {}
-    runtime = task.get("Runtime") or ""
-    if runtime in ("", "container"):
-        container = task.get("ContainerSpec")
-        if container is None:
-            raise Unreadable("dockerd rejects this service: its runtime is container and it has no ContainerSpec")
-        return (container.get("Image") or "", *_image_mounts(container.get("Mounts"), swarm=True))
-    if runtime == "plugin":
-        if task.get("PluginSpec") is None:
-            raise Unreadable("dockerd rejects this service: its runtime is plugin and it has no PluginSpec")
-        return (task["PluginSpec"].get("Remote") or "",)
-    raise Unreadable(f"dockerd rejects this service: unsupported runtime {shown(runtime)}")
+    return text.lower() if text.isascii() else "".join("i" if c == "\u0130" else c.lower() for c in text)
 
-
-# --------------------------------------------------------------------------
-# Routes: one function per route that can bring in or run an image
-# --------------------------------------------------------------------------
 
 class Request:
     """The parts of an AuthZReq that decisions need, read like dockerd."""
@@ -3331,14 +2842,85 @@ def certificate_subject(der: bytes) -> dict[str, list[str]]:
     return subject
 
 
-def go_lower(text: str) -> str:
-    """Go's strings.ToLower, which mime.ParseMediaType applies: one rune to one.
+# --------------------------------------------------------------------------
+# JSON bodies, decoded the way Go's encoding/json fills dockerd's structs
+# --------------------------------------------------------------------------
 
-    Python's lower() maps U+0130 (İ) to "i" and a combining dot, so
-    "applİcation/x-www-form-urlencoded" is a form to dockerd and not to it.
+MOUNTS = GoSlice(GoStruct.of(Type=STRING, Source=STRING))
+# The parts of dockerd's request types that name images: CreateRequest
+# (an embedded *Config, HostConfig *HostConfig) and swarm's ServiceSpec.
+CREATE_REQUEST = GoStruct.of(Image=STRING, HostConfig=GoStruct.of(pointer=True, Mounts=MOUNTS))
+SERVICE_SPEC = GoStruct.of(TaskTemplate=GoStruct.of(
+    ContainerSpec=GoStruct.of(pointer=True, Image=STRING, Mounts=MOUNTS),
+    PluginSpec=GoStruct.of(pointer=True, Remote=STRING),
+    Runtime=STRING))
+
+
+def decode_body(body: bytes, kind: GoStruct) -> dict[str, Any]:
+    """Decode a body as dockerd's json.Decoder does: the first JSON value, into kind."""
+    values = body.count(b"{") + body.count(b"[") + body.count(b",")
+    if values > MAX_BODY_VALUES:
+        raise Unreadable(f"the request body holds about {values:,} JSON values, more than any container or service"
+                         f" dockerd creates ({MAX_BODY_VALUES:,}): not decoded")
+    try:
+        # Engines before 25 ignore what follows the value; newer ones reject it.
+        document, _ = first_json_value(body.decode("utf-8", "docker-image-policy-go"))
+        return go_decode(document, kind, None) or {}
+    except GoAmbiguity as error:
+        raise Unreadable(f"{error}: dockerd's own build decides") from None
+    except GoDecodeError as error:
+        raise Unreadable(f"dockerd rejects this body: {error}") from None
+    except ValueError as error:
+        raise Unreadable(f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise Unreadable("the request body is nested too deeply to read") from None
+
+
+def _field(struct: dict[str, Any] | None, name: str) -> Any:
+    return (struct or {}).get(name)
+
+
+def _image_mounts(mounts: SliceValue | None, swarm: bool) -> list[str]:
+    """The images a container's or service's mounts use, each once."""
+    sources: dict[str, None] = {}
+    for mount in mounts.items if mounts else ():
+        kind = mount.get("Type") or ""
+        # dockerd takes exactly "image"; swarm's converter upper-cases the type first.
+        if (kind.upper() == "IMAGE") if swarm else (kind == "image"):
+            sources[mount.get("Source") or ""] = None
+    if len(sources) > MAX_IMAGE_MOUNTS:
+        raise Unreadable(f"{len(sources)} different images mounted, more than any container needs"
+                         f" ({MAX_IMAGE_MOUNTS}): each is an image to judge")
+    return list(sources)
+
+
+def images_in_body(kind: str, body: bytes) -> tuple[str, ...]:
+    """The images dockerd will use for a run ("run") or service ("service") body.
+
+    A run names its Image, then the Source of each image mount. A service
+    runs its ContainerSpec when TaskTemplate.Runtime is empty or "container"
+    and its PluginSpec when it is "plugin" (moby's convert/service.go).
     """
-    return text.lower() if text.isascii() else "".join("i" if c == "\u0130" else c.lower() for c in text)
+    if kind == "run":
+        request = decode_body(body, CREATE_REQUEST)
+        return (request.get("Image") or "", *_image_mounts(_field(request.get("HostConfig"), "Mounts"), swarm=False))
+    task = decode_body(body, SERVICE_SPEC).get("TaskTemplate") or {}
+    runtime = task.get("Runtime") or ""
+    if runtime in ("", "container"):
+        container = task.get("ContainerSpec")
+        if container is None:
+            raise Unreadable("dockerd rejects this service: its runtime is container and it has no ContainerSpec")
+        return (container.get("Image") or "", *_image_mounts(container.get("Mounts"), swarm=True))
+    if runtime == "plugin":
+        if task.get("PluginSpec") is None:
+            raise Unreadable("dockerd rejects this service: its runtime is plugin and it has no PluginSpec")
+        return (task["PluginSpec"].get("Remote") or "",)
+    raise Unreadable(f"dockerd rejects this service: unsupported runtime {shown(runtime)}")
 
+
+# --------------------------------------------------------------------------
+# Docker API (read-only image and service inspection)
+# --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LocalImage:
@@ -3378,6 +2960,114 @@ class Docker:
         """A service as GET /services/{name} returns it."""
         raise NotImplementedError
 
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def _names(answer: dict[str, Any]) -> tuple[str, ...]:
+    names = (answer.get("RepoTags") or []) + (answer.get("RepoDigests") or [])
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError("names that are not strings")
+    return tuple(name for name in names if not name.startswith("<none>"))   # "<none>" marks no name
+
+
+@dataclass(frozen=True)
+class DockerAPI(Docker):
+    """Asks the daemon which images a name or ID means, and what a service ran before."""
+
+    host: str
+    timeout: float = DOCKER_API_TIMEOUT
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.host.startswith("unix://"):
+            return _UnixHTTPConnection(self.host[len("unix://"):], self.timeout)
+        if self.host.startswith("tcp://"):
+            return http.client.HTTPConnection(self.host[len("tcp://"):], timeout=self.timeout)
+        raise ImagePolicyError(f"unsupported --docker-host {self.host!r} (use unix:// or tcp://)")
+
+    def get(self, path: str, absent: frozenset[int] = frozenset({HTTPStatus.NOT_FOUND})) -> Any:
+        """The decoded answer to GET path; None for 404 (or another status in absent)."""
+        connection = self.connection()
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read(MAX_BODY)
+        except (OSError, http.client.HTTPException) as error:
+            raise ImagePolicyError(f"Docker API at {self.host}: {error}") from None
+        finally:
+            connection.close()
+        if response.status in absent:
+            return None
+        try:
+            if response.status != HTTPStatus.OK:
+                raise ValueError(f"status {response.status}")
+            return json.loads(body)
+        except ValueError as error:
+            raise ImagePolicyError(f"unexpected answer from {self.host} to GET {path}: {error}") from None
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        found = {}
+        try:
+            inspected = self.get(f"/images/{quote(text, safe=':')}/json")   # what dockerd resolves now
+            if inspected is not None:
+                found[inspected["Id"]] = LocalImage(inspected["Id"], _names(inspected))
+            prefix = text.removeprefix("sha256:")
+            # and every image whose ID it starts, if that name goes away (only hex can start an ID)
+            if len(prefix) < 64 and IMAGE_ID_LIKE_RE.fullmatch(text):
+                for image in self.images():
+                    if image.id.removeprefix("sha256:").startswith(prefix):
+                        found.setdefault(image.id, image)
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
+        return list(found.values())
+
+    def images(self) -> list[LocalImage]:
+        """Every image on the daemon, named or not."""
+        try:
+            return [LocalImage(image["Id"], _names(image)) for image in self.get("/images/json?all=1") or []]
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
+
+    def containers(self) -> list[LocalContainer]:
+        """Every container, running or not, with the image it was created from."""
+        try:
+            return [LocalContainer(container["Id"], (container.get("Names") or ["/"])[0].lstrip("/"),
+                                   container["Image"], container.get("ImageID") or "")
+                    for container in self.get("/containers/json?all=1") or []]
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ImagePolicyError(f"unexpected container list from {self.host}: {error!r}") from None
+
+    def services(self) -> list[LocalService] | None:
+        """Every swarm service with its spec; None when the daemon is no swarm manager (503)."""
+        answer = self.get("/services", absent=frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.SERVICE_UNAVAILABLE}))
+        if answer is None:
+            return None
+        try:
+            return [LocalService(service["ID"], service["Spec"].get("Name") or service["ID"], service["Spec"])
+                    for service in answer]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ImagePolicyError(f"unexpected service list from {self.host}: {error!r}") from None
+
+    def service(self, name: str) -> dict[str, Any]:
+        answer = self.get(f"/services/{quote(name, safe='')}?insertDefaults=false")
+        if answer is None:
+            raise ImagePolicyError(f"no such service {name!r}")
+        if not isinstance(answer, dict):
+            raise ImagePolicyError(f"unexpected service answer from {self.host}")
+        return answer
+
+
+# --------------------------------------------------------------------------
+# Routes: one function per route that can bring in or run an image
+# --------------------------------------------------------------------------
 
 Route = Callable[[Policy, Request, "Docker | None"], "Decision"]
 
@@ -3661,114 +3351,6 @@ def decide_local_image(policy: Policy, operation: Operation, image: str, local: 
     return denial or Decision(False, operation, local.id, image, "image-id",
                               f"image {local.id[:19]} has no repository name or digest the policy could allow",
                               named=image)
-
-
-# --------------------------------------------------------------------------
-# Docker API (read-only image and service inspection)
-# --------------------------------------------------------------------------
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
-def _names(answer: dict[str, Any]) -> tuple[str, ...]:
-    names = (answer.get("RepoTags") or []) + (answer.get("RepoDigests") or [])
-    if not all(isinstance(name, str) for name in names):
-        raise ValueError("names that are not strings")
-    return tuple(name for name in names if not name.startswith("<none>"))   # "<none>" marks no name
-
-
-@dataclass(frozen=True)
-class DockerAPI(Docker):
-    """Asks the daemon which images a name or ID means, and what a service ran before."""
-
-    host: str
-    timeout: float = DOCKER_API_TIMEOUT
-
-    def connection(self) -> http.client.HTTPConnection:
-        if self.host.startswith("unix://"):
-            return _UnixHTTPConnection(self.host[len("unix://"):], self.timeout)
-        if self.host.startswith("tcp://"):
-            return http.client.HTTPConnection(self.host[len("tcp://"):], timeout=self.timeout)
-        raise ImagePolicyError(f"unsupported --docker-host {self.host!r} (use unix:// or tcp://)")
-
-    def get(self, path: str, absent: frozenset[int] = frozenset({HTTPStatus.NOT_FOUND})) -> Any:
-        """The decoded answer to GET path; None for 404 (or another status in absent)."""
-        connection = self.connection()
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            body = response.read(MAX_BODY)
-        except (OSError, http.client.HTTPException) as error:
-            raise ImagePolicyError(f"Docker API at {self.host}: {error}") from None
-        finally:
-            connection.close()
-        if response.status in absent:
-            return None
-        try:
-            if response.status != HTTPStatus.OK:
-                raise ValueError(f"status {response.status}")
-            return json.loads(body)
-        except ValueError as error:
-            raise ImagePolicyError(f"unexpected answer from {self.host} to GET {path}: {error}") from None
-
-    def images_for(self, text: str) -> list[LocalImage]:
-        found = {}
-        try:
-            inspected = self.get(f"/images/{quote(text, safe=':')}/json")   # what dockerd resolves now
-            if inspected is not None:
-                found[inspected["Id"]] = LocalImage(inspected["Id"], _names(inspected))
-            prefix = text.removeprefix("sha256:")
-            # and every image whose ID it starts, if that name goes away (only hex can start an ID)
-            if len(prefix) < 64 and IMAGE_ID_LIKE_RE.fullmatch(text):
-                for image in self.images():
-                    if image.id.removeprefix("sha256:").startswith(prefix):
-                        found.setdefault(image.id, image)
-        except (KeyError, TypeError, AttributeError, ValueError) as error:
-            raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
-        return list(found.values())
-
-    def images(self) -> list[LocalImage]:
-        """Every image on the daemon, named or not."""
-        try:
-            return [LocalImage(image["Id"], _names(image)) for image in self.get("/images/json?all=1") or []]
-        except (KeyError, TypeError, AttributeError, ValueError) as error:
-            raise ImagePolicyError(f"unexpected image list from {self.host}: {error!r}") from None
-
-    def containers(self) -> list[LocalContainer]:
-        """Every container, running or not, with the image it was created from."""
-        try:
-            return [LocalContainer(container["Id"], (container.get("Names") or ["/"])[0].lstrip("/"),
-                                   container["Image"], container.get("ImageID") or "")
-                    for container in self.get("/containers/json?all=1") or []]
-        except (KeyError, TypeError, AttributeError, IndexError) as error:
-            raise ImagePolicyError(f"unexpected container list from {self.host}: {error!r}") from None
-
-    def services(self) -> list[LocalService] | None:
-        """Every swarm service with its spec; None when the daemon is no swarm manager (503)."""
-        answer = self.get("/services", absent=frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.SERVICE_UNAVAILABLE}))
-        if answer is None:
-            return None
-        try:
-            return [LocalService(service["ID"], service["Spec"].get("Name") or service["ID"], service["Spec"])
-                    for service in answer]
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ImagePolicyError(f"unexpected service list from {self.host}: {error!r}") from None
-
-    def service(self, name: str) -> dict[str, Any]:
-        answer = self.get(f"/services/{quote(name, safe='')}?insertDefaults=false")
-        if answer is None:
-            raise ImagePolicyError(f"no such service {name!r}")
-        if not isinstance(answer, dict):
-            raise ImagePolicyError(f"unexpected service answer from {self.host}")
-        return answer
 
 
 # --------------------------------------------------------------------------
@@ -4479,419 +4061,17 @@ class PresentImage(Signatures):
 
 
 # --------------------------------------------------------------------------
-# Judging without dockerd: policy tests, --check, --scan, --replay
-# --------------------------------------------------------------------------
-
-def client_request(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The AuthZReq dockerd sends for a docker CLI call: POST path, with its JSON body."""
-    request: dict[str, Any] = {"RequestMethod": "POST", "RequestUri": "/v1.41" + path, "RequestHeaders": {}}
-    if body is not None:
-        raw = json.dumps(body).encode()
-        request["RequestBody"] = base64.b64encode(raw).decode()
-        request["RequestHeaders"] = {"Content-Type": "application/json", "Content-Length": str(len(raw))}
-    return request
-
-
-def _pull_request(image: str) -> dict[str, Any]:
-    # docker pull sends tag=latest for a name without tag or digest; no tag at all means every tag.
-    untagged = "@" not in image and ":" not in image.rsplit("/", 1)[-1]
-    return client_request(f"/images/create?fromImage={quote(image, safe='')}" + ("&tag=latest" if untagged else ""))
-
-
-def _service_request(image: str) -> dict[str, Any]:
-    return client_request("/services/create", {"Name": "check", "TaskTemplate": {"ContainerSpec": {"Image": image}}})
-
-
-
-
-class NoDaemon(Docker):
-    """No daemon to ask: what an image ID or a hex name means is not known."""
-
-    def images_for(self, text: str) -> list[LocalImage]:
-        raise ImagePolicyError("dockerd looks a hex name up as an image ID; give --docker-host to judge it")
-
-    def service(self, name: str) -> dict[str, Any]:
-        raise ImagePolicyError("no daemon to ask about services")
-
-
-NO_DAEMON = NoDaemon()
-
-
-def judge(policy: Policy, operation: Operation, image: str, target: str = "", docker: Docker = NO_DAEMON) -> Decision:
-    """The decision for a docker CLI command, made as dockerd's request would be."""
-    if operation.request is None:
-        raise ImagePolicyError(f"no docker command sends a {operation} request alone")
-    return decide(policy, operation.request(image, target), docker)
-
-
-class PolicyTestsFailed(ConfigError):
-    """A policy whose own tests fail: refused at start, on reload and by --validate."""
-
-    def __init__(self, path: str, failures: list[str], total: int) -> None:
-        self.failures = failures
-        super().__init__(path, '"tests"', f"{len(failures)} of {total} tests fail: " + "; ".join(failures))
-
-
-def policy_test_failures(policy: Policy) -> list[str]:
-    """Each of the policy's tests that its rules contradict, with the rule that decided."""
-    failures = []
-    for test in policy.tests:
-        decision = judge(test.policy(policy), test.operation, test.image, test.target)
-        if decision.allow != test.allow:
-            failures.append(f"{test}: expected {'allow' if test.allow else 'deny'}, but {decision.message(None)}"
-                            f" [{decision.rule}]" + (f" ({test.note})" if test.note else ""))
-    return failures
-
-
-def load_tested_policy(path: str) -> Policy:
-    """The policy in path, if it is valid and passes its own tests: what the daemon may run."""
-    policy = load_policy(path)
-    failures = policy_test_failures(policy)
-    if failures:
-        raise PolicyTestsFailed(path, failures, len(policy.tests))
-    return policy
-
-
-def check_operation(policy: Policy, operation: Operation, images: list[str], target: str, docker: Docker,
-                    output: str) -> int:
-    """--check: each image's decision for operation; 1 when any is denied."""
-    results = [(image, judge(policy, operation, image, target, docker)) for image in images]
-    if output == "json":
-        print(json.dumps([{"image": image, "operation": decision.operation.name, "decision": _verdict_word(decision),
-                           "canonical": decision.image, "rule": decision.rule, "reason": decision.reason}
-                          for image, decision in results], indent=2))
-    for image, decision in results if output == "text" else ():
-        print(image or operation.command)
-        if operation is not PULL:
-            print(f"  operation: {decision.operation}")
-        if decision.image:
-            print(f"  canonical: {decision.image}\n  familiar:  {decision.familiar}")
-        verdict = _verdict_word(decision)
-        if policy.audit and not decision.allow:
-            verdict += " (audit mode: logged as would-deny and allowed)"
-        print(f"  decision:  {verdict}")
-        if decision.rule != "unreadable":
-            print(f"  rule:      {decision.rule}")
-        print(f"  reason:    {decision.reason}")
-    return 1 if any(not decision.allow for _, decision in results) else 0
-
-
-def _verdict_word(decision: Decision) -> str:
-    return "allow" if decision.allow else "deny"
-
-
-class HostImages(Docker):
-    """The images a scan listed, answering lookups as DockerAPI.images_for would, without asking again."""
-
-    def __init__(self, images: list[LocalImage]) -> None:
-        self.by_name: dict[str, LocalImage] = {}
-        for image in images:
-            for name in image.names:
-                with contextlib.suppress(InvalidReference):
-                    self.by_name.setdefault(parse_reference(name).canonical, image)
-        self.by_id = {image.id.removeprefix("sha256:"): image for image in images}
-        self.ids = sorted(self.by_id)
-
-    def images_for(self, text: str) -> list[LocalImage]:
-        found = {}
-        with contextlib.suppress(InvalidReference):   # dockerd tries the text as a name first
-            named = self.by_name.get(parse_reference(text).canonical)
-            if named:
-                found[named.id] = named
-        prefix = text.removeprefix("sha256:")
-        if IMAGE_ID_LIKE_RE.fullmatch(text):
-            for image_id in self.ids[bisect.bisect_left(self.ids, prefix):]:
-                if not image_id.startswith(prefix):
-                    break
-                found.setdefault(self.by_id[image_id].id, self.by_id[image_id])
-        return list(found.values())
-
-    def service(self, name: str) -> dict[str, Any]:
-        raise ImagePolicyError("a scan judges services by their current spec")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something on a host, and the policy's decision on it."""
-
-    kind: str    # image, container or service
-    id: str
-    name: str
-    decision: Decision
-
-
-@dataclass(frozen=True)
-class Scan:
-    images: int
-    containers: int
-    services: int | None   # None: the daemon is no swarm manager
-    findings: tuple[Finding, ...]
-
-    @property
-    def refused(self) -> list[Finding]:
-        return [finding for finding in self.findings if not finding.decision.allow]
-
-    def excepted(self, policy: Policy) -> list[tuple[Finding, ScopeEntry]]:
-        """What only an exception allows: a scope entry with an end."""
-        found = []
-        for finding in self.findings:
-            entry = policy.scopes.entry_of(finding.decision.rule) if finding.decision.allow else None
-            if entry and entry.until is not None:
-                found.append((finding, entry))
-        return found
-
-
-def scan_host(policy: Policy, docker: DockerAPI) -> Scan:
-    """Judge every image name (a pull), nameless image (a run by ID), container (a run of the image it
-    was created from) and service (its spec, as a service update) on the daemon."""
-    images, containers, services = docker.images(), docker.containers(), docker.services()
-    host = HostImages(images)
-    findings = []
-    for image in images:
-        for name in image.names:   # in a signed scope, by the digest it was pulled by
-            findings.append(Finding("image", image.id, name, judge(policy.of_image(image), PULL, name)))
-        if not image.names:
-            findings.append(Finding("image", image.id, "<none>", judge(policy, RUN, image.id, docker=host)))
-    for container in containers:
-        findings.append(Finding("container", container.id, container.name,
-                                judge(policy, RUN, container.image, docker=host)))
-    for service in services or ():
-        findings.append(Finding("service", service.id, service.name,
-                                decide(policy, client_request("/services/create", service.spec), host)))
-    return Scan(len(images), len(containers), None if services is None else len(services), tuple(findings))
-
-
-def print_scan(policy: Policy, scan: Scan, output: str) -> int:
-    refused = scan.refused
-    if output == "json":
-        print(json.dumps({
-            "host": socket.gethostname(), "time": _now(),   # a fleet's scans merge by host and time
-            "policy": policy.path, "policySha256": policy.sha256, "mode": policy.mode,
-            "scanned": {"images": scan.images, "containers": scan.containers, "services": scan.services},
-            "refused": [{"kind": finding.kind, "id": finding.id, "name": finding.name,
-                         "operation": finding.decision.operation.name, "image": finding.decision.image,
-                         "rule": finding.decision.rule, "reason": finding.decision.reason}
-                        for finding in refused],
-            "exceptions": [{"kind": finding.kind, "id": finding.id, "name": finding.name, "rule": f"scopes[{entry.index}]",
-                            "until": entry.until_text, "ticket": entry.ticket}
-                           for finding, entry in scan.excepted(policy)]}, indent=2))
-        return 1 if refused else 0
-    for finding in refused:
-        short = finding.id.removeprefix("sha256:")[:12]
-        print(f"{finding.kind} {finding.name} ({short}): {finding.decision.message(None)} [{finding.decision.rule}]")
-    for finding, entry in scan.excepted(policy):
-        short = finding.id.removeprefix("sha256:")[:12]
-        print(f"{finding.kind} {finding.name} ({short}): allowed only by the exception {entry}, until"
-              f" {entry.until_text}" + (f" (ticket {entry.ticket})" if entry.ticket else ""))
-    services = "no services (not a swarm manager)" if scan.services is None else _count(scan.services, "service")
-    print(f"{len(refused)} refused of {len(scan.findings)} judged: {_count(scan.images, 'image')},"
-          f" {_count(scan.containers, 'container')}, {services}; policy {policy.path}, mode {policy.mode}")
-    return 1 if refused else 0
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
-
-
-def canonical_reference(text: str) -> Reference:
-    """A reference from its canonical form, as the decision log writes it: nothing is added or changed."""
-    match = REFERENCE_RE.fullmatch(text)
-    if not match or match["domain"] is None:
-        raise InvalidReference(f"not a canonical reference: {text!r}")
-    return Reference(match["domain"], match["path"], match["tag"], match["digest"])
-
-
-class NotReplayable(ImagePolicyError):
-    """A logged decision that cannot be made again from its log line; the message says why."""
-
-
-def _logged_name(record: dict[str, Any]) -> Reference:
-    """The reference a run, image mount, service or tag named, unless dockerd had to resolve it then."""
-    named = record.get("name")
-    if named is not None:
-        if not isinstance(named, str) or IMAGE_ID_LIKE_RE.fullmatch(named):
-            raise NotReplayable("an image ID resolved at the time")
-        return parse_reference(named)
-    if record.get("rule") == "checkRun":
-        raise NotReplayable("a run or tag under checkRun false, which logs no image")
-    return canonical_reference(record["image"])
-
-
-def _replay_image(operation: Operation, policy: Policy, record: dict[str, Any]) -> Decision:
-    if operation in (RUN, IMAGE_MOUNT) and not policy.check_run:
-        return unchecked(RUN)
-    reference = _logged_name(record)
-    return decision_for(operation, reference, policy.evaluate(reference))
-
-
-def _replay_tag(policy: Policy, record: dict[str, Any]) -> Decision:
-    if not policy.check_run:
-        return unchecked(TAG)
-    if not isinstance(record.get("target"), str):
-        raise NotReplayable("a tag whose new name was not logged")
-    reference = _logged_name(record)
-    source = decision_for(TAG, reference, policy.evaluate(reference), reference.familiar)
-    return decide_tag_target(policy, source, canonical_reference(record["target"])) if source.allow else source
-
-
-
-
-def replay_decision(policy: Policy, record: dict[str, Any]) -> Decision:
-    """The decision policy makes for a logged one; NotReplayable says why it cannot."""
-    if record.get("rule") in ("unreadable", "internal-error"):
-        raise NotReplayable("a request that could not be read")
-    if record.get("rule") == "image-id":
-        raise NotReplayable("an image ID resolved at the time")
-    name = record.get("operation")
-    operation = OPERATIONS.get(name) if isinstance(name, str) else None
-    if operation is None or operation.replay is None:
-        raise NotReplayable("not an image operation")
-    try:
-        if policy.scopes.entries:   # judged at the time it was made, for the caller who asked
-            policy = dataclasses.replace(policy.asked_by(logged_caller(record.get("caller"))),
-                                         at=parse_time(record.get("time", "")))
-        return operation.replay(operation, policy, record)
-    except (KeyError, TypeError, AttributeError, InvalidReference) as error:
-        raise NotReplayable("a line without a readable image") from error
-
-
-@dataclass
-class Change:
-    """Logged decisions on one image that policy would decide the other way."""
-
-    image: str
-    now: Decision
-    operations: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    @property
-    def count(self) -> int:
-        return sum(self.operations.values())
-
-
-@dataclass
-class Replay:
-    decisions: int = 0
-    other_lines: int = 0
-    allowed: int = 0   # none: a log written with --log-decisions denies, whose allows cannot be replayed
-    changes: dict[tuple[str, bool], Change] = dataclasses.field(default_factory=dict)
-    not_replayable: dict[str, int] = dataclasses.field(default_factory=dict)
-    hosts: dict[str, int] = dataclasses.field(default_factory=dict)   # decisions by host, when the export names it
-    first: str = ""   # the earliest and latest "time" logged
-    last: str = ""
-
-    @property
-    def changed(self) -> int:
-        return sum(change.count for change in self.changes.values())
-
-    @property
-    def span(self) -> str:
-        return f"from {self.first} to {self.last}" if self.first else "at times not logged"
-
-
-# What journalctl -o short-iso and -o short write before a message: time, host, identifier[pid].
-_JOURNAL_PREFIX_RE = re.compile(r"(?:\S+|[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d(?:\.\d+)?) (?P<host>\S+) [^\s:]+: ")
-
-
-def logged_decision(line: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The decision object in a line of the log as the plugin wrote it or as journalctl exports it
-    (-o cat, -o short-iso or -o short, -o json), and the host the export names; None for other lines."""
-    start = line.find("{")
-    if start == -1:
-        return None, None
-    try:
-        record = json.loads(line[start:])
-    except ValueError:
-        return None, None
-    if isinstance(record, dict) and "MESSAGE" in record and "decision" not in record:   # journalctl -o json
-        message, host = record["MESSAGE"], record.get("_HOSTNAME")
-        if isinstance(message, list):   # journalctl writes a message that is not UTF-8 as an array of its bytes
-            message = bytes(byte for byte in message if isinstance(byte, int) and 0 <= byte < 256).decode(
-                errors="replace")
-        decision = logged_decision(message)[0] if isinstance(message, str) else None
-        return decision, host if isinstance(host, str) else None
-    prefix = _JOURNAL_PREFIX_RE.fullmatch(line[:start])
-    return record if isinstance(record, dict) else None, prefix["host"] if prefix else None
-
-
-def replay_log(policy: Policy, lines: Any) -> Replay:
-    """Decide each logged image decision again under policy; count what changes and what cannot be redone."""
-    replay = Replay()
-    for line in lines:
-        record, host = logged_decision(line)
-        if record is None or record.get("decision") not in ("allow", "deny", "would-deny"):
-            replay.other_lines += 1
-            continue
-        replay.decisions += 1
-        replay.allowed += record["decision"] == "allow"
-        if host is not None:
-            replay.hosts[host] = replay.hosts.get(host, 0) + 1
-        logged = record.get("time")
-        if isinstance(logged, str) and logged:   # the plugin writes UTC as 2026-12-07T06:11:06Z: sorts as text
-            replay.first = min(replay.first or logged, logged)
-            replay.last = max(replay.last, logged)
-        try:
-            decision = replay_decision(policy, record)
-        except NotReplayable as error:
-            replay.not_replayable[str(error)] = replay.not_replayable.get(str(error), 0) + 1
-            continue
-        was_allowed = record["decision"] == "allow"
-        if decision.allow == was_allowed:
-            continue
-        image = decision.familiar or decision.image or decision.operation.name
-        change = replay.changes.setdefault((image, decision.allow), Change(image, decision))
-        change.operations[decision.operation.name] = change.operations.get(decision.operation.name, 0) + 1
-    return replay
-
-
-# Said whenever a log holds no allowed decision: replay cannot find what a candidate would newly deny.
-ONLY_DENIES = ("the log holds no allowed decision (written with --log-decisions denies?), so no allow -> deny"
-               " change can be found in it; replay a log written with --log-decisions all")
-
-
-def print_replay(policy: Policy, source: str, replay: Replay, output: str) -> int:
-    if not replay.decisions:
-        print(f"{PLUGIN_NAME}: error: no decision read from {source} ({replay.other_lines} other lines): expected"
-              " the plugin's decision log as it wrote it or as journalctl -o cat, -o short-iso or -o json"
-              " exports it", file=sys.stderr)
-        return 2
-    changes = sorted(replay.changes.values(), key=lambda change: (-change.count, change.image))
-    to_deny = sum(change.count for change in changes if not change.now.allow)
-    if output == "json":
-        print(json.dumps({
-            "policy": policy.path, "log": source,
-            "changes": [{"image": change.image, "was": "deny" if change.now.allow else "allow",
-                         "now": _verdict_word(change.now), "count": change.count, "operations": change.operations,
-                         "rule": change.now.rule, "reason": change.now.reason} for change in changes],
-            "summary": {"decisions": replay.decisions, "changed": replay.changed, "allowToDeny": to_deny,
-                        "denyToAllow": replay.changed - to_deny, "notReplayable": replay.not_replayable,
-                        "otherLines": replay.other_lines, "onlyDenies": not replay.allowed,
-                        "from": replay.first or None, "to": replay.last or None, "hosts": replay.hosts}}, indent=2))
-        return 1 if changes else 0
-    for change in changes:
-        was, now = ("allow", "deny") if not change.now.allow else ("deny", "allow")
-        operations = ", ".join(f"{operation} {count}" for operation, count in sorted(change.operations.items()))
-        times = "1 time" if change.count == 1 else f"{change.count} times"
-        print(f"{change.image}: {was} -> {now}, {times} ({operations}): {change.now.reason}"
-              f" [{change.now.rule}]")
-    if not replay.allowed:
-        print(f"note: {ONLY_DENIES}")
-    hosts = (", ".join(f"{host} ({count})" for host, count in sorted(replay.hosts.items())) if replay.hosts else
-             "not named in the log (journalctl -o cat leaves them out; -o short-iso and -o json keep them)")
-    print(f"log {source}: decisions {replay.span}; hosts: {hosts}")
-    unchanged = replay.decisions - replay.changed - sum(replay.not_replayable.values())
-    summary = (f"{replay.decisions} decisions replayed under {policy.path}: {replay.changed} would change"
-               f" ({to_deny} allow -> deny, {replay.changed - to_deny} deny -> allow) on {len(changes)} images,"
-               f" {unchanged} unchanged")
-    if replay.not_replayable:
-        summary += "; not decided again: " + ", ".join(
-            f"{count} {reason}" for reason, count in sorted(replay.not_replayable.items()))
-    print(summary + f"; {replay.other_lines} other lines")
-    return 1 if changes else 0
-
-
-# --------------------------------------------------------------------------
 # Decision log and metrics
 # --------------------------------------------------------------------------
+
+def _now() -> str:
+    return _format_time(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _format_time(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+
 
 LOG_LEVELS = MappingProxyType({"debug": 10, "info": 20, "warning": 30, "error": 40})
 # sd-daemon(3) priorities by level, and by decision: a deny is a notice.
@@ -5192,12 +4372,21 @@ class AdminListener:
                 "failedBinds": self.failures, "lastError": self.error}
 
 
+# dockerd sends a call again while the plugin restarts, but a call the plugin
+# stopped during comes again without its body (moby's pkg/plugins client
+# re-sends a drained buffer).
+EMPTY_REQUEST = ("the AuthZ request is empty: dockerd sent again, without its content, a call that reached"
+                 " the plugin as it stopped; run the command again")
+
+
 class Plugin:
     """State shared by both listeners. Requests read self.current once."""
 
-    def __init__(self, config_path: str, log: Log, docker: DockerAPI, mode: str | None = None,
-                 signatures: Signatures = NO_SIGNATURES) -> None:
+    def __init__(self, config_path: str, load: Callable[[str], Policy], log: Log, docker: DockerAPI,
+                 mode: str | None = None, signatures: Signatures = NO_SIGNATURES) -> None:
+        """load reads a policy file as the daemon may run it: load_tested_policy, which runs its tests."""
         self.config_path, self.log, self.docker, self.signatures = config_path, log, docker, signatures
+        self.load_policy = load
         self.mode = mode   # --mode: overrides the file's, at every reload
         self.metrics = Metrics()
         self.current = Running.of(self.load())
@@ -5228,7 +4417,7 @@ class Plugin:
             return True
 
     def load(self) -> Policy:
-        policy = load_tested_policy(self.config_path)
+        policy = self.load_policy(self.config_path)
         for note in policy.notes:
             self.log.event("warning", f"{self.config_path}: {note}")
         return dataclasses.replace(policy, mode=self.mode) if self.mode else policy
@@ -5280,7 +4469,8 @@ class Plugin:
         except (ValueError, RecursionError):
             authz = None
         if not isinstance(authz, dict):
-            return Decision(False, REQUEST, rule="unreadable", reason="the AuthZ request is not a JSON object"), False
+            return Decision(False, REQUEST, rule="unreadable", reason=EMPTY_REQUEST if not body.strip() else
+                            "the AuthZ request is not a JSON object"), False
         docker, signatures = AskedDocker(self.docker), AskedSignatures(self.signatures)
         try:
             decision = decide(policy.judged_with(signatures), authz, docker)
@@ -5338,15 +4528,6 @@ class AskedSignatures(Signatures):
     def of_image(self, local: LocalImage) -> Signatures:
         self.asked = True
         return self.signatures.of_image(local)
-
-
-def _now() -> str:
-    return _format_time(int(time.time()))
-
-
-@functools.lru_cache(maxsize=1)
-def _format_time(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 # --------------------------------------------------------------------------
@@ -5733,6 +4914,845 @@ def notify_systemd(state: str, log: Log) -> None:
 
 
 # --------------------------------------------------------------------------
+# Judging without dockerd: a docker command's request, and the policy's own tests
+# --------------------------------------------------------------------------
+
+def client_request(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The AuthZReq dockerd sends for a docker CLI call: POST path, with its JSON body."""
+    request: dict[str, Any] = {"RequestMethod": "POST", "RequestUri": "/v1.41" + path, "RequestHeaders": {}}
+    if body is not None:
+        raw = json.dumps(body).encode()
+        request["RequestBody"] = base64.b64encode(raw).decode()
+        request["RequestHeaders"] = {"Content-Type": "application/json", "Content-Length": str(len(raw))}
+    return request
+
+
+def _pull_request(image: str) -> dict[str, Any]:
+    # docker pull sends tag=latest for a name without tag or digest; no tag at all means every tag.
+    untagged = "@" not in image and ":" not in image.rsplit("/", 1)[-1]
+    return client_request(f"/images/create?fromImage={quote(image, safe='')}" + ("&tag=latest" if untagged else ""))
+
+
+def _service_request(image: str) -> dict[str, Any]:
+    return client_request("/services/create", {"Name": "check", "TaskTemplate": {"ContainerSpec": {"Image": image}}})
+
+
+class NoDaemon(Docker):
+    """No daemon to ask: what an image ID or a hex name means is not known."""
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        raise ImagePolicyError("dockerd looks a hex name up as an image ID; give --docker-host to judge it")
+
+    def service(self, name: str) -> dict[str, Any]:
+        raise ImagePolicyError("no daemon to ask about services")
+
+
+NO_DAEMON = NoDaemon()
+
+
+def judge(policy: Policy, operation: Operation, image: str, target: str = "", docker: Docker = NO_DAEMON) -> Decision:
+    """The decision for a docker CLI command, made as dockerd's request would be."""
+    if operation.request is None:
+        raise ImagePolicyError(f"no docker command sends a {operation} request alone")
+    return decide(policy, operation.request(image, target), docker)
+
+
+class PolicyTestsFailed(ConfigError):
+    """A policy whose own tests fail: refused at start, on reload and by --validate."""
+
+    def __init__(self, path: str, failures: list[str], total: int) -> None:
+        self.failures = failures
+        super().__init__(path, '"tests"', f"{len(failures)} of {total} tests fail: " + "; ".join(failures))
+
+
+def policy_test_failures(policy: Policy) -> list[str]:
+    """Each of the policy's tests that its rules contradict, with the rule that decided."""
+    failures = []
+    for test in policy.tests:
+        decision = judge(test.policy(policy), test.operation, test.image, test.target)
+        if decision.allow != test.allow:
+            failures.append(f"{test}: expected {'allow' if test.allow else 'deny'}, but {decision.message(None)}"
+                            f" [{decision.rule}]" + (f" ({test.note})" if test.note else ""))
+    return failures
+
+
+def load_tested_policy(path: str) -> Policy:
+    """The policy in path, if it is valid and passes its own tests: what the daemon may run."""
+    policy = load_policy(path)
+    failures = policy_test_failures(policy)
+    if failures:
+        raise PolicyTestsFailed(path, failures, len(policy.tests))
+    return policy
+
+
+# --------------------------------------------------------------------------
+# Offline tools: --check, --scan, --replay
+# --------------------------------------------------------------------------
+
+def check_operation(policy: Policy, operation: Operation, images: list[str], target: str, docker: Docker,
+                    output: str) -> int:
+    """--check: each image's decision for operation; 1 when any is denied."""
+    results = [(image, judge(policy, operation, image, target, docker)) for image in images]
+    if output == "json":
+        print(json.dumps([{"image": image, "operation": decision.operation.name, "decision": _verdict_word(decision),
+                           "canonical": decision.image, "rule": decision.rule, "reason": decision.reason}
+                          for image, decision in results], indent=2))
+    for image, decision in results if output == "text" else ():
+        print(image or operation.command)
+        if operation is not PULL:
+            print(f"  operation: {decision.operation}")
+        if decision.image:
+            print(f"  canonical: {decision.image}\n  familiar:  {decision.familiar}")
+        verdict = _verdict_word(decision)
+        if policy.audit and not decision.allow:
+            verdict += " (audit mode: logged as would-deny and allowed)"
+        print(f"  decision:  {verdict}")
+        if decision.rule != "unreadable":
+            print(f"  rule:      {decision.rule}")
+        print(f"  reason:    {decision.reason}")
+    return 1 if any(not decision.allow for _, decision in results) else 0
+
+
+def _verdict_word(decision: Decision) -> str:
+    return "allow" if decision.allow else "deny"
+
+
+class HostImages(Docker):
+    """The images a scan listed, answering lookups as DockerAPI.images_for would, without asking again."""
+
+    def __init__(self, images: list[LocalImage]) -> None:
+        self.by_name: dict[str, LocalImage] = {}
+        for image in images:
+            for name in image.names:
+                with contextlib.suppress(InvalidReference):
+                    self.by_name.setdefault(parse_reference(name).canonical, image)
+        self.by_id = {image.id.removeprefix("sha256:"): image for image in images}
+        self.ids = sorted(self.by_id)
+
+    def images_for(self, text: str) -> list[LocalImage]:
+        found = {}
+        with contextlib.suppress(InvalidReference):   # dockerd tries the text as a name first
+            named = self.by_name.get(parse_reference(text).canonical)
+            if named:
+                found[named.id] = named
+        prefix = text.removeprefix("sha256:")
+        if IMAGE_ID_LIKE_RE.fullmatch(text):
+            for image_id in self.ids[bisect.bisect_left(self.ids, prefix):]:
+                if not image_id.startswith(prefix):
+                    break
+                found.setdefault(self.by_id[image_id].id, self.by_id[image_id])
+        return list(found.values())
+
+    def service(self, name: str) -> dict[str, Any]:
+        raise ImagePolicyError("a scan judges services by their current spec")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something on a host, and the policy's decision on it."""
+
+    kind: str    # image, container or service
+    id: str
+    name: str
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class Scan:
+    images: int
+    containers: int
+    services: int | None   # None: the daemon is no swarm manager
+    findings: tuple[Finding, ...]
+
+    @property
+    def refused(self) -> list[Finding]:
+        return [finding for finding in self.findings if not finding.decision.allow]
+
+    def excepted(self, policy: Policy) -> list[tuple[Finding, ScopeEntry]]:
+        """What only an exception allows: a scope entry with an end."""
+        found = []
+        for finding in self.findings:
+            entry = policy.scopes.entry_of(finding.decision.rule) if finding.decision.allow else None
+            if entry and entry.until is not None:
+                found.append((finding, entry))
+        return found
+
+
+def scan_host(policy: Policy, docker: DockerAPI) -> Scan:
+    """Judge every image name (a pull), nameless image (a run by ID), container (a run of the image it
+    was created from) and service (its spec, as a service update) on the daemon."""
+    images, containers, services = docker.images(), docker.containers(), docker.services()
+    host = HostImages(images)
+    findings = []
+    for image in images:
+        for name in image.names:   # in a signed scope, by the digest it was pulled by
+            findings.append(Finding("image", image.id, name, judge(policy.of_image(image), PULL, name)))
+        if not image.names:
+            findings.append(Finding("image", image.id, "<none>", judge(policy, RUN, image.id, docker=host)))
+    for container in containers:
+        findings.append(Finding("container", container.id, container.name,
+                                judge(policy, RUN, container.image, docker=host)))
+    for service in services or ():
+        findings.append(Finding("service", service.id, service.name,
+                                decide(policy, client_request("/services/create", service.spec), host)))
+    return Scan(len(images), len(containers), None if services is None else len(services), tuple(findings))
+
+
+def print_scan(policy: Policy, scan: Scan, output: str) -> int:
+    refused = scan.refused
+    if output == "json":
+        print(json.dumps({
+            "host": socket.gethostname(), "time": _now(),   # a fleet's scans merge by host and time
+            "policy": policy.path, "policySha256": policy.sha256, "mode": policy.mode,
+            "scanned": {"images": scan.images, "containers": scan.containers, "services": scan.services},
+            "refused": [{"kind": finding.kind, "id": finding.id, "name": finding.name,
+                         "operation": finding.decision.operation.name, "image": finding.decision.image,
+                         "rule": finding.decision.rule, "reason": finding.decision.reason}
+                        for finding in refused],
+            "exceptions": [{"kind": finding.kind, "id": finding.id, "name": finding.name, "rule": f"scopes[{entry.index}]",
+                            "until": entry.until_text, "ticket": entry.ticket}
+                           for finding, entry in scan.excepted(policy)]}, indent=2))
+        return 1 if refused else 0
+    for finding in refused:
+        short = finding.id.removeprefix("sha256:")[:12]
+        print(f"{finding.kind} {finding.name} ({short}): {finding.decision.message(None)} [{finding.decision.rule}]")
+    for finding, entry in scan.excepted(policy):
+        short = finding.id.removeprefix("sha256:")[:12]
+        print(f"{finding.kind} {finding.name} ({short}): allowed only by the exception {entry}, until"
+              f" {entry.until_text}" + (f" (ticket {entry.ticket})" if entry.ticket else ""))
+    services = "no services (not a swarm manager)" if scan.services is None else _count(scan.services, "service")
+    print(f"{len(refused)} refused of {len(scan.findings)} judged: {_count(scan.images, 'image')},"
+          f" {_count(scan.containers, 'container')}, {services}; policy {policy.path}, mode {policy.mode}")
+    return 1 if refused else 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def canonical_reference(text: str) -> Reference:
+    """A reference from its canonical form, as the decision log writes it: nothing is added or changed."""
+    match = REFERENCE_RE.fullmatch(text)
+    if not match or match["domain"] is None:
+        raise InvalidReference(f"not a canonical reference: {text!r}")
+    return Reference(match["domain"], match["path"], match["tag"], match["digest"])
+
+
+class NotReplayable(ImagePolicyError):
+    """A logged decision that cannot be made again from its log line; the message says why."""
+
+
+def _logged_name(record: dict[str, Any]) -> Reference:
+    """The reference a run, image mount, service or tag named, unless dockerd had to resolve it then."""
+    named = record.get("name")
+    if named is not None:
+        if not isinstance(named, str) or IMAGE_ID_LIKE_RE.fullmatch(named):
+            raise NotReplayable("an image ID resolved at the time")
+        return parse_reference(named)
+    if record.get("rule") == "checkRun":
+        raise NotReplayable("a run or tag under checkRun false, which logs no image")
+    return canonical_reference(record["image"])
+
+
+def _replay_image(operation: Operation, policy: Policy, record: dict[str, Any]) -> Decision:
+    if operation in (RUN, IMAGE_MOUNT) and not policy.check_run:
+        return unchecked(RUN)
+    reference = _logged_name(record)
+    return decision_for(operation, reference, policy.evaluate(reference))
+
+
+def _replay_tag(policy: Policy, record: dict[str, Any]) -> Decision:
+    if not policy.check_run:
+        return unchecked(TAG)
+    if not isinstance(record.get("target"), str):
+        raise NotReplayable("a tag whose new name was not logged")
+    reference = _logged_name(record)
+    source = decision_for(TAG, reference, policy.evaluate(reference), reference.familiar)
+    return decide_tag_target(policy, source, canonical_reference(record["target"])) if source.allow else source
+
+
+def replay_decision(policy: Policy, record: dict[str, Any]) -> Decision:
+    """The decision policy makes for a logged one; NotReplayable says why it cannot."""
+    if record.get("rule") in ("unreadable", "internal-error"):
+        raise NotReplayable("a request that could not be read")
+    if record.get("rule") == "image-id":
+        raise NotReplayable("an image ID resolved at the time")
+    name = record.get("operation")
+    operation = OPERATIONS.get(name) if isinstance(name, str) else None
+    if operation is None or operation.replay is None:
+        raise NotReplayable("not an image operation")
+    try:
+        if policy.scopes.entries:   # judged at the time it was made, for the caller who asked
+            policy = dataclasses.replace(policy.asked_by(logged_caller(record.get("caller"))),
+                                         at=parse_time(record.get("time", "")))
+        return operation.replay(operation, policy, record)
+    except (KeyError, TypeError, AttributeError, InvalidReference) as error:
+        raise NotReplayable("a line without a readable image") from error
+
+
+@dataclass
+class Change:
+    """Logged decisions on one image that policy would decide the other way."""
+
+    image: str
+    now: Decision
+    operations: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.operations.values())
+
+
+@dataclass
+class Replay:
+    decisions: int = 0
+    other_lines: int = 0
+    allowed: int = 0   # none: a log written with --log-decisions denies, whose allows cannot be replayed
+    changes: dict[tuple[str, bool], Change] = dataclasses.field(default_factory=dict)
+    not_replayable: dict[str, int] = dataclasses.field(default_factory=dict)
+    hosts: dict[str, int] = dataclasses.field(default_factory=dict)   # decisions by host, when the export names it
+    first: str = ""   # the earliest and latest "time" logged
+    last: str = ""
+
+    @property
+    def changed(self) -> int:
+        return sum(change.count for change in self.changes.values())
+
+    @property
+    def span(self) -> str:
+        return f"from {self.first} to {self.last}" if self.first else "at times not logged"
+
+
+# What journalctl -o short-iso and -o short write before a message: time, host, identifier[pid].
+_JOURNAL_PREFIX_RE = re.compile(r"(?:\S+|[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d(?:\.\d+)?) (?P<host>\S+) [^\s:]+: ")
+
+
+def logged_decision(line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The decision object in a line of the log as the plugin wrote it or as journalctl exports it
+    (-o cat, -o short-iso or -o short, -o json), and the host the export names; None for other lines."""
+    start = line.find("{")
+    if start == -1:
+        return None, None
+    try:
+        record = json.loads(line[start:])
+    except ValueError:
+        return None, None
+    if isinstance(record, dict) and "MESSAGE" in record and "decision" not in record:   # journalctl -o json
+        message, host = record["MESSAGE"], record.get("_HOSTNAME")
+        if isinstance(message, list):   # journalctl writes a message that is not UTF-8 as an array of its bytes
+            message = bytes(byte for byte in message if isinstance(byte, int) and 0 <= byte < 256).decode(
+                errors="replace")
+        decision = logged_decision(message)[0] if isinstance(message, str) else None
+        return decision, host if isinstance(host, str) else None
+    prefix = _JOURNAL_PREFIX_RE.fullmatch(line[:start])
+    return record if isinstance(record, dict) else None, prefix["host"] if prefix else None
+
+
+def replay_log(policy: Policy, lines: Any) -> Replay:
+    """Decide each logged image decision again under policy; count what changes and what cannot be redone."""
+    replay = Replay()
+    for line in lines:
+        record, host = logged_decision(line)
+        if record is None or record.get("decision") not in ("allow", "deny", "would-deny"):
+            replay.other_lines += 1
+            continue
+        replay.decisions += 1
+        replay.allowed += record["decision"] == "allow"
+        if host is not None:
+            replay.hosts[host] = replay.hosts.get(host, 0) + 1
+        logged = record.get("time")
+        if isinstance(logged, str) and logged:   # the plugin writes UTC as 2026-12-07T06:11:06Z: sorts as text
+            replay.first = min(replay.first or logged, logged)
+            replay.last = max(replay.last, logged)
+        try:
+            decision = replay_decision(policy, record)
+        except NotReplayable as error:
+            replay.not_replayable[str(error)] = replay.not_replayable.get(str(error), 0) + 1
+            continue
+        was_allowed = record["decision"] == "allow"
+        if decision.allow == was_allowed:
+            continue
+        image = decision.familiar or decision.image or decision.operation.name
+        change = replay.changes.setdefault((image, decision.allow), Change(image, decision))
+        change.operations[decision.operation.name] = change.operations.get(decision.operation.name, 0) + 1
+    return replay
+
+
+# Said whenever a log holds no allowed decision: replay cannot find what a candidate would newly deny.
+ONLY_DENIES = ("the log holds no allowed decision (written with --log-decisions denies?), so no allow -> deny"
+               " change can be found in it; replay a log written with --log-decisions all")
+
+
+def print_replay(policy: Policy, source: str, replay: Replay, output: str) -> int:
+    if not replay.decisions:
+        print(f"{PLUGIN_NAME}: error: no decision read from {source} ({replay.other_lines} other lines): expected"
+              " the plugin's decision log as it wrote it or as journalctl -o cat, -o short-iso or -o json"
+              " exports it", file=sys.stderr)
+        return 2
+    changes = sorted(replay.changes.values(), key=lambda change: (-change.count, change.image))
+    to_deny = sum(change.count for change in changes if not change.now.allow)
+    if output == "json":
+        print(json.dumps({
+            "policy": policy.path, "log": source,
+            "changes": [{"image": change.image, "was": "deny" if change.now.allow else "allow",
+                         "now": _verdict_word(change.now), "count": change.count, "operations": change.operations,
+                         "rule": change.now.rule, "reason": change.now.reason} for change in changes],
+            "summary": {"decisions": replay.decisions, "changed": replay.changed, "allowToDeny": to_deny,
+                        "denyToAllow": replay.changed - to_deny, "notReplayable": replay.not_replayable,
+                        "otherLines": replay.other_lines, "onlyDenies": not replay.allowed,
+                        "from": replay.first or None, "to": replay.last or None, "hosts": replay.hosts}}, indent=2))
+        return 1 if changes else 0
+    for change in changes:
+        was, now = ("allow", "deny") if not change.now.allow else ("deny", "allow")
+        operations = ", ".join(f"{operation} {count}" for operation, count in sorted(change.operations.items()))
+        times = "1 time" if change.count == 1 else f"{change.count} times"
+        print(f"{change.image}: {was} -> {now}, {times} ({operations}): {change.now.reason}"
+              f" [{change.now.rule}]")
+    if not replay.allowed:
+        print(f"note: {ONLY_DENIES}")
+    hosts = (", ".join(f"{host} ({count})" for host, count in sorted(replay.hosts.items())) if replay.hosts else
+             "not named in the log (journalctl -o cat leaves them out; -o short-iso and -o json keep them)")
+    print(f"log {source}: decisions {replay.span}; hosts: {hosts}")
+    unchanged = replay.decisions - replay.changed - sum(replay.not_replayable.values())
+    summary = (f"{replay.decisions} decisions replayed under {policy.path}: {replay.changed} would change"
+               f" ({to_deny} allow -> deny, {replay.changed - to_deny} deny -> allow) on {len(changes)} images,"
+               f" {unchanged} unchanged")
+    if replay.not_replayable:
+        summary += "; not decided again: " + ", ".join(
+            f"{count} {reason}" for reason, count in sorted(replay.not_replayable.items()))
+    print(summary + f"; {replay.other_lines} other lines")
+    return 1 if changes else 0
+
+
+# --------------------------------------------------------------------------
+# The linter: --validate's warnings
+# --------------------------------------------------------------------------
+
+def go_era_warning(policy: Policy) -> str | None:
+    """For a file with only the Go plugin's keys: what this plugin decides that the Go plugin never looked at,
+    and the keys that keep the Go plugin's behaviour."""
+    if policy.keys - GO_PLUGIN_KEYS:
+        return None
+    refused = {operation.name.replace("-", " "): verdict.rule for operation, verdict in policy.operations.items()
+               if not verdict.allow}
+    restore = ['"checkRun": false'] + [f'"{key}": true' for key in refused.values() if key != "allowImport"]
+    return ("this file has only the Go plugin's keys (whitelist, blacklist, defaultAllow), and this plugin decides"
+            " more than pulls: it judges runs, creates, image mounts and tags by image name (\"checkRun\", default"
+            " true), and services and plugin installs too; build, commit, import, load, plugin create and swarm"
+            f" init/join follow allowBuild, allowCommit, allowImport, allowLoad, allowPluginCreate and allowSwarm,"
+            f" which follow defaultAllow ({str(policy.default_allow).lower()}"
+            + (": " + ", ".join(refused) + " are refused" if refused else "")
+            + "). The Go plugin let all of these through unchecked, except imports, which it failed. To decide only"
+            " what it decided, add " + ", ".join(restore) + " (services and plugin installs stay judged by name);"
+            " to keep the new checks, add them with the values you mean")
+
+
+# Registries anyone can push to: an allow over every host under one of them admits strangers' images.
+PUBLIC_REGISTRY_DOMAINS = frozenset({"docker.io", "docker.com", "gcr.io", "pkg.dev", "amazonaws.com", "ecr.aws",
+                                     "azurecr.io", "ghcr.io", "github.com", "quay.io", "gitlab.com", "icr.io",
+                                     "ocir.io", "k8s.io"})
+# Exceptions that end this soon are named by --validate, so that they are renewed or retired in time.
+EXCEPTION_NOTICE = 14 * 86400
+
+
+def scope_warnings(policy: Policy, now: float) -> list[str]:
+    """Mistakes scopes still allow: entries that ended or end soon, that no image reaches, that admit strangers."""
+    warnings = []
+    entries = policy.scopes.entries
+    for entry in entries:
+        if entry.until is not None and entry.until <= now:
+            warnings.append(f"{entry} ended at {entry.until_text}: it decides nothing now; remove it")
+        elif entry.until is not None and entry.until - now < EXCEPTION_NOTICE:
+            days = (entry.until - now) / 86400
+            warnings.append(f"{entry} ends at {entry.until_text}, in {days:.1f} days"
+                            + (f" (ticket {entry.ticket})" if entry.ticket else ""))
+        for tag in entry.tags:
+            if tag[0] in ".-":
+                warnings.append(f"{entry}: tags {json.dumps(tag)} matches no tag (a tag starts with a letter, digit"
+                                " or _)")
+        host = entry.scope.split("/")[0]
+        domain = host.removeprefix("*.").split(":")[0]
+        if entry.allow and host.startswith("*.") and ("." not in domain or any(
+                domain == public or domain.endswith("." + public) for public in PUBLIC_REGISTRY_DOMAINS)):
+            warnings.append(f"{entry} allows every registry under {domain}, where anyone can publish images; name"
+                            " your own registry or namespace instead")
+        components = entry.scope.split("/")
+        if components[0] == "docker.io" and len(components) == 2 and components[1] != "library":
+            warnings.append(f"{entry} is the Docker Hub namespace {components[1]} ({components[1]}/…), not the"
+                            f" official image {components[1]}, which is docker.io/library/{components[1]}")
+        blocker = next((other for other in entries if other.scope == entry.scope and not other.allow
+                        and not (other.tags or other.digest_only or other.callers or other.until)), None)
+        if entry.allow and blocker:
+            warnings.append(f"{entry} can never allow: {blocker} denies everything in its scope")
+        probes = [f"{entry.scope.replace('*.', 'zz0.')}/zz0:1", f"{entry.scope.replace('*.', 'zz0.')}/zz0/zz0:1"]
+        probes += [f"{entry.scope}:1"] if "/" in entry.scope and not host.startswith("*.") else []
+        for rules in (policy.whitelist, policy.blacklist):
+            decisive = {rules.first_match(parse_reference(probe)) for probe in probes}
+            if None not in decisive:
+                rule = min(decisive, key=_rule_index)   # type: ignore[arg-type]
+                warnings.append(f"{entry} is dead: {rule} decides every image in its scope first")
+                break
+    return warnings
+
+
+# Suffixes that complete a literal prefix into a reference, to see whether a
+# pattern can match any image at all.
+_COMPLETIONS = ("", "a", ":a", "/a", "a/a", "a:a", "0", "0/a", "@sha256:" + "0" * 64, "a@sha256:" + "0" * 64)
+# ^ at the start, after any inline flags such as (?i).
+ANCHORED_RE = re.compile(r"(?:\(\?[imsU]+\))*(?:\^|\\A)")
+# The inline flags a pattern starts with: a suggested fix keeps them.
+INLINE_FLAGS_RE = re.compile(r"(?:\(\?[imsU]+\))*")
+# Canonical names of Docker Hub images that no familiar-name rule was written for.
+# What may follow a whitelist rule's leading text in a name its author did not
+# mean: another Docker Hub user (nginxevil/miner), another repository
+# (quay.io/calico/node-evil), another registry (nginx:5000/evil/miner,
+# localhost:50000/evil/miner, registry.example.com.evil.example/miner).
+_NAME_PROBES = ("evil/miner", "-evil", ":5000/evil/miner", "{port}/evil/miner", ".evil.example/miner")
+# Images a blacklist rule may be shown refusing, when the rules suggest none.
+_SAMPLE_IMAGES = ("evil/miner:1", "ubuntu:latest")
+# Names of every shape, as rules see them: a rule that matches the empty text may still match none of them.
+_EVERY_KIND_OF_NAME = ("nginx:1", "someone/app:v2", "quay.io/calico/node:v3.27", "localhost:5000/a_b:1",
+                       "nginx@sha256:" + "0" * 64, "nginx:sha256:" + "0" * 64, "docker.io/library/nginx:1")
+# The start of a digest pin as the original plugin saw it (nginx:sha256:…), and the hex digits each digest has.
+_DIGEST_AS_TAG_RE = re.compile(r":(?P<algorithm>sha256|sha384|sha512):(?P<hex>[0-9a-f]*)\Z")
+_DIGEST_LENGTHS = MappingProxyType({"sha256": 64, "sha384": 96, "sha512": 128})
+# A dot that matches any character: not escaped, not in a class, not repeated as in .*
+_DOT_RE = re.compile(r"""
+      \\.                          # an escaped character
+    | \[\^?\]?(?:\\.|[^]\\])*\]    # a character class, where . is a dot
+    | (?P<dot>\.)(?![*+?{])        # a dot standing for any character
+    | .
+    """, re.VERBOSE | re.DOTALL)
+
+def _may_start_hub_names(prefix: str) -> bool:
+    """Whether canonical Docker Hub names (docker.io/…) may start with prefix: only then do they differ from
+    the familiar names a rule is matched against."""
+    return prefix.startswith("docker.io/") or "docker.io/".startswith(prefix)
+
+
+def policy_warnings(policy: Policy) -> list[str]:
+    """Likely mistakes in a valid configuration, for --validate: each names the
+    rule, an image it wrongly allows or refuses, or that it never matches, and a fix."""
+    warnings = []
+    for rule in policy.whitelist.rules + policy.blacklist.rules:
+        warnings += _pattern_warnings(rule)
+        if rule.kind == "whitelist":
+            warnings += _name_warnings(policy, rule)
+    bases = [text for text, _ in (_leading_text(rule.regex) for rule in policy.whitelist.rules) if text]
+    for blocked in policy.blacklist.rules:
+        for allowed in policy.whitelist.rules:
+            if (allowed.only_prefix and allowed.prefix is not None and blocked.prefix is not None
+                    and blocked.prefix.startswith(allowed.prefix)
+                    and (allowed.canonical or not blocked.canonical or not _may_start_hub_names(blocked.prefix))):
+                warnings.append(f"{blocked} is unreachable: {allowed} allows everything it matches first")
+                break
+        else:
+            if not policy.default_allow:
+                warnings.append(_futile_warning(policy, blocked, bases))
+    return warnings
+
+
+def _pattern_warnings(rule: Rule) -> list[str]:
+    """Patterns that match everything, anywhere, or nothing at all."""
+    if rule.search(""):
+        matched = [name for name in _EVERY_KIND_OF_NAME if rule.search(name)]
+        if len(matched) == len(_EVERY_KIND_OF_NAME):
+            if rule.kind == "whitelist":   # a blacklist that catches everything is a common ending
+                return [f"{rule}: matches every image, so the whitelist allows everything"]
+            return []
+        if not matched:
+            return [f"{rule}: matches the empty text but no image name: every reference has a tag or digest"
+                    " (nginx:1), which it does not allow for"]
+    if rule.prefix is None:
+        if not ANCHORED_RE.match(rule.pattern) and not re.search(r"(?<!\\)(\$|\\z)$", rule.pattern):
+            return [f"{rule}: not anchored with ^ (or $), so it matches anywhere in an image name"]
+    else:
+        forms: set[str] = set()
+        for name in [rule.prefix + completion for completion in _COMPLETIONS] + [_pinned(rule.prefix)]:
+            try:
+                reference = parse_reference(name)
+            except InvalidReference:
+                continue
+            forms.update(reference.forms(False) + (reference.forms(True) if rule.canonical else ()))
+        if not any(form.startswith(rule.prefix) for form in forms):
+            return [f"{rule}: no image reference can match it (rules see familiar names such as nginx:1.25, and"
+                    " canonical ones such as docker.io/library/nginx:1.25 only when they name docker.io;"
+                    " index.docker.io is spelled docker.io)"]
+        if not rule.canonical and any(rule.search(probe) for probe in HUB_PROBES):
+            what = "allow" if rule.kind == "whitelist" else "refuse"
+            return [f"{rule}: matched against familiar names (nginx:1.25) as the original plugin did, so it does"
+                    f" not {what} every Docker Hub image; a rule that names docker.io, such as ^docker\\.io/, is"
+                    f" matched against canonical names too"]
+    text = _exact_text(rule.regex)
+    if text is None or any(_seen_by(rule, candidate) for candidate in {text, text.lower()}):
+        return []
+    flags = _inline_flags(rule)
+    try:
+        reference = parse_reference(text.lower() if rule.regex.flags & re.IGNORECASE else text)
+    except InvalidReference:
+        return [f"{rule}: never matches: no image reference is spelled {text}"]
+    seen = reference.canonical if rule.canonical else reference.familiar
+    name = reference.repository if rule.canonical else reference.familiar_repository
+    return [f"{rule}: never matches: every image reference has a tag or digest, and {text} is matched as {seen};"
+            f" use {flags}^{_escaped(seen)}$ for that tag, or {_name_fix(flags, name)}"]
+
+
+def _name_warnings(policy: Policy, rule: Rule) -> list[str]:
+    """Images a whitelist rule allows whose names its author did not mean, for each text it may begin with."""
+    warnings: list[str] = []
+    for text, wildcards in _leading_texts(rule.regex):
+        warnings += [warning for warning in _text_warnings(policy, rule, text, wildcards) if warning not in warnings]
+    return warnings
+
+
+def _text_warnings(policy: Policy, rule: Rule, text: str, wildcards: tuple[int, ...]) -> list[str]:
+    """Images a whitelist rule allows, beginning with text, whose names its author did not mean."""
+    flags = _inline_flags(rule)
+    warnings = []
+    for position in wildcards:
+        example = _dot_example(policy, rule, text, position)
+        if example:
+            warnings.append(f"{rule}: allows {example}: an unescaped . matches any character; escape the dots:"
+                            f" {_escape_dots(rule.pattern)}")
+            break
+    found: dict[str, tuple[str, Reference]] = {}
+    for suffix in _NAME_PROBES:
+        example = text + suffix.format(port="5000" if text.endswith(":") else "0")
+        reference = _allowed_by(policy, rule, example)
+        kind = _overreach(rule, reference, len(text)) if reference else None
+        if reference and kind:
+            found.setdefault(kind, (example, reference))
+    if "name" in found:
+        example, _ = found["name"]
+        warnings.append(f"{rule}: allows {example}, another name that begins with {text}; end the name, e.g."
+                        f" {_name_fix(flags, text)}")
+    elif "port" in found:   # (the fix for a name also ends the rule at the tag)
+        example, reference = found["port"]
+        tag = _escaped(text) + ("" if ":" in text else ":")
+        warnings.append(f"{rule}: allows {example}, an image from the registry {reference.domain}, not a tag of"
+                        f" {reference.domain.partition(':')[0]}; end the rule at the tag, e.g. {flags}^{tag}[^/]*$"
+                        " (a tag has no /)")
+    return warnings
+
+
+def _futile_warning(policy: Policy, rule: Rule, bases: list[str]) -> str:
+    """With defaultAllow false, a blacklist rule only renames the reason for a deny."""
+    why = (f"{rule} can never change a decision: defaultAllow is false, so what no whitelist rule allows is"
+           " denied anyway")
+    refused = None
+    for example in _blacklist_examples(rule, bases):
+        try:
+            reference = parse_reference(example)
+        except InvalidReference:
+            continue
+        spellings = (reference, reference.alias) if reference.alias else (reference,)
+        if not any(rule.search(form) for spelling in spellings for form in _forms_seen(rule, spelling)):
+            continue
+        verdict = policy.evaluate(reference)
+        if verdict.allow and not rule.search(""):
+            allowed = next(allowed for allowed in policy.whitelist.rules if str(allowed) == verdict.rule)
+            narrowed = f"{allowed.pattern}(?!{_escaped(reference.tag)}$)" if (
+                allowed.only_prefix and reference.tag and allowed.prefix is not None
+                and allowed.prefix.endswith(":") and reference.familiar == allowed.prefix + reference.tag) \
+                else "a lookahead (?!…)"
+            return (f"{why}, and what one allows is allowed whatever the blacklist says: {example} is allowed by"
+                    f" {allowed}; narrow that rule so that it does not allow {example}, e.g. with {narrowed},"
+                    " and remove this one")
+        if refused is None and not verdict.allow:
+            refused = example
+    return f"{why} ({refused} is denied with or without it); remove it" if refused else f"{why}; remove it"
+
+
+def _blacklist_examples(rule: Rule, bases: list[str]) -> list[str]:
+    """Names a blacklist rule may match, from its own leading text or, when
+    it has none (:latest$), from the whitelist rules' (bases)."""
+    text, _ = _leading_text(rule.regex)
+    if text:   # what it matches starts with text
+        examples = [text + suffix for suffix in _tags_after(text)]
+        examples += [base + suffix for base in bases if base.startswith(text) for suffix in _tags_after(base)]
+    else:
+        plain = re.sub(r"\\(.)", r"\1", rule.pattern.lstrip("^").rstrip("$"))   # the pattern read as plain text
+        examples = [name for base in bases for name in (base.rstrip(":@/") + plain, base + plain.lstrip(":@/"),
+                                                        *(base + suffix for suffix in _tags_after(base)))]
+    return list(dict.fromkeys(examples + list(_SAMPLE_IMAGES)))
+
+
+def _tags_after(text: str) -> tuple[str, ...]:
+    return ("latest", "1") if text.endswith(":") else (":latest", ":1", "/a:1", "a:1", "")
+
+
+def _seen_by(rule: Rule, text: str) -> bool:
+    """Whether a rule matches text as some image reference's form."""
+    for name in (text, _pinned(text)):
+        try:
+            reference = parse_reference(name)
+        except InvalidReference:
+            continue
+        if any(rule.search(form) for form in _forms_seen(rule, reference)):
+            return True
+    return False
+
+
+def _pinned(text: str) -> str:
+    """The name pinned by digest whose form the original plugin saw begins as text does (nginx:sha256:…)."""
+    match = _DIGEST_AS_TAG_RE.search(text)
+    if not match:
+        return ""
+    padding = "0" * (_DIGEST_LENGTHS[match["algorithm"]] - len(match["hex"]))
+    return f"{text[:match.start()]}@{match['algorithm']}:{match['hex']}{padding}"
+
+
+def _forms_seen(rule: Rule, reference: Reference) -> tuple[str, ...]:
+    return reference.all_forms if rule.canonical else reference.familiar_forms
+
+
+def _allowed_by(policy: Policy, rule: Rule, text: str) -> Reference | None:
+    """The reference text names, if this very rule is what allows it."""
+    try:
+        reference = parse_reference(text)
+    except InvalidReference:
+        return None
+    verdict = policy.evaluate(reference)
+    return reference if verdict.allow and verdict.rule == rule.label else None
+
+
+def _overreach(rule: Rule, reference: Reference, length: int) -> str | None:
+    """Whether a rule's leading text (of this length) ends inside the name it
+    matched: "port" when a tag it meant is read as a registry's port, "name"
+    when the name merely begins with it."""
+    form = next((form for form in _forms_seen(rule, reference) if rule.search(form)), None)
+    if form is None:
+        return None
+    name = reference.familiar_repository if form in reference.familiar_forms else reference.repository
+    if length >= len(name) or "/" in form[length - 1:length + 1]:
+        return None
+    host, colon, _ = reference.domain.partition(":")
+    in_domain = name.startswith(reference.domain + "/") and len(host) <= length <= len(reference.domain)
+    return "port" if in_domain and colon and "." not in host and host != "localhost" else "name"
+
+
+def _dot_example(policy: Policy, rule: Rule, text: str, position: int) -> str | None:
+    """An image the rule allows because the dot at position matches another character."""
+    for replacement in "-x":
+        for tail in ("/evil/miner", "evil/miner", "", "1"):
+            example = text[:position] + replacement + text[position + 1:] + tail
+            try:
+                meant = parse_reference(text + tail)
+            except InvalidReference:
+                continue
+            reference = _allowed_by(policy, rule, example)
+            if reference and reference.repository != meant.repository:
+                return example
+    return None
+
+
+def _name_fix(flags: str, name: str) -> str:
+    """Rules for a repository name (or a registry) that end where the name ends."""
+    rule = flags + "^" + _escaped(name)
+    first = name.split("/", 1)[0]
+    if "/" not in name and (any(c in first for c in ".:") or first == "localhost"):
+        return f"{rule}/ for the repositories on that registry"
+    if "/" not in name:
+        return f"{rule}:[^/]*$ for its tags and digests, or {rule}/ for the repositories under it"
+    return f"{rule}[:@] for its tags and digests, or {rule}/ for the repositories under it"
+
+
+def _escaped(text: str) -> str:
+    """text as a pattern: re.escape would also escape - and /, which rules do not need."""
+    return re.sub(r"[.^$*+?{}\[\]\\|()]", r"\\\g<0>", text)
+
+
+def _inline_flags(rule: Rule) -> str:
+    match = INLINE_FLAGS_RE.match(rule.pattern)
+    return match[0] if match else ""
+
+
+def _escape_dots(pattern: str) -> str:
+    return _DOT_RE.sub(lambda match: "\\." if match["dot"] else match[0], pattern)
+
+
+def _leading_texts(regex: re.Pattern[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """Each text a match of a ^-anchored pattern may start with, through alternatives (^(nginx|redis)), "."
+    where any character may stand (and those positions)."""
+    if regex_parser is None:
+        return []
+    items = list(regex_parser.parse(regex.pattern, regex.flags))
+    if not items or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                                     (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
+        return []
+    return [found for found in _texts(items[1:], "", ())[:50] if found[0]]
+
+
+def _texts(items: list[Any], text: str, wildcards: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    for position, (op, value) in enumerate(items):
+        if op is regex_parser.ANY:
+            wildcards += (len(text),)
+            text += "."
+        elif op is regex_parser.LITERAL:
+            text += chr(value)
+        elif _either_case(op, value):
+            text += _either_case(op, value)
+        elif op is regex_parser.BRANCH or op is regex_parser.SUBPATTERN:
+            inner = list(value[-1])
+            branches = value[1] if op is regex_parser.BRANCH else \
+                inner[0][1][1] if len(inner) == 1 and inner[0][0] is regex_parser.BRANCH else [inner]
+            found: list[tuple[str, tuple[int, ...]]] = []
+            for branch in branches[:50]:
+                found += _texts(list(branch) + items[position + 1:], text, wildcards)
+            return found
+        else:
+            break
+    return [(text, wildcards)]
+
+
+def _leading_text(regex: re.Pattern[str]) -> tuple[str, tuple[int, ...]]:
+    """The characters every match of a ^-anchored pattern starts with, "."
+    where any character may stand (and those positions); ("", ()) if none."""
+    if regex_parser is None:
+        return "", ()
+    parsed = regex_parser.parse(regex.pattern, regex.flags)
+    items = list(parsed)
+    if not items or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                                     (regex_parser.AT, regex_parser.AT_BEGINNING_STRING)):
+        return "", ()
+    text: list[str] = []
+    wildcards = []
+    for op, value in items[1:]:
+        if op is regex_parser.ANY:
+            wildcards.append(len(text))
+            text.append(".")
+        elif op is regex_parser.LITERAL:
+            text.append(chr(value))
+        elif _either_case(op, value):
+            text.append(_either_case(op, value))
+        else:
+            break
+    return "".join(text), tuple(wildcards)
+
+
+def _either_case(op: Any, value: Any) -> str:
+    """The letter, in lower case, of a set that is one letter in either case ([Nn], as (?i)n is written)."""
+    if op is not regex_parser.IN or any(member_op is not regex_parser.LITERAL for member_op, _ in value):
+        return ""
+    letters = "".join(sorted(chr(member) for _, member in value if member < 128))
+    return letters[1] if len(letters) == 2 and letters[0].isupper() and letters[0].lower() == letters[1] else ""
+
+
+def _exact_text(regex: re.Pattern[str]) -> str | None:
+    """The one text a pattern such as ^nginx$ matches, if it is one."""
+    if regex_parser is None:
+        return None
+    items = list(regex_parser.parse(regex.pattern, regex.flags))
+    if (len(items) < 2 or items[0] not in ((regex_parser.AT, regex_parser.AT_BEGINNING),
+                                           (regex_parser.AT, regex_parser.AT_BEGINNING_STRING))
+            or items[-1] not in ((regex_parser.AT, regex_parser.AT_END),
+                                 (regex_parser.AT, regex_parser.AT_END_STRING))
+            or any(op is not regex_parser.LITERAL for op, _ in items[1:-1])):
+        return None
+    return "".join(chr(value) for _, value in items[1:-1])
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -5835,7 +5855,7 @@ def serve(args: argparse.Namespace, address: AdminAddress) -> int:
 
 def serve_plugin(args: argparse.Namespace, address: AdminAddress, log: Log, handled: set[signal.Signals]) -> int:
     try:
-        plugin = Plugin(args.config, log, DockerAPI(args.docker_host), args.mode,
+        plugin = Plugin(args.config, load_tested_policy, log, DockerAPI(args.docker_host), args.mode,
                         registry_signatures(args.registry_auth, DockerAPI(args.docker_host)))
     except ConfigError as error:
         log.event("error", str(error))
