@@ -1645,7 +1645,7 @@ class Rule:
         written = json.dumps(self.pattern)
         object.__setattr__(self, "label", f"{self.kind}[{self.index}] {written}")
         object.__setattr__(self, "verdict", Verdict(self.kind == "whitelist", self.label,
-                                                    f"{self.kind} rule {written} matches"))
+                                                    f"{self.kind} rule {written} matches", self))
 
     def __str__(self) -> str:
         return self.label
@@ -1759,8 +1759,9 @@ class Verdict:
     """What the rules say about one reference."""
 
     allow: bool
-    rule: str
+    rule: str     # the label of what decided: whitelist[0] "^nginx:", scopes[3], defaultAllow
     reason: str
+    decided_by: Rule | ScopeEntry | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 DEFAULT_ALLOWED = Verdict(True, "defaultAllow", "no rule matches and defaultAllow is true")
@@ -1860,6 +1861,14 @@ class ScopeEntry:
     note: str = ""
     signed_by: tuple[str, ...] = ()        # the key files, as the entry names them
     keys: tuple[PublicKey, ...] = ()       # loaded from them at policy load
+    label: str = dataclasses.field(init=False, repr=False)       # scopes[3], as verdicts name it
+    verdict: Verdict = dataclasses.field(init=False, repr=False)   # what the entry says when its conditions hold
+
+    def __post_init__(self) -> None:
+        # Made once, at load, as a rule's verdict is.
+        object.__setattr__(self, "label", f"scopes[{self.index}]")
+        object.__setattr__(self, "verdict", Verdict(self.allow, self.label, f"{self}{self.explanation()} matches",
+                                                    self))
 
     def __str__(self) -> str:
         return f"scopes[{self.index}] {'allow' if self.allow else 'deny'} {json.dumps(self.scope)}"
@@ -2013,7 +2022,7 @@ class ScopeTable:
         scope, entries = governing
         for entry in entries:
             if not entry.allow and entry.failed_condition(reference, caller) is None:
-                return Verdict(False, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
+                return entry.verdict
         misses = []
         for entry in entries:   # those without signedBy first (build_scope_table)
             if not entry.allow:
@@ -2023,10 +2032,10 @@ class ScopeTable:
                 misses.append(f"scopes[{entry.index}] is for {failed}")
                 continue
             if not entry.keys:
-                return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches")
+                return entry.verdict
             signed = signatures.check(reference, entry.keys)
             if signed.ok:
-                return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches: {signed.reason}")
+                return Verdict(True, entry.label, f"{entry.verdict.reason}: {signed.reason}", entry)
             misses.append(f"scopes[{entry.index}] needs a signature by {', '.join(entry.signed_by)}: {signed.reason}")
         who = f"; the caller is {cut(str(caller))}" if self.uses_callers else ""
         why = f" ({'; '.join(misses)}{who})" if misses else ""
@@ -2045,18 +2054,13 @@ class ScopeTable:
         for entry in entries:
             untagged = dataclasses.replace(entry, tags=())
             if not entry.allow and untagged.failed_condition(reference, caller) is None:
-                return Verdict(False, f"scopes[{entry.index}]", f"a pull of all tags includes tags {entry} denies")
+                return Verdict(False, entry.label, f"a pull of all tags includes tags {entry} denies", entry)
         for entry in entries:
             if entry.allow and not entry.tags and not entry.digest_only and not entry.keys \
                     and entry.failed_condition(reference, caller) is None:
-                return Verdict(True, f"scopes[{entry.index}]", f"{entry}{entry.explanation()} matches every tag")
+                return Verdict(True, entry.label, f"{entry.verdict.reason} every tag", entry)
         return Verdict(False, "all-tags", "a pull of all tags is allowed only by a scope entry without tags,"
                        " digestOnly or signedBy; pull a tag or digest instead")
-
-    def entry_of(self, rule: str) -> ScopeEntry | None:
-        """The entry a verdict's rule label (scopes[3]) names."""
-        match = re.fullmatch(r"scopes\[([0-9]+)\]", rule)
-        return self.entries[int(match[1])] if match and int(match[1]) < len(self.entries) else None
 
     def next_end(self, now: float) -> float:
         """When the next entry ends (inf if none does): no remembered answer outlives it."""
@@ -2070,7 +2074,7 @@ def _as_usual_name(reference: Reference, verdict_of: Callable[[Reference], Verdi
         usual = verdict_of(reference.alias)
         if usual is not None and not usual.allow:
             return Verdict(False, usual.rule, f"{usual.reason}, for {reference.alias.familiar}, the same repository"
-                           " under its usual name")
+                           " under its usual name", usual.decided_by)
     return verdict_of(reference)
 
 
@@ -2244,7 +2248,7 @@ class Policy:
                 if spelling is reference:
                     return rule.verdict
                 return Verdict(False, rule.label, f"{rule.verdict.reason} {spelling.familiar}, the same repository"
-                                                  " under its usual name")
+                                                  " under its usual name", rule)
         if self.scopes.entries:
             verdict = self.scopes.evaluate(reference, self.caller, self.now(), self.signatures)
             if verdict:
@@ -2260,7 +2264,7 @@ class Policy:
         for rule in self.whitelist.rules:
             forms = canonical if rule.canonical else familiar
             if rule.only_prefix and any(form.startswith(rule.prefix) for form in forms):   # type: ignore[arg-type]
-                return Verdict(True, rule.label, f"{rule.verdict.reason} every tag")
+                return Verdict(True, rule.label, f"{rule.verdict.reason} every tag", rule)
         if self.scopes.entries and not self.blacklist.rules:
             verdict = self.scopes.evaluate_all_tags(reference, self.caller, self.now())
             if verdict:
@@ -2552,6 +2556,7 @@ class Decision:
     named: str = ""      # the image as the request named it (a run's, service's or tag's), if not image
     target: str = ""     # a tag's new name, canonical
     caller: Caller = UNIDENTIFIED   # who asked, when dockerd identified the client by its TLS certificate
+    decided_by: Rule | ScopeEntry | None = dataclasses.field(default=None, compare=False, repr=False)   # rule names it
 
     @functools.cached_property
     def log_fields(self) -> str:
@@ -3125,7 +3130,7 @@ def decide_pull(policy: Policy, reference: Reference, all_tags: bool) -> Decisio
     if all_tags:
         verdict = policy.evaluate_all_tags(reference)
         return Decision(verdict.allow, PULL_ALL_TAGS, reference.repository, reference.familiar_repository,
-                        verdict.rule, verdict.reason)
+                        verdict.rule, verdict.reason, decided_by=verdict.decided_by)
     return decision_for(PULL, reference, policy.evaluate(reference))
 
 
@@ -3206,7 +3211,7 @@ def decide_tag_target(policy: Policy, source: Decision, target: Reference) -> De
     verdict = policy.evaluate(target)
     return Decision(verdict.allow, TAG, target.canonical, f"{source.familiar} as {target.familiar}",
                     verdict.rule, f"{verdict.reason} for the new name", named=source.named or source.familiar,
-                    target=target.canonical)
+                    target=target.canonical, decided_by=verdict.decided_by)
 
 
 def unchecked(operation: Operation) -> Decision:
@@ -3248,7 +3253,7 @@ ROUTE_PATTERNS: tuple[tuple[re.Pattern[str], tuple[Operation, Route]], ...] = (
 
 def decision_for(operation: Operation, reference: Reference, verdict: Verdict, named: str = "") -> Decision:
     return Decision(verdict.allow, operation, reference.canonical, reference.familiar, verdict.rule, verdict.reason,
-                    named=named)
+                    named=named, decided_by=verdict.decided_by)
 
 
 def first_denial(decisions: Iterable[Decision]) -> Decision:
@@ -3344,7 +3349,8 @@ def decide_local_image(policy: Policy, operation: Operation, image: str, local: 
         verdict = judging.evaluate(reference)
         if verdict.allow:
             return Decision(True, operation, reference.canonical, image, verdict.rule,
-                            f"{verdict.reason} for its name {reference.familiar}", named=image)
+                            f"{verdict.reason} for its name {reference.familiar}", named=image,
+                            decided_by=verdict.decided_by)
         denial = denial or Decision(False, operation, reference.canonical, image, verdict.rule,
                                     f"none of its names is allowed ({verdict.reason} for {reference.familiar})",
                                     named=image)
@@ -4290,7 +4296,13 @@ HEALTH_ENDPOINT = "/DockerImagePolicy.Status"
 ALLOW_RESPONSE = _plugin_response({"Allow": True, "Msg": "", "Err": ""})
 
 
-Answer = tuple[Decision, str, bytes]   # the decision, its outcome and the HTTP response
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the plugin answers a request body: remembered whole, so that a repeated request costs a lookup."""
+
+    decision: Decision
+    outcome: str        # allow, deny or would-deny: the decision log's and the metrics' word
+    response: bytes     # the complete HTTP response
 
 
 class Answers:
@@ -4446,21 +4458,20 @@ class Plugin:
         if answer is None:
             decision, cacheable = self.decide(policy, body)
             if decision.allow:
-                answer = (decision, "allow", ALLOW_RESPONSE)
+                answer = Answer(decision, "allow", ALLOW_RESPONSE)
             elif policy.audit:
-                answer = (decision, "would-deny", ALLOW_RESPONSE)
+                answer = Answer(decision, "would-deny", ALLOW_RESPONSE)
             else:
-                answer = (decision, "deny",
-                          _plugin_response({"Allow": False, "Msg": decision.message(policy), "Err": ""}))
+                answer = Answer(decision, "deny",
+                                _plugin_response({"Allow": False, "Msg": decision.message(policy), "Err": ""}))
             # The same request under the same policy gets the same answer,
             # unless dockerd had to be asked what an image ID is.
             if cacheable and len(body) <= CACHE_BODY_MAX:
                 remembered.put(body, answer)
-        decision, outcome, response = answer
-        if decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
-            self.log.decision(decision, outcome, policy)
-        self.metrics.count(decision.operation.name, outcome, time.perf_counter() - started)
-        return response
+        if answer.decision is not BENIGN or self.log.level <= LOG_LEVELS["debug"]:
+            self.log.decision(answer.decision, answer.outcome, policy)
+        self.metrics.count(answer.decision.operation.name, answer.outcome, time.perf_counter() - started)
+        return answer.response
 
     def decide(self, policy: Policy, body: bytes) -> tuple[Decision, bool]:
         """The decision for an AuthZReq body, and whether it may be reused."""
@@ -5072,8 +5083,8 @@ class Scan:
         """What only an exception allows: a scope entry with an end."""
         found = []
         for finding in self.findings:
-            entry = policy.scopes.entry_of(finding.decision.rule) if finding.decision.allow else None
-            if entry and entry.until is not None:
+            entry = finding.decision.decided_by if finding.decision.allow else None
+            if isinstance(entry, ScopeEntry) and entry.until is not None:
                 found.append((finding, entry))
         return found
 
@@ -5550,7 +5561,8 @@ def _futile_warning(policy: Policy, rule: Rule, bases: list[str]) -> str:
             continue
         verdict = policy.evaluate(reference)
         if verdict.allow and not rule.search(""):
-            allowed = next(allowed for allowed in policy.whitelist.rules if str(allowed) == verdict.rule)
+            allowed = verdict.decided_by
+            assert isinstance(allowed, Rule), "a verdict of the rules alone"
             narrowed = f"{allowed.pattern}(?!{_escaped(reference.tag)}$)" if (
                 allowed.only_prefix and reference.tag and allowed.prefix is not None
                 and allowed.prefix.endswith(":") and reference.familiar == allowed.prefix + reference.tag) \
@@ -5613,7 +5625,7 @@ def _allowed_by(policy: Policy, rule: Rule, text: str) -> Reference | None:
     except InvalidReference:
         return None
     verdict = policy.evaluate(reference)
-    return reference if verdict.allow and verdict.rule == rule.label else None
+    return reference if verdict.allow and verdict.decided_by is rule else None
 
 
 def _overreach(rule: Rule, reference: Reference, length: int) -> str | None:

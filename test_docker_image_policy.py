@@ -3050,6 +3050,16 @@ class TestDockerAPI(unittest.TestCase):
         self.assertEqual([(finding.kind, finding.name) for finding in unchecked.refused],
                          [("image", "smuggled:1"), ("service", "miner"), ("service", "plugin")])
 
+    def test_scan_names_what_only_an_exception_allows(self):
+        policy = policy_of({"scopes": [{"allow": "docker.io/library/nginx"},
+                                       {"allow": "docker.io/library/smuggled", "until": "2999-01-31", "ticket": "T-1"},
+                                       {"allow": "docker.io/evil", "tags": ["1"]}]})
+        scan = dip.scan_host(policy, self.stand_in(SCANNED_HOST))
+        excepted = [(finding.kind, finding.name, entry.index) for finding, entry in scan.excepted(policy)]
+        self.assertEqual(excepted, [("image", "smuggled:1", 1), ("container", "old", 1), ("container", "by-id", 1)])
+        ended = dataclasses.replace(policy, at=dip.parse_time("3000-01-01"))
+        self.assertEqual(dip.scan_host(ended, self.stand_in(SCANNED_HOST)).excepted(ended), [])
+
     def test_host_images_resolve_like_the_daemon(self):
         host = dip.HostImages(self.stand_in(SCANNED_HOST).images())
         ids = lambda text: [image.id for image in host.images_for(text)]
