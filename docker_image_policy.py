@@ -30,6 +30,14 @@ that it cannot fully understand is denied. It cannot protect against users who b
 (the containerd socket), swarm workers pulling for a service created
 elsewhere, files copied into a running container (docker cp, exec), or users
 who can already run privileged containers.
+
+The module reads in the order a request flows through the daemon: image
+references, signatures, Go's decoding, rules, the policy and its file,
+requests and their bodies, the Docker API, routes, the registry client, the
+decision log and metrics, the plugin, its handlers and its servers. What
+runs offline follows: policy tests, --check, --scan and --replay, the
+linter, and the command line. Each operation is one Operation value, at the
+top, carrying every name it goes by.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for docker_image_policy, in the module's section order.
+"""Tests for docker_image_policy, grouped by the module's sections, then by how it is operated.
 
     python3 -m unittest -v test_docker_image_policy
 
