@@ -132,9 +132,11 @@ MAX_TARGET = 1024 * 1024 + 4096
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 100
-# dockerd keeps idle plugin connections open and retries a closed one, so a
-# long idle timeout only frees threads held by stalled or vanished clients.
-IDLE_TIMEOUT = 60.0
+# dockerd keeps idle plugin connections open without limit, and a call it
+# writes as the plugin closes the connection fails once (see EMPTY_REQUEST):
+# a long idle timeout makes that rare and frees only threads held by stalled
+# or vanished clients, which only root can be on the plugin socket.
+IDLE_TIMEOUT = 3600.0
 # Decisions are remembered per request body, for the running policy only
 # (docker ps, health checks and CI steps repeat the same calls); bounded.
 CACHE_BODY_MAX = 4096
@@ -4392,11 +4394,12 @@ class AdminListener:
                 "failedBinds": self.failures, "lastError": self.error}
 
 
-# dockerd sends a call again while the plugin restarts, but a call the plugin
-# stopped during comes again without its body (moby's pkg/plugins client
-# re-sends a drained buffer).
-EMPTY_REQUEST = ("the AuthZ request is empty: dockerd sent again, without its content, a call that reached"
-                 " the plugin as it stopped; run the command again")
+# dockerd sends a call again when its first attempt fails, but without its
+# body once that was written (moby's pkg/plugins client re-sends a drained
+# buffer): a call the plugin was stopping or closing the connection during.
+EMPTY_REQUEST = ("the AuthZ request is empty: dockerd sent a call again without its content after its first"
+                 " attempt failed (the plugin was stopping, or closing an idle connection); run the command"
+                 " again")
 
 
 class Plugin:

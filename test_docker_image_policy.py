@@ -2008,6 +2008,7 @@ class TestRequests(unittest.TestCase):
             ("/v1.41/services/gone/update?rollback=previous", False, "no such service 'gone'"),
             ("/v1.41/services/web/update?rollback=Previous", False, "service of redis:7"),   # body and previous
             ("/v1.41/services/web/update?version=9", True, "service of nginx:1 allowed"),   # the body only
+            ("/v1.41/services/create?rollback=previous", True, "service of nginx:1 allowed"),   # only updates roll back
         ]:
             with self.subTest(uri):
                 self.assertDecision(authz("POST", uri, service("nginx:1")), allow, reason, docker=docker)
@@ -4094,6 +4095,9 @@ class TestSignedScopes(unittest.TestCase):
                     self.assertEqual(decision.allow, allow, decision.reason)
                     if decision.image != "docker.io/library/nginx:1":   # an allowed image mount: the run's reason
                         self.assertIn(reason, decision.reason)
+        # What --scan reads to name an exception: the entry that allowed it.
+        decision = self.decide(self.run_of(name), FakeDocker({name: [pulled]}))
+        self.assertIs(decision.decided_by, self.policy.scopes.entries[0])
         built = dip.LocalImage("sha256:" + "b" * 64, ("built:1",))
         decision = self.decide(authz("POST", f"/v1.41/images/built:1/tag?repo={quote(self.repository, safe='')}"
                                              "&tag=v1"), FakeDocker({"built:1": [built]}),
@@ -4418,7 +4422,8 @@ class TestPluginServer(unittest.TestCase):
         not_an_object = "request denied: the AuthZ request is not a JSON object"
         deep = base64.b64encode(b"[" * 100000).decode()
         for body, message in [
-            (b"", f"request denied: {dip.EMPTY_REQUEST}"), (b"{", not_an_object), (b"null", not_an_object), (b"[]", not_an_object),
+            (b"", f"request denied: {dip.EMPTY_REQUEST}"), (b" \n", f"request denied: {dip.EMPTY_REQUEST}"),
+            (b"{", not_an_object), (b"null", not_an_object), (b"[]", not_an_object),
             (b'"x"', not_an_object), (b"\xff" * 10, not_an_object), (b"[" * 100000, not_an_object),
             (b'{"RequestMethod":"POST","RequestUri":"/v1.41/images/create?fromImage=redis&tag=1"]', not_an_object),
             (b'{"RequestMethod":"POST"}',
@@ -4432,7 +4437,7 @@ class TestPluginServer(unittest.TestCase):
                 status, _, answer = exchange(sock, post("/AuthZPlugin.AuthZReq", body))
                 self.assertEqual((status, json.loads(answer)), (200, {"Allow": False, "Msg": message, "Err": ""}))
         lines = self.fixture.log.getvalue().splitlines()
-        self.assertEqual([json.loads(line)["rule"] for line in lines], ["unreadable"] * 11)   # no internal error
+        self.assertEqual([json.loads(line)["rule"] for line in lines], ["unreadable"] * 12)   # no internal error
 
     def test_protocol_errors(self):
         for raw, status, error in [
