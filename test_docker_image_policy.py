@@ -8071,7 +8071,7 @@ def benchmark_workers(work: Path, python: str, load: str, args: Any, start: Any,
                 before = process_cpu_seconds(servers[kind].pid)
                 output = subprocess.run([load, "-socket", str(sockets[kind]), "-d", f"{args.duration}s", "-c", "4",
                                          *flags], capture_output=True, text=True, check=True).stdout
-                spent = [after - start for after, start in zip(process_cpu_seconds(servers[kind].pid), before)]
+                spent = [after - earlier for after, earlier in zip(process_cpu_seconds(servers[kind].pid), before)]
                 run = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", output)}
                 run["cpu_us"] = sum(spent) / run["requests"] * 1e6
                 runs[kind].append(run)
@@ -8302,7 +8302,7 @@ def benchmark_signed_pulls(work: Path) -> None:
 def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare: Any, start: Any, stop: Any) -> None:
     """GET /containers/json through a real dockerd, configured with each plugin in turn."""
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
-    plugins = {kind: Path(f"/run/docker/plugins/dip-bench-{kind}.sock") for kind in ("python", "go")}
+    plugins = {kind: Path(f"/run/docker/plugins/dip-bench-{kind}.sock") for kind in ("python", "workers", "go")}
     daemons = {}
     for kind, plugin_socket in plugins.items():
         start(kind, ORIGINAL_CONFIG, plugin_socket)
@@ -8321,6 +8321,8 @@ def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare
     for connections in (1, 4):
         compare(f"through dockerd, GET /containers/json, {connections} client(s)", daemons["python"][1],
                 daemons["go"][1], "-get", "/v1.41/containers/json", "-c", str(connections))
+    compare(f"through dockerd, {BENCHMARK_WORKERS} worker processes, 4 clients", daemons["workers"][1],
+            daemons["go"][1], "-get", "/v1.41/containers/json", "-c", "4")
     for process, _, root in daemons.values():
         stop(process)
         subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
@@ -8331,5 +8333,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["benchmark"]:
         sys.exit(benchmark(sys.argv[2:]))
     if sys.argv[1:2] == ["forked-workers"]:
-        sys.exit(serve_forked_workers(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+        serve_forked_workers(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit(0)
     unittest.main()
