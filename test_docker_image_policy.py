@@ -33,6 +33,7 @@ import hashlib
 import functools
 import http.client
 import io
+import itertools
 import json
 import math
 import os
@@ -7917,6 +7918,8 @@ def benchmark(argv: list[str]) -> int:
                         help="alternating rounds per figure; medians are reported (default: %(default)s)")
     parser.add_argument("--no-dockerd", action="store_true", help="skip the runs through a real dockerd")
     parser.add_argument("--rules-only", action="store_true", help="only the rules that could stall a decision")
+    parser.add_argument("--socket-only", action="store_true",
+                        help="only the plugin socket's mixed loads, with one process and with worker processes")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     if args.rules_only:
@@ -7943,6 +7946,8 @@ def benchmark(argv: list[str]) -> int:
             if kind == "python":
                 command = [python, str(MODULE), "--config", str(path), "--socket", str(socket_path),
                            "--addr", "127.0.0.1:0"]
+            elif kind == "workers":
+                command = [python, __file__, "forked-workers", str(path), str(socket_path), str(BENCHMARK_WORKERS)]
             else:
                 command = [str(work / "peer"), "-config", str(path), "-socket", str(socket_path)]
             with open(work / f"{socket_path.stem}.log", "ab") as log:
@@ -7979,9 +7984,14 @@ def benchmark(argv: list[str]) -> int:
             compare(f"plugin socket, mixed load, {connections} connection(s)", sockets["python"], sockets["go"],
                     "-c", str(connections))
         # Every pull and create with its own tag: nothing can be answered from memory.
-        compare("plugin socket, mixed, all distinct, 1 conn", sockets["python"], sockets["go"], "-c", "1", "-unique")
+        for connections in (1, 4):
+            compare(f"plugin socket, mixed, all distinct, {connections} conn", sockets["python"], sockets["go"],
+                    "-c", str(connections), "-unique")
         for process in mixed.values():
             stop(process)
+        benchmark_workers(work, python, load, args, start, stop)
+        if args.socket_only:
+            return 0
         own_rps = {}
         for count in (10, 1000, 10000):
             rules = [f"^registry-{i}\\.example\\.com/" if i % 10 else f"^docker\\.io/team-{i}/app-[0-9]+:v"
@@ -8045,6 +8055,101 @@ def benchmark(argv: list[str]) -> int:
             leftover.unlink()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# Worker processes on one plugin socket, measured beside one process: as many as the machine has cores.
+BENCHMARK_WORKERS = 2
+
+
+def serve_forked_workers(config: str, socket_path: str, workers: int) -> None:
+    """The plugin socket served by several processes, for the benchmark only (issue 20).
+
+    The policy is loaded and the socket bound once, then the process forks
+    into workers, each serving connections as the plugin's server does. The
+    parent accepts every connection and hands it to the next worker in turn
+    (over a unix socket pair, SCM_RIGHTS): workers that accepted on the
+    socket themselves shared four connections unevenly, often all to one of
+    them, with poll() as serve_forever waits and with a blocking accept()
+    alike. Each worker remembers, logs and counts on its own, and nothing
+    reloads: this is the most worker processes could gain, before the cost of
+    one log writer, metrics summed across workers and a reload that every
+    worker takes or none. SIGTERM stops the workers and releases the socket.
+    """
+    stopping = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    log = dip.Log("info")
+    server = dip.PluginServer(socket_path, dip.Plugin(config, log, dip.DockerAPI(dip.DEFAULT_DOCKER_HOST)))
+    children, handoffs = [], []
+    for _ in range(workers):
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+            server.socket.close()
+            log.buffer(dip.LOG_FLUSH_INTERVAL)
+            while True:
+                _, (descriptor,), _, _ = socket.recv_fds(child_end, 1, 1)
+                server.process_request(socket.socket(fileno=descriptor), "")
+        child_end.close()
+        children.append(pid)
+        handoffs.append(parent_end)
+
+    def hand_out() -> None:
+        for turn in itertools.count():
+            connection, _ = server.socket.accept()
+            socket.send_fds(handoffs[turn % workers], [b"c"], [connection.fileno()])
+            connection.close()
+    threading.Thread(target=hand_out, daemon=True).start()
+    signal.sigwait(stopping)
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    server.server_close()
+
+
+def process_cpu_seconds(pid: int) -> list[float]:
+    """User and system CPU time of a process and of each of its children, as they run now."""
+    seconds = []
+    for each in [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
+        fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return seconds
+
+
+def benchmark_workers(work: Path, python: str, load: str, args: Any, start: Any, stop: Any) -> None:
+    """The four-connection rows with one plugin process, with BENCHMARK_WORKERS forked ones, and with the Go peer:
+    rate, latency and CPU time per request (of every process of each side), alternating rounds, medians; and
+    how the workers shared the connections, as the smallest share of the workers' CPU time in each round."""
+    import statistics
+    kinds = {"one process": "python", f"{BENCHMARK_WORKERS} processes": "workers", "Go peer": "go"}
+    sockets = {title: work / f"{kind}-workers.sock" for title, kind in kinds.items()}
+    servers = {title: start(kind, ORIGINAL_CONFIG, sockets[title]) for title, kind in kinds.items()}
+    print("plugin socket, 4 connections: rps p50us p99us, CPU us per request, for " + ", ".join(kinds)
+          + "; rate vs one process, vs Go")
+    for title, flags in [("mixed", ()), ("mixed, all distinct", ("-unique",))]:
+        runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+        shares = []
+        for _ in range(args.rounds):
+            for kind in kinds:
+                before = process_cpu_seconds(servers[kind].pid)
+                output = subprocess.run([load, "-socket", str(sockets[kind]), "-d", f"{args.duration}s", "-c", "4",
+                                         *flags], capture_output=True, text=True, check=True).stdout
+                spent = [after - earlier for after, earlier in zip(process_cpu_seconds(servers[kind].pid), before)]
+                run = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", output)}
+                run["cpu_us"] = sum(spent) / run["requests"] * 1e6
+                runs[kind].append(run)
+                if kinds[kind] == "workers":
+                    shares.append(min(spent[1:]) / max(sum(spent[1:]), 1e-9))
+        medians = [{key: statistics.median(run[key] for run in kind_runs) for key in ("rps", "p50_us", "p99_us", "cpu_us")}
+                   for kind_runs in runs.values()]
+        one, workers, go = medians
+        print(f"  {title:<22}" + "".join(f" {m['rps']:>7.0f} {m['p50_us']:>5.0f} {m['p99_us']:>5.0f} {m['cpu_us']:>4.0f} |"
+                                       for m in medians)
+              + f" {workers['rps'] / one['rps']:.2f}x, {one['rps'] / go['rps']:.2f}x -> {workers['rps'] / go['rps']:.2f}x")
+        print(f"  {'':<22} least busy worker's share of the workers' CPU time, by round: "
+              + " ".join(f"{share:.0%}" for share in shares))
+    for process in servers.values():
+        stop(process)
 
 
 def signature_routes(digest: str, payload: bytes, key_file: Path) -> dict[str, tuple[int, dict[str, str], bytes]]:
@@ -8261,7 +8366,7 @@ def benchmark_signed_pulls(work: Path) -> None:
 def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare: Any, start: Any, stop: Any) -> None:
     """GET /containers/json through a real dockerd, configured with each plugin in turn."""
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
-    plugins = {kind: Path(f"/run/docker/plugins/dip-bench-{kind}.sock") for kind in ("python", "go")}
+    plugins = {kind: Path(f"/run/docker/plugins/dip-bench-{kind}.sock") for kind in ("python", "workers", "go")}
     daemons = {}
     for kind, plugin_socket in plugins.items():
         start(kind, ORIGINAL_CONFIG, plugin_socket)
@@ -8280,6 +8385,8 @@ def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare
     for connections in (1, 4):
         compare(f"through dockerd, GET /containers/json, {connections} client(s)", daemons["python"][1],
                 daemons["go"][1], "-get", "/v1.41/containers/json", "-c", str(connections))
+    compare(f"through dockerd, {BENCHMARK_WORKERS} worker processes, 4 clients", daemons["workers"][1],
+            daemons["go"][1], "-get", "/v1.41/containers/json", "-c", "4")
     for process, _, root in daemons.values():
         stop(process)
         subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
@@ -8289,4 +8396,7 @@ def benchmark_dockerd(work: Path, processes: list, load: str, args: Any, compare
 if __name__ == "__main__":
     if sys.argv[1:2] == ["benchmark"]:
         sys.exit(benchmark(sys.argv[2:]))
+    if sys.argv[1:2] == ["forked-workers"]:
+        serve_forked_workers(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit(0)
     unittest.main()
