@@ -8078,7 +8078,7 @@ def serve_forked_workers(config: str, socket_path: str, workers: int) -> None:
     stopping = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     log = dip.Log("info")
-    server = dip.PluginServer(socket_path, dip.Plugin(config, log, dip.DockerAPI(dip.DEFAULT_DOCKER_HOST)))
+    server = dip.PluginServer(socket_path, dip.Plugin(config, dip.load_tested_policy, log, dip.DockerAPI(dip.DEFAULT_DOCKER_HOST)))
     children, handoffs = [], []
     for _ in range(workers):
         parent_end, child_end = socket.socketpair()
