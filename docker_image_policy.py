@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, NoReturn
+from typing import Any, Callable, Iterable, NamedTuple, NoReturn
 from urllib.parse import quote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
 if sys.version_info < (3, 11):
@@ -4401,6 +4401,9 @@ EMPTY_REQUEST = ("the AuthZ request is empty: dockerd sent a call again without 
                  " attempt failed (the plugin was stopping, or closing an idle connection); run the command"
                  " again")
 
+# What a request under LARGE_REQUEST waits for: nothing (one reusable value).
+NO_TURN: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+
 
 class Plugin:
     """State shared by both listeners. Requests read self.current once."""
@@ -4451,9 +4454,7 @@ class Plugin:
 
     def turn(self, length: int) -> contextlib.AbstractContextManager[Any]:
         """Wait for a turn to read and decide a large request (LARGE_REQUESTS_AT_ONCE at a time)."""
-        if length > LARGE_REQUEST:
-            return self.large_requests
-        return contextlib.nullcontext()
+        return self.large_requests if length > LARGE_REQUEST else NO_TURN
 
     def authorize(self, body: bytes) -> bytes:
         """Answer one AuthZReq body with a complete HTTP response."""
@@ -4562,9 +4563,8 @@ class BadRequest(ImagePolicyError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class PluginCall:
-    """A request on the plugin socket, read up to its body: what answering it needs."""
+class PluginCall(NamedTuple):
+    """A request on the plugin socket, read up to its body: what answering it needs (made for every call)."""
 
     method: bytes
     target: bytes
@@ -4582,7 +4582,7 @@ class Endpoint:
 
 # The plugin socket's endpoints, by target: decisions are made in AuthZReq.
 PLUGIN_ENDPOINTS: MappingProxyType[bytes, Endpoint] = MappingProxyType({
-    b"/AuthZPlugin.AuthZReq": Endpoint(lambda plugin, body: plugin.authorize(body)),
+    b"/AuthZPlugin.AuthZReq": Endpoint(Plugin.authorize),
     b"/AuthZPlugin.AuthZRes": Endpoint(lambda plugin, body: ALLOW_RESPONSE, reads_body=False),
     b"/Plugin.Activate": Endpoint(lambda plugin, body: ACTIVATE_RESPONSE),
     HEALTH_ENDPOINT.encode(): Endpoint(lambda plugin, body: _plugin_response(plugin.status())),
