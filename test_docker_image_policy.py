@@ -10,8 +10,9 @@ docker-registry, busybox and the machine's Debian archive (engines and CLI are
 downloaded once), and skip with a message when something is missing, unless
 DOCKER_IMAGE_POLICY_REQUIRE_E2E=1 (set by CI) makes that a failure.
 DOCKER_IMAGE_POLICY_LONG=1 runs the fuzz and soak tests at ten times the size
-(the indexed-lookup differential at its full twenty policies), and measures on each engine how long a docker CLI call waits while the plugin
-is down. TestFleet and the journal and Prometheus tests run ansible-playbook,
+(the indexed-lookup differential at its full twenty policies). Each engine
+also measures how long a docker CLI call waits while the plugin is down.
+TestFleet and the journal and Prometheus tests run ansible-playbook,
 promtool, prometheus, systemd-journal-remote and journalctl on the README's
 own blocks.
 
