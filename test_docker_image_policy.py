@@ -1918,7 +1918,7 @@ class TestRequests(unittest.TestCase):
                              (b'{"Image": 7}', "where a string belongs"), (b'{"Image": null}', "names no image"),
                              (b"null", "names no image"), (b"\xff\xfe", "not valid JSON"),
                              (b'{"HostConfig": {"Mounts": {}}}', "{} where a list of objects belongs"),
-                             (b"[" * 5000, "nested too deeply"),
+                             (b"[" * 100_000, "nested too deeply"),
                              # JSON's whitespace is four characters: Go refuses a form feed, a no-break space.
                              (b'\x0c{"Image":"nginx:1"}', "not valid JSON"),
                              ('\u00a0{"Image":"nginx:1"}'.encode(), "not valid JSON"),
