@@ -4412,7 +4412,7 @@ class Plugin:
                  mode: str | None = None, signatures: Signatures = NO_SIGNATURES) -> None:
         """load reads a policy file as the daemon may run it: load_tested_policy, which runs its tests."""
         self.config_path, self.log, self.docker, self.signatures = config_path, log, docker, signatures
-        self.load_policy = load
+        self.read_policy = load
         self.mode = mode   # --mode: overrides the file's, at every reload
         self.metrics = Metrics()
         self.current = Running.of(self.load())
@@ -4443,7 +4443,7 @@ class Plugin:
             return True
 
     def load(self) -> Policy:
-        policy = self.load_policy(self.config_path)
+        policy = self.read_policy(self.config_path)
         for note in policy.notes:
             self.log.event("warning", f"{self.config_path}: {note}")
         return dataclasses.replace(policy, mode=self.mode) if self.mode else policy
@@ -6103,14 +6103,15 @@ def main(argv: list[str] | None = None) -> int:
     address = check_arguments(parser, args)
     if args.health:
         return health_command(args.socket)
+    docker_host = args.docker_host or DEFAULT_DOCKER_HOST   # --check asks dockerd only when given one
     if args.check is None and not (args.validate or args.scan or args.replay is not None):
-        args.docker_host = args.docker_host or DEFAULT_DOCKER_HOST
+        args.docker_host = docker_host
         return serve(args, address)
     try:
         policy = load_policy(args.config)
         if args.check is not None or args.scan:   # signedBy is checked at the registry, as the daemon checks it
-            policy = policy.judged_with(registry_signatures(args.registry_auth, DockerAPI(
-                args.docker_host or DEFAULT_DOCKER_HOST) if args.docker_host or args.scan else None))
+            policy = policy.judged_with(registry_signatures(
+                args.registry_auth, DockerAPI(docker_host) if args.docker_host or args.scan else None))
     except ConfigError as error:
         print(f"{PLUGIN_NAME}: error: {error}", file=sys.stderr)
         return 2
@@ -6119,7 +6120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check is not None:
         return check_command(policy, args)
     if args.scan:
-        return scan_command(policy, args.docker_host or DEFAULT_DOCKER_HOST, args.format)
+        return scan_command(policy, docker_host, args.format)
     if args.replay is not None:
         return replay_command(policy, args.replay, args.format)
     return validate_command(policy, args)
