@@ -354,25 +354,9 @@ class Reference:
     tag: str | None = None
     digest: str | None = None
 
-    @property
-    def repository(self) -> str:
-        return f"{self.domain}/{self.path}"
-
-    @property
-    def familiar_repository(self) -> str:
-        if self.domain != "docker.io":
-            return self.repository
-        if self.path.startswith("library/") and self.path.count("/") == 1:
-            return self.path[len("library/"):]
-        # A one-component path reached through an alias (DOCKER.IO/nginx) is
-        # not the official image (only the exact name docker.io adds library/)
-        # and has no familiar form: only rules that name docker.io match it.
-        return self.path if "/" in self.path else self.repository
-
-    @property
-    def has_familiar_form(self) -> bool:
-        return self.domain != "docker.io" or "/" in self.path
-
+    repository: str = dataclasses.field(init=False, compare=False, repr=False)            # docker.io/library/nginx
+    familiar_repository: str = dataclasses.field(init=False, compare=False, repr=False)   # nginx
+    has_familiar_form: bool = dataclasses.field(init=False, compare=False, repr=False)
     alias: Reference | None = dataclasses.field(init=False, compare=False, repr=False)
     canonical: str = dataclasses.field(init=False, compare=False)
     familiar: str = dataclasses.field(init=False, compare=False)
@@ -381,13 +365,26 @@ class Reference:
 
     def __post_init__(self) -> None:
         # Computed once: every rule is matched against these forms.
+        domain, path = self.domain, self.path
+        repository = f"{domain}/{path}"
+        # A one-component path reached through an alias (DOCKER.IO/nginx) is
+        # not the official image (only the exact name docker.io adds library/)
+        # and has no familiar form: only rules that name docker.io match it.
+        has_familiar_form = domain != "docker.io" or "/" in path
+        if domain != "docker.io" or not has_familiar_form:
+            familiar_repository = repository
+        elif path.startswith("library/") and path.count("/") == 1:
+            familiar_repository = path[len("library/"):]
+        else:
+            familiar_repository = path
         tag = self.tag if self.tag is not None or self.digest else "latest"
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
-        object.__setattr__(self, "canonical", self.repository + suffix)
-        object.__setattr__(self, "familiar", self.familiar_repository + suffix)
-        usual = usual_host(self.domain)
-        object.__setattr__(self, "alias", Reference(usual, self.path, self.tag, self.digest)
-                           if usual != self.domain else None)
+        usual = usual_host(domain)
+        for name, value in (("repository", repository), ("familiar_repository", familiar_repository),
+                            ("has_familiar_form", has_familiar_form),
+                            ("canonical", repository + suffix), ("familiar", familiar_repository + suffix),
+                            ("alias", Reference(usual, path, self.tag, self.digest) if usual != domain else None)):
+            object.__setattr__(self, name, value)
         familiar, canonical = self.forms(False), self.forms(True)
         object.__setattr__(self, "familiar_forms", familiar)
         object.__setattr__(self, "all_forms", familiar if canonical == familiar else familiar + canonical)
@@ -413,6 +410,17 @@ class Reference:
 @functools.lru_cache(maxsize=4096)
 def parse_reference(text: str) -> Reference:
     """Parse a reference the way dockerd does (ParseNormalizedNamed)."""
+    # name:tag, where a tag is often new (every CI build's): the name is parsed once, the tag checked.
+    name, colon, tag = text.rpartition(":")
+    if colon and TAG_RE.fullmatch(tag) and ":" not in name.rpartition("/")[2]:
+        with contextlib.suppress(InvalidReference):   # then the whole text is parsed, to say why
+            named = parse_reference(name)
+            return Reference(named.domain, named.path, tag)
+    return parse_whole_reference(text)
+
+
+def parse_whole_reference(text: str) -> Reference:
+    """parse_reference, the whole text at once: the grammar of distribution/reference."""
     if len(text) > MAX_REFERENCE:
         raise InvalidReference(f"invalid reference {text[:80]!r}…: longer than any valid reference")
     if IMAGE_ID_RE.fullmatch(text):
@@ -685,6 +693,11 @@ def load_public_keys(paths: list[str] | tuple[str, ...]) -> tuple[PublicKey, ...
 _GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
 
 
+def go_fold(key: str) -> str:
+    """A JSON key as encoding/json compares it with a field's name."""
+    return key.upper() if key.isascii() else key.translate(_GO_FOLD)   # ASCII: upper() is the same, and fast
+
+
 class JSONObject(list):
     """A JSON object as its (key, value) pairs, in order, duplicates kept."""
 
@@ -776,7 +789,7 @@ def go_decode(value: Any, kind: GoType, current: Any) -> Any:
             raise GoDecodeError(value, kind)
         fields = dict(current or {})
         for key, item in value:
-            field = kind.fields.get(key.translate(_GO_FOLD))
+            field = kind.fields.get(go_fold(key))
             if field:
                 name, field_kind = field
                 try:
@@ -2379,7 +2392,7 @@ def compile_policy(text: str, path: str) -> Policy:
         origin = f"{operation.key!r} is not set and defaultAllow is {str(allowed).lower()}" if value is None \
             else f"{operation.key!r} is {str(allowed).lower()}"
         operations[operation] = Verdict(allowed, operation.key, f"{origin}; {operation.why}")
-    given = [POLICY_FILE.fields[key.translate(_GO_FOLD)][0] for key, _ in document]
+    given = [POLICY_FILE.fields[go_fold(key)][0] for key, _ in document]
     return Policy(path, lists["whitelist"], lists["blacklist"], default_allow, settings["mode"],
                   settings["checkRun"], settings["message"], MappingProxyType(operations),
                   sha256(text.encode()).hexdigest(), tests, build_scope_table(entries),
@@ -2389,15 +2402,15 @@ def compile_policy(text: str, path: str) -> Policy:
 def _unknown_keys(document: JSONObject) -> list[tuple[str, str]]:
     """Keys that name no setting, at the top and in each test: the one place this plugin is stricter than Go."""
     unknown = [("", _unknown_key(key, CONFIG_DEFAULTS)) for key, _ in document
-               if key.translate(_GO_FOLD) not in POLICY_FILE.fields]
+               if go_fold(key) not in POLICY_FILE.fields]
     if unknown:
         unknown[-1] = ("", unknown[-1][1] + " (known keys: " + ", ".join(CONFIG_DEFAULTS) + ")")
     for key, items in document:
         for list_key, struct, known in (("tests", POLICY_TEST, POLICY_TEST_KEYS),
                                         ("scopes", SCOPE_ENTRY, SCOPE_ENTRY_KEYS)):
-            if key.translate(_GO_FOLD) == list_key.upper() and isinstance(items, list):
+            if go_fold(key) == list_key.upper() and isinstance(items, list):
                 for index, item in enumerate(items):
-                    for name in [name for name, _ in item if name.translate(_GO_FOLD) not in
+                    for name in [name for name, _ in item if go_fold(name) not in
                                  struct.fields] if isinstance(item, JSONObject) else ():
                         unknown.append((f'"{list_key}"[{index}]', _unknown_key(name, known)
                                         + " (known keys: " + ", ".join(known) + ")"))
@@ -2584,7 +2597,9 @@ class Decision:
             fields["user"] = self.user
         if self.caller.identified:
             fields["caller"] = self.caller.document()
-        text = json.dumps(fields)
+        # As json.dumps(fields) writes it, each string by json's own encoder: this is on every decision's path.
+        text = "{" + ", ".join(f"{_json_string(key)}: {_json_string(value) if isinstance(value, str) else json.dumps(value)}"
+                               for key, value in fields.items()) + "}"
         if len(text) > MAX_LOG_FIELD:
             text = json.dumps({key: _capped(value) for key, value in fields.items()})
         return text[1:]
@@ -2595,6 +2610,9 @@ class Decision:
         if not self.allow and policy is not None and policy.message:
             text += f". {policy.message}"
         return text
+
+
+_json_string = json.encoder.encode_basestring_ascii   # type: ignore[attr-defined]
 
 
 def _capped(text: Any) -> Any:
@@ -3776,7 +3794,7 @@ def _go_field(value: Any, name: str) -> Any:
     """What Go's encoding/json puts in the struct field name; ValueError where it would read another key than we do."""
     if not isinstance(value, dict):
         raise ValueError(f"expected an object holding {name!r}")
-    keys = [key for key in value if key.translate(_GO_FOLD) == name.translate(_GO_FOLD)]
+    keys = [key for key in value if go_fold(key) == go_fold(name)]
     if len(keys) > 1:
         raise ValueError(f"{name!r} spelled several ways")
     return value[keys[0]] if keys else None

@@ -277,6 +277,31 @@ class TestReference(unittest.TestCase):
             with self.subTest(text), self.assertRaises(InvalidReference):
                 parse_reference(text)
 
+
+    def test_a_tag_on_a_name_read_before_is_read_as_the_whole_reference(self):
+        # parse_reference reads name:tag as the name (parsed once) and the tag; the grammar reads it whole.
+        domains = ["", "docker.io/", "index.docker.io/", "DOCKER.IO/", "localhost/", "localhost:5000/",
+                   "Quay.io:443/", "[::1]:5000/", "h_x/", "x:1/", "registry-1.docker.io/"]
+        paths = ["nginx", "library/nginx", "a/b/c", "Nginx", "a..b", "localhost", "0" * 64, "abc", "a__b",
+                 "moby-dangling", "x" * 250]
+        tags = ["", ":1.25", ":latest", ":u0-42", ":", ":-x", ":" + "t" * 128, ":" + "t" * 129, ":a:b", ":A_b.9-",
+                ":5000", ":a/b"]
+        digests = ["", f"@{DIGEST}", "@sha256:" + "c" * 63, "@md5:" + "d" * 32]
+
+        def read(parse: Any, text: str) -> tuple[Any, ...]:
+            try:
+                reference = parse(text)
+            except InvalidReference as error:
+                return ("invalid", str(error))
+            return (reference, reference.canonical, reference.familiar, reference.all_forms, reference.alias)
+        fast = 0
+        for domain, path, tag, digest in itertools.product(domains, paths, tags, digests):
+            text = domain + path + tag + digest
+            with self.subTest(text):
+                whole = read(dip.parse_whole_reference, text)
+                self.assertEqual(read(parse_reference.__wrapped__, text), whole)   # not what an earlier call left
+                fast += whole[0] != "invalid" and bool(tag) and not digest
+        self.assertGreater(fast, 300)   # name:tag, valid: what the quick reading reads
     def test_pull_tag_replaces_tag_and_may_be_a_digest(self):
         def pulled(from_image: str, tag: str) -> tuple[str, bool]:
             reference, all_tags = pull_reference(from_image, tag)
