@@ -98,7 +98,7 @@ try:   # the stdlib's own parser gives exact literal prefixes; trusted_prefix ch
 except ImportError:
     regex_parser = None
 
-__version__ = "2.0.1"
+__version__ = "2.0.2"
 
 PLUGIN_NAME = "docker-image-policy"
 # The original plugin's paths and port: service files and scripts rely on them.
