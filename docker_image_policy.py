@@ -2598,8 +2598,9 @@ class Decision:
         if self.caller.identified:
             fields["caller"] = self.caller.document()
         # As json.dumps(fields) writes it, each string by json's own encoder: this is on every decision's path.
-        text = "{" + ", ".join(f"{_json_string(key)}: {_json_string(value) if isinstance(value, str) else json.dumps(value)}"
-                               for key, value in fields.items()) + "}"
+        pairs = (f"{_json_string(key)}: {_json_string(value) if isinstance(value, str) else json.dumps(value)}"
+                 for key, value in fields.items())
+        text = "{" + ", ".join(pairs) + "}"
         if len(text) > MAX_LOG_FIELD:
             text = json.dumps({key: _capped(value) for key, value in fields.items()})
         return text[1:]

@@ -4921,6 +4921,22 @@ class TestOperations(unittest.TestCase):
         self.assertNotIn("cut", dip.Decision(False, dip.PULL, "docker.io/library/redis:7", "redis:7", "r", "x" * 900)
                          .log_fields)
 
+    def test_decision_fields_are_written_as_json_dumps_writes_them(self):
+        rng = random.Random(7)
+        pieces = ["\"", "\\", "\x00", "\x1f", "\x7f", "\u2028", "\ufeff", "\ud800", "\U0001f600", "é", "a", ":", "/"]
+        caller = dip.Caller(True, "ci-\"runner\\", ("Org\u2028",), ("\ud800",))
+        for _ in range(2000):
+            text = [("".join(rng.choice(pieces) for _ in range(rng.randrange(12))) or "x") for _ in range(6)]
+            # A name that is no reference (upper case): always logged beside the image.
+            decision = dip.Decision(rng.random() < 0.5, dip.RUN, text[0], "", text[1], text[2], user=text[3],
+                                    named="N" + text[4], target=text[5], caller=caller if rng.random() < 0.5 else
+                                    dip.UNIDENTIFIED)
+            fields = {"operation": "run", "image": text[0], "rule": text[1], "reason": text[2], "name": "N" + text[4],
+                      "target": text[5], "user": text[3]}
+            if decision.caller.identified:
+                fields["caller"] = caller.document()
+            self.assertEqual("{" + decision.log_fields, json.dumps(fields))
+
     def test_remembered_answers_under_concurrent_threads(self):
         answers = dip.Answers(64)
         answer = (dip.BENIGN, "allow", dip.ALLOW_RESPONSE)
