@@ -367,16 +367,16 @@ class Reference:
         # Computed once: every rule is matched against these forms.
         domain, path = self.domain, self.path
         repository = f"{domain}/{path}"
-        # A one-component path reached through an alias (DOCKER.IO/nginx) is
-        # not the official image (only the exact name docker.io adds library/)
-        # and has no familiar form: only rules that name docker.io match it.
         has_familiar_form = domain != "docker.io" or "/" in path
-        if domain != "docker.io" or not has_familiar_form:
+        if domain != "docker.io":
             familiar_repository = repository
         elif path.startswith("library/") and path.count("/") == 1:
             familiar_repository = path[len("library/"):]
         else:
-            familiar_repository = path
+            # A one-component path reached through an alias (DOCKER.IO/nginx) is
+            # not the official image (only the exact name docker.io adds library/)
+            # and has no familiar form: only rules that name docker.io match it.
+            familiar_repository = path if has_familiar_form else repository
         tag = self.tag if self.tag is not None or self.digest else "latest"
         suffix = (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
         usual = usual_host(domain)
@@ -2565,6 +2565,10 @@ def load_policy(path: str) -> Policy:
 # Requests: reading an AuthZReq the way dockerd reads the request
 # --------------------------------------------------------------------------
 
+# How json.dumps writes a string (ensure_ascii): the decision log's fields are written string by string.
+_json_string = json.encoder.encode_basestring_ascii   # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Decision:
     """One authorization decision: answered, logged and counted the same way."""
@@ -2611,9 +2615,6 @@ class Decision:
         if not self.allow and policy is not None and policy.message:
             text += f". {policy.message}"
         return text
-
-
-_json_string = json.encoder.encode_basestring_ascii   # type: ignore[attr-defined]
 
 
 def _capped(text: Any) -> Any:
